@@ -1,0 +1,136 @@
+//! Command line: parses arguments and hands each subcommand to the module that does the work.
+//! Exit codes follow sysexits: 64 bad configuration or usage, 69 a required facility is
+//! unavailable, 77 not permitted (needs root), 1 anything else.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::control_plane::config::{self, DriverChoice};
+use crate::observability::logging;
+
+pub const EXIT_OK: i32 = 0;
+pub const EXIT_FAILURE: i32 = 1;
+pub const EXIT_CONFIG: i32 = 64;
+pub const EXIT_UNAVAILABLE: i32 = 69;
+pub const EXIT_NOPERM: i32 = 77;
+
+#[derive(Parser, Debug)]
+#[command(name = "ringtun", version, about = "Node proxy for ambient-style service meshes")]
+pub struct Cli {
+    /// Log level: error, warn, info, debug, trace (also RINGTUN_LOG).
+    #[arg(long, global = true)]
+    pub log: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Serve a node: reactors, capture listeners, metrics and readiness endpoints.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Override the configured driver.
+        #[arg(long, value_enum)]
+        driver: Option<DriverArg>,
+        /// Override the configured number of reactor threads.
+        #[arg(long)]
+        reactors: Option<usize>,
+    },
+    /// Validate a configuration file: exit 0, or print every error with its place and exit 64.
+    CheckConfig { file: PathBuf },
+    /// Print a commented example configuration.
+    PrintDefaultConfig,
+    /// Report the kernel features ringtun uses and which it falls back from.
+    Probe {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Install, remove or show the capture rules of a network namespace.
+    Redirect {
+        #[command(subcommand)]
+        action: crate::redirection::cli::RedirectAction,
+    },
+    /// Build a small mesh in network namespaces, send traffic through ringtun, report, clean up.
+    Demo {
+        #[arg(long, value_enum, default_value = "auto")]
+        driver: DriverArg,
+        /// Bytes sent each way per transfer.
+        #[arg(long, default_value_t = 256 << 20)]
+        bytes: u64,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum DriverArg {
+    Auto,
+    IoUring,
+    Epoll,
+}
+
+impl From<DriverArg> for DriverChoice {
+    fn from(d: DriverArg) -> Self {
+        match d {
+            DriverArg::Auto => DriverChoice::Auto,
+            DriverArg::IoUring => DriverChoice::IoUring,
+            DriverArg::Epoll => DriverChoice::Epoll,
+        }
+    }
+}
+
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { EXIT_CONFIG } else { EXIT_OK };
+            let _ = e.print();
+            return code;
+        }
+    };
+    logging::init(cli.log.as_deref());
+    match cli.command {
+        Command::Run { config, driver, reactors } => {
+            crate::app::run_from_file(&config, driver.map(Into::into), reactors)
+        }
+        Command::CheckConfig { file } => check_config(&file),
+        Command::PrintDefaultConfig => {
+            print!("{}", config::DEFAULT_CONFIG_YAML);
+            EXIT_OK
+        }
+        Command::Probe { json } => crate::kernel_features::print_report(json),
+        Command::Redirect { action } => crate::redirection::cli::run(action),
+        Command::Demo { driver, bytes } => crate::demo::run(driver.into(), bytes),
+    }
+}
+
+/// Reads and validates `file`; on error prints every problem as `file:line:col: path: message`.
+pub fn load_config_file(file: &std::path::Path) -> Result<config::Config, Vec<String>> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| vec![format!("{}: cannot read: {e}", file.display())])?;
+    config::load(&text).map_err(|errs| {
+        errs.0.iter().map(|e| format!("{}:{e}", file.display())).collect()
+    })
+}
+
+fn check_config(file: &std::path::Path) -> i32 {
+    match load_config_file(file) {
+        Ok(cfg) => {
+            println!(
+                "{}: ok (node {}, {} workloads, {} services)",
+                file.display(),
+                cfg.node.name,
+                cfg.workloads.len(),
+                cfg.services.len()
+            );
+            EXIT_OK
+        }
+        Err(errors) => {
+            for e in &errors {
+                eprintln!("{e}");
+            }
+            eprintln!("{}: {} error(s)", file.display(), errors.len());
+            EXIT_CONFIG
+        }
+    }
+}

@@ -1,0 +1,143 @@
+//! The commented example configuration `ringtun print-default-config` prints: every node key with
+//! its default value and what it is for, plus a small mesh (a host-mode HBONE workload on this
+//! node, a plain-TCP workload on another node, and a service in front of it). Its tests keep it
+//! loadable and in step with the defaults the validator applies.
+
+/// A complete, valid configuration; each node key shows its default.
+pub const DEFAULT_CONFIG_YAML: &str = r#"# ringtun node configuration. Check a file with `ringtun check-config <file>`.
+version: 1                        # required; the only version this ringtun reads
+
+node:
+  name: node-a                    # required; workloads whose `node` equals it are served here
+  trust_domain: cluster.local     # SPIFFE trust domain of mesh identities
+  reactors: auto                  # reactor threads: `auto` (one per core) or 1..=256
+  driver: auto                    # auto (io_uring, else epoll) | io_uring | epoll
+  socket_mark: 0x539              # SO_MARK on ringtun's own sockets so capture rules skip them
+  ports:                          # listeners inside every captured workload; must be distinct
+    outbound: 15001               # outbound capture (nat REDIRECT)
+    inbound_plaintext: 15006      # inbound plain TCP (TPROXY)
+    inbound_hbone: 15008          # inbound mesh tunnels (mTLS HTTP/2 CONNECT)
+  admin: 127.0.0.1:15000          # admin endpoint (keep it on loopback), or `off`
+  metrics: 0.0.0.0:15020          # Prometheus metrics, or `off`
+  readiness: 0.0.0.0:15021        # readiness probe, or `off`
+  timeouts:                       # durations: <integer> then ms, s, m or h
+    connect: 5s                   # upstream connect, then the connection fails
+    idle: 1h                      # a flow with no bytes either way is closed
+    drain: 30s                    # on SIGTERM, how long open flows may finish
+  limits:                         # per-reactor resource caps
+    max_flows_per_reactor: 4096   # accepts beyond this are refused and counted
+  splice:                         # the zero-copy fast path (pipes between sockets)
+    pipe_size: 262144             # bytes per pipe (F_SETPIPE_SZ), 4096..=16 MiB
+    max_bytes_per_wakeup: 1048576 # per flow direction before yielding to other flows
+    pipe_pool_size: 64            # empty pipes kept per reactor for reuse
+
+workloads:
+  # Host mode: the one local workload without `netns` is the host itself. In pod mode each
+  # local workload names its network namespace instead, e.g. `netns: pod-client`
+  # (= /var/run/netns/pod-client) or an absolute path.
+  - name: client
+    namespace: default
+    service_account: client       # default `default`; identity ns/default/sa/client
+    ips: [10.1.1.2]
+    node: node-a                  # this node: served by this process
+    protocol: HBONE               # HBONE (mTLS tunnel, the default) | TCP
+    healthy: true                 # unhealthy workloads are never chosen as endpoints
+  # A workload on another node that accepts only plain TCP.
+  - name: echo-1
+    namespace: default
+    ips: [10.1.2.2]
+    node: node-b
+    protocol: TCP
+
+services:
+  - name: echo
+    namespace: default
+    vips: [10.96.0.10]            # may not be any workload's own address
+    ports:
+      - {port: 80, target_port: 8080}
+    endpoints: [default/echo-1]   # `namespace/name`, or `name` in the service's namespace
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::super::validate::{
+        DEFAULT_ADMIN, DEFAULT_LIMITS, DEFAULT_METRICS, DEFAULT_PORTS, DEFAULT_READINESS,
+        DEFAULT_SOCKET_MARK, DEFAULT_SPLICE, DEFAULT_TIMEOUTS, DEFAULT_TRUST_DOMAIN,
+    };
+    use super::super::{load, DriverChoice, Protocol};
+    use super::DEFAULT_CONFIG_YAML;
+
+    #[test]
+    fn default_config_loads_without_errors() {
+        let cfg = match load(DEFAULT_CONFIG_YAML) {
+            Ok(cfg) => cfg,
+            Err(e) => panic!("default config has errors:\n{e}"),
+        };
+        assert_eq!(cfg.workloads.len(), 2);
+        assert_eq!(cfg.services.len(), 1);
+        assert_eq!(
+            cfg.workloads[0].netns, None,
+            "the local example is host mode"
+        );
+        assert_eq!(cfg.workloads[0].protocol, Protocol::Hbone);
+        assert_eq!(cfg.workloads[1].protocol, Protocol::Tcp);
+    }
+
+    #[test]
+    fn default_config_shows_the_defaults_the_validator_applies() {
+        let Ok(cfg) = load(DEFAULT_CONFIG_YAML) else {
+            panic!("default config must load")
+        };
+        let n = &cfg.node;
+        assert_eq!(n.trust_domain, DEFAULT_TRUST_DOMAIN);
+        assert_eq!(n.reactors, None);
+        assert_eq!(n.driver, DriverChoice::Auto);
+        assert_eq!(n.socket_mark, DEFAULT_SOCKET_MARK);
+        assert_eq!(n.ports, DEFAULT_PORTS);
+        assert_eq!(n.admin_addr, DEFAULT_ADMIN.parse().ok());
+        assert_eq!(n.metrics_addr, DEFAULT_METRICS.parse().ok());
+        assert_eq!(n.readiness_addr, DEFAULT_READINESS.parse().ok());
+        assert_eq!(n.timeouts, DEFAULT_TIMEOUTS);
+        assert_eq!(n.limits, DEFAULT_LIMITS);
+        assert_eq!(n.splice, DEFAULT_SPLICE);
+        // A node section with only the name must come out identical.
+        let Ok(minimal) = load("version: 1\nnode:\n  name: node-a\n") else {
+            panic!("minimal config must load")
+        };
+        assert_eq!(minimal.node, cfg.node);
+    }
+
+    #[test]
+    fn default_config_shows_every_node_key_with_a_comment() {
+        for key in [
+            "name:",
+            "trust_domain:",
+            "reactors:",
+            "driver:",
+            "socket_mark:",
+            "ports:",
+            "outbound:",
+            "inbound_plaintext:",
+            "inbound_hbone:",
+            "admin:",
+            "metrics:",
+            "readiness:",
+            "timeouts:",
+            "connect:",
+            "idle:",
+            "drain:",
+            "limits:",
+            "max_flows_per_reactor:",
+            "splice:",
+            "pipe_size:",
+            "max_bytes_per_wakeup:",
+            "pipe_pool_size:",
+        ] {
+            let line = DEFAULT_CONFIG_YAML
+                .lines()
+                .find(|l| l.trim_start().starts_with(key))
+                .unwrap_or_else(|| panic!("default config lacks `{key}`"));
+            assert!(line.contains('#'), "`{key}` has no comment");
+        }
+    }
+}

@@ -1,0 +1,200 @@
+//! Node configuration: the YAML file an operator writes (`version: 1`), parsed into a raw tree
+//! that remembers where every value came from, then validated into the types below.
+//!
+//! Boundary: this module never binds a port or opens a namespace; it only reads text and says,
+//! all at once and each with its place in the file, everything that is wrong with it.
+//! `ringtun check-config` is a thin wrapper around [`load`].
+
+mod parse;
+mod validate;
+mod default;
+
+pub use default::DEFAULT_CONFIG_YAML;
+pub use validate::load;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Every problem found in one file, in file order. Never empty when returned as an error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+/// One problem, with its place: `path` is the YAML path (`workloads[2].ips[0]`), `line`/`column`
+/// are 1-based positions in the source text (0 when the problem is about the file as a whole).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub line: usize,
+    pub column: usize,
+    pub path: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}: {}: {}", self.line, self.column, self.path, self.message)
+    }
+}
+
+impl std::fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// The validated configuration of one node. Cheap to clone behind an `Arc`; immutable once built.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Config {
+    pub node: NodeConfig,
+    pub workloads: Vec<Workload>,
+    pub services: Vec<Service>,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct NodeConfig {
+    /// This node's name; workloads whose `node` equals it are local (served by this process).
+    pub name: String,
+    pub trust_domain: String,
+    /// Number of reactor threads; `None` = one per available core.
+    pub reactors: Option<usize>,
+    pub driver: DriverChoice,
+    /// `SO_MARK` put on every socket ringtun opens (default 0x539), so capture rules skip it.
+    pub socket_mark: u32,
+    pub ports: Ports,
+    /// Address the admin endpoint binds (default 127.0.0.1:15000).
+    pub admin_addr: Option<SocketAddr>,
+    /// Address the Prometheus metrics endpoint binds (default 0.0.0.0:15020).
+    pub metrics_addr: Option<SocketAddr>,
+    /// Address the readiness endpoint binds (default 0.0.0.0:15021).
+    pub readiness_addr: Option<SocketAddr>,
+    pub timeouts: Timeouts,
+    pub limits: Limits,
+    pub splice: SpliceSettings,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DriverChoice {
+    /// io_uring when it can be set up, epoll otherwise (the reason is logged).
+    Auto,
+    IoUring,
+    Epoll,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Ports {
+    pub outbound: u16,
+    pub inbound_plaintext: u16,
+    pub inbound_hbone: u16,
+}
+
+impl Ports {
+    /// Every port ringtun listens on inside a workload; a connection whose original destination
+    /// is one of these (on the workload's own address) would loop and is refused.
+    pub fn all(&self) -> [u16; 3] {
+        [self.outbound, self.inbound_plaintext, self.inbound_hbone]
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Timeouts {
+    #[serde(with = "duration_serde")]
+    pub connect: Duration,
+    #[serde(with = "duration_serde")]
+    pub idle: Duration,
+    /// How long SIGTERM waits for open flows before closing them.
+    #[serde(with = "duration_serde")]
+    pub drain: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Limits {
+    /// Flows one reactor holds at most; accepts beyond it are refused (and counted).
+    pub max_flows_per_reactor: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct SpliceSettings {
+    /// Requested pipe capacity in bytes (`F_SETPIPE_SZ`); kept as the kernel grants it.
+    pub pipe_size: usize,
+    /// Bytes one direction of one flow may move per wakeup before yielding to other flows.
+    pub max_bytes_per_wakeup: usize,
+    /// Empty pipes a reactor keeps for reuse.
+    pub pipe_pool_size: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Protocol {
+    /// Reached through an HBONE tunnel (mTLS HTTP/2 CONNECT to the node's port 15008).
+    Hbone,
+    /// Reached with plain TCP (a mesh workload that does not accept tunnels).
+    Tcp,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Workload {
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub ips: Vec<IpAddr>,
+    pub node: String,
+    pub protocol: Protocol,
+    /// Pod mode: the network namespace (a path, e.g. `/var/run/netns/pod-a`) ringtun creates
+    /// this workload's listeners and outbound sockets in. `None` on a local workload = host mode.
+    pub netns: Option<PathBuf>,
+    /// Unhealthy workloads are never chosen as service endpoints.
+    pub healthy: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    pub vips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+    /// Endpoints by workload reference; validation guarantees each names a configured workload.
+    pub endpoints: Vec<WorkloadRef>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct ServicePort {
+    pub port: u16,
+    pub target_port: u16,
+}
+
+/// `namespace/name` of a workload.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize)]
+pub struct WorkloadRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+mod duration_serde {
+    use std::time::Duration;
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&super::format_duration(*d))
+    }
+}
+
+/// `1h`, `30s`, `250ms`: the same units the parser accepts.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms % 3_600_000 == 0 && ms > 0 {
+        format!("{}h", ms / 3_600_000)
+    } else if ms % 60_000 == 0 && ms > 0 {
+        format!("{}m", ms / 60_000)
+    } else if ms % 1000 == 0 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}

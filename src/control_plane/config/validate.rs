@@ -1,0 +1,1670 @@
+//! Raw YAML tree → validated [`Config`], collecting every problem in the file instead of stopping
+//! at the first, each with its line, column and YAML path, sorted in file order.
+//!
+//! The walk reads every field it can even after others failed, so an operator fixes a file in one
+//! round trip. Cross-checks (unique IPs and names, endpoints naming workloads, one host-mode
+//! workload per node) only compare values that were themselves valid, so one typo yields one
+//! error, not a cascade. A [`Config`] is returned only when the error list is empty.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::parse::{self, Entry, Node, Pos, Value, DOCUMENT_PATH};
+use super::{
+    Config, ConfigError, ConfigErrors, DriverChoice, Limits, NodeConfig, Ports, Protocol, Service,
+    ServicePort, SpliceSettings, Timeouts, Workload, WorkloadRef,
+};
+
+/// Where a bare `netns` name is looked up, as `ip netns add` creates them.
+const NETNS_DIR: &str = "/var/run/netns";
+
+const ROOT_KEYS: &[&str] = &["version", "node", "workloads", "services"];
+const NODE_KEYS: &[&str] = &[
+    "name",
+    "trust_domain",
+    "reactors",
+    "driver",
+    "socket_mark",
+    "ports",
+    "admin",
+    "metrics",
+    "readiness",
+    "timeouts",
+    "limits",
+    "splice",
+];
+const PORTS_KEYS: &[&str] = &["outbound", "inbound_plaintext", "inbound_hbone"];
+const TIMEOUT_KEYS: &[&str] = &["connect", "idle", "drain"];
+const LIMITS_KEYS: &[&str] = &["max_flows_per_reactor"];
+const SPLICE_KEYS: &[&str] = &["pipe_size", "max_bytes_per_wakeup", "pipe_pool_size"];
+const WORKLOAD_KEYS: &[&str] = &[
+    "name",
+    "namespace",
+    "service_account",
+    "ips",
+    "node",
+    "protocol",
+    "netns",
+    "healthy",
+];
+const SERVICE_KEYS: &[&str] = &["name", "namespace", "vips", "ports", "endpoints"];
+const SERVICE_PORT_KEYS: &[&str] = &["port", "target_port"];
+
+/// Defaults, shared with the commented default config (its test checks they agree).
+pub(super) const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+pub(super) const DEFAULT_SOCKET_MARK: u32 = 0x539;
+pub(super) const DEFAULT_PORTS: Ports = Ports {
+    outbound: 15001,
+    inbound_plaintext: 15006,
+    inbound_hbone: 15008,
+};
+pub(super) const DEFAULT_ADMIN: &str = "127.0.0.1:15000";
+pub(super) const DEFAULT_METRICS: &str = "0.0.0.0:15020";
+pub(super) const DEFAULT_READINESS: &str = "0.0.0.0:15021";
+pub(super) const DEFAULT_TIMEOUTS: Timeouts = Timeouts {
+    connect: Duration::from_secs(5),
+    idle: Duration::from_secs(3600),
+    drain: Duration::from_secs(30),
+};
+pub(super) const DEFAULT_LIMITS: Limits = Limits {
+    max_flows_per_reactor: 4096,
+};
+pub(super) const DEFAULT_SPLICE: SpliceSettings = SpliceSettings {
+    pipe_size: 256 * 1024,
+    max_bytes_per_wakeup: 1024 * 1024,
+    pipe_pool_size: 64,
+};
+const DEFAULT_SERVICE_ACCOUNT: &str = "default";
+
+/// Parses and validates a node configuration file.
+///
+/// # Errors
+/// Every problem in the file, in file order (never an empty list).
+pub fn load(text: &str) -> Result<Config, ConfigErrors> {
+    let root = parse::parse(text).map_err(|e| ConfigErrors(vec![e]))?;
+    let mut c = Checker::default();
+    let config = check_document(&mut c, &root);
+    match config {
+        Some(config) if c.errors.is_empty() => Ok(config),
+        _ => {
+            if c.errors.is_empty() {
+                // Every path that yields no config records why; this only guards that promise.
+                c.error(
+                    Pos::default(),
+                    DOCUMENT_PATH,
+                    "internal error: configuration rejected without a reason",
+                );
+            }
+            // Stable sort: problems found at the same place keep the order they were found in.
+            c.errors.sort_by_key(|e| (e.line, e.column));
+            Err(ConfigErrors(c.errors))
+        }
+    }
+}
+
+#[derive(Default)]
+struct Checker {
+    errors: Vec<ConfigError>,
+}
+
+impl Checker {
+    fn error(&mut self, pos: Pos, path: &str, message: impl Into<String>) {
+        self.errors.push(ConfigError {
+            line: pos.line,
+            column: pos.column,
+            path: path.to_string(),
+            message: message.into(),
+        });
+    }
+
+    fn wrong_type(&mut self, node: &Node, path: &str, expected: &str) {
+        self.error(
+            node.pos,
+            path,
+            format!("expected {expected}, found {}", node.value.describe()),
+        );
+    }
+}
+
+fn join(parent: &str, key: &str) -> String {
+    if parent.is_empty() {
+        key.to_string()
+    } else {
+        format!("{parent}.{key}")
+    }
+}
+
+fn item(parent: &str, index: usize) -> String {
+    format!("{parent}[{index}]")
+}
+
+/// The known keys of one mapping; unknown keys have already been reported.
+struct Fields<'a> {
+    pos: Pos,
+    path: String,
+    entries: Vec<(String, &'a Entry)>,
+}
+
+/// Opens `node` as a mapping whose keys must be among `accepted`.
+fn fields<'a>(
+    c: &mut Checker,
+    node: &'a Node,
+    path: &str,
+    accepted: &[&str],
+) -> Option<Fields<'a>> {
+    let Value::Map(entries) = &node.value else {
+        c.wrong_type(node, path, "a mapping");
+        return None;
+    };
+    let mut known = Vec::with_capacity(entries.len());
+    for entry in entries {
+        match entry.key.value.key_text() {
+            None => c.error(
+                entry.key.pos,
+                if path.is_empty() { DOCUMENT_PATH } else { path },
+                "a key must be a plain name, not a list or mapping",
+            ),
+            Some(k) if accepted.contains(&k.as_str()) => known.push((k, entry)),
+            Some(k) => {
+                let key_path = join(path, &k);
+                c.error(
+                    entry.key.pos,
+                    &key_path,
+                    format!("unknown key `{k}`; accepted keys: {}", accepted.join(", ")),
+                )
+            }
+        }
+    }
+    Some(Fields {
+        pos: node.pos,
+        path: path.to_string(),
+        entries: known,
+    })
+}
+
+impl<'a> Fields<'a> {
+    fn path(&self, key: &str) -> String {
+        join(&self.path, key)
+    }
+
+    fn entry(&self, key: &str) -> Option<&'a Entry> {
+        self.entries.iter().find(|(k, _)| k == key).map(|(_, e)| *e)
+    }
+
+    /// An optional key's value; `key:` with nothing after it counts as absent (the default).
+    fn get(&self, key: &str) -> Option<&'a Node> {
+        self.entry(key)
+            .map(|e| &e.value)
+            .filter(|v| v.value != Value::Null)
+    }
+
+    /// A required key's value; a missing key is reported at the enclosing mapping.
+    fn require(&self, c: &mut Checker, key: &str) -> Option<&'a Node> {
+        match self.entry(key) {
+            None => {
+                c.error(
+                    self.pos,
+                    &self.path(key),
+                    format!("required key `{key}` is missing"),
+                );
+                None
+            }
+            Some(e) if e.value.value == Value::Null => {
+                c.error(e.key.pos, &self.path(key), format!("`{key}` needs a value"));
+                None
+            }
+            Some(e) => Some(&e.value),
+        }
+    }
+
+    /// An optional key read with `read`, or `default` when absent. `None` = invalid (reported).
+    fn or_default<T>(
+        &self,
+        c: &mut Checker,
+        key: &str,
+        default: T,
+        read: impl FnOnce(&mut Checker, &'a Node, &str) -> Option<T>,
+    ) -> Option<T> {
+        match self.get(key) {
+            None => Some(default),
+            Some(v) => read(c, v, &self.path(key)),
+        }
+    }
+}
+
+// ---- scalar readers: each reports its own problem and returns None on any ----
+
+fn string<'a>(c: &mut Checker, node: &'a Node, path: &str) -> Option<&'a str> {
+    match &node.value {
+        Value::Str(s) => Some(s),
+        _ => {
+            c.wrong_type(node, path, "a string");
+            None
+        }
+    }
+}
+
+fn integer(c: &mut Checker, node: &Node, path: &str, min: i64, max: i64) -> Option<i64> {
+    match node.value {
+        Value::Int(i) if (min..=max).contains(&i) => Some(i),
+        Value::Int(i) => {
+            c.error(node.pos, path, format!("{i} is out of range {min}..={max}"));
+            None
+        }
+        _ => {
+            c.wrong_type(node, path, "an integer");
+            None
+        }
+    }
+}
+
+fn usize_in(c: &mut Checker, node: &Node, path: &str, min: usize, max: usize) -> Option<usize> {
+    let lo = i64::try_from(min).unwrap_or(i64::MAX);
+    let hi = i64::try_from(max).unwrap_or(i64::MAX);
+    integer(c, node, path, lo, hi).and_then(|i| usize::try_from(i).ok())
+}
+
+fn port(c: &mut Checker, node: &Node, path: &str) -> Option<u16> {
+    integer(c, node, path, 1, 65535).and_then(|i| u16::try_from(i).ok())
+}
+
+fn boolean(c: &mut Checker, node: &Node, path: &str) -> Option<bool> {
+    match node.value {
+        Value::Bool(b) => Some(b),
+        _ => {
+            c.wrong_type(node, path, "true or false");
+            None
+        }
+    }
+}
+
+fn list<'a>(c: &mut Checker, node: &'a Node, path: &str) -> Option<&'a [Node]> {
+    match &node.value {
+        Value::Seq(items) => Some(items),
+        _ => {
+            c.wrong_type(node, path, "a list");
+            None
+        }
+    }
+}
+
+/// A required list with at least one item.
+fn non_empty_list<'a>(c: &mut Checker, node: &'a Node, path: &str) -> Option<&'a [Node]> {
+    let items = list(c, node, path)?;
+    if items.is_empty() {
+        c.error(node.pos, path, "must list at least one entry");
+        return None;
+    }
+    Some(items)
+}
+
+fn ip(c: &mut Checker, node: &Node, path: &str) -> Option<IpAddr> {
+    let s = string(c, node, path)?;
+    match s.parse::<IpAddr>() {
+        Ok(ip) => Some(ip),
+        Err(_) => {
+            c.error(
+                node.pos,
+                path,
+                format!("`{s}` is not an IPv4 or IPv6 address"),
+            );
+            None
+        }
+    }
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+fn is_dns_name(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+/// A Kubernetes-style name (workload, namespace, service).
+fn dns_label(c: &mut Checker, node: &Node, path: &str) -> Option<String> {
+    let s = string(c, node, path)?;
+    if is_dns_label(s) {
+        Some(s.to_string())
+    } else {
+        c.error(
+            node.pos,
+            path,
+            format!(
+                "`{s}` is not a DNS label: 1 to 63 lowercase letters, digits or '-', \
+                 starting and ending with a letter or digit"
+            ),
+        );
+        None
+    }
+}
+
+fn dns_name(c: &mut Checker, node: &Node, path: &str) -> Option<String> {
+    let s = string(c, node, path)?;
+    if is_dns_name(s) {
+        Some(s.to_string())
+    } else {
+        c.error(
+            node.pos,
+            path,
+            format!(
+                "`{s}` is not a DNS name: dot-separated labels of lowercase letters, digits \
+                 or '-', at most 253 characters"
+            ),
+        );
+        None
+    }
+}
+
+/// A node name as the cluster spells it; compared verbatim with each workload's `node`.
+fn node_name(c: &mut Checker, node: &Node, path: &str) -> Option<String> {
+    let s = string(c, node, path)?;
+    if s.is_empty() || s.len() > 253 || s.chars().any(|ch| ch.is_whitespace() || ch.is_control()) {
+        c.error(
+            node.pos,
+            path,
+            format!("`{s}` is not a node name: 1 to 253 characters without spaces"),
+        );
+        return None;
+    }
+    Some(s.to_string())
+}
+
+/// `<int>ms|s|m|h`, greater than zero.
+fn duration(c: &mut Checker, node: &Node, path: &str) -> Option<Duration> {
+    let s = match &node.value {
+        Value::Str(s) => s.as_str(),
+        Value::Int(i) => {
+            c.error(
+                node.pos,
+                path,
+                format!("a duration needs a unit: ms, s, m or h (e.g. `{i}s`)"),
+            );
+            return None;
+        }
+        _ => {
+            c.wrong_type(node, path, "a duration such as 5s, 250ms, 10m or 1h");
+            return None;
+        }
+    };
+    match parse_duration(s) {
+        Ok(d) => Some(d),
+        Err(why) => {
+            c.error(node.pos, path, format!("`{s}` {why}"));
+            None
+        }
+    }
+}
+
+fn parse_duration(s: &str) -> Result<Duration, &'static str> {
+    const SHAPE: &str = "is not a duration: write <integer><unit>, unit ms, s, m or h (e.g. 5s)";
+    let digits_end = s.find(|ch: char| !ch.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(digits_end);
+    if digits.is_empty() {
+        return Err(SHAPE);
+    }
+    let n: u64 = digits.parse().map_err(|_| "is too large a duration")?;
+    let ms_per_unit: u64 = match unit {
+        "ms" => 1,
+        "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        _ => return Err(SHAPE),
+    };
+    let ms = n
+        .checked_mul(ms_per_unit)
+        .ok_or("is too large a duration")?;
+    if ms == 0 {
+        return Err("must be greater than zero");
+    }
+    Ok(Duration::from_millis(ms))
+}
+
+/// A listen address, or `off` for "do not serve this endpoint".
+fn listen_addr(c: &mut Checker, node: &Node, path: &str) -> Option<Option<SocketAddr>> {
+    let Value::Str(s) = &node.value else {
+        c.wrong_type(node, path, "an address such as 127.0.0.1:15000, or `off`");
+        return None;
+    };
+    if s == "off" {
+        return Some(None);
+    }
+    match s.parse::<SocketAddr>() {
+        Ok(a) => Some(Some(a)),
+        Err(_) => {
+            c.error(
+                node.pos,
+                path,
+                format!("`{s}` is not an address: write ip:port (e.g. 127.0.0.1:15000, [::1]:15000) or `off`"),
+            );
+            None
+        }
+    }
+}
+
+fn socket_mark(c: &mut Checker, node: &Node, path: &str) -> Option<u32> {
+    let value: Option<u64> = match &node.value {
+        Value::Int(i) => u64::try_from(*i).ok(),
+        Value::Str(s) => {
+            let t = s.trim();
+            match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+                Some(hex) => u64::from_str_radix(hex, 16).ok(),
+                None => t.parse::<u64>().ok(),
+            }
+        }
+        _ => {
+            c.wrong_type(node, path, "an integer such as 0x539");
+            return None;
+        }
+    };
+    match value.map(u32::try_from) {
+        Some(Ok(0)) => {
+            c.error(
+                node.pos,
+                path,
+                "socket mark must be nonzero (0 would not keep ringtun's own traffic out of capture)",
+            );
+            None
+        }
+        Some(Ok(mark)) => Some(mark),
+        _ => {
+            c.error(
+                node.pos,
+                path,
+                format!(
+                    "{} is not a socket mark: an integer 1..=0xffffffff",
+                    node.value.describe()
+                ),
+            );
+            None
+        }
+    }
+}
+
+// ---- sections ----
+
+fn check_document(c: &mut Checker, root: &Node) -> Option<Config> {
+    let Value::Map(_) = root.value else {
+        c.error(
+            root.pos,
+            DOCUMENT_PATH,
+            format!(
+                "expected a mapping with `version: 1` and `node:`, found {}",
+                root.value.describe()
+            ),
+        );
+        return None;
+    };
+    let f = fields(c, root, "", ROOT_KEYS)?;
+
+    let version_ok = match f.require(c, "version") {
+        Some(v) => match v.value {
+            Value::Int(1) => true,
+            Value::Int(other) => {
+                c.error(
+                    v.pos,
+                    "version",
+                    format!("unsupported config version {other}; this ringtun reads version 1"),
+                );
+                false
+            }
+            _ => {
+                c.wrong_type(v, "version", "the integer 1");
+                false
+            }
+        },
+        None => false,
+    };
+
+    let (node_name, node) = match f.require(c, "node") {
+        Some(n) => check_node(c, n),
+        None => (None, None),
+    };
+
+    let workloads = match f.get("workloads") {
+        None => Some(Vec::new()),
+        Some(n) => list(c, n, "workloads")
+            .map(|items| check_workloads(c, items, "workloads", node_name.as_deref())),
+    };
+    let services = match f.get("services") {
+        None => Some(Vec::new()),
+        Some(n) => list(c, n, "services").map(|items| {
+            let drafts = workloads.as_deref().unwrap_or(&[]);
+            check_services(c, items, "services", drafts)
+        }),
+    };
+
+    if !version_ok {
+        return None;
+    }
+    let workloads = workloads?
+        .into_iter()
+        .map(|d| d.workload)
+        .collect::<Option<Vec<_>>>()?;
+    let services = services?;
+    Some(Config {
+        node: node?,
+        workloads,
+        services,
+    })
+}
+
+/// The node's name (when valid, even if other node keys are not: the workload checks need it)
+/// and the complete node section.
+fn check_node(c: &mut Checker, n: &Node) -> (Option<String>, Option<NodeConfig>) {
+    let Some(f) = fields(c, n, "node", NODE_KEYS) else {
+        return (None, None);
+    };
+    let name = f
+        .require(c, "name")
+        .and_then(|v| node_name(c, v, &f.path("name")));
+    let trust_domain = f.or_default(
+        c,
+        "trust_domain",
+        DEFAULT_TRUST_DOMAIN.to_string(),
+        dns_name,
+    );
+    let reactors = f.or_default(c, "reactors", None, |c, v, path| match v.value {
+        Value::Str(ref s) if s == "auto" => Some(None),
+        Value::Int(_) => usize_in(c, v, path, 1, 256).map(Some),
+        _ => {
+            c.wrong_type(v, path, "`auto` or an integer 1..=256");
+            None
+        }
+    });
+    let driver = f.or_default(c, "driver", DriverChoice::Auto, |c, v, path| match string(
+        c, v, path,
+    )? {
+        "auto" => Some(DriverChoice::Auto),
+        "io_uring" => Some(DriverChoice::IoUring),
+        "epoll" => Some(DriverChoice::Epoll),
+        other => {
+            c.error(
+                v.pos,
+                path,
+                format!("unknown driver `{other}`; accepted: auto, io_uring, epoll"),
+            );
+            None
+        }
+    });
+    let mark = f.or_default(c, "socket_mark", DEFAULT_SOCKET_MARK, socket_mark);
+    let ports = f.or_default(c, "ports", DEFAULT_PORTS, check_ports);
+    let admin = f.or_default(c, "admin", DEFAULT_ADMIN.parse().ok(), listen_addr);
+    let metrics = f.or_default(c, "metrics", DEFAULT_METRICS.parse().ok(), listen_addr);
+    let readiness = f.or_default(c, "readiness", DEFAULT_READINESS.parse().ok(), listen_addr);
+    let timeouts = f.or_default(c, "timeouts", DEFAULT_TIMEOUTS, |c, v, path| {
+        let t = fields(c, v, path, TIMEOUT_KEYS)?;
+        let connect = t.or_default(c, "connect", DEFAULT_TIMEOUTS.connect, duration);
+        let idle = t.or_default(c, "idle", DEFAULT_TIMEOUTS.idle, duration);
+        let drain = t.or_default(c, "drain", DEFAULT_TIMEOUTS.drain, duration);
+        Some(Timeouts {
+            connect: connect?,
+            idle: idle?,
+            drain: drain?,
+        })
+    });
+    let limits = f.or_default(c, "limits", DEFAULT_LIMITS, |c, v, path| {
+        let l = fields(c, v, path, LIMITS_KEYS)?;
+        let max = l.or_default(
+            c,
+            "max_flows_per_reactor",
+            DEFAULT_LIMITS.max_flows_per_reactor,
+            |c, v, p| usize_in(c, v, p, 1, 1_000_000),
+        );
+        Some(Limits {
+            max_flows_per_reactor: max?,
+        })
+    });
+    let splice = f.or_default(c, "splice", DEFAULT_SPLICE, |c, v, path| {
+        let s = fields(c, v, path, SPLICE_KEYS)?;
+        let pipe_size = s.or_default(c, "pipe_size", DEFAULT_SPLICE.pipe_size, |c, v, p| {
+            usize_in(c, v, p, 4096, 16 * 1024 * 1024)
+        });
+        let per_wakeup = s.or_default(
+            c,
+            "max_bytes_per_wakeup",
+            DEFAULT_SPLICE.max_bytes_per_wakeup,
+            |c, v, p| usize_in(c, v, p, 4096, usize::MAX),
+        );
+        let pool = s.or_default(
+            c,
+            "pipe_pool_size",
+            DEFAULT_SPLICE.pipe_pool_size,
+            |c, v, p| usize_in(c, v, p, 0, 65536),
+        );
+        Some(SpliceSettings {
+            pipe_size: pipe_size?,
+            max_bytes_per_wakeup: per_wakeup?,
+            pipe_pool_size: pool?,
+        })
+    });
+    let config = (|| {
+        Some(NodeConfig {
+            name: name.clone()?,
+            trust_domain: trust_domain?,
+            reactors: reactors?,
+            driver: driver?,
+            socket_mark: mark?,
+            ports: ports?,
+            admin_addr: admin?,
+            metrics_addr: metrics?,
+            readiness_addr: readiness?,
+            timeouts: timeouts?,
+            limits: limits?,
+            splice: splice?,
+        })
+    })();
+    (name, config)
+}
+
+fn check_ports(c: &mut Checker, n: &Node, path: &str) -> Option<Ports> {
+    let f = fields(c, n, path, PORTS_KEYS)?;
+    let defaults = DEFAULT_PORTS.all();
+    // (key, value, where it was written — None when defaulted)
+    let mut read: Vec<(&str, Option<u16>, Option<Pos>)> = Vec::with_capacity(3);
+    for (key, default) in PORTS_KEYS.iter().zip(defaults) {
+        let at = f.get(key).map(|v| v.pos);
+        read.push((key, f.or_default(c, key, default, port), at));
+    }
+    let mut clash = false;
+    for j in 1..read.len() {
+        for i in 0..j {
+            let (key_i, Some(port_i), at_i) = read[i] else {
+                continue;
+            };
+            let (key_j, Some(port_j), at_j) = read[j] else {
+                continue;
+            };
+            if port_i != port_j {
+                continue;
+            }
+            clash = true;
+            // Point at a port the operator actually wrote; the later one if both were.
+            let (key, other, at) = match (at_j, at_i) {
+                (Some(at), _) => (key_j, key_i, at),
+                (None, Some(at)) => (key_i, key_j, at),
+                (None, None) => (key_j, key_i, f.pos),
+            };
+            let suffix = if at_i.is_some() && at_j.is_some() {
+                ""
+            } else {
+                " (its default)"
+            };
+            c.error(
+                at,
+                &f.path(key),
+                format!(
+                    "port {port_j} is also {}{suffix}; each port must be distinct",
+                    f.path(other)
+                ),
+            );
+        }
+    }
+    let value = |i: usize| read.get(i).and_then(|r| r.1);
+    let [outbound, inbound_plaintext, inbound_hbone] = [value(0), value(1), value(2)];
+    if clash {
+        return None;
+    }
+    Some(Ports {
+        outbound: outbound?,
+        inbound_plaintext: inbound_plaintext?,
+        inbound_hbone: inbound_hbone?,
+    })
+}
+
+/// What the cross-checks need from one workload entry, whether or not all of it was valid.
+struct WorkloadDraft {
+    /// (namespace, name) when both were valid.
+    id: Option<WorkloadRef>,
+    /// Valid addresses with their place.
+    ips: Vec<(IpAddr, Pos, String)>,
+    /// The complete workload; `None` when any field was invalid.
+    workload: Option<Workload>,
+}
+
+fn check_workloads(
+    c: &mut Checker,
+    items: &[Node],
+    path: &str,
+    local_node: Option<&str>,
+) -> Vec<WorkloadDraft> {
+    let mut drafts = Vec::with_capacity(items.len());
+    let mut ids: HashMap<WorkloadRef, String> = HashMap::new();
+    let mut ips: HashMap<IpAddr, String> = HashMap::new();
+    // The first local workload without a netns, and netns paths already used on this node.
+    let mut host_mode: Option<String> = None;
+    let mut netns_seen: HashMap<PathBuf, String> = HashMap::new();
+
+    for (i, n) in items.iter().enumerate() {
+        let wpath = item(path, i);
+        let Some(f) = fields(c, n, &wpath, WORKLOAD_KEYS) else {
+            drafts.push(WorkloadDraft {
+                id: None,
+                ips: Vec::new(),
+                workload: None,
+            });
+            continue;
+        };
+        let name_node = f.require(c, "name");
+        let name = name_node.and_then(|v| dns_label(c, v, &f.path("name")));
+        let namespace = f
+            .require(c, "namespace")
+            .and_then(|v| dns_label(c, v, &f.path("namespace")));
+        let service_account = f.or_default(
+            c,
+            "service_account",
+            DEFAULT_SERVICE_ACCOUNT.to_string(),
+            dns_name,
+        );
+        let mut ips_ok = false;
+        let mut valid_ips = Vec::new();
+        if let Some(list_node) = f.require(c, "ips") {
+            let ips_path = f.path("ips");
+            if let Some(list) = non_empty_list(c, list_node, &ips_path) {
+                ips_ok = true;
+                for (k, ip_node) in list.iter().enumerate() {
+                    let ip_path = item(&ips_path, k);
+                    match ip(c, ip_node, &ip_path) {
+                        Some(addr) => valid_ips.push((addr, ip_node.pos, ip_path)),
+                        None => ips_ok = false,
+                    }
+                }
+            }
+        }
+        let node = f
+            .require(c, "node")
+            .and_then(|v| node_name(c, v, &f.path("node")));
+        let protocol = f.or_default(c, "protocol", Protocol::Hbone, |c, v, p| {
+            let s = string(c, v, p)?;
+            if s.eq_ignore_ascii_case("HBONE") {
+                Some(Protocol::Hbone)
+            } else if s.eq_ignore_ascii_case("TCP") {
+                Some(Protocol::Tcp)
+            } else {
+                c.error(
+                    v.pos,
+                    p,
+                    format!("unknown protocol `{s}`; accepted: HBONE, TCP"),
+                );
+                None
+            }
+        });
+        let netns_node = f.get("netns");
+        let netns = f.or_default(c, "netns", None, |c, v, p| netns_path(c, v, p).map(Some));
+        let healthy = f.or_default(c, "healthy", true, boolean);
+
+        // Cross-checks against earlier workloads, on valid values only.
+        let id = match (&namespace, &name) {
+            (Some(ns), Some(nm)) => Some(WorkloadRef {
+                namespace: ns.clone(),
+                name: nm.clone(),
+            }),
+            _ => None,
+        };
+        if let (Some(id), Some(name_node)) = (&id, name_node) {
+            if let Some(first) = ids.get(id) {
+                c.error(
+                    name_node.pos,
+                    &f.path("name"),
+                    format!(
+                        "workload {}/{} is already defined at {first}",
+                        id.namespace, id.name
+                    ),
+                );
+            } else {
+                ids.insert(id.clone(), wpath.clone());
+            }
+        }
+        for (addr, pos, ip_path) in &valid_ips {
+            if let Some(first) = ips.get(addr) {
+                c.error(
+                    *pos,
+                    ip_path,
+                    format!(
+                        "IP {addr} is already used at {first}; each workload IP must be unique"
+                    ),
+                );
+            } else {
+                ips.insert(*addr, ip_path.clone());
+            }
+        }
+        let is_local = matches!((&node, local_node), (Some(a), Some(b)) if a == b);
+        if is_local {
+            match &netns {
+                Some(None) => {
+                    if let Some(first) = &host_mode {
+                        c.error(
+                            n.pos,
+                            &wpath,
+                            format!(
+                                "a second host-mode workload on this node ({first} has no `netns` \
+                                 either); at most one local workload may omit `netns`"
+                            ),
+                        );
+                    } else {
+                        host_mode = Some(wpath.clone());
+                    }
+                }
+                Some(Some(p)) => {
+                    if let Some(first) = netns_seen.get(p) {
+                        let at = netns_node.map_or(n.pos, |v| v.pos);
+                        c.error(
+                            at,
+                            &f.path("netns"),
+                            format!(
+                                "network namespace {} is already used by {first}; each local \
+                                 workload needs its own",
+                                p.display()
+                            ),
+                        );
+                    } else {
+                        netns_seen.insert(p.clone(), wpath.clone());
+                    }
+                }
+                None => {}
+            }
+        }
+
+        let workload = (|| {
+            if !ips_ok {
+                return None;
+            }
+            Some(Workload {
+                name: name.clone()?,
+                namespace: namespace.clone()?,
+                service_account: service_account?,
+                ips: valid_ips.iter().map(|(a, _, _)| *a).collect(),
+                node: node?,
+                protocol: protocol?,
+                netns: netns?,
+                healthy: healthy?,
+            })
+        })();
+        drafts.push(WorkloadDraft {
+            id,
+            ips: valid_ips,
+            workload,
+        });
+    }
+    drafts
+}
+
+/// Bare name → `/var/run/netns/<name>`; absolute path kept; anything else refused.
+fn netns_path(c: &mut Checker, node: &Node, path: &str) -> Option<PathBuf> {
+    let s = string(c, node, path)?;
+    let why = if s.is_empty() {
+        Some("must not be empty")
+    } else if s.contains('\0') {
+        Some("must not contain a NUL character")
+    } else if s.starts_with('/') {
+        None
+    } else if s.contains('/') {
+        Some("is a relative path: give a bare name (looked up in /var/run/netns) or an absolute path")
+    } else if s == "." || s == ".." {
+        Some("is not a namespace name")
+    } else {
+        None
+    };
+    if let Some(why) = why {
+        c.error(node.pos, path, format!("netns `{s}` {why}"));
+        return None;
+    }
+    if s.starts_with('/') {
+        Some(PathBuf::from(s))
+    } else {
+        Some(PathBuf::from(NETNS_DIR).join(s))
+    }
+}
+
+fn check_services(
+    c: &mut Checker,
+    items: &[Node],
+    path: &str,
+    workloads: &[WorkloadDraft],
+) -> Vec<Service> {
+    let workload_ips: HashMap<IpAddr, &str> = workloads
+        .iter()
+        .flat_map(|w| w.ips.iter().map(|(a, _, p)| (*a, p.as_str())))
+        .collect();
+    let known_workloads: HashSet<&WorkloadRef> =
+        workloads.iter().filter_map(|w| w.id.as_ref()).collect();
+    // An endpoint naming a workload whose own name was invalid would be a second error for the
+    // same typo; only judge endpoints when every workload's name could be read.
+    let names_complete = workloads.iter().all(|w| w.id.is_some());
+
+    let mut services = Vec::with_capacity(items.len());
+    let mut all_ok = true;
+    let mut ids: HashMap<WorkloadRef, String> = HashMap::new();
+    let mut listeners: HashMap<(IpAddr, u16), String> = HashMap::new();
+
+    for (i, n) in items.iter().enumerate() {
+        let spath = item(path, i);
+        let Some(f) = fields(c, n, &spath, SERVICE_KEYS) else {
+            all_ok = false;
+            continue;
+        };
+        let name_node = f.require(c, "name");
+        let name = name_node.and_then(|v| dns_label(c, v, &f.path("name")));
+        let namespace = f
+            .require(c, "namespace")
+            .and_then(|v| dns_label(c, v, &f.path("namespace")));
+        if let (Some(ns), Some(nm), Some(name_node)) = (&namespace, &name, name_node) {
+            let id = WorkloadRef {
+                namespace: ns.clone(),
+                name: nm.clone(),
+            };
+            if let Some(first) = ids.get(&id) {
+                c.error(
+                    name_node.pos,
+                    &f.path("name"),
+                    format!("service {ns}/{nm} is already defined at {first}"),
+                );
+            } else {
+                ids.insert(id, spath.clone());
+            }
+        }
+
+        // VIPs: valid, not repeated, and not some workload's own address.
+        let mut vips_ok = false;
+        let mut vips: Vec<IpAddr> = Vec::new();
+        if let Some(list_node) = f.require(c, "vips") {
+            let vpath = f.path("vips");
+            if let Some(list) = non_empty_list(c, list_node, &vpath) {
+                vips_ok = true;
+                for (k, v) in list.iter().enumerate() {
+                    let p = item(&vpath, k);
+                    let Some(addr) = ip(c, v, &p) else {
+                        vips_ok = false;
+                        continue;
+                    };
+                    if vips.contains(&addr) {
+                        c.error(v.pos, &p, format!("VIP {addr} is listed twice"));
+                        vips_ok = false;
+                    } else if let Some(owner) = workload_ips.get(&addr) {
+                        c.error(
+                            v.pos,
+                            &p,
+                            format!("VIP {addr} is a workload's own address ({owner}); a VIP must be distinct"),
+                        );
+                        vips_ok = false;
+                    } else {
+                        vips.push(addr);
+                    }
+                }
+            }
+        }
+
+        let mut ports_ok = false;
+        let mut ports: Vec<(ServicePort, Pos, String)> = Vec::new();
+        if let Some(list_node) = f.require(c, "ports") {
+            let ppath = f.path("ports");
+            if let Some(list) = non_empty_list(c, list_node, &ppath) {
+                ports_ok = true;
+                for (k, pn) in list.iter().enumerate() {
+                    let p = item(&ppath, k);
+                    let Some(pf) = fields(c, pn, &p, SERVICE_PORT_KEYS) else {
+                        ports_ok = false;
+                        continue;
+                    };
+                    let port_node = pf.require(c, "port");
+                    let number = port_node.and_then(|v| port(c, v, &pf.path("port")));
+                    // Like Kubernetes: no target_port means the same port on the endpoint.
+                    let target = match pf.get("target_port") {
+                        None => number,
+                        Some(v) => port(c, v, &pf.path("target_port")),
+                    };
+                    let (Some(number), Some(target), Some(port_node)) = (number, target, port_node)
+                    else {
+                        ports_ok = false;
+                        continue;
+                    };
+                    if ports.iter().any(|(sp, _, _)| sp.port == number) {
+                        c.error(
+                            port_node.pos,
+                            &pf.path("port"),
+                            format!("port {number} is listed twice in this service"),
+                        );
+                        ports_ok = false;
+                        continue;
+                    }
+                    ports.push((
+                        ServicePort {
+                            port: number,
+                            target_port: target,
+                        },
+                        port_node.pos,
+                        pf.path("port"),
+                    ));
+                }
+            }
+        }
+        for (sp, pos, ppath) in &ports {
+            for vip in &vips {
+                let key = (*vip, sp.port);
+                if let Some(first) = listeners.get(&key) {
+                    c.error(
+                        *pos,
+                        ppath,
+                        format!(
+                            "{} is already served by {first}; each (VIP, port) belongs to one service",
+                            SocketAddr::new(*vip, sp.port)
+                        ),
+                    );
+                    ports_ok = false;
+                } else {
+                    listeners.insert(key, spath.clone());
+                }
+            }
+        }
+
+        let mut endpoints_ok = true;
+        let mut endpoints = Vec::new();
+        if let Some(list_node) = f.get("endpoints") {
+            let epath = f.path("endpoints");
+            match list(c, list_node, &epath) {
+                None => endpoints_ok = false,
+                Some(list) => {
+                    for (k, en) in list.iter().enumerate() {
+                        let p = item(&epath, k);
+                        let Some(r) = endpoint_ref(c, en, &p, namespace.as_deref()) else {
+                            endpoints_ok = false;
+                            continue;
+                        };
+                        if endpoints.contains(&r) {
+                            c.error(
+                                en.pos,
+                                &p,
+                                format!("endpoint {}/{} is listed twice", r.namespace, r.name),
+                            );
+                            endpoints_ok = false;
+                        } else if names_complete && !known_workloads.contains(&r) {
+                            c.error(
+                                en.pos,
+                                &p,
+                                format!(
+                                    "endpoint {}/{} names no configured workload",
+                                    r.namespace, r.name
+                                ),
+                            );
+                            endpoints_ok = false;
+                        } else {
+                            endpoints.push(r);
+                        }
+                    }
+                }
+            }
+        }
+
+        match (name, namespace) {
+            (Some(name), Some(namespace)) if vips_ok && ports_ok && endpoints_ok => {
+                services.push(Service {
+                    name,
+                    namespace,
+                    vips,
+                    ports: ports.into_iter().map(|(sp, _, _)| sp).collect(),
+                    endpoints,
+                })
+            }
+            _ => all_ok = false,
+        }
+    }
+    if !all_ok {
+        // Problems are already recorded; an incomplete list must never look like a valid one.
+        services.clear();
+    }
+    services
+}
+
+/// `namespace/name`, or a bare `name` in the service's own namespace.
+fn endpoint_ref(
+    c: &mut Checker,
+    node: &Node,
+    path: &str,
+    service_namespace: Option<&str>,
+) -> Option<WorkloadRef> {
+    let s = string(c, node, path)?;
+    let (ns, name) = match s.split_once('/') {
+        Some((ns, name)) => (Some(ns), name),
+        None => (service_namespace, s),
+    };
+    let valid = |x: &str| is_dns_label(x);
+    match ns {
+        Some(ns) if valid(ns) && valid(name) => Some(WorkloadRef {
+            namespace: ns.to_string(),
+            name: name.to_string(),
+        }),
+        // The service's namespace was invalid and already reported.
+        None => None,
+        Some(_) => {
+            c.error(
+                node.pos,
+                path,
+                format!("endpoint `{s}` is not `namespace/name` or `name` (DNS labels)"),
+            );
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors(text: &str) -> Vec<ConfigError> {
+        match load(text) {
+            Ok(cfg) => panic!("expected errors, got {cfg:?}"),
+            Err(ConfigErrors(errs)) => errs,
+        }
+    }
+
+    fn ok(text: &str) -> Config {
+        match load(text) {
+            Ok(cfg) => cfg,
+            Err(e) => panic!("expected a valid config, got:\n{e}"),
+        }
+    }
+
+    /// (line, column, path) of each error, for compact assertions.
+    fn places(errs: &[ConfigError]) -> Vec<(usize, usize, &str)> {
+        errs.iter()
+            .map(|e| (e.line, e.column, e.path.as_str()))
+            .collect()
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("test IP")
+    }
+
+    const HEAD: &str = "version: 1\nnode:\n  name: node-a\n";
+
+    #[test]
+    fn valid_file_round_trips_to_expected_config() {
+        let text = r#"
+version: 1
+node:
+  name: node-a
+  trust_domain: example.org
+  reactors: 4
+  driver: epoll
+  socket_mark: 0x100
+  ports: {outbound: 16001, inbound_plaintext: 16006, inbound_hbone: 16008}
+  admin: "[::1]:9000"
+  metrics: off
+  readiness: 127.0.0.1:9021
+  timeouts: {connect: 250ms, idle: 10m, drain: 2s}
+  limits: {max_flows_per_reactor: 100}
+  splice: {pipe_size: 65536, max_bytes_per_wakeup: 4096, pipe_pool_size: 0}
+workloads:
+  - name: client
+    namespace: default
+    ips: [10.1.1.2, "fd00:1::2"]
+    node: node-a
+    netns: pod-a
+  - name: server
+    namespace: prod
+    service_account: server-sa
+    ips: [10.1.1.3]
+    node: node-a
+    protocol: TCP
+    netns: /run/netns/pod-b
+    healthy: false
+  - name: host
+    namespace: default
+    ips: [192.168.0.5]
+    node: node-a
+  - name: remote
+    namespace: prod
+    ips: [10.2.0.9]
+    node: node-b
+services:
+  - name: echo
+    namespace: prod
+    vips: [10.96.0.10, "fd00:96::10"]
+    ports:
+      - {port: 80, target_port: 8080}
+      - port: 443
+    endpoints: [server, default/client, prod/remote]
+"#;
+        let expected = Config {
+            node: NodeConfig {
+                name: "node-a".into(),
+                trust_domain: "example.org".into(),
+                reactors: Some(4),
+                driver: DriverChoice::Epoll,
+                socket_mark: 0x100,
+                ports: Ports {
+                    outbound: 16001,
+                    inbound_plaintext: 16006,
+                    inbound_hbone: 16008,
+                },
+                admin_addr: Some("[::1]:9000".parse().expect("addr")),
+                metrics_addr: None,
+                readiness_addr: Some("127.0.0.1:9021".parse().expect("addr")),
+                timeouts: Timeouts {
+                    connect: Duration::from_millis(250),
+                    idle: Duration::from_secs(600),
+                    drain: Duration::from_secs(2),
+                },
+                limits: Limits {
+                    max_flows_per_reactor: 100,
+                },
+                splice: SpliceSettings {
+                    pipe_size: 65536,
+                    max_bytes_per_wakeup: 4096,
+                    pipe_pool_size: 0,
+                },
+            },
+            workloads: vec![
+                Workload {
+                    name: "client".into(),
+                    namespace: "default".into(),
+                    service_account: "default".into(),
+                    ips: vec![ip("10.1.1.2"), ip("fd00:1::2")],
+                    node: "node-a".into(),
+                    protocol: Protocol::Hbone,
+                    netns: Some(PathBuf::from("/var/run/netns/pod-a")),
+                    healthy: true,
+                },
+                Workload {
+                    name: "server".into(),
+                    namespace: "prod".into(),
+                    service_account: "server-sa".into(),
+                    ips: vec![ip("10.1.1.3")],
+                    node: "node-a".into(),
+                    protocol: Protocol::Tcp,
+                    netns: Some(PathBuf::from("/run/netns/pod-b")),
+                    healthy: false,
+                },
+                Workload {
+                    name: "host".into(),
+                    namespace: "default".into(),
+                    service_account: "default".into(),
+                    ips: vec![ip("192.168.0.5")],
+                    node: "node-a".into(),
+                    protocol: Protocol::Hbone,
+                    netns: None,
+                    healthy: true,
+                },
+                Workload {
+                    name: "remote".into(),
+                    namespace: "prod".into(),
+                    service_account: "default".into(),
+                    ips: vec![ip("10.2.0.9")],
+                    node: "node-b".into(),
+                    protocol: Protocol::Hbone,
+                    netns: None,
+                    healthy: true,
+                },
+            ],
+            services: vec![Service {
+                name: "echo".into(),
+                namespace: "prod".into(),
+                vips: vec![ip("10.96.0.10"), ip("fd00:96::10")],
+                ports: vec![
+                    ServicePort {
+                        port: 80,
+                        target_port: 8080,
+                    },
+                    ServicePort {
+                        port: 443,
+                        target_port: 443,
+                    },
+                ],
+                endpoints: vec![
+                    WorkloadRef {
+                        namespace: "prod".into(),
+                        name: "server".into(),
+                    },
+                    WorkloadRef {
+                        namespace: "default".into(),
+                        name: "client".into(),
+                    },
+                    WorkloadRef {
+                        namespace: "prod".into(),
+                        name: "remote".into(),
+                    },
+                ],
+            }],
+        };
+        assert_eq!(ok(text), expected);
+    }
+
+    #[test]
+    fn minimal_file_gets_every_default() {
+        let cfg = ok(HEAD);
+        assert_eq!(cfg.node.name, "node-a");
+        assert_eq!(cfg.node.trust_domain, "cluster.local");
+        assert_eq!(cfg.node.reactors, None);
+        assert_eq!(cfg.node.socket_mark, 0x539);
+        assert_eq!(cfg.node.ports.all(), [15001, 15006, 15008]);
+        assert_eq!(cfg.node.admin_addr, "127.0.0.1:15000".parse().ok());
+        assert_eq!(cfg.node.metrics_addr, "0.0.0.0:15020".parse().ok());
+        assert_eq!(cfg.node.readiness_addr, "0.0.0.0:15021".parse().ok());
+        assert_eq!(cfg.node.timeouts.idle, Duration::from_secs(3600));
+        assert!(cfg.workloads.is_empty() && cfg.services.is_empty());
+        // `workloads:` with nothing after it is an empty list, not an error.
+        assert!(ok(&format!("{HEAD}workloads:\nservices:\n"))
+            .workloads
+            .is_empty());
+    }
+
+    #[test]
+    fn every_mistake_is_reported_once_in_file_order() {
+        let text = "\
+version: 2
+node:
+  name: node-a
+  driver: fast
+  timeouts:
+    connect: 5
+  colour: blue
+workloads:
+  - name: a
+    namespace: default
+    ips: [10.0.0.1, 10.0.0.300]
+    node: node-a
+  - name: b
+    namespace: default
+    ips: [10.0.0.1]
+    node: node-a
+    healthy: \"yes\"
+services:
+  - name: svc
+    namespace: default
+    vips: [10.96.0.1]
+    ports: [{port: 80}]
+    endpoints: [default/missing]
+";
+        let errs = errors(text);
+        assert_eq!(
+            places(&errs),
+            vec![
+                (1, 10, "version"),
+                (4, 11, "node.driver"),
+                (6, 14, "node.timeouts.connect"),
+                (7, 3, "node.colour"),
+                (11, 21, "workloads[0].ips[1]"),
+                (13, 5, "workloads[1]"),
+                (15, 11, "workloads[1].ips[0]"),
+                (17, 14, "workloads[1].healthy"),
+                (23, 17, "services[0].endpoints[0]"),
+            ],
+            "{}",
+            ConfigErrors(errs.clone())
+        );
+        let msg = |i: usize| errs[i].message.as_str();
+        assert!(
+            msg(0).contains("unsupported config version 2"),
+            "{}",
+            msg(0)
+        );
+        assert!(msg(1).contains("unknown driver `fast`"), "{}", msg(1));
+        assert!(msg(2).contains("needs a unit"), "{}", msg(2));
+        assert!(msg(3).contains("unknown key `colour`"), "{}", msg(3));
+        assert!(
+            msg(3).contains("accepted keys: name, trust_domain"),
+            "{}",
+            msg(3)
+        );
+        assert!(
+            msg(4).contains("`10.0.0.300` is not an IPv4 or IPv6 address"),
+            "{}",
+            msg(4)
+        );
+        assert!(msg(5).contains("second host-mode workload"), "{}", msg(5));
+        assert!(
+            msg(6).contains("already used at workloads[0].ips[0]"),
+            "{}",
+            msg(6)
+        );
+        assert!(
+            msg(7).contains("expected true or false, found string \"yes\""),
+            "{}",
+            msg(7)
+        );
+        assert!(
+            msg(8).contains("default/missing names no configured workload"),
+            "{}",
+            msg(8)
+        );
+    }
+
+    #[test]
+    fn missing_version_and_missing_keys_point_at_the_enclosing_mapping() {
+        let errs = errors("node:\n  trust_domain: x.y\nworkloads:\n  - name: a\n");
+        assert_eq!(
+            places(&errs),
+            vec![
+                (1, 1, "version"),
+                (2, 3, "node.name"),
+                (4, 5, "workloads[0].namespace"),
+                (4, 5, "workloads[0].ips"),
+                (4, 5, "workloads[0].node"),
+            ]
+        );
+        assert!(errs[0]
+            .message
+            .contains("required key `version` is missing"));
+        // A version that is not an integer is a type error.
+        let errs = errors("version: \"1\"\nnode: {name: a}\n");
+        assert_eq!(places(&errs), vec![(1, 10, "version")]);
+        assert!(errs[0]
+            .message
+            .contains("expected the integer 1, found string \"1\""));
+    }
+
+    #[test]
+    fn syntax_error_is_one_error_with_its_position() {
+        let errs = errors("version: 1\nnode:\n  name: a\n  ports: {outbound: 1\nworkloads: []\n");
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(
+            errs[0].message.starts_with("YAML syntax error"),
+            "{}",
+            errs[0]
+        );
+        assert!(errs[0].line >= 4 && errs[0].column >= 1, "{}", errs[0]);
+        // A key at an indentation no mapping has.
+        let errs = errors("version: 1\nnode:\n  name: a\n    bad: x\n");
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].line, 4, "{}", errs[0]);
+    }
+
+    #[test]
+    fn socket_mark_accepts_hex_integer_and_hex_string() {
+        let mark = |v: &str| ok(&format!("{HEAD}  socket_mark: {v}\n")).node.socket_mark;
+        assert_eq!(mark("0x539"), 0x539);
+        assert_eq!(mark("\"0x539\""), 0x539);
+        assert_eq!(mark("'0X1f'"), 0x1f);
+        assert_eq!(mark("1337"), 1337);
+        assert_eq!(mark("\"1337\""), 1337);
+        assert_eq!(mark("0xffffffff"), u32::MAX);
+        for bad in ["0", "\"0x0\"", "0x100000000", "-1", "\"0xzz\"", "1.5"] {
+            let errs = errors(&format!("{HEAD}  socket_mark: {bad}\n"));
+            assert_eq!(places(&errs), vec![(4, 16, "node.socket_mark")], "{bad}");
+        }
+    }
+
+    #[test]
+    fn node_values_are_range_checked() {
+        let text = format!(
+            "{HEAD}  reactors: 0\n  trust_domain: Bad_Domain\n  admin: localhost\n  \
+             ports: {{outbound: 70000}}\n  timeouts: {{idle: 0s, drain: 3d}}\n  \
+             limits: {{max_flows_per_reactor: 0}}\n  \
+             splice: {{pipe_size: 1024, max_bytes_per_wakeup: 100, pipe_pool_size: 70000}}\n"
+        );
+        let errs = errors(&text);
+        let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            vec![
+                "node.reactors",
+                "node.trust_domain",
+                "node.admin",
+                "node.ports.outbound",
+                "node.timeouts.idle",
+                "node.timeouts.drain",
+                "node.limits.max_flows_per_reactor",
+                "node.splice.pipe_size",
+                "node.splice.max_bytes_per_wakeup",
+                "node.splice.pipe_pool_size",
+            ],
+            "{}",
+            ConfigErrors(errs.clone())
+        );
+        assert!(ok(&format!("{HEAD}  reactors: 256\n  admin: off\n"))
+            .node
+            .admin_addr
+            .is_none());
+    }
+
+    #[test]
+    fn listener_ports_must_be_distinct_even_from_defaults() {
+        let errs = errors(&format!("{HEAD}  ports:\n    inbound_hbone: 15001\n"));
+        assert_eq!(places(&errs), vec![(5, 20, "node.ports.inbound_hbone")]);
+        assert!(
+            errs[0]
+                .message
+                .contains("also node.ports.outbound (its default)"),
+            "{}",
+            errs[0]
+        );
+    }
+
+    #[test]
+    fn netns_bare_name_absolute_path_and_relative_path() {
+        let w = |netns: &str| {
+            format!(
+                "{HEAD}workloads:\n  - {{name: a, namespace: ns, ips: [10.0.0.1], node: node-a, netns: {netns}}}\n"
+            )
+        };
+        assert_eq!(
+            ok(&w("pod-a")).workloads[0].netns,
+            Some(PathBuf::from("/var/run/netns/pod-a"))
+        );
+        assert_eq!(
+            ok(&w("/proc/42/ns/net")).workloads[0].netns,
+            Some(PathBuf::from("/proc/42/ns/net"))
+        );
+        let errs = errors(&w("netns/pod-a"));
+        assert_eq!(places(&errs), vec![(5, 68, "workloads[0].netns")]);
+        assert!(errs[0].message.contains("relative path"), "{}", errs[0]);
+    }
+
+    #[test]
+    fn local_workloads_need_distinct_netns_but_remote_ones_do_not() {
+        let text = format!(
+            "{HEAD}workloads:
+  - {{name: a, namespace: ns, ips: [10.0.0.1], node: node-a, netns: pod}}
+  - {{name: b, namespace: ns, ips: [10.0.0.2], node: node-a, netns: /var/run/netns/pod}}
+  - {{name: c, namespace: ns, ips: [10.0.0.3], node: node-b}}
+  - {{name: d, namespace: ns, ips: [10.0.0.4], node: node-b}}
+  - {{name: a, namespace: ns, ips: [10.0.0.5], node: node-c}}
+"
+        );
+        let errs = errors(&text);
+        assert_eq!(
+            places(&errs),
+            vec![(6, 68, "workloads[1].netns"), (9, 12, "workloads[4].name")],
+            "{}",
+            ConfigErrors(errs.clone())
+        );
+        assert!(errs[1]
+            .message
+            .contains("workload ns/a is already defined at workloads[0]"));
+    }
+
+    #[test]
+    fn service_cross_checks() {
+        let text = format!(
+            "{HEAD}workloads:
+  - {{name: a, namespace: ns, ips: [10.0.0.1], node: node-b}}
+services:
+  - name: s1
+    namespace: ns
+    vips: [10.96.0.1, 10.0.0.1]
+    ports: [{{port: 80}}, {{port: 80}}]
+    endpoints: [a, ns/a]
+  - name: s2
+    namespace: ns
+    vips: [10.96.0.1]
+    ports: [{{port: 80, target_port: 0}}, {{port: 80, target_port: 8080}}]
+  - name: s1
+    namespace: ns
+    vips: []
+    ports: [{{target_port: 1}}]
+    endpoints: [a/b/c]
+"
+        );
+        let errs = errors(&text);
+        assert_eq!(
+            places(&errs),
+            vec![
+                (9, 23, "services[0].vips[1]"),
+                (10, 32, "services[0].ports[1].port"),
+                (11, 20, "services[0].endpoints[1]"),
+                (15, 37, "services[1].ports[0].target_port"),
+                (15, 48, "services[1].ports[1].port"),
+                (16, 11, "services[2].name"),
+                (18, 11, "services[2].vips"),
+                (19, 13, "services[2].ports[0].port"),
+                (20, 17, "services[2].endpoints[0]"),
+            ],
+            "{}",
+            ConfigErrors(errs.clone())
+        );
+        assert!(
+            errs[0].message.contains("a workload's own address"),
+            "{}",
+            errs[0]
+        );
+        assert!(errs[1].message.contains("listed twice"), "{}", errs[1]);
+        assert!(
+            errs[2].message.contains("endpoint ns/a is listed twice"),
+            "{}",
+            errs[2]
+        );
+        assert!(
+            errs[4]
+                .message
+                .contains("10.96.0.1:80 is already served by services[0]"),
+            "{}",
+            errs[4]
+        );
+        assert!(
+            errs[5].message.contains("service ns/s1 is already defined"),
+            "{}",
+            errs[5]
+        );
+        assert!(errs[6].message.contains("at least one"), "{}", errs[6]);
+    }
+
+    #[test]
+    fn wrong_shapes_are_type_errors_not_panics() {
+        for text in [
+            "[]",
+            "just a string",
+            "version: 1\nnode: 5\n",
+            "version: 1\nnode: {name: [a]}\nworkloads: {a: 1}\nservices: 3\n",
+            "version: 1\nnode: {name: a}\nworkloads: [1, null, [x]]\n",
+            "version: 1\nnode: {name: a}\n? [complex]\n: key\n",
+            "version: 1\nnode: {name: a, reactors: !!int abc}\n",
+            "version: &v 1\nnode: {name: *v, ports: *undefined}\n",
+            "version: 1\nnode: {name: \"a b\", timeouts: {connect: 99999999999999999999h}}\n",
+        ] {
+            let errs = errors(text);
+            assert!(!errs.is_empty(), "{text}");
+            assert!(errs
+                .windows(2)
+                .all(|w| (w[0].line, w[0].column) <= (w[1].line, w[1].column)));
+        }
+        let errs = errors("version: 1\nnode: 5\n");
+        assert_eq!(errs[0].message, "expected a mapping, found integer 5");
+    }
+}
