@@ -1,0 +1,227 @@
+//! The epoll driver: the fallback where io_uring cannot be set up (ENOSYS, EPERM from
+//! `kernel.io_uring_disabled` or a seccomp profile) or when forced with `--driver epoll`.
+//! Flow sockets are registered once, edge-triggered for both directions; listeners and the
+//! waker are level-triggered. Connect is a non-blocking `connect(2)` finished on writability.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
+
+use super::token::{self, Op};
+use super::{sockaddr, Driver, DriverKind, Event, FlowKey, Interest, Side};
+
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Accepts per listener per wakeup, so one busy listener cannot starve established flows.
+const ACCEPT_BATCH: usize = 64;
+
+pub struct EpollDriver {
+    epfd: OwnedFd,
+    listeners: Vec<Option<RawFd>>,
+    paused: Vec<(usize, Instant)>,
+    /// Flows whose connect is in progress, with the upstream fd to read `SO_ERROR` from.
+    connecting: HashMap<FlowKey, RawFd>,
+    /// Completions known before waiting (a connect that finished at once).
+    ready: Vec<Event>,
+    buf: Vec<libc::epoll_event>,
+}
+
+impl EpollDriver {
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: plain syscall; the result is checked before use.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(EpollDriver {
+            // SAFETY: epoll_create1 returned a fresh descriptor we own.
+            epfd: unsafe { OwnedFd::from_raw_fd(fd) },
+            listeners: Vec::new(),
+            paused: Vec::new(),
+            connecting: HashMap::new(),
+            ready: Vec::new(),
+            buf: vec![libc::epoll_event { events: 0, u64: 0 }; 256],
+        })
+    }
+
+    fn ctl(&self, op: libc::c_int, fd: RawFd, events: u32, data: u64) -> io::Result<()> {
+        let mut ev = libc::epoll_event { events, u64: data };
+        // SAFETY: `ev` is a valid epoll_event for the duration of the call.
+        if unsafe { libc::epoll_ctl(self.epfd.as_raw_fd(), op, fd, &mut ev) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn accept_batch(&mut self, listener: usize, fd: RawFd, events: &mut Vec<Event>) {
+        for _ in 0..ACCEPT_BATCH {
+            // SAFETY: accept4 on a listening socket we own; no address buffer requested.
+            let s = unsafe {
+                libc::accept4(fd, std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
+            };
+            if s >= 0 {
+                // SAFETY: accept4 returned a new descriptor we now own.
+                events.push(Event::Accepted { listener, fd: unsafe { OwnedFd::from_raw_fd(s) } });
+                continue;
+            }
+            let e = io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
+            match e {
+                libc::EAGAIN => return,
+                libc::EINTR | libc::ECONNABORTED => continue,
+                _ => {
+                    events.push(Event::AcceptFailed { listener, errno: e });
+                    // Level-triggered: stop watching for a moment instead of spinning.
+                    let _ = self.ctl(libc::EPOLL_CTL_DEL, fd, 0, 0);
+                    self.paused.push((listener, Instant::now() + ACCEPT_BACKOFF));
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl Driver for EpollDriver {
+    fn kind(&self) -> DriverKind {
+        DriverKind::Epoll
+    }
+
+    fn watch_listener(&mut self, listener: usize, fd: RawFd) -> io::Result<()> {
+        if self.listeners.len() <= listener {
+            self.listeners.resize(listener + 1, None);
+        }
+        self.listeners[listener] = Some(fd);
+        self.ctl(libc::EPOLL_CTL_ADD, fd, libc::EPOLLIN as u32, token::simple(Op::Accept, listener as u32))
+    }
+
+    fn unwatch_listener(&mut self, listener: usize, fd: RawFd) {
+        if let Some(slot) = self.listeners.get_mut(listener) {
+            *slot = None;
+        }
+        self.paused.retain(|(l, _)| *l != listener);
+        let _ = self.ctl(libc::EPOLL_CTL_DEL, fd, 0, 0);
+    }
+
+    fn watch_waker(&mut self, fd: RawFd) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_ADD, fd, libc::EPOLLIN as u32, token::simple(Op::Waker, 0))
+    }
+
+    fn register(&mut self, flow: FlowKey, side: Side, fd: RawFd) -> io::Result<()> {
+        let events = (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
+        self.ctl(libc::EPOLL_CTL_ADD, fd, events, token::flow(Op::Poll, flow, side, Interest::Read))
+    }
+
+    fn connect(&mut self, flow: FlowKey, fd: RawFd, addr: SocketAddr) -> io::Result<()> {
+        let (storage, len) = sockaddr(addr);
+        // SAFETY: `storage` holds a valid sockaddr of `len` bytes.
+        let rc = unsafe { libc::connect(fd, &storage as *const _ as *const libc::sockaddr, len) };
+        if rc == 0 {
+            self.ready.push(Event::Connected { flow, result: Ok(()) });
+            return Ok(());
+        }
+        let e = io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
+        if e == libc::EINPROGRESS {
+            self.connecting.insert(flow, fd);
+        } else {
+            self.ready.push(Event::Connected { flow, result: Err(e) });
+        }
+        Ok(())
+    }
+
+    fn arm(&mut self, _flow: FlowKey, _side: Side, _interest: Interest, _fd: RawFd) -> bool {
+        // Registered edge-triggered for both directions once: nothing to arm, nothing to disarm.
+        false
+    }
+
+    fn release(&mut self, flow: FlowKey, _armed: u8, _connecting: bool) {
+        // Closing the socket removes it from the epoll set.
+        self.connecting.remove(&flow);
+    }
+
+    fn wait(&mut self, timeout: Option<Duration>, events: &mut Vec<Event>) -> io::Result<()> {
+        let now = Instant::now();
+        let mut timeout = timeout;
+        let mut i = 0;
+        while i < self.paused.len() {
+            let (l, at) = self.paused[i];
+            if at <= now {
+                self.paused.swap_remove(i);
+                if let Some(Some(fd)) = self.listeners.get(l).copied() {
+                    let _ = self.ctl(libc::EPOLL_CTL_ADD, fd, libc::EPOLLIN as u32, token::simple(Op::Accept, l as u32));
+                }
+            } else {
+                let left = at - now;
+                timeout = Some(timeout.map_or(left, |t| t.min(left)));
+                i += 1;
+            }
+        }
+        if !self.ready.is_empty() {
+            timeout = Some(Duration::ZERO);
+        }
+        let ms = match timeout {
+            None => -1,
+            // Round up so a 0.3 ms deadline does not become a busy loop of zero-timeout waits.
+            Some(t) => t.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32,
+        };
+        // SAFETY: `buf` has room for `buf.len()` events.
+        let n = unsafe {
+            libc::epoll_wait(self.epfd.as_raw_fd(), self.buf.as_mut_ptr(), self.buf.len() as i32, ms)
+        };
+        events.append(&mut self.ready);
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINTR) {
+                return Ok(());
+            }
+            return Err(e);
+        }
+        for k in 0..n as usize {
+            let ev = self.buf[k];
+            let (bits, data) = (ev.events, ev.u64);
+            let d = token::decode(data);
+            match d.op {
+                Some(Op::Accept) => {
+                    let l = d.index as usize;
+                    if let Some(Some(fd)) = self.listeners.get(l).copied() {
+                        self.accept_batch(l, fd, events);
+                    }
+                }
+                Some(Op::Waker) => events.push(Event::Woken),
+                Some(Op::Poll) => {
+                    if d.side == Side::Upstream {
+                        if let Some(fd) = self.connecting.remove(&d.key) {
+                            let err = take_socket_error(fd);
+                            let result = if err == 0 { Ok(()) } else { Err(err) };
+                            events.push(Event::Connected { flow: d.key, result });
+                            continue;
+                        }
+                    }
+                    let err = (libc::EPOLLERR | libc::EPOLLHUP) as u32;
+                    if bits & ((libc::EPOLLIN | libc::EPOLLRDHUP) as u32 | err) != 0 {
+                        events.push(Event::Ready { flow: d.key, side: d.side, interest: Interest::Read });
+                    }
+                    if bits & (libc::EPOLLOUT as u32 | err) != 0 {
+                        events.push(Event::Ready { flow: d.key, side: d.side, interest: Interest::Write });
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `SO_ERROR` of a socket: 0 when its connect succeeded.
+pub fn take_socket_error(fd: RawFd) -> i32 {
+    let mut err: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: valid fd; `err`/`len` describe a c_int buffer.
+    let rc = unsafe {
+        libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_ERROR, &mut err as *mut _ as *mut libc::c_void, &mut len)
+    };
+    if rc != 0 {
+        io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+    } else {
+        err
+    }
+}

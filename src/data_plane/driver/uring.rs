@@ -1,0 +1,264 @@
+//! The io_uring driver (default): multishot accept, connect, one-shot `PollAdd` readiness and
+//! `Timeout` wakeups, all on one ring owned by one reactor thread. Splice is deliberately not
+//! submitted here (DESIGN.md §2: `IORING_OP_SPLICE` is forced onto io-wq workers and is slower
+//! than copying); the flow splices inline after a readiness completion.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
+
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+
+use super::token::{self, Op};
+use super::{armed_bit, sockaddr, Driver, DriverKind, Event, FlowKey, Interest, Side};
+
+/// After an accept error (EMFILE…) the listener rests this long instead of spinning.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+pub struct UringDriver {
+    ring: IoUring,
+    /// Listener fds by index; `None` once unwatched (a finished multishot is then not re-armed).
+    listeners: Vec<Option<RawFd>>,
+    /// Listeners resting after an accept error, with when to re-arm them.
+    paused: Vec<(usize, Instant)>,
+    waker: Option<RawFd>,
+    /// Connect addresses live here until their completion: the kernel reads them asynchronously.
+    connect_addrs: HashMap<u64, Box<(libc::sockaddr_storage, libc::socklen_t)>>,
+    /// Timespecs of in-flight wakeup timers (the kernel reads them at submission).
+    timer: Box<types::Timespec>,
+    timer_in_flight: Option<Instant>,
+}
+
+pub fn unavailable_reason(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::ENOSYS) => "io_uring unavailable: kernel built without io_uring (ENOSYS)".into(),
+        Some(libc::EPERM) => match std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled") {
+            Ok(v) if v.trim() != "0" => format!(
+                "io_uring unavailable: disabled by sysctl kernel.io_uring_disabled={} (EPERM)",
+                v.trim()
+            ),
+            _ => "io_uring unavailable: io_uring_setup not permitted (EPERM: seccomp or container policy)".into(),
+        },
+        Some(libc::ENOMEM) => "io_uring unavailable: cannot allocate the ring (ENOMEM: RLIMIT_MEMLOCK?)".into(),
+        _ => format!("io_uring unavailable: {e}"),
+    }
+}
+
+impl UringDriver {
+    pub fn new(entries: u32) -> io::Result<Self> {
+        let ring = IoUring::builder().setup_coop_taskrun().build(entries).or_else(|_| IoUring::new(entries))?;
+        Ok(UringDriver {
+            ring,
+            listeners: Vec::new(),
+            paused: Vec::new(),
+            waker: None,
+            connect_addrs: HashMap::new(),
+            timer: Box::new(types::Timespec::new()),
+            timer_in_flight: None,
+        })
+    }
+
+    fn push(&mut self, entry: squeue::Entry) {
+        loop {
+            // SAFETY: every pointer an entry carries (sockaddr, timespec) lives in `self` until
+            // the request completes (`connect_addrs`, `timer`).
+            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+                return;
+            }
+            // Submission queue full: hand what we have to the kernel and retry.
+            if let Err(e) = self.ring.submit() {
+                log::error!("io_uring submit failed while the queue was full: {e}");
+                return;
+            }
+        }
+    }
+
+    fn arm_accept(&mut self, listener: usize, fd: RawFd) {
+        let e = opcode::AcceptMulti::new(types::Fd(fd))
+            .flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
+            .build()
+            .user_data(token::simple(Op::Accept, listener as u32));
+        self.push(e);
+    }
+
+    fn arm_waker(&mut self, fd: RawFd) {
+        let e = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+            .build()
+            .user_data(token::simple(Op::Waker, 0));
+        self.push(e);
+    }
+}
+
+impl Driver for UringDriver {
+    fn kind(&self) -> DriverKind {
+        DriverKind::IoUring
+    }
+
+    fn watch_listener(&mut self, listener: usize, fd: RawFd) -> io::Result<()> {
+        if self.listeners.len() <= listener {
+            self.listeners.resize(listener + 1, None);
+        }
+        self.listeners[listener] = Some(fd);
+        self.arm_accept(listener, fd);
+        Ok(())
+    }
+
+    fn unwatch_listener(&mut self, listener: usize, _fd: RawFd) {
+        if let Some(slot) = self.listeners.get_mut(listener) {
+            *slot = None;
+        }
+        self.paused.retain(|(l, _)| *l != listener);
+        let e = opcode::AsyncCancel::new(token::simple(Op::Accept, listener as u32))
+            .build()
+            .user_data(token::simple(Op::Cancel, 0));
+        self.push(e);
+    }
+
+    fn watch_waker(&mut self, fd: RawFd) -> io::Result<()> {
+        self.waker = Some(fd);
+        self.arm_waker(fd);
+        Ok(())
+    }
+
+    fn register(&mut self, _flow: FlowKey, _side: Side, _fd: RawFd) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn connect(&mut self, flow: FlowKey, fd: RawFd, addr: SocketAddr) -> io::Result<()> {
+        let ud = token::flow(Op::Connect, flow, Side::Upstream, Interest::Write);
+        let boxed = Box::new(sockaddr(addr));
+        let e = opcode::Connect::new(types::Fd(fd), &boxed.0 as *const _ as *const libc::sockaddr, boxed.1)
+            .build()
+            .user_data(ud);
+        self.connect_addrs.insert(ud, boxed);
+        self.push(e);
+        Ok(())
+    }
+
+    fn arm(&mut self, flow: FlowKey, side: Side, interest: Interest, fd: RawFd) -> bool {
+        let e = opcode::PollAdd::new(types::Fd(fd), interest.poll_mask())
+            .build()
+            .user_data(token::flow(Op::Poll, flow, side, interest));
+        self.push(e);
+        true
+    }
+
+    fn release(&mut self, flow: FlowKey, armed: u8, connecting: bool) {
+        for side in [Side::Downstream, Side::Upstream] {
+            for interest in [Interest::Read, Interest::Write] {
+                if armed & armed_bit(side, interest) != 0 {
+                    let e = opcode::PollRemove::new(token::flow(Op::Poll, flow, side, interest))
+                        .build()
+                        .user_data(token::simple(Op::Cancel, 0));
+                    self.push(e);
+                }
+            }
+        }
+        if connecting {
+            let e = opcode::AsyncCancel::new(token::flow(Op::Connect, flow, Side::Upstream, Interest::Write))
+                .build()
+                .user_data(token::simple(Op::Cancel, 0));
+            self.push(e);
+        }
+    }
+
+    fn wait(&mut self, timeout: Option<Duration>, events: &mut Vec<Event>) -> io::Result<()> {
+        let now = Instant::now();
+        // Re-arm listeners whose rest is over, and never sleep past the next one.
+        let mut timeout = timeout;
+        let mut i = 0;
+        while i < self.paused.len() {
+            let (l, at) = self.paused[i];
+            if at <= now {
+                self.paused.swap_remove(i);
+                if let Some(Some(fd)) = self.listeners.get(l).copied() {
+                    self.arm_accept(l, fd);
+                }
+            } else {
+                let left = at - now;
+                timeout = Some(timeout.map_or(left, |t| t.min(left)));
+                i += 1;
+            }
+        }
+        let wait_for = match timeout {
+            Some(t) if t.is_zero() => 0,
+            Some(t) => {
+                let deadline = now + t;
+                // One count-1 timeout ends at the first completion, so they never pile up; only
+                // add one when none in flight would fire early enough.
+                if self.timer_in_flight.is_none_or(|d| d > deadline) {
+                    *self.timer = types::Timespec::new().sec(t.as_secs()).nsec(t.subsec_nanos());
+                    let e = opcode::Timeout::new(&*self.timer as *const _)
+                        .count(1)
+                        .build()
+                        .user_data(token::simple(Op::Timer, 0));
+                    self.push(e);
+                    self.timer_in_flight = Some(deadline);
+                }
+                1
+            }
+            None => 1,
+        };
+        match self.ring.submit_and_wait(wait_for) {
+            Ok(_) => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::ETIME)) => {}
+            Err(e) => return Err(e),
+        }
+        let mut rearm_accept = Vec::new();
+        let mut rearm_waker = false;
+        for cqe in self.ring.completion() {
+            let ud = cqe.user_data();
+            let res = cqe.result();
+            let d = token::decode(ud);
+            match d.op {
+                Some(Op::Accept) => {
+                    let l = d.index as usize;
+                    let more = cqueue::more(cqe.flags());
+                    if res >= 0 {
+                        // SAFETY: a successful accept completion hands us a new descriptor.
+                        events.push(Event::Accepted { listener: l, fd: unsafe { OwnedFd::from_raw_fd(res) } });
+                    } else if res != -libc::ECANCELED {
+                        events.push(Event::AcceptFailed { listener: l, errno: -res });
+                    }
+                    if !more && res != -libc::ECANCELED {
+                        rearm_accept.push((l, res < 0));
+                    }
+                }
+                Some(Op::Connect) => {
+                    self.connect_addrs.remove(&ud);
+                    let result = if res >= 0 { Ok(()) } else { Err(-res) };
+                    events.push(Event::Connected { flow: d.key, result });
+                }
+                Some(Op::Poll) => {
+                    if res != -libc::ECANCELED {
+                        events.push(Event::Ready { flow: d.key, side: d.side, interest: d.interest });
+                    }
+                }
+                Some(Op::Waker) => {
+                    rearm_waker = true;
+                    events.push(Event::Woken);
+                }
+                Some(Op::Timer) => self.timer_in_flight = None,
+                Some(Op::Cancel) | None => {}
+            }
+        }
+        let now = Instant::now();
+        for (l, failed) in rearm_accept {
+            if let Some(Some(fd)) = self.listeners.get(l).copied() {
+                if failed {
+                    self.paused.push((l, now + ACCEPT_BACKOFF));
+                } else {
+                    self.arm_accept(l, fd);
+                }
+            }
+        }
+        if rearm_waker {
+            if let Some(fd) = self.waker {
+                self.arm_waker(fd);
+            }
+        }
+        Ok(())
+    }
+}

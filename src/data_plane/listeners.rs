@@ -1,0 +1,88 @@
+//! Capture listeners: for every local workload, the outbound listener (loopback, port 15001,
+//! where nat REDIRECT sends locally generated connections) and the inbound plaintext listener
+//! (any address, transparent, port 15006, for TPROXY or REDIRECT), IPv4 and IPv6, one set per
+//! reactor with `SO_REUSEPORT`. Pod workloads get theirs inside the pod's network namespace,
+//! made by a helper thread that enters it; the sockets keep that namespace for life.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::OwnedFd;
+
+use super::first_connection::Direction;
+use super::socket;
+use crate::control_plane::state::State;
+use crate::control_plane::workload_registry::WorkloadId;
+use crate::redirection::netns::{on_helper_thread, NetNs};
+
+const BACKLOG: i32 = 1024;
+
+/// One listening socket owned by one reactor.
+#[derive(Debug)]
+pub struct Listener {
+    pub fd: OwnedFd,
+    pub workload: WorkloadId,
+    pub direction: Direction,
+    pub addr: SocketAddr,
+    /// The pod's namespace, where this workload's outbound sockets are made too.
+    pub netns: Option<NetNs>,
+}
+
+/// Listener sets, one `Vec` per reactor, for every local workload, and the problems met: a pod
+/// whose namespace is gone must not stop the node serving the others.
+pub fn create_all(state: &State, reactors: usize) -> (Vec<Vec<Listener>>, Vec<String>) {
+    let mut per_reactor: Vec<Vec<Listener>> = (0..reactors).map(|_| Vec::new()).collect();
+    let mut problems = Vec::new();
+    let ports = state.config.node.ports;
+    let mark = state.config.node.socket_mark;
+    for (id, entry) in state.registry.local_workloads() {
+        let w = &entry.workload;
+        let name = format!("{}/{}", w.namespace, w.name);
+        let netns = match &w.netns {
+            Some(path) => match NetNs::open(path) {
+                Ok(ns) => Some(ns),
+                Err(e) => {
+                    problems.push(format!("workload {name}: {e}"));
+                    continue;
+                }
+            },
+            None => None,
+        };
+        let wants_v6 = w.ips.iter().any(|ip| ip.is_ipv6());
+        let mut addrs = vec![
+            (Direction::Outbound, SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), ports.outbound), false),
+            (Direction::InboundPlaintext, SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), ports.inbound_plaintext), true),
+        ];
+        if wants_v6 {
+            addrs.push((Direction::Outbound, SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), ports.outbound), false));
+            addrs.push((Direction::InboundPlaintext, SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), ports.inbound_plaintext), true));
+        }
+        let made = on_helper_thread(netns.clone(), move || {
+            let mut out = Vec::new();
+            for _ in 0..reactors {
+                let mut set = Vec::new();
+                for (dir, addr, transparent) in &addrs {
+                    set.push((*dir, *addr, socket::listener(*addr, *transparent, mark, BACKLOG)));
+                }
+                out.push(set);
+            }
+            out
+        });
+        match made {
+            Ok(sets) => {
+                for (r, set) in sets.into_iter().enumerate() {
+                    for (direction, addr, fd) in set {
+                        match fd {
+                            Ok(fd) => per_reactor[r].push(Listener { fd, workload: id, direction, addr, netns: netns.clone() }),
+                            Err(e) => {
+                                if r == 0 {
+                                    problems.push(format!("workload {name}: listener {addr}: {e}"));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            Err(e) => problems.push(format!("workload {name}: {e}")),
+        }
+    }
+    (per_reactor, problems)
+}

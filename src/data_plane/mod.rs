@@ -1,0 +1,11 @@
+//! The data plane: per-core reactors that accept captured connections, resolve the first
+//! connection, and join the sockets with `splice(2)`. The driver layer is the only code that
+//! touches io_uring or epoll; flows and pumps are the same state machines under both.
+
+pub mod driver;
+pub mod first_connection;
+pub mod flow;
+pub mod listeners;
+pub mod reactor;
+pub mod socket;
+pub mod splice;

@@ -1,0 +1,591 @@
+//! A reactor: one thread, pinned to a core, owning its driver (io_uring ring or epoll set), its
+//! `SO_REUSEPORT` listeners, a slab of flows, a pipe pool, timers and a metrics shard. It accepts
+//! captured connections, resolves each first connection, connects upstream, and then only
+//! splices. Nothing here is shared with other reactors except the read-only [`State`] and the
+//! atomics other threads read.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use slab::Slab;
+
+use super::driver::{self, token, Driver, Event, FlowKey, Side};
+use super::first_connection::{self, Accepted, Destination, Direction, EndpointPicker, RefuseReason, Resolution, Route};
+use super::flow::{End, Flow, Phase, Step};
+use super::listeners::Listener;
+use super::socket;
+use super::splice::{PipePool, Pump};
+use crate::control_plane::config::DriverChoice;
+use crate::control_plane::state::State;
+use crate::observability::access_log::{self, FlowRecord, Observer};
+use crate::observability::metrics::{CloseKind, FailureKind, ReactorMetrics, TcpLabels};
+use crate::redirection::netns::in_netns;
+use crate::redirection::original_dst::original_dst;
+
+/// Ring entries: room for accepts, connects and two polls per busy flow per wakeup.
+const RING_ENTRIES: u32 = 4096;
+
+/// How other threads talk to a reactor: flags plus an eventfd that wakes its driver.
+#[derive(Debug)]
+pub struct ReactorControl {
+    waker: OwnedFd,
+    draining: AtomicBool,
+    stop: AtomicBool,
+}
+
+impl ReactorControl {
+    pub fn new() -> io::Result<Arc<Self>> {
+        // SAFETY: plain syscall; the result is checked.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Arc::new(ReactorControl {
+            // SAFETY: eventfd returned a fresh descriptor we own.
+            waker: unsafe { OwnedFd::from_raw_fd(fd) },
+            draining: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+        }))
+    }
+
+    /// Stop accepting; let open flows finish until the drain timeout.
+    pub fn drain(&self) {
+        self.draining.store(true, SeqCst);
+        self.wake();
+    }
+
+    /// Close every flow now and exit.
+    pub fn stop(&self) {
+        self.stop.store(true, SeqCst);
+        self.wake();
+    }
+
+    fn wake(&self) {
+        let one: u64 = 1;
+        // SAFETY: writing 8 bytes from a u64 to our eventfd.
+        unsafe { libc::write(self.waker.as_raw_fd(), &one as *const u64 as *const libc::c_void, 8) };
+    }
+
+    fn drain_waker(&self) {
+        let mut v: u64 = 0;
+        // SAFETY: reading 8 bytes into a u64 from our non-blocking eventfd.
+        unsafe { libc::read(self.waker.as_raw_fd(), &mut v as *mut u64 as *mut libc::c_void, 8) };
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum TimerKind {
+    Connect,
+    Idle,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Timer {
+    at: Instant,
+    index: u32,
+    generation: u32,
+    kind: TimerKind,
+}
+
+pub struct ReactorSpec {
+    pub id: usize,
+    pub state: Arc<State>,
+    pub driver: DriverChoice,
+    pub listeners: Vec<Listener>,
+    pub metrics: Arc<ReactorMetrics>,
+    pub control: Arc<ReactorControl>,
+    pub observer: Option<Observer>,
+    pub max_flows: usize,
+    /// Pin the thread to this CPU.
+    pub cpu: Option<usize>,
+}
+
+pub struct Reactor {
+    id: usize,
+    state: Arc<State>,
+    driver: Box<dyn Driver>,
+    listeners: Vec<Option<Listener>>,
+    flows: Slab<Flow>,
+    pool: PipePool,
+    timers: BinaryHeap<Reverse<Timer>>,
+    runnable: Vec<FlowKey>,
+    picker: EndpointPicker,
+    metrics: Arc<ReactorMetrics>,
+    control: Arc<ReactorControl>,
+    observer: Option<Observer>,
+    next_generation: u32,
+    max_flows: usize,
+    drain_deadline: Option<Instant>,
+    warned_tunnel: bool,
+}
+
+impl Reactor {
+    /// Sets up the driver on the calling thread (a ring belongs to the thread that uses it).
+    pub fn new(spec: ReactorSpec) -> io::Result<Reactor> {
+        if let Some(cpu) = spec.cpu {
+            pin_to(cpu);
+        }
+        let (driver, fallback) = driver::create(spec.driver, RING_ENTRIES)?;
+        match &fallback {
+            Some(reason) => log::info!("reactor {}: using the epoll driver: {reason}", spec.id),
+            None => log::info!("reactor {}: using the io_uring driver", spec.id),
+        }
+        *spec.metrics.driver.lock().unwrap_or_else(|p| p.into_inner()) = driver.kind().label();
+        let splice = spec.state.config.node.splice;
+        let mut r = Reactor {
+            id: spec.id,
+            driver,
+            listeners: spec.listeners.into_iter().map(Some).collect(),
+            flows: Slab::new(),
+            pool: PipePool::new(splice.pipe_size, splice.pipe_pool_size),
+            timers: BinaryHeap::new(),
+            runnable: Vec::new(),
+            picker: EndpointPicker::default(),
+            metrics: spec.metrics,
+            control: spec.control,
+            observer: spec.observer,
+            next_generation: 1,
+            max_flows: spec.max_flows.min(token::MAX_INDEX as usize),
+            drain_deadline: None,
+            warned_tunnel: false,
+            state: spec.state,
+        };
+        r.driver.watch_waker(r.control.waker.as_raw_fd())?;
+        for i in 0..r.listeners.len() {
+            let fd = r.listeners[i].as_ref().map(|l| l.fd.as_raw_fd()).unwrap_or(-1);
+            r.driver.watch_listener(i, fd)?;
+        }
+        Ok(r)
+    }
+
+    pub fn driver_name(&self) -> &'static str {
+        self.driver.kind().label()
+    }
+
+    /// Runs until drained or stopped.
+    pub fn run(mut self) -> io::Result<()> {
+        let mut events = Vec::with_capacity(256);
+        loop {
+            let now = Instant::now();
+            let timeout = if !self.runnable.is_empty() {
+                Some(Duration::ZERO)
+            } else {
+                let next = self.timers.peek().map(|t| t.0.at);
+                let next = match (next, self.drain_deadline) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                next.map(|at| at.saturating_duration_since(now))
+            };
+            self.driver.wait(timeout, &mut events)?;
+            let now = Instant::now();
+            for ev in events.drain(..) {
+                self.handle(ev, now);
+            }
+            self.run_queued(now);
+            self.fire_timers(now);
+            if self.control.stop.load(SeqCst) {
+                self.close_all(CloseKind::Drained);
+                return Ok(());
+            }
+            if self.control.draining.load(SeqCst) && self.drain_deadline.is_none() {
+                self.start_drain(now);
+            }
+            if let Some(deadline) = self.drain_deadline {
+                if self.flows.is_empty() {
+                    log::info!("reactor {}: drained", self.id);
+                    return Ok(());
+                }
+                if now >= deadline {
+                    log::warn!("reactor {}: drain deadline passed; resetting {} open flows", self.id, self.flows.len());
+                    self.close_all(CloseKind::Drained);
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    fn start_drain(&mut self, now: Instant) {
+        self.drain_deadline = Some(now + self.state.config.node.timeouts.drain);
+        for (i, slot) in self.listeners.iter_mut().enumerate() {
+            if let Some(l) = slot.take() {
+                self.driver.unwatch_listener(i, l.fd.as_raw_fd());
+                // The listener closes here; connections still in its backlog are reset by the kernel.
+            }
+        }
+        log::info!("reactor {}: draining {} flows", self.id, self.flows.len());
+    }
+
+    fn close_all(&mut self, how: CloseKind) {
+        let keys: Vec<usize> = self.flows.iter().map(|(k, _)| k).collect();
+        for k in keys {
+            let key = self.flows[k].key;
+            self.finish(key, End::Broken { failed: Side::Downstream, kind: FailureKind::DownstreamReset, errno: 0 }, Some(how));
+        }
+    }
+
+    fn handle(&mut self, ev: Event, now: Instant) {
+        match ev {
+            Event::Accepted { listener, fd } => self.accept(listener, fd, now),
+            Event::AcceptFailed { listener, errno } => {
+                self.metrics.failure(FailureKind::Accept);
+                log::warn!("reactor {}: accept on listener {listener} failed: {}", self.id, io::Error::from_raw_os_error(errno));
+            }
+            Event::Connected { flow, result } => self.connected(flow, result, now),
+            Event::Ready { flow, side, interest } => {
+                let Some(f) = self.flow_mut(flow) else { return };
+                f.armed &= !driver::armed_bit(side, interest);
+                if f.phase == Phase::Open {
+                    self.drive(flow, now);
+                }
+            }
+            Event::Woken => self.control.drain_waker(),
+        }
+    }
+
+    fn flow_mut(&mut self, key: FlowKey) -> Option<&mut Flow> {
+        self.flows.get_mut(key.index as usize).filter(|f| f.key == key)
+    }
+
+    fn accept(&mut self, listener: usize, fd: OwnedFd, now: Instant) {
+        self.metrics.accepted.fetch_add(1, Relaxed);
+        let Some(l) = self.listeners.get(listener).and_then(|l| l.as_ref()) else {
+            socket::close_with_reset(fd);
+            return;
+        };
+        let (workload, direction, netns) = (l.workload, l.direction, l.netns.clone());
+        let registry = &self.state.registry;
+        let me = registry.workload(workload);
+        let mut record = FlowRecord {
+            reactor: self.id,
+            direction: match direction {
+                Direction::Outbound => "outbound",
+                Direction::InboundPlaintext => "inbound",
+            },
+            source_workload: String::new(),
+            client: "0.0.0.0:0".parse().expect("literal"),
+            original_dst: "0.0.0.0:0".parse().expect("literal"),
+            destination: String::new(),
+            route: "refused",
+            upstream: "0.0.0.0:0".parse().expect("literal"),
+            destination_identity: None,
+            bytes_to_upstream: 0,
+            bytes_to_downstream: 0,
+            duration_ms: 0,
+            end: "",
+            failure_class: None,
+            failure_reason: None,
+            errno: None,
+        };
+        let raw = fd.as_raw_fd();
+        let (local, peer) = match (socket::local_addr(raw), socket::peer_addr(raw)) {
+            (Ok(l), Ok(p)) => (l, p),
+            // The client went away between accept and now.
+            _ => return self.refuse(fd, FailureKind::DownstreamReset, None, record, now),
+        };
+        record.client = peer;
+        let orig = match (direction, original_dst(raw, &local)) {
+            (_, Ok(dst)) => dst,
+            // TPROXY leaves no NAT behind: the local address is the original destination.
+            (Direction::InboundPlaintext, Err(_)) => local,
+            (Direction::Outbound, Err(e)) => {
+                return self.refuse(fd, FailureKind::NoOriginalDst, e.raw_os_error(), record, now);
+            }
+        };
+        record.original_dst = orig;
+        record.upstream = orig;
+        let _ = me;
+        if self.flows.len() >= self.max_flows {
+            return self.refuse(fd, FailureKind::FlowLimit, None, record, now);
+        }
+        let accepted = Accepted { direction, listener_workload: workload, peer, original_dst: orig };
+        let res = first_connection::resolve(registry, &self.state.config.node.ports, &accepted, &mut self.picker);
+        describe(&mut record, &res, &self.state);
+        let kind = match res.route {
+            Route::DirectTcp => None,
+            Route::Refuse(RefuseReason::Loop) => Some(FailureKind::Loop),
+            Route::Refuse(RefuseReason::NoHealthyEndpoint) => Some(FailureKind::NoHealthyEndpoint),
+            Route::Refuse(RefuseReason::NotForThisWorkload) => Some(FailureKind::NotForThisWorkload),
+            Route::HboneTunnel { peer } => {
+                if !self.warned_tunnel {
+                    self.warned_tunnel = true;
+                    log::warn!(
+                        "reactor {}: {} needs an HBONE tunnel to {peer}; this build carries plain TCP only, \
+                         so such connections are refused (counted as hbone_tunnel_unavailable)",
+                        self.id, record.destination
+                    );
+                }
+                Some(FailureKind::TunnelUnavailable)
+            }
+        };
+        if let Some(kind) = kind {
+            return self.refuse(fd, kind, None, record, now);
+        }
+        let mark = self.state.config.node.socket_mark;
+        let up = match in_netns(netns.as_ref(), || socket::outbound_socket(&res.upstream, mark)) {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) | Err(e) => {
+                log::warn!("reactor {}: cannot make the upstream socket for {}: {e}", self.id, res.upstream);
+                return self.refuse(fd, FailureKind::SocketSetup, e.raw_os_error(), record, now);
+            }
+        };
+        let _ = socket::set_nodelay(raw);
+        let labels = tcp_labels(&res, &self.state);
+        let counters = self.metrics.tcp_counters(labels);
+        let generation = self.next_generation;
+        self.next_generation = self.next_generation.wrapping_add(1).max(1);
+        let entry = self.flows.vacant_entry();
+        let key = FlowKey { index: entry.key() as u32, generation };
+        let upstream = res.upstream;
+        let up_raw = up.as_raw_fd();
+        entry.insert(Flow {
+            key,
+            down: fd,
+            up,
+            phase: Phase::Connecting,
+            to_upstream: Pump::default(),
+            to_downstream: Pump::default(),
+            armed: 0,
+            queued: false,
+            started: now,
+            last_active: now,
+            resolution: res,
+            counters,
+            record,
+        });
+        self.metrics.flows_open.fetch_add(1, Relaxed);
+        // Connect first: epoll must not watch a socket that has not started connecting, or it
+        // reports the fresh socket's HUP as a finished connect.
+        let registered = self
+            .driver
+            .connect(key, up_raw, upstream)
+            .and_then(|_| self.driver.register(key, Side::Upstream, up_raw))
+            .and_then(|_| self.driver.register(key, Side::Downstream, raw));
+        if let Err(e) = registered {
+            log::warn!("reactor {}: cannot start connect to {upstream}: {e}", self.id);
+            return self.finish(key, End::Broken { failed: Side::Upstream, kind: FailureKind::SocketSetup, errno: e.raw_os_error().unwrap_or(0) }, None);
+        }
+        self.timers.push(Reverse(Timer {
+            at: now + self.state.config.node.timeouts.connect,
+            index: key.index,
+            generation,
+            kind: TimerKind::Connect,
+        }));
+    }
+
+    /// Resets a connection that will not be proxied, and records why.
+    fn refuse(&mut self, fd: OwnedFd, kind: FailureKind, errno: Option<i32>, mut record: FlowRecord, now: Instant) {
+        self.metrics.failure(kind);
+        self.metrics.closed(CloseKind::Failed);
+        socket::close_with_reset(fd);
+        record.set_end(CloseKind::Failed, Some(kind), errno, now.elapsed());
+        access_log::emit(&record, self.observer.as_ref());
+    }
+
+    fn connected(&mut self, key: FlowKey, result: Result<(), i32>, now: Instant) {
+        let idle = self.state.config.node.timeouts.idle;
+        let Some(f) = self.flow_mut(key) else { return };
+        if f.phase != Phase::Connecting {
+            return;
+        }
+        match result {
+            Ok(()) => {
+                f.phase = Phase::Open;
+                f.counters.opened.fetch_add(1, Relaxed);
+                f.last_active = now;
+                self.timers.push(Reverse(Timer { at: now + idle, index: key.index, generation: key.generation, kind: TimerKind::Idle }));
+                self.drive(key, now);
+            }
+            Err(errno) => {
+                let kind = FailureKind::from_connect_errno(errno);
+                self.finish(key, End::Broken { failed: Side::Upstream, kind, errno }, None);
+            }
+        }
+    }
+
+    fn drive(&mut self, key: FlowKey, now: Instant) {
+        let budget = self.state.config.node.splice.max_bytes_per_wakeup;
+        let Some(f) = self.flows.get_mut(key.index as usize).filter(|f| f.key == key) else { return };
+        match f.drive(&mut self.pool, budget, &self.metrics, now) {
+            Step::Continue { wants, yielded } => {
+                for (side, interest) in wants.iter() {
+                    if !f.is_armed(side, interest) {
+                        let fd = match side {
+                            Side::Downstream => f.down.as_raw_fd(),
+                            Side::Upstream => f.up.as_raw_fd(),
+                        };
+                        if self.driver.arm(key, side, interest, fd) {
+                            f.armed |= driver::armed_bit(side, interest);
+                        }
+                    }
+                }
+                if yielded && !f.queued {
+                    f.queued = true;
+                    self.runnable.push(key);
+                }
+            }
+            Step::Finished(end) => self.finish(key, end, None),
+        }
+    }
+
+    fn run_queued(&mut self, now: Instant) {
+        if self.runnable.is_empty() {
+            return;
+        }
+        let queued = std::mem::take(&mut self.runnable);
+        for key in queued {
+            if let Some(f) = self.flow_mut(key) {
+                f.queued = false;
+                self.drive(key, now);
+            }
+        }
+    }
+
+    fn fire_timers(&mut self, now: Instant) {
+        let idle = self.state.config.node.timeouts.idle;
+        while let Some(Reverse(t)) = self.timers.peek().copied() {
+            if t.at > now {
+                break;
+            }
+            self.timers.pop();
+            let key = FlowKey { index: t.index, generation: t.generation };
+            let Some(f) = self.flow_mut(key) else { continue };
+            match t.kind {
+                TimerKind::Connect if f.phase == Phase::Connecting => {
+                    self.finish(key, End::Broken { failed: Side::Upstream, kind: FailureKind::UpstreamConnectTimeout, errno: libc::ETIMEDOUT }, None);
+                }
+                TimerKind::Connect => {}
+                TimerKind::Idle => {
+                    let due = f.last_active + idle;
+                    if due <= now {
+                        self.finish(key, End::Broken { failed: Side::Downstream, kind: FailureKind::DownstreamReset, errno: 0 }, Some(CloseKind::IdleTimeout));
+                    } else {
+                        self.timers.push(Reverse(Timer { at: due, ..t }));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Removes a flow: drops the driver's requests, returns empty pipes, closes both sockets
+    /// (with a reset on the side that did not break, when one did), counts and logs it.
+    /// `override_end` marks closes ringtun decided on (idle timeout, drain): both sides reset.
+    fn finish(&mut self, key: FlowKey, end: End, override_end: Option<CloseKind>) {
+        if self.flows.get(key.index as usize).is_none_or(|f| f.key != key) {
+            return;
+        }
+        let mut f = self.flows.remove(key.index as usize);
+        self.driver.release(key, f.armed, f.phase == Phase::Connecting);
+        f.to_upstream.release(&mut self.pool);
+        f.to_downstream.release(&mut self.pool);
+        self.metrics.flows_open.fetch_sub(1, Relaxed);
+        let was_open = f.phase == Phase::Open;
+        if was_open {
+            f.counters.closed.fetch_add(1, Relaxed);
+        }
+        let (close, failure, errno) = match (override_end, end) {
+            (Some(kind), _) => {
+                socket::close_with_reset(f.down);
+                socket::close_with_reset(f.up);
+                (kind, None, None)
+            }
+            (None, End::Clean) => {
+                drop(f.down);
+                drop(f.up);
+                (CloseKind::Clean, None, None)
+            }
+            (None, End::Broken { failed, kind, errno }) => {
+                // The broken side is closed as it is; the other learns of it as a reset.
+                match failed {
+                    Side::Downstream => {
+                        drop(f.down);
+                        socket::close_with_reset(f.up);
+                    }
+                    Side::Upstream => {
+                        drop(f.up);
+                        socket::close_with_reset(f.down);
+                    }
+                }
+                self.metrics.failure(kind);
+                let close = if was_open { CloseKind::Reset } else { CloseKind::Failed };
+                (close, Some(kind), Some(errno).filter(|e| *e != 0))
+            }
+        };
+        self.metrics.closed(close);
+        f.record.set_end(close, failure, errno, f.started.elapsed());
+        access_log::emit(&f.record, self.observer.as_ref());
+    }
+}
+
+/// Fills the access-log fields that come from the resolution.
+fn describe(record: &mut FlowRecord, res: &Resolution, state: &State) {
+    let reg = &state.registry;
+    record.source_workload = res
+        .source
+        .map(|w| {
+            let w = &reg.workload(w).workload;
+            format!("{}/{}", w.namespace, w.name)
+        })
+        .unwrap_or_else(|| "unknown".into());
+    record.destination = match res.destination {
+        Destination::Service { service, endpoint } => {
+            let w = &reg.workload(endpoint).workload;
+            format!("service:{} endpoint:{}/{}", reg.service(service).hostname, w.namespace, w.name)
+        }
+        Destination::Workload(w) => {
+            let w = &reg.workload(w).workload;
+            format!("workload:{}/{}", w.namespace, w.name)
+        }
+        Destination::OutOfMesh => "out_of_mesh".into(),
+    };
+    record.route = match res.route {
+        Route::DirectTcp => "direct_tcp",
+        Route::HboneTunnel { .. } => "hbone",
+        Route::Refuse(_) => "refused",
+    };
+    record.upstream = res.upstream;
+    record.destination_identity = res.destination_identity(reg).map(str::to_owned);
+}
+
+fn tcp_labels(res: &Resolution, state: &State) -> TcpLabels {
+    let reg = &state.registry;
+    let name_ns = |w: Option<crate::control_plane::workload_registry::WorkloadId>| match w {
+        Some(w) => {
+            let w = &reg.workload(w).workload;
+            (w.name.clone(), w.namespace.clone())
+        }
+        None => ("unknown".to_string(), "unknown".to_string()),
+    };
+    let (sw, sns) = name_ns(res.source);
+    let (dw, dns) = name_ns(res.destination_workload());
+    let service = match res.destination {
+        Destination::Service { service, .. } => reg.service(service).hostname.clone(),
+        _ => "unknown".into(),
+    };
+    TcpLabels {
+        reporter: match res.direction {
+            Direction::Outbound => "source",
+            Direction::InboundPlaintext => "destination",
+        },
+        source_workload: sw,
+        source_workload_namespace: sns,
+        destination_workload: dw,
+        destination_workload_namespace: dns,
+        destination_service: service,
+    }
+}
+
+fn pin_to(cpu: usize) {
+    let mut set = nix::sched::CpuSet::new();
+    if set.set(cpu).is_ok() {
+        if let Err(e) = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set) {
+            log::warn!("cannot pin reactor thread to CPU {cpu}: {e}");
+        }
+    }
+}
+

@@ -1,0 +1,55 @@
+//! One record per connection, written when it ends, from the same values that feed the metrics
+//! (ztunnel's habit: one result object per connection). Logged at info under the `access`
+//! target; an in-process observer (the demo, tests) can receive the records too.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::metrics::{CloseKind, FailureKind};
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FlowRecord {
+    pub reactor: usize,
+    pub direction: &'static str,
+    pub source_workload: String,
+    pub client: SocketAddr,
+    pub original_dst: SocketAddr,
+    /// `service:<host>`, `workload:<ns>/<name>` or `out_of_mesh`.
+    pub destination: String,
+    /// `direct_tcp`, `hbone`, or `refused`.
+    pub route: &'static str,
+    pub upstream: SocketAddr,
+    /// The identity the destination must prove once tunnels carry the flow.
+    pub destination_identity: Option<String>,
+    pub bytes_to_upstream: u64,
+    pub bytes_to_downstream: u64,
+    pub duration_ms: u64,
+    pub end: &'static str,
+    pub failure_class: Option<&'static str>,
+    pub failure_reason: Option<&'static str>,
+    pub errno: Option<i32>,
+}
+
+impl FlowRecord {
+    pub fn set_end(&mut self, end: CloseKind, failure: Option<FailureKind>, errno: Option<i32>, took: Duration) {
+        self.end = end.label();
+        self.failure_class = failure.map(|f| f.class());
+        self.failure_reason = failure.map(|f| f.reason());
+        self.errno = errno;
+        self.duration_ms = took.as_millis() as u64;
+    }
+}
+
+/// Receives every finished flow's record (called on the reactor thread: keep it short).
+pub type Observer = Arc<dyn Fn(&FlowRecord) + Send + Sync>;
+
+pub fn emit(record: &FlowRecord, observer: Option<&Observer>) {
+    if log::log_enabled!(target: "access", log::Level::Info) {
+        let json = serde_json::to_string(record).unwrap_or_default();
+        log::info!(target: "access", "{json}");
+    }
+    if let Some(o) = observer {
+        o(record);
+    }
+}
