@@ -1,0 +1,383 @@
+//! A small mesh in network namespaces, for the demo, the root tests and `perf/`: a node
+//! namespace routing between pod namespaces (a client pod, two mesh pods behind a service VIP)
+//! and a server outside the mesh, joined by veth pairs (this machine has no `dummy` links).
+//! Everything it creates is named with a unique prefix and removed when it is dropped.
+//!
+//! ```text
+//!            client 10.77.1.2 fd77:1::2 ─┐
+//!            mesh-1 10.77.2.2 fd77:2::2 ─┤ node (router; ringtun runs here)
+//!            mesh-2 10.77.3.2 fd77:3::2 ─┤
+//!  ext (out of mesh) 10.77.4.2 fd77:4::2 ─┘     service echo: VIP 10.96.0.10:80 → mesh-1|2:8080
+//! ```
+
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+use crate::redirection::netns::{netns_path, NetNs};
+
+pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+pub const VIP_PORT: u16 = 80;
+pub const MESH_PORT: u16 = 8080;
+
+/// The pods of the testbed, in creation order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pod {
+    Client = 1,
+    Mesh1 = 2,
+    Mesh2 = 3,
+    Ext = 4,
+}
+
+impl Pod {
+    pub const ALL: [Pod; 4] = [Pod::Client, Pod::Mesh1, Pod::Mesh2, Pod::Ext];
+
+    fn suffix(self) -> &'static str {
+        match self {
+            Pod::Client => "client",
+            Pod::Mesh1 => "mesh1",
+            Pod::Mesh2 => "mesh2",
+            Pod::Ext => "ext",
+        }
+    }
+
+    pub fn v4(self) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(10, 77, self as u8, 2))
+    }
+
+    pub fn v6(self) -> IpAddr {
+        format!("fd77:{}::2", self as u8).parse().expect("literal address")
+    }
+}
+
+pub struct Testbed {
+    pub prefix: String,
+    created: Vec<String>,
+}
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+fn run(cmd: &[&str]) -> io::Result<()> {
+    let out = Command::new(cmd[0]).args(&cmd[1..]).output()?;
+    if !out.status.success() {
+        return Err(io::Error::other(format!(
+            "`{}` failed: {}",
+            cmd.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+impl Testbed {
+    /// Builds the topology. `tag` goes into the namespace names (keep it short).
+    pub fn create(tag: &str) -> io::Result<Testbed> {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let prefix = format!("rt{}-{}{}", std::process::id(), tag, n);
+        let mut tb = Testbed { prefix, created: Vec::new() };
+        tb.build()?;
+        Ok(tb)
+    }
+
+    pub fn node_name(&self) -> String {
+        format!("{}-node", self.prefix)
+    }
+
+    pub fn pod_name(&self, pod: Pod) -> String {
+        format!("{}-{}", self.prefix, pod.suffix())
+    }
+
+    pub fn node_ns(&self) -> io::Result<NetNs> {
+        NetNs::open(&netns_path(&self.node_name()))
+    }
+
+    pub fn pod_ns(&self, pod: Pod) -> io::Result<NetNs> {
+        NetNs::open(&netns_path(&self.pod_name(pod)))
+    }
+
+    pub fn pod_path(&self, pod: Pod) -> PathBuf {
+        netns_path(&self.pod_name(pod))
+    }
+
+    fn add_ns(&mut self, name: &str) -> io::Result<()> {
+        run(&["ip", "netns", "add", name])?;
+        self.created.push(name.to_string());
+        run(&["ip", "-n", name, "link", "set", "lo", "up"])
+    }
+
+    fn build(&mut self) -> io::Result<()> {
+        let node = self.node_name();
+        self.add_ns(&node)?;
+        run(&["ip", "netns", "exec", &node, "sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        run(&["ip", "netns", "exec", &node, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])?;
+        for pod in Pod::ALL {
+            let name = self.pod_name(pod);
+            self.add_ns(&name)?;
+            let i = pod as u8;
+            let (veth_node, gw4, gw6) = (format!("v{i}"), format!("10.77.{i}.1"), format!("fd77:{i}::1"));
+            run(&["ip", "-n", &node, "link", "add", &veth_node, "type", "veth", "peer", "name", "eth0", "netns", &name])?;
+            run(&["ip", "-n", &node, "addr", "add", &format!("{gw4}/24"), "dev", &veth_node])?;
+            run(&["ip", "-n", &node, "addr", "add", &format!("{gw6}/64"), "dev", &veth_node, "nodad"])?;
+            run(&["ip", "-n", &node, "link", "set", &veth_node, "up"])?;
+            run(&["ip", "-n", &name, "addr", "add", &format!("{}/24", pod.v4()), "dev", "eth0"])?;
+            run(&["ip", "-n", &name, "addr", "add", &format!("{}/64", pod.v6()), "dev", "eth0", "nodad"])?;
+            run(&["ip", "-n", &name, "link", "set", "eth0", "up"])?;
+            run(&["ip", "-n", &name, "route", "add", "default", "via", &gw4])?;
+            run(&["ip", "-n", &name, "-6", "route", "add", "default", "via", &gw6])?;
+        }
+        Ok(())
+    }
+
+    /// A node configuration serving the client and both mesh pods (pod mode), with the
+    /// service VIP in front of the mesh pods. `extra_node` is YAML appended under `node:`.
+    pub fn config_yaml(&self, reactors: usize, extra_node: &str) -> String {
+        let pod = |p: Pod, name: &str| {
+            format!(
+                "  - name: {name}\n    namespace: default\n    service_account: {name}\n    ips: [{}, \"{}\"]\n    node: node-a\n    protocol: TCP\n    netns: {}\n",
+                p.v4(),
+                p.v6(),
+                self.pod_path(p).display()
+            )
+        };
+        format!(
+            "version: 1\nnode:\n  name: node-a\n  reactors: {reactors}\n  admin: 127.0.0.1:15000\n  metrics: 127.0.0.1:15020\n  readiness: 127.0.0.1:15021\n{extra_node}workloads:\n{}{}{}services:\n  - name: echo\n    namespace: default\n    vips: [{VIP}]\n    ports:\n      - {{port: {VIP_PORT}, target_port: {MESH_PORT}}}\n    endpoints: [mesh-1, mesh-2]\n",
+            pod(Pod::Client, "client"),
+            pod(Pod::Mesh1, "mesh-1"),
+            pod(Pod::Mesh2, "mesh-2"),
+        )
+    }
+
+    /// The pods whose traffic ringtun captures (the ext server is outside the mesh).
+    pub fn captured_pods() -> [Pod; 3] {
+        [Pod::Client, Pod::Mesh1, Pod::Mesh2]
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        for name in self.created.iter().rev() {
+            let _ = run(&["ip", "netns", "del", name]);
+        }
+    }
+}
+
+/// A listener made inside `ns` (it keeps the namespace).
+pub fn listen_in(ns: &NetNs, addr: SocketAddr) -> io::Result<TcpListener> {
+    ns.enter_for(|| TcpListener::bind(addr))?
+}
+
+/// A connection made from inside `ns`, as the pod's application would make it.
+pub fn connect_in(ns: &NetNs, addr: SocketAddr) -> io::Result<TcpStream> {
+    let s = ns.enter_for(|| TcpStream::connect_timeout(&addr, Duration::from_secs(10)))??;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    s.set_write_timeout(Some(Duration::from_secs(60)))?;
+    Ok(s)
+}
+
+/// Deterministic, incompressible test bytes (xorshift64*), so corruption cannot hide.
+pub struct Pattern {
+    state: u64,
+}
+
+impl Pattern {
+    pub fn new(seed: u64) -> Self {
+        Pattern { state: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1 }
+    }
+
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            self.state ^= self.state >> 12;
+            self.state ^= self.state << 25;
+            self.state ^= self.state >> 27;
+            let v = self.state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}
+
+/// Writes `len` pattern bytes; returns their SHA-256.
+pub fn send_pattern(w: &mut impl Write, len: u64, seed: u64) -> io::Result<[u8; 32]> {
+    let mut p = Pattern::new(seed);
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        p.fill(&mut buf[..n]);
+        h.update(&buf[..n]);
+        w.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    Ok(h.finalize().into())
+}
+
+/// Reads to EOF; returns the byte count and SHA-256.
+pub fn recv_hash(r: &mut impl Read) -> io::Result<(u64, [u8; 32])> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = r.read(&mut buf)?;
+        if n == 0 {
+            return Ok((total, h.finalize().into()));
+        }
+        h.update(&buf[..n]);
+        total += n as u64;
+    }
+}
+
+pub fn hex(d: &[u8; 32]) -> String {
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `ringtun run` as a child process inside the node namespace (tests and perf).
+pub struct RingtunProcess {
+    pub child: Child,
+    pub log: PathBuf,
+    node_ns: NetNs,
+}
+
+impl RingtunProcess {
+    pub fn spawn(bin: &Path, tb: &Testbed, config: &str, args: &[&str]) -> io::Result<RingtunProcess> {
+        let dir = std::env::temp_dir().join(&tb.prefix);
+        std::fs::create_dir_all(&dir)?;
+        let cfg = dir.join("node.yaml");
+        std::fs::write(&cfg, config)?;
+        let log = dir.join("ringtun.log");
+        let logf = std::fs::File::create(&log)?;
+        let node = tb.node_name();
+        let cfg_s = cfg.display().to_string();
+        let mut cmd_args = vec!["netns", "exec", &node, bin.to_str().unwrap_or("ringtun"), "run", "--config", &cfg_s];
+        cmd_args.extend_from_slice(args);
+        let child = Command::new("ip").args(&cmd_args).stdout(logf.try_clone()?).stderr(logf).stdin(Stdio::null()).spawn()?;
+        let p = RingtunProcess { child, log, node_ns: tb.node_ns()? };
+        p.wait_ready(Duration::from_secs(20))?;
+        Ok(p)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// GET on the node namespace's admin/metrics/readiness ports.
+    pub fn get(&self, port: u16, path: &str) -> io::Result<(u16, String)> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        self.node_ns.enter_for(|| crate::admin::http_get(addr, path))?
+    }
+
+    pub fn metrics(&self) -> io::Result<String> {
+        Ok(self.get(15020, "/metrics")?.1)
+    }
+
+    /// Sum of a metric's samples whose label text contains every string in `labels`.
+    pub fn metric(&self, name: &str, labels: &[&str]) -> io::Result<f64> {
+        Ok(metric_sum(&self.metrics()?, name, labels))
+    }
+
+    fn wait_ready(&self, limit: Duration) -> io::Result<()> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Ok((200, _)) = self.get(15021, "/healthz/ready") {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err(io::Error::other(format!("ringtun not ready after {limit:?}; log:\n{}", self.log_text())))
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Descriptors the process holds now.
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid())).map(|d| d.count()).unwrap_or(0)
+    }
+
+    /// SIGTERM, then wait for exit; returns the exit code.
+    pub fn terminate(mut self) -> io::Result<i32> {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid() as i32), nix::sys::signal::Signal::SIGTERM);
+        let start = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait()? {
+                return Ok(st.code().unwrap_or(-1));
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                let _ = self.child.kill();
+                return Err(io::Error::other("ringtun did not exit within 30 s of SIGTERM"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for RingtunProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Sum of the samples of `name` whose labels contain every string in `labels`.
+pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b'{') | Some(b' ')))
+        .filter(|l| labels.iter().all(|s| l.contains(s)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// What one side of an exchange saw: the hash of what it sent, and of what it received.
+#[derive(Debug, Clone, Copy)]
+pub struct Exchange {
+    pub sent: u64,
+    pub sent_hash: [u8; 32],
+    pub received: u64,
+    pub received_hash: [u8; 32],
+    pub elapsed: Duration,
+}
+
+/// Sends `bytes` pattern bytes (then half-closes) while reading the peer's bytes to EOF.
+pub fn exchange(stream: TcpStream, bytes: u64, seed: u64) -> io::Result<Exchange> {
+    let start = Instant::now();
+    let mut w = stream.try_clone()?;
+    let writer = std::thread::spawn(move || -> io::Result<[u8; 32]> {
+        let h = send_pattern(&mut w, bytes, seed)?;
+        w.shutdown(std::net::Shutdown::Write)?;
+        Ok(h)
+    });
+    let mut r = stream;
+    let (received, received_hash) = recv_hash(&mut r)?;
+    let sent_hash = writer.join().map_err(|_| io::Error::other("writer panicked"))??;
+    Ok(Exchange { sent: bytes, sent_hash, received, received_hash, elapsed: start.elapsed() })
+}
+
+/// Accepts `count` connections on `listener`, answering each with [`exchange`] of `bytes`.
+pub fn serve_exchanges(
+    listener: TcpListener,
+    count: usize,
+    bytes: u64,
+    seed: u64,
+) -> std::thread::JoinHandle<io::Result<Vec<Exchange>>> {
+    std::thread::spawn(move || {
+        let mut handles = Vec::new();
+        for _ in 0..count {
+            let (s, _) = listener.accept()?;
+            s.set_read_timeout(Some(Duration::from_secs(120)))?;
+            handles.push(std::thread::spawn(move || exchange(s, bytes, seed)));
+        }
+        handles.into_iter().map(|h| h.join().map_err(|_| io::Error::other("server panicked"))?).collect()
+    })
+}
