@@ -53,22 +53,26 @@ pub fn serve(endpoint: Endpoint, addr: SocketAddr, state: Arc<AdminState>) -> io
         .map_err(|e| io::Error::new(e.kind(), format!("{endpoint:?} endpoint {addr}: {e}")))?;
     let addr = listener.local_addr()?;
     listener.set_nonblocking(true)?;
-    let handle = std::thread::Builder::new().name(format!("{endpoint:?}-http").to_lowercase()).spawn(move || {
-        while !state.stop.load(SeqCst) {
-            match listener.accept() {
-                Ok((stream, _)) => {
-                    if let Err(e) = handle(stream, endpoint, &state) {
-                        log::debug!("{endpoint:?} request failed: {e}");
+    let handle = std::thread::Builder::new()
+        .name(format!("{endpoint:?}-http").to_lowercase())
+        .spawn(move || {
+            while !state.stop.load(SeqCst) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        if let Err(e) = handle(stream, endpoint, &state) {
+                            log::debug!("{endpoint:?} request failed: {e}");
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(20))
+                    }
+                    Err(e) => {
+                        log::warn!("{endpoint:?} accept failed: {e}");
+                        std::thread::sleep(Duration::from_millis(100));
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(20)),
-                Err(e) => {
-                    log::warn!("{endpoint:?} accept failed: {e}");
-                    std::thread::sleep(Duration::from_millis(100));
-                }
             }
-        }
-    })?;
+        })?;
     Ok(Server { addr, handle })
 }
 
@@ -96,9 +100,12 @@ fn handle(mut stream: TcpStream, endpoint: Endpoint, state: &AdminState) -> io::
     }
     let path = path.split('?').next().unwrap_or("");
     match (endpoint, path) {
-        (Endpoint::Metrics | Endpoint::Admin, "/metrics" | "/stats/prometheus") => {
-            respond(&mut stream, 200, "text/plain; version=0.0.4", &state.metrics.render())
-        }
+        (Endpoint::Metrics | Endpoint::Admin, "/metrics" | "/stats/prometheus") => respond(
+            &mut stream,
+            200,
+            "text/plain; version=0.0.4",
+            &state.metrics.render(),
+        ),
         (Endpoint::Readiness | Endpoint::Admin, "/healthz/ready") => {
             if state.draining.load(SeqCst) {
                 respond(&mut stream, 503, "text/plain", "draining\n")
@@ -108,7 +115,9 @@ fn handle(mut stream: TcpStream, endpoint: Endpoint, state: &AdminState) -> io::
                 respond(&mut stream, 503, "text/plain", "starting\n")
             }
         }
-        (Endpoint::Admin, "/config_dump") => respond(&mut stream, 200, "application/json", &state.config_dump),
+        (Endpoint::Admin, "/config_dump") => {
+            respond(&mut stream, 200, "application/json", &state.config_dump)
+        }
         _ => respond(&mut stream, 404, "text/plain", "not found\n"),
     }
 }
@@ -133,10 +142,20 @@ fn respond(stream: &mut TcpStream, code: u16, content_type: &str, body: &str) ->
 pub fn http_get(addr: SocketAddr, path: &str) -> io::Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
     s.set_read_timeout(Some(IO_TIMEOUT))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
     let mut out = String::new();
     s.read_to_string(&mut out)?;
-    let code = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let code = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Ok((code, body))
 }

@@ -5,8 +5,8 @@
 use std::io;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::Ordering::SeqCst;
 use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::SeqCst;
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -66,7 +66,11 @@ impl App {
         let reactors = opts
             .reactors
             .or(config.node.reactors)
-            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+            .unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            })
             .max(1);
         let driver = opts.driver.unwrap_or(config.node.driver);
         let (soft, hard) = open_files_limit();
@@ -77,7 +81,9 @@ impl App {
              {reactors} reactors takes at most {max_flows} flows (configured {})",
             config.node.limits.max_flows_per_reactor
         );
-        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
         let config_json = serde_json::to_string(&config).unwrap_or_default();
         log::info!("effective config: {config_json}");
         let state = State::new(config, 1);
@@ -87,13 +93,18 @@ impl App {
         }
         let metrics = Arc::new(Metrics::new(
             reactors,
-            ProcessFacts { open_files_soft: soft, open_files_hard: hard, max_flows_per_reactor: max_flows },
+            ProcessFacts {
+                open_files_soft: soft,
+                open_files_hard: hard,
+                max_flows_per_reactor: max_flows,
+            },
         ));
         let mut controls = Vec::new();
         let mut threads = Vec::new();
         let (tx, rx) = mpsc::channel();
         for id in 0..reactors {
-            let control = ReactorControl::new().map_err(|e| format!("reactor {id}: eventfd: {e}"))?;
+            let control =
+                ReactorControl::new().map_err(|e| format!("reactor {id}: eventfd: {e}"))?;
             controls.push(control.clone());
             let spec = ReactorSpec {
                 id,
@@ -151,7 +162,16 @@ impl App {
             config_dump,
             stop: AtomicBool::new(false),
         });
-        let mut app = App { state, metrics, controls, threads, admin, servers: Vec::new(), drivers, endpoints: Vec::new() };
+        let mut app = App {
+            state,
+            metrics,
+            controls,
+            threads,
+            admin,
+            servers: Vec::new(),
+            drivers,
+            endpoints: Vec::new(),
+        };
         if let Some(e) = failure {
             app.stop();
             let _ = app.wait();
@@ -234,7 +254,11 @@ pub fn run_from_file(path: &Path, driver: Option<DriverChoice>, reactors: Option
             for e in &errors {
                 eprintln!("{e}");
             }
-            eprintln!("{}: {} error(s); not starting", path.display(), errors.len());
+            eprintln!(
+                "{}: {} error(s); not starting",
+                path.display(),
+                errors.len()
+            );
             return EXIT_CONFIG;
         }
     };
@@ -243,7 +267,15 @@ pub fn run_from_file(path: &Path, driver: Option<DriverChoice>, reactors: Option
         return EXIT_FAILURE;
     }
     let drain_timeout = config.node.timeouts.drain;
-    let app = match App::start(config, Options { driver, reactors, observer: None, serve_endpoints: true }) {
+    let app = match App::start(
+        config,
+        Options {
+            driver,
+            reactors,
+            observer: None,
+            serve_endpoints: true,
+        },
+    ) {
         Ok(a) => a,
         Err(e) => {
             log::error!("cannot start: {e}");
@@ -257,7 +289,10 @@ pub fn run_from_file(path: &Path, driver: Option<DriverChoice>, reactors: Option
         }
         match lifecycle::wait_signal(Duration::from_millis(200)) {
             Some(Received::Terminate) if drain_started.is_none() => {
-                log::info!("signal received: draining (up to {:?}); send again to stop at once", drain_timeout);
+                log::info!(
+                    "signal received: draining (up to {:?}); send again to stop at once",
+                    drain_timeout
+                );
                 drain_started = Some(Instant::now());
                 app.drain();
             }

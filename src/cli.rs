@@ -16,7 +16,11 @@ pub const EXIT_UNAVAILABLE: i32 = 69;
 pub const EXIT_NOPERM: i32 = 77;
 
 #[derive(Parser, Debug)]
-#[command(name = "ringtun", version, about = "Node proxy for ambient-style service meshes")]
+#[command(
+    name = "ringtun",
+    version,
+    about = "Node proxy for ambient-style service meshes"
+)]
 pub struct Cli {
     /// Log level: error, warn, info, debug, trace (also RINGTUN_LOG).
     #[arg(long, global = true)]
@@ -90,9 +94,11 @@ pub fn main() -> i32 {
     };
     logging::init(cli.log.as_deref());
     match cli.command {
-        Command::Run { config, driver, reactors } => {
-            crate::app::run_from_file(&config, driver.map(Into::into), reactors)
-        }
+        Command::Run {
+            config,
+            driver,
+            reactors,
+        } => crate::app::run_from_file(&config, driver.map(Into::into), reactors),
         Command::CheckConfig { file } => check_config(&file),
         Command::PrintDefaultConfig => {
             print!("{}", config::DEFAULT_CONFIG_YAML);
@@ -109,7 +115,10 @@ pub fn load_config_file(file: &std::path::Path) -> Result<config::Config, Vec<St
     let text = std::fs::read_to_string(file)
         .map_err(|e| vec![format!("{}: cannot read: {e}", file.display())])?;
     config::load(&text).map_err(|errs| {
-        errs.0.iter().map(|e| format!("{}:{e}", file.display())).collect()
+        errs.0
+            .iter()
+            .map(|e| format!("{}:{e}", file.display()))
+            .collect()
     })
 }
 

@@ -43,7 +43,9 @@ struct Transfer {
 }
 
 fn run_inner(driver: DriverChoice, bytes: u64) -> Result<bool, String> {
-    println!("ringtun demo: building a node with three captured pods and one server outside the mesh…");
+    println!(
+        "ringtun demo: building a node with three captured pods and one server outside the mesh…"
+    );
     let tb = Testbed::create("demo").map_err(|e| format!("building the testbed: {e}"))?;
     let yaml = tb.config_yaml(2, "");
     let cfg = config::load(&yaml).map_err(|e| format!("demo config invalid: {e}"))?;
@@ -52,19 +54,56 @@ fn run_inner(driver: DriverChoice, bytes: u64) -> Result<bool, String> {
     let result = (|| -> Result<bool, String> {
         for pod in Testbed::captured_pods() {
             let path = tb.pod_path(pod);
-            rules::install(&plan, Some(&path)).map_err(|e| format!("capture rules in {}: {e}", path.display()))?;
+            rules::install(&plan, Some(&path))
+                .map_err(|e| format!("capture rules in {}: {e}", path.display()))?;
             installed.push(path);
         }
         let records: Arc<Mutex<Vec<FlowRecord>>> = Arc::default();
         let sink = records.clone();
-        let observer: Observer = Arc::new(move |r: &FlowRecord| sink.lock().unwrap_or_else(|p| p.into_inner()).push(r.clone()));
-        let app = App::start(cfg, Options { driver: Some(driver), reactors: Some(2), observer: Some(observer), serve_endpoints: false })?;
+        let observer: Observer = Arc::new(move |r: &FlowRecord| {
+            sink.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(r.clone())
+        });
+        let app = App::start(
+            cfg,
+            Options {
+                driver: Some(driver),
+                reactors: Some(2),
+                observer: Some(observer),
+                serve_endpoints: false,
+            },
+        )?;
         println!("ringtun node started: 2 reactors ({}), pod mode, capture rules installed in client, mesh-1, mesh-2\n", app.drivers.join(", "));
         let small = (bytes / 16).max(1 << 20);
         let transfers = [
-            Transfer { title: "client → out-of-mesh server (IPv4)", from: Pod::Client, to: SocketAddr::new(Pod::Ext.v4(), EXT_PORT), server: Pod::Ext, server_addr: SocketAddr::new(Pod::Ext.v4(), EXT_PORT), bytes, connections: 1 },
-            Transfer { title: "client → out-of-mesh server (IPv6)", from: Pod::Client, to: SocketAddr::new(Pod::Ext.v6(), EXT_PORT), server: Pod::Ext, server_addr: SocketAddr::new(Pod::Ext.v6(), EXT_PORT), bytes: small, connections: 1 },
-            Transfer { title: "client → mesh-1 by workload IP", from: Pod::Client, to: SocketAddr::new(Pod::Mesh1.v4(), testbed::MESH_PORT), server: Pod::Mesh1, server_addr: SocketAddr::new(Pod::Mesh1.v4(), testbed::MESH_PORT), bytes, connections: 1 },
+            Transfer {
+                title: "client → out-of-mesh server (IPv4)",
+                from: Pod::Client,
+                to: SocketAddr::new(Pod::Ext.v4(), EXT_PORT),
+                server: Pod::Ext,
+                server_addr: SocketAddr::new(Pod::Ext.v4(), EXT_PORT),
+                bytes,
+                connections: 1,
+            },
+            Transfer {
+                title: "client → out-of-mesh server (IPv6)",
+                from: Pod::Client,
+                to: SocketAddr::new(Pod::Ext.v6(), EXT_PORT),
+                server: Pod::Ext,
+                server_addr: SocketAddr::new(Pod::Ext.v6(), EXT_PORT),
+                bytes: small,
+                connections: 1,
+            },
+            Transfer {
+                title: "client → mesh-1 by workload IP",
+                from: Pod::Client,
+                to: SocketAddr::new(Pod::Mesh1.v4(), testbed::MESH_PORT),
+                server: Pod::Mesh1,
+                server_addr: SocketAddr::new(Pod::Mesh1.v4(), testbed::MESH_PORT),
+                bytes,
+                connections: 1,
+            },
         ];
         let mut ok = true;
         for t in &transfers {
@@ -85,7 +124,14 @@ fn run_inner(driver: DriverChoice, bytes: u64) -> Result<bool, String> {
     drop(tb);
     println!("removed the namespaces, links and rules the demo created");
     let ok = result?;
-    println!("{}", if ok { "demo: all transfers intact (SHA-256 equal at both ends)" } else { "demo: FAILED (see above)" });
+    println!(
+        "{}",
+        if ok {
+            "demo: all transfers intact (SHA-256 equal at both ends)"
+        } else {
+            "demo: FAILED (see above)"
+        }
+    );
     Ok(ok)
 }
 
@@ -93,7 +139,11 @@ fn take_records(records: &Mutex<Vec<FlowRecord>>) -> Vec<FlowRecord> {
     std::mem::take(&mut *records.lock().unwrap_or_else(|p| p.into_inner()))
 }
 
-fn run_transfer(tb: &Testbed, t: &Transfer, records: &Mutex<Vec<FlowRecord>>) -> Result<bool, String> {
+fn run_transfer(
+    tb: &Testbed,
+    t: &Transfer,
+    records: &Mutex<Vec<FlowRecord>>,
+) -> Result<bool, String> {
     let err = |e: std::io::Error| format!("{}: {e}", t.title);
     let server_ns = tb.pod_ns(t.server).map_err(err)?;
     let listener = listen_in(&server_ns, t.server_addr).map_err(err)?;
@@ -101,11 +151,17 @@ fn run_transfer(tb: &Testbed, t: &Transfer, records: &Mutex<Vec<FlowRecord>>) ->
     let client_ns = tb.pod_ns(t.from).map_err(err)?;
     let stream = connect_in(&client_ns, t.to).map_err(err)?;
     let c = testbed::exchange(stream, t.bytes, 1).map_err(err)?;
-    let s = server.join().map_err(|_| "server panicked".to_string())?.map_err(err)?;
+    let s = server
+        .join()
+        .map_err(|_| "server panicked".to_string())?
+        .map_err(err)?;
     let s = s[0];
     // Records arrive when the proxy closes the flow, just after the client sees EOF.
     std::thread::sleep(Duration::from_millis(100));
-    let intact = c.sent_hash == s.received_hash && s.sent_hash == c.received_hash && c.received == t.bytes && s.received == t.bytes;
+    let intact = c.sent_hash == s.received_hash
+        && s.sent_hash == c.received_hash
+        && c.received == t.bytes
+        && s.received == t.bytes;
     let secs = c.elapsed.as_secs_f64().max(1e-9);
     println!("== {} ({} → {})", t.title, t.from.v4(), t.to);
     for r in take_records(records) {
@@ -116,7 +172,11 @@ fn run_transfer(tb: &Testbed, t: &Transfer, records: &Mutex<Vec<FlowRecord>>) ->
         t.bytes >> 20,
         secs,
         (2 * t.bytes) as f64 * 8.0 / secs / 1e9,
-        if intact { "equal both ways" } else { "MISMATCH" },
+        if intact {
+            "equal both ways"
+        } else {
+            "MISMATCH"
+        },
         &testbed::hex(&c.sent_hash)[..16]
     );
     Ok(intact)
@@ -152,18 +212,28 @@ fn run_vip(tb: &Testbed, bytes: u64, records: &Mutex<Vec<FlowRecord>>) -> Result
         s.set_nonblocking(false).map_err(err)?;
         served[k] += 1;
         let srv = testbed::exchange(s, bytes, 20 + i as u64).map_err(err)?;
-        let c = client.join().map_err(|_| "client panicked".to_string())?.map_err(err)?;
+        let c = client
+            .join()
+            .map_err(|_| "client panicked".to_string())?
+            .map_err(err)?;
         ok &= c.sent_hash == srv.received_hash && srv.sent_hash == c.received_hash;
     }
     std::thread::sleep(Duration::from_millis(100));
-    for r in take_records(records).iter().filter(|r| r.direction == "outbound") {
+    for r in take_records(records)
+        .iter()
+        .filter(|r| r.direction == "outbound")
+    {
         print_record(r);
     }
     println!(
         "   endpoints served: mesh-1 {}, mesh-2 {}; SHA-256 {}\n",
         served[0],
         served[1],
-        if ok { "equal on every connection" } else { "MISMATCH" }
+        if ok {
+            "equal on every connection"
+        } else {
+            "MISMATCH"
+        }
     );
     Ok(ok && served.iter().all(|&n| n > 0))
 }

@@ -51,7 +51,9 @@ impl Pod {
     }
 
     pub fn v6(self) -> IpAddr {
-        format!("fd77:{}::2", self as u8).parse().expect("literal address")
+        format!("fd77:{}::2", self as u8)
+            .parse()
+            .expect("literal address")
     }
 }
 
@@ -83,7 +85,10 @@ impl Testbed {
     pub fn create(tag: &str) -> io::Result<Testbed> {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let prefix = format!("rt{}-{}{}", std::process::id(), tag, n);
-        let mut tb = Testbed { prefix, created: Vec::new() };
+        let mut tb = Testbed {
+            prefix,
+            created: Vec::new(),
+        };
         tb.build()?;
         Ok(tb)
     }
@@ -117,22 +122,85 @@ impl Testbed {
     fn build(&mut self) -> io::Result<()> {
         let node = self.node_name();
         self.add_ns(&node)?;
-        run(&["ip", "netns", "exec", &node, "sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
-        run(&["ip", "netns", "exec", &node, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])?;
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            &node,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ])?;
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            &node,
+            "sysctl",
+            "-qw",
+            "net.ipv6.conf.all.forwarding=1",
+        ])?;
         for pod in Pod::ALL {
             let name = self.pod_name(pod);
             self.add_ns(&name)?;
             let i = pod as u8;
-            let (veth_node, gw4, gw6) = (format!("v{i}"), format!("10.77.{i}.1"), format!("fd77:{i}::1"));
-            run(&["ip", "-n", &node, "link", "add", &veth_node, "type", "veth", "peer", "name", "eth0", "netns", &name])?;
-            run(&["ip", "-n", &node, "addr", "add", &format!("{gw4}/24"), "dev", &veth_node])?;
-            run(&["ip", "-n", &node, "addr", "add", &format!("{gw6}/64"), "dev", &veth_node, "nodad"])?;
+            let (veth_node, gw4, gw6) = (
+                format!("v{i}"),
+                format!("10.77.{i}.1"),
+                format!("fd77:{i}::1"),
+            );
+            run(&[
+                "ip", "-n", &node, "link", "add", &veth_node, "type", "veth", "peer", "name",
+                "eth0", "netns", &name,
+            ])?;
+            run(&[
+                "ip",
+                "-n",
+                &node,
+                "addr",
+                "add",
+                &format!("{gw4}/24"),
+                "dev",
+                &veth_node,
+            ])?;
+            run(&[
+                "ip",
+                "-n",
+                &node,
+                "addr",
+                "add",
+                &format!("{gw6}/64"),
+                "dev",
+                &veth_node,
+                "nodad",
+            ])?;
             run(&["ip", "-n", &node, "link", "set", &veth_node, "up"])?;
-            run(&["ip", "-n", &name, "addr", "add", &format!("{}/24", pod.v4()), "dev", "eth0"])?;
-            run(&["ip", "-n", &name, "addr", "add", &format!("{}/64", pod.v6()), "dev", "eth0", "nodad"])?;
+            run(&[
+                "ip",
+                "-n",
+                &name,
+                "addr",
+                "add",
+                &format!("{}/24", pod.v4()),
+                "dev",
+                "eth0",
+            ])?;
+            run(&[
+                "ip",
+                "-n",
+                &name,
+                "addr",
+                "add",
+                &format!("{}/64", pod.v6()),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
             run(&["ip", "-n", &name, "link", "set", "eth0", "up"])?;
             run(&["ip", "-n", &name, "route", "add", "default", "via", &gw4])?;
-            run(&["ip", "-n", &name, "-6", "route", "add", "default", "via", &gw6])?;
+            run(&[
+                "ip", "-n", &name, "-6", "route", "add", "default", "via", &gw6,
+            ])?;
         }
         Ok(())
     }
@@ -190,7 +258,9 @@ pub struct Pattern {
 
 impl Pattern {
     pub fn new(seed: u64) -> Self {
-        Pattern { state: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1 }
+        Pattern {
+            state: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
+        }
     }
 
     pub fn fill(&mut self, buf: &mut [u8]) {
@@ -247,7 +317,12 @@ pub struct RingtunProcess {
 }
 
 impl RingtunProcess {
-    pub fn spawn(bin: &Path, tb: &Testbed, config: &str, args: &[&str]) -> io::Result<RingtunProcess> {
+    pub fn spawn(
+        bin: &Path,
+        tb: &Testbed,
+        config: &str,
+        args: &[&str],
+    ) -> io::Result<RingtunProcess> {
         let dir = std::env::temp_dir().join(&tb.prefix);
         std::fs::create_dir_all(&dir)?;
         let cfg = dir.join("node.yaml");
@@ -256,10 +331,27 @@ impl RingtunProcess {
         let logf = std::fs::File::create(&log)?;
         let node = tb.node_name();
         let cfg_s = cfg.display().to_string();
-        let mut cmd_args = vec!["netns", "exec", &node, bin.to_str().unwrap_or("ringtun"), "run", "--config", &cfg_s];
+        let mut cmd_args = vec![
+            "netns",
+            "exec",
+            &node,
+            bin.to_str().unwrap_or("ringtun"),
+            "run",
+            "--config",
+            &cfg_s,
+        ];
         cmd_args.extend_from_slice(args);
-        let child = Command::new("ip").args(&cmd_args).stdout(logf.try_clone()?).stderr(logf).stdin(Stdio::null()).spawn()?;
-        let p = RingtunProcess { child, log, node_ns: tb.node_ns()? };
+        let child = Command::new("ip")
+            .args(&cmd_args)
+            .stdout(logf.try_clone()?)
+            .stderr(logf)
+            .stdin(Stdio::null())
+            .spawn()?;
+        let p = RingtunProcess {
+            child,
+            log,
+            node_ns: tb.node_ns()?,
+        };
         p.wait_ready(Duration::from_secs(20))?;
         Ok(p)
     }
@@ -271,7 +363,8 @@ impl RingtunProcess {
     /// GET on the node namespace's admin/metrics/readiness ports.
     pub fn get(&self, port: u16, path: &str) -> io::Result<(u16, String)> {
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        self.node_ns.enter_for(|| crate::admin::http_get(addr, path))?
+        self.node_ns
+            .enter_for(|| crate::admin::http_get(addr, path))?
     }
 
     pub fn metrics(&self) -> io::Result<String> {
@@ -291,7 +384,10 @@ impl RingtunProcess {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        Err(io::Error::other(format!("ringtun not ready after {limit:?}; log:\n{}", self.log_text())))
+        Err(io::Error::other(format!(
+            "ringtun not ready after {limit:?}; log:\n{}",
+            self.log_text()
+        )))
     }
 
     pub fn log_text(&self) -> String {
@@ -300,12 +396,17 @@ impl RingtunProcess {
 
     /// Descriptors the process holds now.
     pub fn fd_count(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid())).map(|d| d.count()).unwrap_or(0)
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
     }
 
     /// SIGTERM, then wait for exit; returns the exit code.
     pub fn terminate(mut self) -> io::Result<i32> {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid() as i32), nix::sys::signal::Signal::SIGTERM);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
         let start = Instant::now();
         loop {
             if let Some(st) = self.child.try_wait()? {
@@ -313,7 +414,9 @@ impl RingtunProcess {
             }
             if start.elapsed() > Duration::from_secs(30) {
                 let _ = self.child.kill();
-                return Err(io::Error::other("ringtun did not exit within 30 s of SIGTERM"));
+                return Err(io::Error::other(
+                    "ringtun did not exit within 30 s of SIGTERM",
+                ));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -333,7 +436,9 @@ impl Drop for RingtunProcess {
 pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b'{') | Some(b' ')))
+        .filter(|l| {
+            l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b'{') | Some(b' '))
+        })
         .filter(|l| labels.iter().all(|s| l.contains(s)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
@@ -360,8 +465,16 @@ pub fn exchange(stream: TcpStream, bytes: u64, seed: u64) -> io::Result<Exchange
     });
     let mut r = stream;
     let (received, received_hash) = recv_hash(&mut r)?;
-    let sent_hash = writer.join().map_err(|_| io::Error::other("writer panicked"))??;
-    Ok(Exchange { sent: bytes, sent_hash, received, received_hash, elapsed: start.elapsed() })
+    let sent_hash = writer
+        .join()
+        .map_err(|_| io::Error::other("writer panicked"))??;
+    Ok(Exchange {
+        sent: bytes,
+        sent_hash,
+        received,
+        received_hash,
+        elapsed: start.elapsed(),
+    })
 }
 
 /// Accepts `count` connections on `listener`, answering each with [`exchange`] of `bytes`.
@@ -378,6 +491,9 @@ pub fn serve_exchanges(
             s.set_read_timeout(Some(Duration::from_secs(120)))?;
             handles.push(std::thread::spawn(move || exchange(s, bytes, seed)));
         }
-        handles.into_iter().map(|h| h.join().map_err(|_| io::Error::other("server panicked"))?).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().map_err(|_| io::Error::other("server panicked"))?)
+            .collect()
     })
 }

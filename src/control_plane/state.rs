@@ -16,6 +16,10 @@ pub struct State {
 impl State {
     pub fn new(config: Config, generation: u64) -> Arc<State> {
         let registry = Registry::new(&config);
-        Arc::new(State { generation, config: Arc::new(config), registry })
+        Arc::new(State {
+            generation,
+            config: Arc::new(config),
+            registry,
+        })
     }
 }

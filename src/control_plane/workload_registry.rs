@@ -77,7 +77,11 @@ impl Registry {
             let endpoints = s
                 .endpoints
                 .iter()
-                .filter_map(|r| by_name.get(&(r.namespace.as_str(), r.name.as_str())).copied())
+                .filter_map(|r| {
+                    by_name
+                        .get(&(r.namespace.as_str(), r.name.as_str()))
+                        .copied()
+                })
                 .collect();
             services.push(ServiceEntry {
                 hostname: format!("{}.{}.svc", s.name, s.namespace),
@@ -86,7 +90,13 @@ impl Registry {
                 endpoints,
             });
         }
-        Registry { workloads, services, by_ip, by_vip, vip_addrs }
+        Registry {
+            workloads,
+            services,
+            by_ip,
+            by_vip,
+            vip_addrs,
+        }
     }
 
     pub fn workload(&self, id: WorkloadId) -> &WorkloadEntry {

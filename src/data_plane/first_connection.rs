@@ -34,7 +34,10 @@ pub struct Accepted {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Destination {
     /// A service VIP: the endpoint chosen for this connection.
-    Service { service: ServiceId, endpoint: WorkloadId },
+    Service {
+        service: ServiceId,
+        endpoint: WorkloadId,
+    },
     /// A workload addressed by its own IP.
     Workload(WorkloadId),
     /// An address the mesh does not know: passed through unchanged.
@@ -101,7 +104,8 @@ impl Resolution {
 
     /// The SPIFFE identity the destination must prove once tunnels carry it.
     pub fn destination_identity<'r>(&self, registry: &'r Registry) -> Option<&'r str> {
-        self.destination_workload().map(|w| registry.workload(w).identity.as_str())
+        self.destination_workload()
+            .map(|w| registry.workload(w).identity.as_str())
     }
 }
 
@@ -139,9 +143,8 @@ pub fn resolve(
         original_dst: dst,
     };
     let me = registry.workload(accepted.listener_workload);
-    let own_address = |ip: IpAddr| {
-        ip.is_loopback() || ip.is_unspecified() || me.workload.ips.contains(&ip)
-    };
+    let own_address =
+        |ip: IpAddr| ip.is_loopback() || ip.is_unspecified() || me.workload.ips.contains(&ip);
     if ports.all().contains(&dst.port()) && own_address(dst.ip()) {
         res.route = Route::Refuse(RefuseReason::Loop);
         return res;
@@ -177,7 +180,9 @@ pub fn resolve(
 
 fn route_to(registry: &Registry, w: WorkloadId, ip: IpAddr, ports: &Ports) -> Route {
     if registry.speaks_hbone(w) {
-        Route::HboneTunnel { peer: SocketAddr::new(ip, ports.inbound_hbone) }
+        Route::HboneTunnel {
+            peer: SocketAddr::new(ip, ports.inbound_hbone),
+        }
     } else {
         Route::DirectTcp
     }
@@ -201,7 +206,10 @@ fn pick_endpoint(
         if !w.healthy {
             return None;
         }
-        w.ips.iter().find(|ip| ip.is_ipv4() == want_v4).map(|ip| (id, *ip))
+        w.ips
+            .iter()
+            .find(|ip| ip.is_ipv4() == want_v4)
+            .map(|ip| (id, *ip))
     })
 }
 
@@ -218,7 +226,11 @@ pub(crate) mod tests {
             reactors: None,
             driver: DriverChoice::Auto,
             socket_mark: 0x539,
-            ports: Ports { outbound: 15001, inbound_plaintext: 15006, inbound_hbone: 15008 },
+            ports: Ports {
+                outbound: 15001,
+                inbound_plaintext: 15006,
+                inbound_hbone: 15008,
+            },
             admin_addr: None,
             metrics_addr: None,
             readiness_addr: None,
@@ -227,7 +239,9 @@ pub(crate) mod tests {
                 idle: Duration::from_secs(3600),
                 drain: Duration::from_secs(30),
             },
-            limits: Limits { max_flows_per_reactor: 4096 },
+            limits: Limits {
+                max_flows_per_reactor: 4096,
+            },
             splice: SpliceSettings {
                 pipe_size: 1 << 18,
                 max_bytes_per_wakeup: 1 << 20,
@@ -264,10 +278,16 @@ pub(crate) mod tests {
                 name: "echo".into(),
                 namespace: "default".into(),
                 vips: vec!["10.96.0.10".parse().unwrap()],
-                ports: vec![ServicePort { port: 80, target_port: 8080 }],
+                ports: vec![ServicePort {
+                    port: 80,
+                    target_port: 8080,
+                }],
                 endpoints: ["echo-1", "echo-2", "echo-3"]
                     .iter()
-                    .map(|n| WorkloadRef { namespace: "default".into(), name: (*n).into() })
+                    .map(|n| WorkloadRef {
+                        namespace: "default".into(),
+                        name: (*n).into(),
+                    })
                     .collect(),
             }],
         }
@@ -289,7 +309,12 @@ pub(crate) mod tests {
         let mut picker = EndpointPicker::default();
         let mut seen = std::collections::HashMap::new();
         for _ in 0..30 {
-            let r = resolve(&reg, &cfg.node.ports, &outbound("10.96.0.10:80"), &mut picker);
+            let r = resolve(
+                &reg,
+                &cfg.node.ports,
+                &outbound("10.96.0.10:80"),
+                &mut picker,
+            );
             assert_eq!(r.upstream.port(), 8080);
             *seen.entry(r.upstream.ip().to_string()).or_insert(0) += 1;
         }
@@ -304,28 +329,51 @@ pub(crate) mod tests {
         let reg = Registry::new(&cfg);
         let mut picker = EndpointPicker::default();
         let routes: Vec<Route> = (0..2)
-            .map(|_| resolve(&reg, &cfg.node.ports, &outbound("10.96.0.10:80"), &mut picker).route)
+            .map(|_| {
+                resolve(
+                    &reg,
+                    &cfg.node.ports,
+                    &outbound("10.96.0.10:80"),
+                    &mut picker,
+                )
+                .route
+            })
             .collect();
         assert!(routes.contains(&Route::DirectTcp));
-        assert!(routes.contains(&Route::HboneTunnel { peer: "10.1.0.12:15008".parse().unwrap() }));
+        assert!(routes.contains(&Route::HboneTunnel {
+            peer: "10.1.0.12:15008".parse().unwrap()
+        }));
     }
 
     #[test]
     fn workload_ip_resolves_to_that_workload_and_keeps_the_port() {
         let cfg = config();
         let reg = Registry::new(&cfg);
-        let r = resolve(&reg, &cfg.node.ports, &outbound("10.1.0.11:9000"), &mut Default::default());
+        let r = resolve(
+            &reg,
+            &cfg.node.ports,
+            &outbound("10.1.0.11:9000"),
+            &mut Default::default(),
+        );
         assert_eq!(r.destination, Destination::Workload(WorkloadId(1)));
         assert_eq!(r.upstream, "10.1.0.11:9000".parse().unwrap());
         assert_eq!(r.source, Some(WorkloadId(0)));
-        assert_eq!(r.destination_identity(&reg), Some("spiffe://cluster.local/ns/default/sa/echo-1"));
+        assert_eq!(
+            r.destination_identity(&reg),
+            Some("spiffe://cluster.local/ns/default/sa/echo-1")
+        );
     }
 
     #[test]
     fn unknown_address_is_out_of_mesh_passthrough() {
         let cfg = config();
         let reg = Registry::new(&cfg);
-        let r = resolve(&reg, &cfg.node.ports, &outbound("192.0.2.7:443"), &mut Default::default());
+        let r = resolve(
+            &reg,
+            &cfg.node.ports,
+            &outbound("192.0.2.7:443"),
+            &mut Default::default(),
+        );
         assert_eq!(r.destination, Destination::OutOfMesh);
         assert_eq!(r.route, Route::DirectTcp);
         assert_eq!(r.upstream, "192.0.2.7:443".parse().unwrap());
@@ -335,12 +383,27 @@ pub(crate) mod tests {
     fn own_port_on_own_address_is_refused_as_a_loop() {
         let cfg = config();
         let reg = Registry::new(&cfg);
-        for dst in ["127.0.0.1:15001", "10.1.0.2:15006", "[::1]:15008", "[fd00::2]:15001"] {
-            let r = resolve(&reg, &cfg.node.ports, &outbound(dst), &mut Default::default());
+        for dst in [
+            "127.0.0.1:15001",
+            "10.1.0.2:15006",
+            "[::1]:15008",
+            "[fd00::2]:15001",
+        ] {
+            let r = resolve(
+                &reg,
+                &cfg.node.ports,
+                &outbound(dst),
+                &mut Default::default(),
+            );
             assert_eq!(r.route, Route::Refuse(RefuseReason::Loop), "{dst}");
         }
         // The same port on another host is an ordinary destination.
-        let r = resolve(&reg, &cfg.node.ports, &outbound("192.0.2.7:15001"), &mut Default::default());
+        let r = resolve(
+            &reg,
+            &cfg.node.ports,
+            &outbound("192.0.2.7:15001"),
+            &mut Default::default(),
+        );
         assert_eq!(r.route, Route::DirectTcp);
     }
 
@@ -356,7 +419,10 @@ pub(crate) mod tests {
         };
         let r = resolve(&reg, &cfg.node.ports, &acc, &mut Default::default());
         assert_eq!(r.route, Route::Refuse(RefuseReason::NotForThisWorkload));
-        let ok = Accepted { original_dst: "10.1.0.11:8080".parse().unwrap(), ..acc };
+        let ok = Accepted {
+            original_dst: "10.1.0.11:8080".parse().unwrap(),
+            ..acc
+        };
         let r = resolve(&reg, &cfg.node.ports, &ok, &mut Default::default());
         assert_eq!(r.route, Route::DirectTcp);
         assert_eq!(r.source, Some(WorkloadId(0)));
@@ -368,7 +434,12 @@ pub(crate) mod tests {
         let mut cfg = config();
         cfg.services[0].vips.push("fd00:96::10".parse().unwrap());
         let reg = Registry::new(&cfg);
-        let r = resolve(&reg, &cfg.node.ports, &outbound("[fd00:96::10]:80"), &mut Default::default());
+        let r = resolve(
+            &reg,
+            &cfg.node.ports,
+            &outbound("[fd00:96::10]:80"),
+            &mut Default::default(),
+        );
         assert_eq!(r.route, Route::Refuse(RefuseReason::NoHealthyEndpoint));
     }
 }

@@ -73,19 +73,31 @@ pub enum End {
     /// Both directions delivered their EOF.
     Clean,
     /// `failed` side broke (reset or error); the other side gets a reset.
-    Broken { failed: Side, kind: FailureKind, errno: i32 },
+    Broken {
+        failed: Side,
+        kind: FailureKind,
+        errno: i32,
+    },
 }
 
 impl Flow {
     /// Moves bytes both ways, at most `budget` bytes read per direction.
-    pub fn drive(&mut self, pool: &mut PipePool, budget: usize, metrics: &ReactorMetrics, now: Instant) -> Step {
+    pub fn drive(
+        &mut self,
+        pool: &mut PipePool,
+        budget: usize,
+        metrics: &ReactorMetrics,
+        now: Instant,
+    ) -> Step {
         let (down, up) = (self.down.as_raw_fd(), self.up.as_raw_fd());
         let mut to_up = Moved::default();
         let mut to_down = Moved::default();
         let created_before = pool.created;
         let refused_before = pool.resize_refused;
         let a = self.to_upstream.pump(down, up, pool, budget, &mut to_up);
-        let b = self.to_downstream.pump(up, down, pool, budget, &mut to_down);
+        let b = self
+            .to_downstream
+            .pump(up, down, pool, budget, &mut to_down);
         // Count on every splice, not at the end, so a long flow's bytes show up as they move.
         if to_up.0 > 0 {
             self.counters.received_bytes.fetch_add(to_up.0, Relaxed);
@@ -94,17 +106,23 @@ impl Flow {
         }
         if to_down.0 > 0 {
             self.counters.sent_bytes.fetch_add(to_down.0, Relaxed);
-            metrics.splice_bytes_to_downstream.fetch_add(to_down.0, Relaxed);
+            metrics
+                .splice_bytes_to_downstream
+                .fetch_add(to_down.0, Relaxed);
             self.record.bytes_to_downstream += to_down.0;
         }
         if to_up.0 + to_down.0 > 0 {
             self.last_active = now;
         }
         if pool.created != created_before {
-            metrics.pipes_created.fetch_add(pool.created - created_before, Relaxed);
+            metrics
+                .pipes_created
+                .fetch_add(pool.created - created_before, Relaxed);
         }
         if pool.resize_refused != refused_before {
-            metrics.pipe_resize_refused.fetch_add(pool.resize_refused - refused_before, Relaxed);
+            metrics
+                .pipe_resize_refused
+                .fetch_add(pool.resize_refused - refused_before, Relaxed);
         }
         let (a, b) = match (a, b) {
             (Ok(a), Ok(b)) => (a, b),
@@ -143,8 +161,20 @@ fn broken(e: PumpError, src: Side, dst: Side) -> End {
         Side::Upstream => FailureKind::UpstreamReset,
     };
     match e {
-        PumpError::Source(errno) => End::Broken { failed: src, kind: kind_for(src), errno },
-        PumpError::Destination(errno) => End::Broken { failed: dst, kind: kind_for(dst), errno },
-        PumpError::Pipe(errno) => End::Broken { failed: src, kind: FailureKind::PipeUnavailable, errno },
+        PumpError::Source(errno) => End::Broken {
+            failed: src,
+            kind: kind_for(src),
+            errno,
+        },
+        PumpError::Destination(errno) => End::Broken {
+            failed: dst,
+            kind: kind_for(dst),
+            errno,
+        },
+        PumpError::Pipe(errno) => End::Broken {
+            failed: src,
+            kind: FailureKind::PipeUnavailable,
+            errno,
+        },
     }
 }

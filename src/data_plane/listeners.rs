@@ -48,19 +48,39 @@ pub fn create_all(state: &State, reactors: usize) -> (Vec<Vec<Listener>>, Vec<St
         };
         let wants_v6 = w.ips.iter().any(|ip| ip.is_ipv6());
         let mut addrs = vec![
-            (Direction::Outbound, SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), ports.outbound), false),
-            (Direction::InboundPlaintext, SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), ports.inbound_plaintext), true),
+            (
+                Direction::Outbound,
+                SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), ports.outbound),
+                false,
+            ),
+            (
+                Direction::InboundPlaintext,
+                SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), ports.inbound_plaintext),
+                true,
+            ),
         ];
         if wants_v6 {
-            addrs.push((Direction::Outbound, SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), ports.outbound), false));
-            addrs.push((Direction::InboundPlaintext, SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), ports.inbound_plaintext), true));
+            addrs.push((
+                Direction::Outbound,
+                SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), ports.outbound),
+                false,
+            ));
+            addrs.push((
+                Direction::InboundPlaintext,
+                SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), ports.inbound_plaintext),
+                true,
+            ));
         }
         let made = on_helper_thread(netns.clone(), move || {
             let mut out = Vec::new();
             for _ in 0..reactors {
                 let mut set = Vec::new();
                 for (dir, addr, transparent) in &addrs {
-                    set.push((*dir, *addr, socket::listener(*addr, *transparent, mark, BACKLOG)));
+                    set.push((
+                        *dir,
+                        *addr,
+                        socket::listener(*addr, *transparent, mark, BACKLOG),
+                    ));
                 }
                 out.push(set);
             }
@@ -71,7 +91,13 @@ pub fn create_all(state: &State, reactors: usize) -> (Vec<Vec<Listener>>, Vec<St
                 for (r, set) in sets.into_iter().enumerate() {
                     for (direction, addr, fd) in set {
                         match fd {
-                            Ok(fd) => per_reactor[r].push(Listener { fd, workload: id, direction, addr, netns: netns.clone() }),
+                            Ok(fd) => per_reactor[r].push(Listener {
+                                fd,
+                                workload: id,
+                                direction,
+                                addr,
+                                netns: netns.clone(),
+                            }),
                             Err(e) => {
                                 if r == 0 {
                                     problems.push(format!("workload {name}: listener {addr}: {e}"));

@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 use slab::Slab;
 
 use super::driver::{self, token, Driver, Event, FlowKey, Side};
-use super::first_connection::{self, Accepted, Destination, Direction, EndpointPicker, RefuseReason, Resolution, Route};
+use super::first_connection::{
+    self, Accepted, Destination, Direction, EndpointPicker, RefuseReason, Resolution, Route,
+};
 use super::flow::{End, Flow, Phase, Step};
 use super::listeners::Listener;
 use super::socket;
@@ -68,13 +70,25 @@ impl ReactorControl {
     fn wake(&self) {
         let one: u64 = 1;
         // SAFETY: writing 8 bytes from a u64 to our eventfd.
-        unsafe { libc::write(self.waker.as_raw_fd(), &one as *const u64 as *const libc::c_void, 8) };
+        unsafe {
+            libc::write(
+                self.waker.as_raw_fd(),
+                &one as *const u64 as *const libc::c_void,
+                8,
+            )
+        };
     }
 
     fn drain_waker(&self) {
         let mut v: u64 = 0;
         // SAFETY: reading 8 bytes into a u64 from our non-blocking eventfd.
-        unsafe { libc::read(self.waker.as_raw_fd(), &mut v as *mut u64 as *mut libc::c_void, 8) };
+        unsafe {
+            libc::read(
+                self.waker.as_raw_fd(),
+                &mut v as *mut u64 as *mut libc::c_void,
+                8,
+            )
+        };
     }
 }
 
@@ -130,12 +144,17 @@ impl Reactor {
         if let Some(cpu) = spec.cpu {
             pin_to(cpu);
         }
+        crate::redirection::netns::prepare_thread()?;
         let (driver, fallback) = driver::create(spec.driver, RING_ENTRIES)?;
         match &fallback {
             Some(reason) => log::info!("reactor {}: using the epoll driver: {reason}", spec.id),
             None => log::info!("reactor {}: using the io_uring driver", spec.id),
         }
-        *spec.metrics.driver.lock().unwrap_or_else(|p| p.into_inner()) = driver.kind().label();
+        *spec
+            .metrics
+            .driver
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = driver.kind().label();
         let splice = spec.state.config.node.splice;
         let mut r = Reactor {
             id: spec.id,
@@ -157,7 +176,10 @@ impl Reactor {
         };
         r.driver.watch_waker(r.control.waker.as_raw_fd())?;
         for i in 0..r.listeners.len() {
-            let fd = r.listeners[i].as_ref().map(|l| l.fd.as_raw_fd()).unwrap_or(-1);
+            let fd = r.listeners[i]
+                .as_ref()
+                .map(|l| l.fd.as_raw_fd())
+                .unwrap_or(-1);
             r.driver.watch_listener(i, fd)?;
         }
         Ok(r)
@@ -189,6 +211,9 @@ impl Reactor {
             }
             self.run_queued(now);
             self.fire_timers(now);
+            self.metrics
+                .pipes_pooled
+                .store(self.pool.idle() as u64, Relaxed);
             if self.control.stop.load(SeqCst) {
                 self.close_all(CloseKind::Drained);
                 return Ok(());
@@ -202,7 +227,11 @@ impl Reactor {
                     return Ok(());
                 }
                 if now >= deadline {
-                    log::warn!("reactor {}: drain deadline passed; resetting {} open flows", self.id, self.flows.len());
+                    log::warn!(
+                        "reactor {}: drain deadline passed; resetting {} open flows",
+                        self.id,
+                        self.flows.len()
+                    );
                     self.close_all(CloseKind::Drained);
                     return Ok(());
                 }
@@ -225,7 +254,15 @@ impl Reactor {
         let keys: Vec<usize> = self.flows.iter().map(|(k, _)| k).collect();
         for k in keys {
             let key = self.flows[k].key;
-            self.finish(key, End::Broken { failed: Side::Downstream, kind: FailureKind::DownstreamReset, errno: 0 }, Some(how));
+            self.finish(
+                key,
+                End::Broken {
+                    failed: Side::Downstream,
+                    kind: FailureKind::DownstreamReset,
+                    errno: 0,
+                },
+                Some(how),
+            );
         }
     }
 
@@ -234,10 +271,18 @@ impl Reactor {
             Event::Accepted { listener, fd } => self.accept(listener, fd, now),
             Event::AcceptFailed { listener, errno } => {
                 self.metrics.failure(FailureKind::Accept);
-                log::warn!("reactor {}: accept on listener {listener} failed: {}", self.id, io::Error::from_raw_os_error(errno));
+                log::warn!(
+                    "reactor {}: accept on listener {listener} failed: {}",
+                    self.id,
+                    io::Error::from_raw_os_error(errno)
+                );
             }
             Event::Connected { flow, result } => self.connected(flow, result, now),
-            Event::Ready { flow, side, interest } => {
+            Event::Ready {
+                flow,
+                side,
+                interest,
+            } => {
                 let Some(f) = self.flow_mut(flow) else { return };
                 f.armed &= !driver::armed_bit(side, interest);
                 if f.phase == Phase::Open {
@@ -249,7 +294,9 @@ impl Reactor {
     }
 
     fn flow_mut(&mut self, key: FlowKey) -> Option<&mut Flow> {
-        self.flows.get_mut(key.index as usize).filter(|f| f.key == key)
+        self.flows
+            .get_mut(key.index as usize)
+            .filter(|f| f.key == key)
     }
 
     fn accept(&mut self, listener: usize, fd: OwnedFd, now: Instant) {
@@ -294,7 +341,13 @@ impl Reactor {
             // TPROXY leaves no NAT behind: the local address is the original destination.
             (Direction::InboundPlaintext, Err(_)) => local,
             (Direction::Outbound, Err(e)) => {
-                return self.refuse(fd, FailureKind::NoOriginalDst, e.raw_os_error(), record, now);
+                return self.refuse(
+                    fd,
+                    FailureKind::NoOriginalDst,
+                    e.raw_os_error(),
+                    record,
+                    now,
+                );
             }
         };
         record.original_dst = orig;
@@ -303,14 +356,26 @@ impl Reactor {
         if self.flows.len() >= self.max_flows {
             return self.refuse(fd, FailureKind::FlowLimit, None, record, now);
         }
-        let accepted = Accepted { direction, listener_workload: workload, peer, original_dst: orig };
-        let res = first_connection::resolve(registry, &self.state.config.node.ports, &accepted, &mut self.picker);
+        let accepted = Accepted {
+            direction,
+            listener_workload: workload,
+            peer,
+            original_dst: orig,
+        };
+        let res = first_connection::resolve(
+            registry,
+            &self.state.config.node.ports,
+            &accepted,
+            &mut self.picker,
+        );
         describe(&mut record, &res, &self.state);
         let kind = match res.route {
             Route::DirectTcp => None,
             Route::Refuse(RefuseReason::Loop) => Some(FailureKind::Loop),
             Route::Refuse(RefuseReason::NoHealthyEndpoint) => Some(FailureKind::NoHealthyEndpoint),
-            Route::Refuse(RefuseReason::NotForThisWorkload) => Some(FailureKind::NotForThisWorkload),
+            Route::Refuse(RefuseReason::NotForThisWorkload) => {
+                Some(FailureKind::NotForThisWorkload)
+            }
             Route::HboneTunnel { peer } => {
                 if !self.warned_tunnel {
                     self.warned_tunnel = true;
@@ -327,10 +392,16 @@ impl Reactor {
             return self.refuse(fd, kind, None, record, now);
         }
         let mark = self.state.config.node.socket_mark;
-        let up = match in_netns(netns.as_ref(), || socket::outbound_socket(&res.upstream, mark)) {
+        let up = match in_netns(netns.as_ref(), || {
+            socket::outbound_socket(&res.upstream, mark)
+        }) {
             Ok(Ok(s)) => s,
             Ok(Err(e)) | Err(e) => {
-                log::warn!("reactor {}: cannot make the upstream socket for {}: {e}", self.id, res.upstream);
+                log::warn!(
+                    "reactor {}: cannot make the upstream socket for {}: {e}",
+                    self.id,
+                    res.upstream
+                );
                 return self.refuse(fd, FailureKind::SocketSetup, e.raw_os_error(), record, now);
             }
         };
@@ -340,7 +411,10 @@ impl Reactor {
         let generation = self.next_generation;
         self.next_generation = self.next_generation.wrapping_add(1).max(1);
         let entry = self.flows.vacant_entry();
-        let key = FlowKey { index: entry.key() as u32, generation };
+        let key = FlowKey {
+            index: entry.key() as u32,
+            generation,
+        };
         let upstream = res.upstream;
         let up_raw = up.as_raw_fd();
         entry.insert(Flow {
@@ -367,8 +441,19 @@ impl Reactor {
             .and_then(|_| self.driver.register(key, Side::Upstream, up_raw))
             .and_then(|_| self.driver.register(key, Side::Downstream, raw));
         if let Err(e) = registered {
-            log::warn!("reactor {}: cannot start connect to {upstream}: {e}", self.id);
-            return self.finish(key, End::Broken { failed: Side::Upstream, kind: FailureKind::SocketSetup, errno: e.raw_os_error().unwrap_or(0) }, None);
+            log::warn!(
+                "reactor {}: cannot start connect to {upstream}: {e}",
+                self.id
+            );
+            return self.finish(
+                key,
+                End::Broken {
+                    failed: Side::Upstream,
+                    kind: FailureKind::SocketSetup,
+                    errno: e.raw_os_error().unwrap_or(0),
+                },
+                None,
+            );
         }
         self.timers.push(Reverse(Timer {
             at: now + self.state.config.node.timeouts.connect,
@@ -379,7 +464,14 @@ impl Reactor {
     }
 
     /// Resets a connection that will not be proxied, and records why.
-    fn refuse(&mut self, fd: OwnedFd, kind: FailureKind, errno: Option<i32>, mut record: FlowRecord, now: Instant) {
+    fn refuse(
+        &mut self,
+        fd: OwnedFd,
+        kind: FailureKind,
+        errno: Option<i32>,
+        mut record: FlowRecord,
+        now: Instant,
+    ) {
         self.metrics.failure(kind);
         self.metrics.closed(CloseKind::Failed);
         socket::close_with_reset(fd);
@@ -398,19 +490,38 @@ impl Reactor {
                 f.phase = Phase::Open;
                 f.counters.opened.fetch_add(1, Relaxed);
                 f.last_active = now;
-                self.timers.push(Reverse(Timer { at: now + idle, index: key.index, generation: key.generation, kind: TimerKind::Idle }));
+                self.timers.push(Reverse(Timer {
+                    at: now + idle,
+                    index: key.index,
+                    generation: key.generation,
+                    kind: TimerKind::Idle,
+                }));
                 self.drive(key, now);
             }
             Err(errno) => {
                 let kind = FailureKind::from_connect_errno(errno);
-                self.finish(key, End::Broken { failed: Side::Upstream, kind, errno }, None);
+                self.finish(
+                    key,
+                    End::Broken {
+                        failed: Side::Upstream,
+                        kind,
+                        errno,
+                    },
+                    None,
+                );
             }
         }
     }
 
     fn drive(&mut self, key: FlowKey, now: Instant) {
         let budget = self.state.config.node.splice.max_bytes_per_wakeup;
-        let Some(f) = self.flows.get_mut(key.index as usize).filter(|f| f.key == key) else { return };
+        let Some(f) = self
+            .flows
+            .get_mut(key.index as usize)
+            .filter(|f| f.key == key)
+        else {
+            return;
+        };
         match f.drive(&mut self.pool, budget, &self.metrics, now) {
             Step::Continue { wants, yielded } => {
                 for (side, interest) in wants.iter() {
@@ -453,17 +564,38 @@ impl Reactor {
                 break;
             }
             self.timers.pop();
-            let key = FlowKey { index: t.index, generation: t.generation };
-            let Some(f) = self.flow_mut(key) else { continue };
+            let key = FlowKey {
+                index: t.index,
+                generation: t.generation,
+            };
+            let Some(f) = self.flow_mut(key) else {
+                continue;
+            };
             match t.kind {
                 TimerKind::Connect if f.phase == Phase::Connecting => {
-                    self.finish(key, End::Broken { failed: Side::Upstream, kind: FailureKind::UpstreamConnectTimeout, errno: libc::ETIMEDOUT }, None);
+                    self.finish(
+                        key,
+                        End::Broken {
+                            failed: Side::Upstream,
+                            kind: FailureKind::UpstreamConnectTimeout,
+                            errno: libc::ETIMEDOUT,
+                        },
+                        None,
+                    );
                 }
                 TimerKind::Connect => {}
                 TimerKind::Idle => {
                     let due = f.last_active + idle;
                     if due <= now {
-                        self.finish(key, End::Broken { failed: Side::Downstream, kind: FailureKind::DownstreamReset, errno: 0 }, Some(CloseKind::IdleTimeout));
+                        self.finish(
+                            key,
+                            End::Broken {
+                                failed: Side::Downstream,
+                                kind: FailureKind::DownstreamReset,
+                                errno: 0,
+                            },
+                            Some(CloseKind::IdleTimeout),
+                        );
                     } else {
                         self.timers.push(Reverse(Timer { at: due, ..t }));
                     }
@@ -476,11 +608,16 @@ impl Reactor {
     /// (with a reset on the side that did not break, when one did), counts and logs it.
     /// `override_end` marks closes ringtun decided on (idle timeout, drain): both sides reset.
     fn finish(&mut self, key: FlowKey, end: End, override_end: Option<CloseKind>) {
-        if self.flows.get(key.index as usize).is_none_or(|f| f.key != key) {
+        if self
+            .flows
+            .get(key.index as usize)
+            .is_none_or(|f| f.key != key)
+        {
             return;
         }
         let mut f = self.flows.remove(key.index as usize);
-        self.driver.release(key, f.armed, f.phase == Phase::Connecting);
+        self.driver
+            .release(key, f.armed, f.phase == Phase::Connecting);
         f.to_upstream.release(&mut self.pool);
         f.to_downstream.release(&mut self.pool);
         self.metrics.flows_open.fetch_sub(1, Relaxed);
@@ -499,7 +636,14 @@ impl Reactor {
                 drop(f.up);
                 (CloseKind::Clean, None, None)
             }
-            (None, End::Broken { failed, kind, errno }) => {
+            (
+                None,
+                End::Broken {
+                    failed,
+                    kind,
+                    errno,
+                },
+            ) => {
                 // The broken side is closed as it is; the other learns of it as a reset.
                 match failed {
                     Side::Downstream => {
@@ -512,7 +656,11 @@ impl Reactor {
                     }
                 }
                 self.metrics.failure(kind);
-                let close = if was_open { CloseKind::Reset } else { CloseKind::Failed };
+                let close = if was_open {
+                    CloseKind::Reset
+                } else {
+                    CloseKind::Failed
+                };
                 (close, Some(kind), Some(errno).filter(|e| *e != 0))
             }
         };
@@ -535,7 +683,12 @@ fn describe(record: &mut FlowRecord, res: &Resolution, state: &State) {
     record.destination = match res.destination {
         Destination::Service { service, endpoint } => {
             let w = &reg.workload(endpoint).workload;
-            format!("service:{} endpoint:{}/{}", reg.service(service).hostname, w.namespace, w.name)
+            format!(
+                "service:{} endpoint:{}/{}",
+                reg.service(service).hostname,
+                w.namespace,
+                w.name
+            )
         }
         Destination::Workload(w) => {
             let w = &reg.workload(w).workload;
@@ -588,4 +741,3 @@ fn pin_to(cpu: usize) {
         }
     }
 }
-

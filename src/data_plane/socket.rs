@@ -19,7 +19,13 @@ fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
 fn setsockopt<T>(fd: RawFd, level: libc::c_int, name: libc::c_int, value: T) -> io::Result<()> {
     // SAFETY: `value` is a plain value of the type the option expects, passed with its size.
     check(unsafe {
-        libc::setsockopt(fd, level, name, &value as *const T as *const libc::c_void, size_of::<T>() as libc::socklen_t)
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            &value as *const T as *const libc::c_void,
+            size_of::<T>() as libc::socklen_t,
+        )
     })
     .map(|_| ())
 }
@@ -27,24 +33,63 @@ fn setsockopt<T>(fd: RawFd, level: libc::c_int, name: libc::c_int, value: T) -> 
 /// A non-blocking, close-on-exec TCP socket for `addr`'s family, marked with `mark` so the
 /// capture rules let it through, with Nagle off (the proxy forwards what it gets at once).
 pub fn outbound_socket(addr: &SocketAddr, mark: u32) -> io::Result<OwnedFd> {
-    let family = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    let family = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
     // SAFETY: plain syscall; the result is checked.
-    let fd = check(unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) })?;
+    let fd = check(unsafe {
+        libc::socket(
+            family,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    })?;
     // SAFETY: socket() returned a fresh descriptor we own.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_MARK, mark as libc::c_int).map_err(|e| {
-        io::Error::new(e.kind(), format!("SO_MARK {mark:#x} (needs CAP_NET_ADMIN): {e}"))
+    setsockopt(
+        fd.as_raw_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_MARK,
+        mark as libc::c_int,
+    )
+    .map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("SO_MARK {mark:#x} (needs CAP_NET_ADMIN): {e}"),
+        )
     })?;
-    setsockopt(fd.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_NODELAY, 1 as libc::c_int)?;
+    setsockopt(
+        fd.as_raw_fd(),
+        libc::IPPROTO_TCP,
+        libc::TCP_NODELAY,
+        1 as libc::c_int,
+    )?;
     Ok(fd)
 }
 
 /// A capture listener: `SO_REUSEPORT` so every reactor has its own accept queue on the same
 /// port; `transparent` for TPROXY (accepts connections addressed to any IP).
-pub fn listener(addr: SocketAddr, transparent: bool, mark: u32, backlog: i32) -> io::Result<OwnedFd> {
-    let family = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+pub fn listener(
+    addr: SocketAddr,
+    transparent: bool,
+    mark: u32,
+    backlog: i32,
+) -> io::Result<OwnedFd> {
+    let family = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
     // SAFETY: plain syscall; the result is checked.
-    let fd = check(unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) })?;
+    let fd = check(unsafe {
+        libc::socket(
+            family,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    })?;
     // SAFETY: socket() returned a fresh descriptor we own.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let raw = fd.as_raw_fd();
@@ -60,8 +105,12 @@ pub fn listener(addr: SocketAddr, transparent: bool, mark: u32, backlog: i32) ->
         } else {
             (libc::SOL_IPV6, libc::IPV6_TRANSPARENT)
         };
-        setsockopt(raw, level, opt, 1 as libc::c_int)
-            .map_err(|e| io::Error::new(e.kind(), format!("IP_TRANSPARENT (needs CAP_NET_ADMIN): {e}")))?;
+        setsockopt(raw, level, opt, 1 as libc::c_int).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("IP_TRANSPARENT (needs CAP_NET_ADMIN): {e}"),
+            )
+        })?;
     }
     let (sa, len) = sockaddr(addr);
     // SAFETY: `sa` holds a valid sockaddr of `len` bytes.
@@ -77,7 +126,10 @@ fn to_socket_addr(ss: &libc::sockaddr_storage) -> io::Result<SocketAddr> {
         libc::AF_INET => {
             // SAFETY: the family says the storage holds a sockaddr_in.
             let sin = unsafe { &*(ss as *const _ as *const libc::sockaddr_in) };
-            Ok(SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)), u16::from_be(sin.sin_port))))
+            Ok(SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
+                u16::from_be(sin.sin_port),
+            )))
         }
         libc::AF_INET6 => {
             // SAFETY: the family says the storage holds a sockaddr_in6.
@@ -85,11 +137,22 @@ fn to_socket_addr(ss: &libc::sockaddr_storage) -> io::Result<SocketAddr> {
             let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
             // A v4 peer on a v6 socket is reported as the v4 address it is.
             if let Some(v4) = ip.to_ipv4_mapped() {
-                return Ok(SocketAddr::V4(SocketAddrV4::new(v4, u16::from_be(sin6.sin6_port))));
+                return Ok(SocketAddr::V4(SocketAddrV4::new(
+                    v4,
+                    u16::from_be(sin6.sin6_port),
+                )));
             }
-            Ok(SocketAddr::V6(SocketAddrV6::new(ip, u16::from_be(sin6.sin6_port), sin6.sin6_flowinfo, sin6.sin6_scope_id)))
+            Ok(SocketAddr::V6(SocketAddrV6::new(
+                ip,
+                u16::from_be(sin6.sin6_port),
+                sin6.sin6_flowinfo,
+                sin6.sin6_scope_id,
+            )))
         }
-        f => Err(io::Error::new(io::ErrorKind::InvalidData, format!("unexpected address family {f}"))),
+        f => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("unexpected address family {f}"),
+        )),
     }
 }
 
@@ -118,7 +181,10 @@ pub fn set_nodelay(fd: RawFd) -> io::Result<()> {
 /// Closes a socket so the peer sees a reset (RST) rather than an orderly end (FIN): how a reset
 /// or a refusal on one side is passed on to the other.
 pub fn close_with_reset(fd: OwnedFd) {
-    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
     let _ = setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_LINGER, linger);
     drop(fd);
 }

@@ -31,12 +31,24 @@ impl Pipe {
         // SAFETY: pipe2 succeeded, so both are fresh descriptors we now own.
         let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
         // SAFETY: F_SETPIPE_SZ / F_GETPIPE_SZ on a pipe fd we own.
-        let set = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, size as libc::c_int) };
+        let set =
+            unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, size as libc::c_int) };
         let resized = set >= 0;
         // SAFETY: as above.
         let capacity = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ) };
-        let capacity = if capacity > 0 { capacity as usize } else { 65536 };
-        Ok((Pipe { read, write, capacity }, resized))
+        let capacity = if capacity > 0 {
+            capacity as usize
+        } else {
+            65536
+        };
+        Ok((
+            Pipe {
+                read,
+                write,
+                capacity,
+            },
+            resized,
+        ))
     }
 
     pub fn capacity(&self) -> usize {
@@ -59,7 +71,13 @@ pub struct PipePool {
 
 impl PipePool {
     pub fn new(pipe_size: usize, max_free: usize) -> Self {
-        PipePool { free: Vec::new(), max_free, pipe_size, resize_refused: 0, created: 0 }
+        PipePool {
+            free: Vec::new(),
+            max_free,
+            pipe_size,
+            resize_refused: 0,
+            created: 0,
+        }
     }
 
     pub fn get(&mut self) -> io::Result<Pipe> {
@@ -100,7 +118,14 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     // SAFETY: plain syscall on descriptors owned by the caller; null offsets (sockets and pipes
     // have no file position).
     let n = unsafe {
-        libc::splice(from, std::ptr::null_mut(), to, std::ptr::null_mut(), len, SPLICE_FLAGS)
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            SPLICE_FLAGS,
+        )
     };
     if n < 0 {
         Err(io::Error::last_os_error())
@@ -289,7 +314,13 @@ mod tests {
         let mut pump = Pump::default();
         let mut moved = Moved::default();
         loop {
-            match pump.pump(proxy_in.as_raw_fd(), proxy_out.as_raw_fd(), &mut pool, 1 << 20, &mut moved) {
+            match pump.pump(
+                proxy_in.as_raw_fd(),
+                proxy_out.as_raw_fd(),
+                &mut pool,
+                1 << 20,
+                &mut moved,
+            ) {
                 Ok(PumpStatus::Done) => break,
                 Ok(_) => std::thread::sleep(std::time::Duration::from_micros(200)),
                 Err(e) => panic!("pump failed: {e:?}"),

@@ -32,7 +32,10 @@ fn handled() -> SigSet {
 /// Waits up to `timeout` for one of the handled signals.
 pub fn wait_signal(timeout: Duration) -> Option<Received> {
     let set = handled();
-    let ts = libc::timespec { tv_sec: timeout.as_secs() as libc::time_t, tv_nsec: timeout.subsec_nanos() as libc::c_long };
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
     // SAFETY: `set` is a valid sigset_t; info pointer may be null; `ts` is a valid timespec.
     let sig = unsafe { libc::sigtimedwait(set.as_ref(), std::ptr::null_mut(), &ts) };
     match sig {

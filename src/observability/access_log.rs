@@ -32,7 +32,13 @@ pub struct FlowRecord {
 }
 
 impl FlowRecord {
-    pub fn set_end(&mut self, end: CloseKind, failure: Option<FailureKind>, errno: Option<i32>, took: Duration) {
+    pub fn set_end(
+        &mut self,
+        end: CloseKind,
+        failure: Option<FailureKind>,
+        errno: Option<i32>,
+        took: Duration,
+    ) {
         self.end = end.label();
         self.failure_class = failure.map(|f| f.class());
         self.failure_reason = failure.map(|f| f.reason());

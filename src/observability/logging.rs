@@ -18,7 +18,9 @@ impl Log for StderrLogger {
         if !self.enabled(record.metadata()) {
             return;
         }
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
         let thread = std::thread::current();
         let line = format!(
             "{}.{:03} {:5} {} {}: {}\n",
@@ -52,8 +54,10 @@ pub fn init(level: Option<&str>) {
     };
     let _ = log::set_logger(&LOGGER);
     log::set_max_level(filter);
-    if !matches!(wanted, "error" | "warn" | "info" | "debug" | "trace" | "off") {
+    if !matches!(
+        wanted,
+        "error" | "warn" | "info" | "debug" | "trace" | "off"
+    ) {
         log::warn!("unknown log level {wanted:?}; using info");
     }
 }
-

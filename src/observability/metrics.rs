@@ -54,8 +54,12 @@ impl FailureKind {
         use FailureKind::*;
         match self {
             DownstreamReset | NoOriginalDst => "downstream",
-            UpstreamRefused | UpstreamConnectTimeout | UpstreamUnreachable | UpstreamReset
-            | UpstreamError | NoHealthyEndpoint => "upstream",
+            UpstreamRefused
+            | UpstreamConnectTimeout
+            | UpstreamUnreachable
+            | UpstreamReset
+            | UpstreamError
+            | NoHealthyEndpoint => "upstream",
             Loop | NotForThisWorkload => "policy",
             PipeUnavailable | SocketSetup | Accept => "kernel",
             FlowLimit | TunnelUnavailable => "internal",
@@ -88,7 +92,9 @@ impl FailureKind {
         match errno {
             libc::ECONNREFUSED => FailureKind::UpstreamRefused,
             libc::ETIMEDOUT | libc::ECANCELED => FailureKind::UpstreamConnectTimeout,
-            libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EADDRNOTAVAIL => FailureKind::UpstreamUnreachable,
+            libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EADDRNOTAVAIL => {
+                FailureKind::UpstreamUnreachable
+            }
             libc::ECONNRESET => FailureKind::UpstreamReset,
             _ => FailureKind::UpstreamError,
         }
@@ -110,8 +116,13 @@ pub enum CloseKind {
 }
 
 impl CloseKind {
-    pub const ALL: [CloseKind; 5] =
-        [CloseKind::Clean, CloseKind::Reset, CloseKind::Failed, CloseKind::IdleTimeout, CloseKind::Drained];
+    pub const ALL: [CloseKind; 5] = [
+        CloseKind::Clean,
+        CloseKind::Reset,
+        CloseKind::Failed,
+        CloseKind::IdleTimeout,
+        CloseKind::Drained,
+    ];
 
     pub fn label(self) -> &'static str {
         match self {
@@ -159,6 +170,8 @@ pub struct ReactorMetrics {
     pub splice_bytes_to_downstream: AtomicU64,
     pub pipes_created: AtomicU64,
     pub pipe_resize_refused: AtomicU64,
+    /// Empty pipes held for reuse (two descriptors each).
+    pub pipes_pooled: AtomicU64,
     failures: [AtomicU64; FailureKind::ALL.len()],
     closed: [AtomicU64; CloseKind::ALL.len()],
     tcp: Mutex<HashMap<TcpLabels, Arc<TcpCounters>>>,
@@ -175,6 +188,7 @@ impl ReactorMetrics {
             splice_bytes_to_downstream: AtomicU64::new(0),
             pipes_created: AtomicU64::new(0),
             pipe_resize_refused: AtomicU64::new(0),
+            pipes_pooled: AtomicU64::new(0),
             failures: Default::default(),
             closed: Default::default(),
             tcp: Mutex::new(HashMap::new()),
@@ -182,12 +196,18 @@ impl ReactorMetrics {
     }
 
     pub fn failure(&self, kind: FailureKind) {
-        let i = FailureKind::ALL.iter().position(|k| *k == kind).unwrap_or(0);
+        let i = FailureKind::ALL
+            .iter()
+            .position(|k| *k == kind)
+            .unwrap_or(0);
         self.failures[i].fetch_add(1, Relaxed);
     }
 
     pub fn failures(&self, kind: FailureKind) -> u64 {
-        let i = FailureKind::ALL.iter().position(|k| *k == kind).unwrap_or(0);
+        let i = FailureKind::ALL
+            .iter()
+            .position(|k| *k == kind)
+            .unwrap_or(0);
         self.failures[i].load(Relaxed)
     }
 
@@ -234,11 +254,19 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new(reactors: usize, facts: ProcessFacts) -> Self {
-        Metrics { reactors: (0..reactors).map(|i| Arc::new(ReactorMetrics::new(i))).collect(), facts }
+        Metrics {
+            reactors: (0..reactors)
+                .map(|i| Arc::new(ReactorMetrics::new(i)))
+                .collect(),
+            facts,
+        }
     }
 
     pub fn flows_open(&self) -> u64 {
-        self.reactors.iter().map(|r| r.flows_open.load(Relaxed)).sum()
+        self.reactors
+            .iter()
+            .map(|r| r.flows_open.load(Relaxed))
+            .sum()
     }
 
     pub fn failures(&self, kind: FailureKind) -> u64 {
@@ -275,10 +303,26 @@ impl Metrics {
         let mut rows: Vec<_> = tcp.into_iter().collect();
         rows.sort_by(|a, b| format!("{:?}", a.0).cmp(&format!("{:?}", b.0)));
         let names = [
-            ("istio_tcp_connections_opened_total", "TCP connections opened", 0),
-            ("istio_tcp_connections_closed_total", "TCP connections closed", 1),
-            ("istio_tcp_sent_bytes_total", "Bytes sent toward the client", 2),
-            ("istio_tcp_received_bytes_total", "Bytes received from the client", 3),
+            (
+                "istio_tcp_connections_opened_total",
+                "TCP connections opened",
+                0,
+            ),
+            (
+                "istio_tcp_connections_closed_total",
+                "TCP connections closed",
+                1,
+            ),
+            (
+                "istio_tcp_sent_bytes_total",
+                "Bytes sent toward the client",
+                2,
+            ),
+            (
+                "istio_tcp_received_bytes_total",
+                "Bytes received from the client",
+                3,
+            ),
         ];
         for (name, help, i) in names {
             let _ = writeln!(out, "# HELP {name} {help}.\n# TYPE {name} counter");
@@ -296,13 +340,49 @@ impl Metrics {
                 );
             }
         }
-        let per_reactor: [(&str, &str, &str, fn(&ReactorMetrics) -> u64); 6] = [
-            ("ringtun_flows_open", "gauge", "Flows open on each reactor", |r| r.flows_open.load(Relaxed)),
-            ("ringtun_connections_accepted_total", "counter", "Connections accepted from capture listeners", |r| r.accepted.load(Relaxed)),
-            ("ringtun_splice_bytes_to_upstream_total", "counter", "Bytes spliced client to upstream", |r| r.splice_bytes_to_upstream.load(Relaxed)),
-            ("ringtun_splice_bytes_to_downstream_total", "counter", "Bytes spliced upstream to client", |r| r.splice_bytes_to_downstream.load(Relaxed)),
-            ("ringtun_pipes_created_total", "counter", "Pipes created (reuse not counted)", |r| r.pipes_created.load(Relaxed)),
-            ("ringtun_pipe_resize_refused_total", "counter", "Pipes the kernel kept at default size", |r| r.pipe_resize_refused.load(Relaxed)),
+        let per_reactor: [(&str, &str, &str, fn(&ReactorMetrics) -> u64); 7] = [
+            (
+                "ringtun_flows_open",
+                "gauge",
+                "Flows open on each reactor",
+                |r| r.flows_open.load(Relaxed),
+            ),
+            (
+                "ringtun_connections_accepted_total",
+                "counter",
+                "Connections accepted from capture listeners",
+                |r| r.accepted.load(Relaxed),
+            ),
+            (
+                "ringtun_splice_bytes_to_upstream_total",
+                "counter",
+                "Bytes spliced client to upstream",
+                |r| r.splice_bytes_to_upstream.load(Relaxed),
+            ),
+            (
+                "ringtun_splice_bytes_to_downstream_total",
+                "counter",
+                "Bytes spliced upstream to client",
+                |r| r.splice_bytes_to_downstream.load(Relaxed),
+            ),
+            (
+                "ringtun_pipes_created_total",
+                "counter",
+                "Pipes created (reuse not counted)",
+                |r| r.pipes_created.load(Relaxed),
+            ),
+            (
+                "ringtun_pipe_resize_refused_total",
+                "counter",
+                "Pipes the kernel kept at default size",
+                |r| r.pipe_resize_refused.load(Relaxed),
+            ),
+            (
+                "ringtun_pipes_pooled",
+                "gauge",
+                "Empty pipes held for reuse (two descriptors each)",
+                |r| r.pipes_pooled.load(Relaxed),
+            ),
         ];
         for (name, kind, help, get) in per_reactor {
             let _ = writeln!(out, "# HELP {name} {help}.\n# TYPE {name} {kind}");
@@ -313,7 +393,11 @@ impl Metrics {
         let _ = writeln!(out, "# HELP ringtun_driver_info Readiness driver each reactor runs.\n# TYPE ringtun_driver_info gauge");
         for r in &self.reactors {
             let d = *r.driver.lock().unwrap_or_else(|p| p.into_inner());
-            let _ = writeln!(out, "ringtun_driver_info{{reactor=\"{}\",driver=\"{d}\"}} 1", r.reactor);
+            let _ = writeln!(
+                out,
+                "ringtun_driver_info{{reactor=\"{}\",driver=\"{d}\"}} 1",
+                r.reactor
+            );
         }
         let _ = writeln!(out, "# HELP ringtun_connection_failures_total Failed connections by class and reason.\n# TYPE ringtun_connection_failures_total counter");
         for kind in FailureKind::ALL {
@@ -327,8 +411,16 @@ impl Metrics {
         }
         let _ = writeln!(out, "# HELP ringtun_flows_closed_total Flows ended, by how.\n# TYPE ringtun_flows_closed_total counter");
         for (i, kind) in CloseKind::ALL.iter().enumerate() {
-            let v: u64 = self.reactors.iter().map(|r| r.closed[i].load(Relaxed)).sum();
-            let _ = writeln!(out, "ringtun_flows_closed_total{{end=\"{}\"}} {v}", kind.label());
+            let v: u64 = self
+                .reactors
+                .iter()
+                .map(|r| r.closed[i].load(Relaxed))
+                .sum();
+            let _ = writeln!(
+                out,
+                "ringtun_flows_closed_total{{end=\"{}\"}} {v}",
+                kind.label()
+            );
         }
         let _ = writeln!(
             out,
@@ -340,14 +432,18 @@ impl Metrics {
             "# HELP ringtun_max_flows_per_reactor Flow limit per reactor after the fd budget.\n# TYPE ringtun_max_flows_per_reactor gauge\nringtun_max_flows_per_reactor {}",
             self.facts.max_flows_per_reactor
         );
-        let fds = std::fs::read_dir("/proc/self/fd").map(|d| d.count() as u64).unwrap_or(0);
+        let fds = std::fs::read_dir("/proc/self/fd")
+            .map(|d| d.count() as u64)
+            .unwrap_or(0);
         let _ = writeln!(out, "# HELP ringtun_open_fds Descriptors open in the process.\n# TYPE ringtun_open_fds gauge\nringtun_open_fds {fds}");
         out
     }
 }
 
 fn esc(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 #[cfg(test)]
@@ -368,13 +464,26 @@ mod tests {
     #[test]
     fn scrape_sums_reactor_shards() {
         let m = Metrics::new(2, ProcessFacts::default());
-        m.reactors[0].tcp_counters(labels("a")).received_bytes.fetch_add(5, Relaxed);
-        m.reactors[1].tcp_counters(labels("a")).received_bytes.fetch_add(7, Relaxed);
+        m.reactors[0]
+            .tcp_counters(labels("a"))
+            .received_bytes
+            .fetch_add(5, Relaxed);
+        m.reactors[1]
+            .tcp_counters(labels("a"))
+            .received_bytes
+            .fetch_add(7, Relaxed);
         m.reactors[1].failure(FailureKind::UpstreamRefused);
         let text = m.render();
-        assert!(text.contains("istio_tcp_received_bytes_total{reporter=\"source\",source_workload=\"a\""));
-        assert!(text.lines().any(|l| l.starts_with("istio_tcp_received_bytes_total") && l.ends_with(" 12")), "{text}");
-        assert!(text.contains("ringtun_connection_failures_total{class=\"upstream\",reason=\"refused\"} 1"));
+        assert!(text
+            .contains("istio_tcp_received_bytes_total{reporter=\"source\",source_workload=\"a\""));
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("istio_tcp_received_bytes_total") && l.ends_with(" 12")),
+            "{text}"
+        );
+        assert!(text.contains(
+            "ringtun_connection_failures_total{class=\"upstream\",reason=\"refused\"} 1"
+        ));
     }
 
     #[test]

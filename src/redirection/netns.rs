@@ -34,12 +34,30 @@ thread_local! {
     static HOME: RefCell<Option<OwnedFd>> = const { RefCell::new(None) };
 }
 
+/// Opens this thread's way home now, so the descriptor exists from the start (a reactor calls
+/// this once; later pod-namespace sockets then cost no new descriptors).
+pub fn prepare_thread() -> io::Result<()> {
+    HOME.with(|home| -> io::Result<()> {
+        let mut home = home.borrow_mut();
+        if home.is_none() {
+            *home = Some(OwnedFd::from(File::open("/proc/thread-self/ns/net")?));
+        }
+        Ok(())
+    })
+}
+
 impl NetNs {
     pub fn open(path: &Path) -> io::Result<Self> {
         let file = File::open(path).map_err(|e| {
-            io::Error::new(e.kind(), format!("network namespace {}: {e}", path.display()))
+            io::Error::new(
+                e.kind(),
+                format!("network namespace {}: {e}", path.display()),
+            )
         })?;
-        Ok(NetNs { path: path.to_path_buf(), fd: Arc::new(OwnedFd::from(file)) })
+        Ok(NetNs {
+            path: path.to_path_buf(),
+            fd: Arc::new(OwnedFd::from(file)),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -49,13 +67,7 @@ impl NetNs {
     /// Runs `f` with this thread inside the namespace and returns to the thread's original
     /// namespace before returning, whatever `f` did.
     pub fn enter_for<T>(&self, f: impl FnOnce() -> T) -> io::Result<T> {
-        HOME.with(|home| -> io::Result<()> {
-            let mut home = home.borrow_mut();
-            if home.is_none() {
-                *home = Some(OwnedFd::from(File::open("/proc/thread-self/ns/net")?));
-            }
-            Ok(())
-        })?;
+        prepare_thread()?;
         setns(self.fd.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|e| {
             io::Error::new(
                 io::Error::from(e).kind(),
@@ -69,7 +81,10 @@ impl NetNs {
             // Failing to return would leave the reactor making sockets in a pod's namespace:
             // that is unrecoverable for this thread, so it is a fatal error.
             if let Err(e) = setns(fd.as_fd(), CloneFlags::CLONE_NEWNET) {
-                panic!("cannot return to the original network namespace (fd {}): {e}", fd.as_raw_fd());
+                panic!(
+                    "cannot return to the original network namespace (fd {}): {e}",
+                    fd.as_raw_fd()
+                );
             }
         });
         Ok(out)

@@ -5,9 +5,9 @@
 //! all at once and each with its place in the file, everything that is wrong with it.
 //! `ringtun check-config` is a thin wrapper around [`load`].
 
+mod default;
 mod parse;
 mod validate;
-mod default;
 
 pub use default::DEFAULT_CONFIG_YAML;
 pub use validate::load;
@@ -32,7 +32,11 @@ pub struct ConfigError {
 
 impl std::fmt::Display for ConfigError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}: {}: {}", self.line, self.column, self.path, self.message)
+        write!(
+            f,
+            "{}:{}: {}: {}",
+            self.line, self.column, self.path, self.message
+        )
     }
 }
 

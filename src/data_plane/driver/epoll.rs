@@ -58,14 +58,24 @@ impl EpollDriver {
         for _ in 0..ACCEPT_BATCH {
             // SAFETY: accept4 on a listening socket we own; no address buffer requested.
             let s = unsafe {
-                libc::accept4(fd, std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
+                libc::accept4(
+                    fd,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                )
             };
             if s >= 0 {
                 // SAFETY: accept4 returned a new descriptor we now own.
-                events.push(Event::Accepted { listener, fd: unsafe { OwnedFd::from_raw_fd(s) } });
+                events.push(Event::Accepted {
+                    listener,
+                    fd: unsafe { OwnedFd::from_raw_fd(s) },
+                });
                 continue;
             }
-            let e = io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
+            let e = io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO);
             match e {
                 libc::EAGAIN => return,
                 libc::EINTR | libc::ECONNABORTED => continue,
@@ -73,7 +83,8 @@ impl EpollDriver {
                     events.push(Event::AcceptFailed { listener, errno: e });
                     // Level-triggered: stop watching for a moment instead of spinning.
                     let _ = self.ctl(libc::EPOLL_CTL_DEL, fd, 0, 0);
-                    self.paused.push((listener, Instant::now() + ACCEPT_BACKOFF));
+                    self.paused
+                        .push((listener, Instant::now() + ACCEPT_BACKOFF));
                     return;
                 }
             }
@@ -91,7 +102,12 @@ impl Driver for EpollDriver {
             self.listeners.resize(listener + 1, None);
         }
         self.listeners[listener] = Some(fd);
-        self.ctl(libc::EPOLL_CTL_ADD, fd, libc::EPOLLIN as u32, token::simple(Op::Accept, listener as u32))
+        self.ctl(
+            libc::EPOLL_CTL_ADD,
+            fd,
+            libc::EPOLLIN as u32,
+            token::simple(Op::Accept, listener as u32),
+        )
     }
 
     fn unwatch_listener(&mut self, listener: usize, fd: RawFd) {
@@ -103,12 +119,22 @@ impl Driver for EpollDriver {
     }
 
     fn watch_waker(&mut self, fd: RawFd) -> io::Result<()> {
-        self.ctl(libc::EPOLL_CTL_ADD, fd, libc::EPOLLIN as u32, token::simple(Op::Waker, 0))
+        self.ctl(
+            libc::EPOLL_CTL_ADD,
+            fd,
+            libc::EPOLLIN as u32,
+            token::simple(Op::Waker, 0),
+        )
     }
 
     fn register(&mut self, flow: FlowKey, side: Side, fd: RawFd) -> io::Result<()> {
         let events = (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
-        self.ctl(libc::EPOLL_CTL_ADD, fd, events, token::flow(Op::Poll, flow, side, Interest::Read))
+        self.ctl(
+            libc::EPOLL_CTL_ADD,
+            fd,
+            events,
+            token::flow(Op::Poll, flow, side, Interest::Read),
+        )
     }
 
     fn connect(&mut self, flow: FlowKey, fd: RawFd, addr: SocketAddr) -> io::Result<()> {
@@ -116,14 +142,22 @@ impl Driver for EpollDriver {
         // SAFETY: `storage` holds a valid sockaddr of `len` bytes.
         let rc = unsafe { libc::connect(fd, &storage as *const _ as *const libc::sockaddr, len) };
         if rc == 0 {
-            self.ready.push(Event::Connected { flow, result: Ok(()) });
+            self.ready.push(Event::Connected {
+                flow,
+                result: Ok(()),
+            });
             return Ok(());
         }
-        let e = io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
+        let e = io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO);
         if e == libc::EINPROGRESS {
             self.connecting.insert(flow, fd);
         } else {
-            self.ready.push(Event::Connected { flow, result: Err(e) });
+            self.ready.push(Event::Connected {
+                flow,
+                result: Err(e),
+            });
         }
         Ok(())
     }
@@ -147,7 +181,12 @@ impl Driver for EpollDriver {
             if at <= now {
                 self.paused.swap_remove(i);
                 if let Some(Some(fd)) = self.listeners.get(l).copied() {
-                    let _ = self.ctl(libc::EPOLL_CTL_ADD, fd, libc::EPOLLIN as u32, token::simple(Op::Accept, l as u32));
+                    let _ = self.ctl(
+                        libc::EPOLL_CTL_ADD,
+                        fd,
+                        libc::EPOLLIN as u32,
+                        token::simple(Op::Accept, l as u32),
+                    );
                 }
             } else {
                 let left = at - now;
@@ -165,7 +204,12 @@ impl Driver for EpollDriver {
         };
         // SAFETY: `buf` has room for `buf.len()` events.
         let n = unsafe {
-            libc::epoll_wait(self.epfd.as_raw_fd(), self.buf.as_mut_ptr(), self.buf.len() as i32, ms)
+            libc::epoll_wait(
+                self.epfd.as_raw_fd(),
+                self.buf.as_mut_ptr(),
+                self.buf.len() as i32,
+                ms,
+            )
         };
         events.append(&mut self.ready);
         if n < 0 {
@@ -192,16 +236,27 @@ impl Driver for EpollDriver {
                         if let Some(fd) = self.connecting.remove(&d.key) {
                             let err = take_socket_error(fd);
                             let result = if err == 0 { Ok(()) } else { Err(err) };
-                            events.push(Event::Connected { flow: d.key, result });
+                            events.push(Event::Connected {
+                                flow: d.key,
+                                result,
+                            });
                             continue;
                         }
                     }
                     let err = (libc::EPOLLERR | libc::EPOLLHUP) as u32;
                     if bits & ((libc::EPOLLIN | libc::EPOLLRDHUP) as u32 | err) != 0 {
-                        events.push(Event::Ready { flow: d.key, side: d.side, interest: Interest::Read });
+                        events.push(Event::Ready {
+                            flow: d.key,
+                            side: d.side,
+                            interest: Interest::Read,
+                        });
                     }
                     if bits & (libc::EPOLLOUT as u32 | err) != 0 {
-                        events.push(Event::Ready { flow: d.key, side: d.side, interest: Interest::Write });
+                        events.push(Event::Ready {
+                            flow: d.key,
+                            side: d.side,
+                            interest: Interest::Write,
+                        });
                     }
                 }
                 _ => {}
@@ -217,10 +272,18 @@ pub fn take_socket_error(fd: RawFd) -> i32 {
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: valid fd; `err`/`len` describe a c_int buffer.
     let rc = unsafe {
-        libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_ERROR, &mut err as *mut _ as *mut libc::c_void, &mut len)
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            &mut err as *mut _ as *mut libc::c_void,
+            &mut len,
+        )
     };
     if rc != 0 {
-        io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+        io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO)
     } else {
         err
     }

@@ -58,9 +58,16 @@ pub enum Event {
     /// Accepting on `listener` failed (EMFILE, ENFILE, …); the driver keeps accepting.
     AcceptFailed { listener: usize, errno: i32 },
     /// The connect started for this flow finished: `Ok` or the errno.
-    Connected { flow: FlowKey, result: Result<(), i32> },
+    Connected {
+        flow: FlowKey,
+        result: Result<(), i32>,
+    },
     /// A socket of this flow is ready (or in error) for the given interest.
-    Ready { flow: FlowKey, side: Side, interest: Interest },
+    Ready {
+        flow: FlowKey,
+        side: Side,
+        interest: Interest,
+    },
     /// The reactor's waker fired (a control message is waiting).
     Woken,
 }
@@ -108,7 +115,10 @@ pub trait Driver {
 /// for falling back is returned so it can be logged once.
 pub fn create(choice: DriverChoice, entries: u32) -> io::Result<(Box<dyn Driver>, Option<String>)> {
     match choice {
-        DriverChoice::Epoll => Ok((Box::new(epoll::EpollDriver::new()?), Some("forced by configuration".into()))),
+        DriverChoice::Epoll => Ok((
+            Box::new(epoll::EpollDriver::new()?),
+            Some("forced by configuration".into()),
+        )),
         DriverChoice::IoUring => Ok((Box::new(uring::UringDriver::new(entries)?), None)),
         DriverChoice::Auto => match uring::UringDriver::new(entries) {
             Ok(d) => Ok((Box::new(d), None)),
@@ -129,7 +139,9 @@ pub fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
             let sin = libc::sockaddr_in {
                 sin_family: libc::AF_INET as libc::sa_family_t,
                 sin_port: a.port().to_be(),
-                sin_addr: libc::in_addr { s_addr: u32::from(*a.ip()).to_be() },
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(*a.ip()).to_be(),
+                },
                 sin_zero: [0; 8],
             };
             // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
@@ -141,7 +153,9 @@ pub fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
                 sin6_family: libc::AF_INET6 as libc::sa_family_t,
                 sin6_port: a.port().to_be(),
                 sin6_flowinfo: a.flowinfo(),
-                sin6_addr: libc::in6_addr { s6_addr: a.ip().octets() },
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
                 sin6_scope_id: a.scope_id(),
             };
             // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.

@@ -55,11 +55,25 @@ pub fn decode(v: u64) -> Decoded {
         6 => Some(Op::Cancel),
         _ => None,
     };
-    let side = if (v >> 4) & 1 == 0 { Side::Downstream } else { Side::Upstream };
-    let interest = if (v >> 5) & 1 == 0 { Interest::Read } else { Interest::Write };
+    let side = if (v >> 4) & 1 == 0 {
+        Side::Downstream
+    } else {
+        Side::Upstream
+    };
+    let interest = if (v >> 5) & 1 == 0 {
+        Interest::Read
+    } else {
+        Interest::Write
+    };
     let index = ((v >> 6) as u32) & MAX_INDEX;
     let generation = (v >> 32) as u32;
-    Decoded { op, side, interest, index, key: FlowKey { index, generation } }
+    Decoded {
+        op,
+        side,
+        interest,
+        index,
+        key: FlowKey { index, generation },
+    }
 }
 
 #[cfg(test)]
@@ -68,7 +82,10 @@ mod tests {
 
     #[test]
     fn tokens_round_trip_every_field() {
-        let key = FlowKey { index: MAX_INDEX, generation: u32::MAX };
+        let key = FlowKey {
+            index: MAX_INDEX,
+            generation: u32::MAX,
+        };
         let d = decode(flow(Op::Poll, key, Side::Upstream, Interest::Write));
         assert_eq!(d.op, Some(Op::Poll));
         assert_eq!(d.side, Side::Upstream);

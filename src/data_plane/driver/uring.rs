@@ -48,7 +48,10 @@ pub fn unavailable_reason(e: &io::Error) -> String {
 
 impl UringDriver {
     pub fn new(entries: u32) -> io::Result<Self> {
-        let ring = IoUring::builder().setup_coop_taskrun().build(entries).or_else(|_| IoUring::new(entries))?;
+        let ring = IoUring::builder()
+            .setup_coop_taskrun()
+            .build(entries)
+            .or_else(|_| IoUring::new(entries))?;
         Ok(UringDriver {
             ring,
             listeners: Vec::new(),
@@ -129,9 +132,13 @@ impl Driver for UringDriver {
     fn connect(&mut self, flow: FlowKey, fd: RawFd, addr: SocketAddr) -> io::Result<()> {
         let ud = token::flow(Op::Connect, flow, Side::Upstream, Interest::Write);
         let boxed = Box::new(sockaddr(addr));
-        let e = opcode::Connect::new(types::Fd(fd), &boxed.0 as *const _ as *const libc::sockaddr, boxed.1)
-            .build()
-            .user_data(ud);
+        let e = opcode::Connect::new(
+            types::Fd(fd),
+            &boxed.0 as *const _ as *const libc::sockaddr,
+            boxed.1,
+        )
+        .build()
+        .user_data(ud);
         self.connect_addrs.insert(ud, boxed);
         self.push(e);
         Ok(())
@@ -157,9 +164,14 @@ impl Driver for UringDriver {
             }
         }
         if connecting {
-            let e = opcode::AsyncCancel::new(token::flow(Op::Connect, flow, Side::Upstream, Interest::Write))
-                .build()
-                .user_data(token::simple(Op::Cancel, 0));
+            let e = opcode::AsyncCancel::new(token::flow(
+                Op::Connect,
+                flow,
+                Side::Upstream,
+                Interest::Write,
+            ))
+            .build()
+            .user_data(token::simple(Op::Cancel, 0));
             self.push(e);
         }
     }
@@ -189,7 +201,9 @@ impl Driver for UringDriver {
                 // One count-1 timeout ends at the first completion, so they never pile up; only
                 // add one when none in flight would fire early enough.
                 if self.timer_in_flight.is_none_or(|d| d > deadline) {
-                    *self.timer = types::Timespec::new().sec(t.as_secs()).nsec(t.subsec_nanos());
+                    *self.timer = types::Timespec::new()
+                        .sec(t.as_secs())
+                        .nsec(t.subsec_nanos());
                     let e = opcode::Timeout::new(&*self.timer as *const _)
                         .count(1)
                         .build()
@@ -203,7 +217,11 @@ impl Driver for UringDriver {
         };
         match self.ring.submit_and_wait(wait_for) {
             Ok(_) => {}
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::ETIME)) => {}
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::ETIME)
+                ) => {}
             Err(e) => return Err(e),
         }
         let mut rearm_accept = Vec::new();
@@ -218,9 +236,15 @@ impl Driver for UringDriver {
                     let more = cqueue::more(cqe.flags());
                     if res >= 0 {
                         // SAFETY: a successful accept completion hands us a new descriptor.
-                        events.push(Event::Accepted { listener: l, fd: unsafe { OwnedFd::from_raw_fd(res) } });
+                        events.push(Event::Accepted {
+                            listener: l,
+                            fd: unsafe { OwnedFd::from_raw_fd(res) },
+                        });
                     } else if res != -libc::ECANCELED {
-                        events.push(Event::AcceptFailed { listener: l, errno: -res });
+                        events.push(Event::AcceptFailed {
+                            listener: l,
+                            errno: -res,
+                        });
                     }
                     if !more && res != -libc::ECANCELED {
                         rearm_accept.push((l, res < 0));
@@ -229,11 +253,18 @@ impl Driver for UringDriver {
                 Some(Op::Connect) => {
                     self.connect_addrs.remove(&ud);
                     let result = if res >= 0 { Ok(()) } else { Err(-res) };
-                    events.push(Event::Connected { flow: d.key, result });
+                    events.push(Event::Connected {
+                        flow: d.key,
+                        result,
+                    });
                 }
                 Some(Op::Poll) => {
                     if res != -libc::ECANCELED {
-                        events.push(Event::Ready { flow: d.key, side: d.side, interest: d.interest });
+                        events.push(Event::Ready {
+                            flow: d.key,
+                            side: d.side,
+                            interest: d.interest,
+                        });
                     }
                 }
                 Some(Op::Waker) => {

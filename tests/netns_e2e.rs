@@ -1,0 +1,605 @@
+//! End-to-end tests of the capture and the fast path, as root, in network namespaces with the
+//! real iptables rules: a client pod, two mesh pods behind a service VIP and a server outside
+//! the mesh (see `ringtun::testbed`), served by `ringtun run` in the node namespace. Every test
+//! runs once per driver (io_uring and epoll), ends with SIGTERM and exit code 0, and checks that
+//! ringtun's descriptor count returned to its baseline.
+//!
+//! Without root each test prints `SKIPPED (needs root)` to stderr; with `CI` set it fails.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ringtun::testbed::{
+    self, connect_in, listen_in, serve_exchanges, Pod, RingtunProcess, Testbed,
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_ringtun");
+const EXT_PORT: u16 = 9000;
+
+fn root_or_skip(name: &str) -> bool {
+    if testbed::is_root() {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("{name}: root tests must run as root in CI");
+    }
+    eprintln!("SKIPPED (needs root): {name}");
+    false
+}
+
+struct Node {
+    tb: Testbed,
+    ringtun: Option<RingtunProcess>,
+    baseline_fds: usize,
+}
+
+impl Node {
+    fn start(driver: &str, extra_node: &str) -> Node {
+        let tb = Testbed::create(&driver[..2]).expect("testbed");
+        let config = tb.config_yaml(2, extra_node);
+        let dir = std::env::temp_dir().join(&tb.prefix);
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg_path = dir.join("capture.yaml");
+        std::fs::write(&cfg_path, &config).unwrap();
+        for pod in Testbed::captured_pods() {
+            let out = Command::new(BIN)
+                .args([
+                    "redirect",
+                    "install",
+                    "--netns",
+                    &tb.pod_name(pod),
+                    "--config",
+                ])
+                .arg(&cfg_path)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "redirect install: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let ringtun = RingtunProcess::spawn(Path::new(BIN), &tb, &config, &["--driver", driver])
+            .expect("ringtun starts");
+        let metrics = ringtun.metrics().unwrap();
+        let want = format!("driver=\"{}\"", driver.replace('-', "_"));
+        assert!(
+            metrics.contains(&want),
+            "driver not in use: {want}\n{metrics}"
+        );
+        let baseline_fds = settled_fds(&ringtun, None);
+        Node {
+            tb,
+            ringtun: Some(ringtun),
+            baseline_fds,
+        }
+    }
+
+    fn ringtun(&self) -> &RingtunProcess {
+        self.ringtun.as_ref().unwrap()
+    }
+
+    fn ns(&self, pod: Pod) -> ringtun::redirection::netns::NetNs {
+        self.tb.pod_ns(pod).unwrap()
+    }
+
+    fn connect(&self, to: SocketAddr) -> TcpStream {
+        connect_in(&self.ns(Pod::Client), to).expect("client connects")
+    }
+
+    fn metric(&self, name: &str, labels: &[&str]) -> f64 {
+        self.ringtun().metric(name, labels).unwrap()
+    }
+
+    /// Waits until a counter reaches `at_least` (flows end asynchronously after the client sees it).
+    fn wait_metric(&self, name: &str, labels: &[&str], at_least: f64) -> f64 {
+        let start = Instant::now();
+        loop {
+            let v = self.metric(name, labels);
+            if v >= at_least || start.elapsed() > Duration::from_secs(10) {
+                return v;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Every flow gone, descriptors back to baseline (pooled empty pipes accounted for), then
+    /// SIGTERM and exit 0.
+    fn finish(mut self) {
+        let r = self.ringtun.take().unwrap();
+        let open = {
+            let start = Instant::now();
+            loop {
+                let open = r.metric("ringtun_flows_open", &[]).unwrap();
+                if open == 0.0 || start.elapsed() > Duration::from_secs(10) {
+                    break open;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        };
+        assert_eq!(open, 0.0, "flows still open at the end of the test");
+        let now = settled_fds(&r, Some(self.baseline_fds));
+        let pooled = r.metric("ringtun_pipes_pooled", &[]).unwrap() as usize;
+        assert_eq!(
+            now,
+            self.baseline_fds + 2 * pooled,
+            "fd count {now} != baseline {} + 2 x {pooled} pooled pipes",
+            self.baseline_fds
+        );
+        let log = r.log_text();
+        let code = r.terminate().unwrap();
+        assert_eq!(code, 0, "ringtun exit code after SIGTERM; log:\n{log}");
+    }
+}
+
+/// The fd count once it stops changing (or reaches `target`).
+fn settled_fds(r: &RingtunProcess, target: Option<usize>) -> usize {
+    let pooled = || r.metric("ringtun_pipes_pooled", &[]).unwrap_or(0.0) as usize;
+    let start = Instant::now();
+    let mut last = r.fd_count();
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = r.fd_count();
+        let done = match target {
+            Some(t) => now == t + 2 * pooled(),
+            None => now == last,
+        };
+        if done || start.elapsed() > Duration::from_secs(10) {
+            return now;
+        }
+        last = now;
+    }
+}
+
+fn ext(port: u16) -> SocketAddr {
+    SocketAddr::new(Pod::Ext.v4(), port)
+}
+
+fn is_reset(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe
+    )
+}
+
+/// Reads until error or EOF; returns the error if the stream ended with one.
+fn read_until_end(s: &mut TcpStream) -> Result<usize, std::io::Error> {
+    let mut buf = [0u8; 65536];
+    let mut total = 0;
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => total += n,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+macro_rules! both_drivers {
+    ($($name:ident),* $(,)?) => {
+        mod io_uring { $( #[test] fn $name() { if super::root_or_skip(concat!("io_uring::", stringify!($name))) { super::$name("io-uring") } } )* }
+        mod epoll { $( #[test] fn $name() { if super::root_or_skip(concat!("epoll::", stringify!($name))) { super::$name("epoll") } } )* }
+    };
+}
+
+both_drivers!(
+    one_gib_each_way_arrives_intact,
+    client_half_close_keeps_server_direction_open,
+    server_half_close_keeps_client_direction_open,
+    server_reset_reaches_client_as_reset,
+    refused_upstream_reaches_client_as_reset,
+    thousand_concurrent_connections_complete,
+    service_vip_spreads_across_two_endpoints,
+    out_of_mesh_destination_passes_through_and_is_counted,
+    ipv6_destination_is_captured_and_proxied,
+    connection_to_ringtun_own_port_is_refused,
+    idle_flow_is_closed_after_idle_timeout,
+    unanswered_connect_times_out_and_resets_client,
+    sigterm_lets_open_flow_finish_then_exits_zero,
+);
+
+fn one_gib_each_way_arrives_intact(driver: &str) {
+    let node = Node::start(driver, "");
+    const GIB: u64 = 1 << 30;
+    let server = serve_exchanges(
+        listen_in(&node.ns(Pod::Ext), ext(EXT_PORT)).unwrap(),
+        1,
+        GIB,
+        2,
+    );
+    let c = testbed::exchange(node.connect(ext(EXT_PORT)), GIB, 1).unwrap();
+    let s = server.join().unwrap().unwrap()[0];
+    assert_eq!((c.received, s.received), (GIB, GIB));
+    assert_eq!(
+        testbed::hex(&c.sent_hash),
+        testbed::hex(&s.received_hash),
+        "client → server bytes differ"
+    );
+    assert_eq!(
+        testbed::hex(&s.sent_hash),
+        testbed::hex(&c.received_hash),
+        "server → client bytes differ"
+    );
+    let up = node.wait_metric(
+        "istio_tcp_received_bytes_total",
+        &["reporter=\"source\""],
+        GIB as f64,
+    );
+    let down = node.wait_metric(
+        "istio_tcp_sent_bytes_total",
+        &["reporter=\"source\""],
+        GIB as f64,
+    );
+    assert_eq!((up, down), (GIB as f64, GIB as f64));
+    assert_eq!(
+        node.metric("ringtun_splice_bytes_to_upstream_total", &[]),
+        GIB as f64
+    );
+    node.finish();
+}
+
+fn client_half_close_keeps_server_direction_open(driver: &str) {
+    let node = Node::start(driver, "");
+    let listener = listen_in(&node.ns(Pod::Ext), ext(EXT_PORT)).unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap(); // the client's FIN arrives as EOF…
+        s.write_all(&vec![7u8; 1 << 20]).unwrap(); // …and the server can still answer
+        got.len()
+    });
+    let mut c = node.connect(ext(EXT_PORT));
+    c.write_all(&vec![1u8; 300_000]).unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    let mut reply = Vec::new();
+    c.read_to_end(&mut reply).unwrap();
+    assert_eq!(server.join().unwrap(), 300_000);
+    assert_eq!(reply.len(), 1 << 20);
+    assert!(reply.iter().all(|&b| b == 7));
+    node.finish();
+}
+
+fn server_half_close_keeps_client_direction_open(driver: &str) {
+    let node = Node::start(driver, "");
+    let listener = listen_in(&node.ns(Pod::Ext), ext(EXT_PORT)).unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.write_all(b"hello, then FIN").unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap();
+        got.len()
+    });
+    let mut c = node.connect(ext(EXT_PORT));
+    let mut greeting = Vec::new();
+    c.read_to_end(&mut greeting).unwrap(); // EOF from the server's half-close
+    assert_eq!(greeting, b"hello, then FIN");
+    // The other direction still carries data after the server's FIN.
+    c.write_all(&vec![3u8; 2 << 20]).unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(server.join().unwrap(), 2 << 20);
+    node.finish();
+}
+
+fn server_reset_reaches_client_as_reset(driver: &str) {
+    let node = Node::start(driver, "");
+    let listener = listen_in(&node.ns(Pod::Ext), ext(EXT_PORT)).unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut b = [0u8; 5];
+        s.read_exact(&mut b).unwrap();
+        // SO_LINGER 0: close sends RST instead of FIN.
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&s);
+        let l = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: setting SO_LINGER on a socket this thread owns.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                &l as *const _ as *const libc::c_void,
+                8,
+            )
+        };
+        drop(s);
+    });
+    let mut c = node.connect(ext(EXT_PORT));
+    c.write_all(b"hello").unwrap();
+    server.join().unwrap();
+    let err = read_until_end(&mut c).expect_err("the client must see a reset, not a clean EOF");
+    assert!(is_reset(&err), "expected a reset, got {err:?}");
+    assert!(
+        node.wait_metric(
+            "ringtun_connection_failures_total",
+            &["class=\"upstream\",reason=\"reset\""],
+            1.0
+        ) >= 1.0
+    );
+    node.finish();
+}
+
+fn refused_upstream_reaches_client_as_reset(driver: &str) {
+    let node = Node::start(driver, "");
+    // Nothing listens on the port: the proxy's connect is refused.
+    let mut c = node.connect(ext(EXT_PORT + 1));
+    let err =
+        read_until_end(&mut c).expect_err("a refused upstream must reach the client as a reset");
+    assert!(is_reset(&err), "expected a reset, got {err:?}");
+    assert_eq!(
+        node.wait_metric(
+            "ringtun_connection_failures_total",
+            &["reason=\"refused\""],
+            1.0
+        ),
+        1.0
+    );
+    node.finish();
+}
+
+fn thousand_concurrent_connections_complete(driver: &str) {
+    let node = Node::start(driver, "");
+    const N: usize = 1000;
+    const BYTES: usize = 16 * 1024;
+    let listener = listen_in(&node.ns(Pod::Ext), ext(EXT_PORT)).unwrap();
+    let acceptor = std::thread::spawn(move || {
+        let mut by_index: Vec<Option<TcpStream>> = (0..N).map(|_| None).collect();
+        for _ in 0..N {
+            let (mut s, _) = listener.accept().unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            let mut idx = [0u8; 4];
+            s.read_exact(&mut idx).unwrap();
+            by_index[u32::from_le_bytes(idx) as usize] = Some(s);
+        }
+        by_index.into_iter().map(|s| s.unwrap()).collect::<Vec<_>>()
+    });
+    let mut clients: Vec<TcpStream> = (0..N)
+        .map(|i| {
+            let mut c = node.connect(ext(EXT_PORT));
+            c.write_all(&(i as u32).to_le_bytes()).unwrap();
+            c
+        })
+        .collect();
+    let mut servers = acceptor.join().unwrap();
+    // All 1,000 are open through the proxy at the same time.
+    assert_eq!(node.metric("ringtun_flows_open", &[]), N as f64);
+    for (i, (c, s)) in clients.iter_mut().zip(servers.iter_mut()).enumerate() {
+        let mut p = testbed::Pattern::new(i as u64);
+        let mut data = vec![0u8; BYTES];
+        p.fill(&mut data);
+        c.write_all(&data).unwrap();
+        c.shutdown(Shutdown::Write).unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap();
+        assert_eq!(got, data, "connection {i}: bytes differ");
+        s.write_all(&data).unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let mut back = Vec::new();
+        c.read_to_end(&mut back).unwrap();
+        assert_eq!(back, data, "connection {i}: reply differs");
+    }
+    drop(clients);
+    drop(servers);
+    let closed = node.wait_metric("istio_tcp_connections_closed_total", &[], N as f64);
+    assert_eq!(closed, N as f64);
+    node.finish();
+}
+
+fn service_vip_spreads_across_two_endpoints(driver: &str) {
+    let node = Node::start(driver, "");
+    let mut servers = Vec::new();
+    for (pod, name) in [(Pod::Mesh1, "mesh-1"), (Pod::Mesh2, "mesh-2")] {
+        let l = listen_in(&node.ns(pod), SocketAddr::new(pod.v4(), testbed::MESH_PORT)).unwrap();
+        l.set_nonblocking(true).unwrap();
+        servers.push(std::thread::spawn(move || {
+            let start = Instant::now();
+            let mut served = 0;
+            while start.elapsed() < Duration::from_secs(5) && served < 10 {
+                match l.accept() {
+                    Ok((mut s, _)) => {
+                        s.set_nonblocking(false).unwrap();
+                        s.write_all(name.as_bytes()).unwrap();
+                        served += 1;
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                }
+            }
+        }));
+    }
+    let vip = SocketAddr::new(testbed::VIP.into(), testbed::VIP_PORT);
+    let mut count = std::collections::HashMap::new();
+    for _ in 0..10 {
+        let mut c = node.connect(vip);
+        let mut who = String::new();
+        c.read_to_string(&mut who).unwrap();
+        *count.entry(who).or_insert(0) += 1;
+    }
+    for s in servers {
+        s.join().unwrap();
+    }
+    assert_eq!(count.len(), 2, "both endpoints serve: {count:?}");
+    assert_eq!(count.values().sum::<i32>(), 10);
+    let via_service = node.wait_metric(
+        "istio_tcp_connections_opened_total",
+        &[
+            "reporter=\"source\"",
+            "destination_service=\"echo.default.svc\"",
+        ],
+        10.0,
+    );
+    assert_eq!(via_service, 10.0);
+    node.finish();
+}
+
+fn out_of_mesh_destination_passes_through_and_is_counted(driver: &str) {
+    let node = Node::start(driver, "");
+    let server = serve_exchanges(
+        listen_in(&node.ns(Pod::Ext), ext(EXT_PORT)).unwrap(),
+        1,
+        1 << 20,
+        2,
+    );
+    let c = testbed::exchange(node.connect(ext(EXT_PORT)), 1 << 20, 1).unwrap();
+    let s = server.join().unwrap().unwrap()[0];
+    assert_eq!(c.sent_hash, s.received_hash);
+    assert_eq!(s.sent_hash, c.received_hash);
+    let labels = [
+        "reporter=\"source\"",
+        "source_workload=\"client\"",
+        "destination_workload=\"unknown\"",
+        "destination_service=\"unknown\"",
+    ];
+    assert_eq!(
+        node.wait_metric("istio_tcp_connections_closed_total", &labels, 1.0),
+        1.0
+    );
+    assert_eq!(
+        node.metric("istio_tcp_received_bytes_total", &labels),
+        (1 << 20) as f64
+    );
+    node.finish();
+}
+
+fn ipv6_destination_is_captured_and_proxied(driver: &str) {
+    let node = Node::start(driver, "");
+    let addr = SocketAddr::new(Pod::Ext.v6(), EXT_PORT);
+    let server = serve_exchanges(listen_in(&node.ns(Pod::Ext), addr).unwrap(), 1, 8 << 20, 2);
+    let c = testbed::exchange(node.connect(addr), 8 << 20, 1).unwrap();
+    let s = server.join().unwrap().unwrap()[0];
+    assert_eq!(c.sent_hash, s.received_hash);
+    assert_eq!(s.sent_hash, c.received_hash);
+    // It went through ringtun (not around it): the v6 flow was counted.
+    assert_eq!(
+        node.wait_metric(
+            "ringtun_splice_bytes_to_upstream_total",
+            &[],
+            (8 << 20) as f64
+        ),
+        (8 << 20) as f64
+    );
+    node.finish();
+}
+
+fn connection_to_ringtun_own_port_is_refused(driver: &str) {
+    let node = Node::start(driver, "");
+    // The pod's own address on the inbound port, and loopback on the outbound port: both reach
+    // ringtun's listeners directly and would loop.
+    for to in [
+        SocketAddr::new(Pod::Client.v4(), 15006),
+        "127.0.0.1:15001".parse().unwrap(),
+    ] {
+        let mut c = node.connect(to);
+        let err = read_until_end(&mut c).expect_err("a loop must be refused");
+        assert!(is_reset(&err), "{to}: expected a reset, got {err:?}");
+    }
+    assert_eq!(
+        node.wait_metric(
+            "ringtun_connection_failures_total",
+            &["class=\"policy\",reason=\"loop\""],
+            2.0
+        ),
+        2.0
+    );
+    node.finish();
+}
+
+fn idle_flow_is_closed_after_idle_timeout(driver: &str) {
+    let node = Node::start(driver, "  timeouts:\n    idle: 1s\n");
+    let listener = listen_in(&node.ns(Pod::Ext), ext(EXT_PORT)).unwrap();
+    let mut c = node.connect(ext(EXT_PORT));
+    let (_server_side, _) = listener.accept().unwrap();
+    c.write_all(b"x").unwrap();
+    let start = Instant::now();
+    let err = read_until_end(&mut c).expect_err("an idle flow is reset");
+    assert!(is_reset(&err), "expected a reset, got {err:?}");
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        "closed after {took:?}"
+    );
+    assert_eq!(
+        node.wait_metric("ringtun_flows_closed_total", &["end=\"idle_timeout\""], 1.0),
+        1.0
+    );
+    node.finish();
+}
+
+fn unanswered_connect_times_out_and_resets_client(driver: &str) {
+    let node = Node::start(driver, "  timeouts:\n    connect: 1s\n");
+    // The server silently drops SYNs: the connect never completes.
+    let ext_ns = node.tb.pod_name(Pod::Ext);
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ext_ns,
+            "iptables-nft",
+            "-A",
+            "INPUT",
+            "-p",
+            "tcp",
+            "--dport",
+            "9999",
+            "-j",
+            "DROP",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut c = node.connect(ext(9999));
+    let start = Instant::now();
+    let err =
+        read_until_end(&mut c).expect_err("a connect timeout must reach the client as a reset");
+    assert!(is_reset(&err), "expected a reset, got {err:?}");
+    assert!(start.elapsed() < Duration::from_secs(5));
+    assert_eq!(
+        node.wait_metric(
+            "ringtun_connection_failures_total",
+            &["reason=\"connect_timeout\""],
+            1.0
+        ),
+        1.0
+    );
+    node.finish();
+}
+
+fn sigterm_lets_open_flow_finish_then_exits_zero(driver: &str) {
+    let mut node = Node::start(driver, "");
+    let listener = listen_in(&node.ns(Pod::Ext), ext(EXT_PORT)).unwrap();
+    let mut c = node.connect(ext(EXT_PORT));
+    let (mut s, _) = listener.accept().unwrap();
+    let r = node.ringtun.take().unwrap();
+    let pid = nix::unistd::Pid::from_raw(r.pid() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    // Draining: not ready any more, no new connections, but the open flow still works.
+    let start = Instant::now();
+    while r.get(15021, "/healthz/ready").map(|(c, _)| c).unwrap_or(0) != 503 {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "readiness did not turn 503"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    c.write_all(&vec![9u8; 1 << 20]).unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).unwrap();
+    assert_eq!(got.len(), 1 << 20);
+    s.write_all(b"bye").unwrap();
+    drop(s);
+    let mut reply = Vec::new();
+    c.read_to_end(&mut reply).unwrap();
+    assert_eq!(reply, b"bye");
+    let code = r.terminate().unwrap(); // already terminating: this waits for the exit
+    assert_eq!(code, 0);
+    node.baseline_fds = 0;
+}
