@@ -92,7 +92,9 @@ pub fn main() -> i32 {
             return code;
         }
     };
-    logging::init(cli.log.as_deref());
+    // The demo prints its own report; its per-connection access log would only bury it.
+    let default_level = matches!(cli.command, Command::Demo { .. }).then_some("warn");
+    logging::init(cli.log.as_deref(), default_level);
     match cli.command {
         Command::Run {
             config,

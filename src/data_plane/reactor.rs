@@ -22,7 +22,6 @@ use super::flow::{End, Flow, Phase, Step};
 use super::listeners::Listener;
 use super::socket;
 use super::splice::{PipePool, Pump};
-use crate::control_plane::config::DriverChoice;
 use crate::control_plane::state::State;
 use crate::observability::access_log::{self, FlowRecord, Observer};
 use crate::observability::metrics::{CloseKind, FailureKind, ReactorMetrics, TcpLabels};
@@ -109,7 +108,7 @@ struct Timer {
 pub struct ReactorSpec {
     pub id: usize,
     pub state: Arc<State>,
-    pub driver: DriverChoice,
+    pub driver: driver::DriverPlan,
     pub listeners: Vec<Listener>,
     pub metrics: Arc<ReactorMetrics>,
     pub control: Arc<ReactorControl>,
@@ -145,7 +144,7 @@ impl Reactor {
             pin_to(cpu);
         }
         crate::redirection::netns::prepare_thread()?;
-        let (driver, fallback) = driver::create(spec.driver, RING_ENTRIES)?;
+        let (driver, fallback) = driver::create(&spec.driver, RING_ENTRIES)?;
         match &fallback {
             Some(reason) => log::info!("reactor {}: using the epoll driver: {reason}", spec.id),
             None => log::info!("reactor {}: using the io_uring driver", spec.id),

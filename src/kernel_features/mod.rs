@@ -23,6 +23,29 @@ pub use report::{
 };
 pub use ring::io_uring_unavailable_reason;
 
+/// What the reactors should run, decided once at start-up from a real probe of the ring.
+#[derive(Debug, Clone)]
+pub struct DriverDecision {
+    pub driver: Driver,
+    /// Multishot accept works (5.19+); otherwise the ring re-arms a single-shot accept.
+    pub multishot_accept: bool,
+    /// Why this driver: logged once and shown in `ringtun probe`.
+    pub reason: String,
+}
+
+/// The `auto` choice: io_uring when a ring can be made with every opcode ringtun uses,
+/// epoll otherwise, with the reason.
+pub fn decide_driver() -> DriverDecision {
+    let io = ring::probe_io_uring();
+    let d = ring::choose_driver(&io);
+    DriverDecision { driver: d.selected, multishot_accept: io.opcodes.accept_multishot, reason: d.reason }
+}
+
+/// Why `io_uring_setup` failed, from its error, in words an operator can act on.
+pub fn io_uring_setup_error(e: &std::io::Error) -> String {
+    ring::setup_error_reason(sys::io_errno(e))
+}
+
 /// Runs every probe afresh and gathers the answers.
 pub fn probe() -> KernelReport {
     let kernel_release = sys::kernel_release();

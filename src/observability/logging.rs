@@ -40,10 +40,11 @@ impl Log for StderrLogger {
 
 static LOGGER: StderrLogger = StderrLogger;
 
-/// Installs the logger once; later calls only change the level.
-pub fn init(level: Option<&str>) {
+/// Installs the logger once; later calls only change the level. Precedence: `level` (the
+/// `--log` flag), then `RINGTUN_LOG`, then `default` (per command), then `info`.
+pub fn init(level: Option<&str>, default: Option<&str>) {
     let env = std::env::var("RINGTUN_LOG").ok();
-    let wanted = level.or(env.as_deref()).unwrap_or("info");
+    let wanted = level.or(env.as_deref()).or(default).unwrap_or("info");
     let filter = match wanted.to_ascii_lowercase().as_str() {
         "error" => LevelFilter::Error,
         "warn" => LevelFilter::Warn,

@@ -29,25 +29,12 @@ pub struct UringDriver {
     /// Timespecs of in-flight wakeup timers (the kernel reads them at submission).
     timer: Box<types::Timespec>,
     timer_in_flight: Option<Instant>,
-}
-
-pub fn unavailable_reason(e: &io::Error) -> String {
-    match e.raw_os_error() {
-        Some(libc::ENOSYS) => "io_uring unavailable: kernel built without io_uring (ENOSYS)".into(),
-        Some(libc::EPERM) => match std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled") {
-            Ok(v) if v.trim() != "0" => format!(
-                "io_uring unavailable: disabled by sysctl kernel.io_uring_disabled={} (EPERM)",
-                v.trim()
-            ),
-            _ => "io_uring unavailable: io_uring_setup not permitted (EPERM: seccomp or container policy)".into(),
-        },
-        Some(libc::ENOMEM) => "io_uring unavailable: cannot allocate the ring (ENOMEM: RLIMIT_MEMLOCK?)".into(),
-        _ => format!("io_uring unavailable: {e}"),
-    }
+    /// Kernels before 5.19 have no multishot accept: re-arm a single-shot accept instead.
+    multishot_accept: bool,
 }
 
 impl UringDriver {
-    pub fn new(entries: u32) -> io::Result<Self> {
+    pub fn new(entries: u32, multishot_accept: bool) -> io::Result<Self> {
         let ring = IoUring::builder()
             .setup_coop_taskrun()
             .build(entries)
@@ -60,6 +47,7 @@ impl UringDriver {
             connect_addrs: HashMap::new(),
             timer: Box::new(types::Timespec::new()),
             timer_in_flight: None,
+            multishot_accept,
         })
     }
 
@@ -79,10 +67,13 @@ impl UringDriver {
     }
 
     fn arm_accept(&mut self, listener: usize, fd: RawFd) {
-        let e = opcode::AcceptMulti::new(types::Fd(fd))
-            .flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
-            .build()
-            .user_data(token::simple(Op::Accept, listener as u32));
+        let flags = libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
+        let e = if self.multishot_accept {
+            opcode::AcceptMulti::new(types::Fd(fd)).flags(flags).build()
+        } else {
+            opcode::Accept::new(types::Fd(fd), std::ptr::null_mut(), std::ptr::null_mut()).flags(flags).build()
+        }
+        .user_data(token::simple(Op::Accept, listener as u32));
         self.push(e);
     }
 
