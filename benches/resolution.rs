@@ -15,7 +15,9 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 use ringtun::control_plane::config::{self, Config};
 use ringtun::control_plane::workload_registry::{Registry, WorkloadId};
-use ringtun::data_plane::first_connection::{resolve, Accepted, Destination, Direction, EndpointPicker};
+use ringtun::data_plane::first_connection::{
+    resolve, Accepted, Destination, Direction, EndpointPicker,
+};
 
 const WORKLOADS: u32 = 10_000;
 const SERVICES: u32 = 1_000;
@@ -117,12 +119,19 @@ fn bench_resolution(c: &mut Criterion) {
         .into_iter()
         .map(|i| outbound(SocketAddr::new(IpAddr::V6(workload_v6(i + 1)), 9000)))
         .collect();
-    let to_vip: Vec<Accepted> =
-        indices(SERVICES, 3).into_iter().map(|s| outbound(SocketAddr::new(IpAddr::V4(vip(s)), 80))).collect();
+    let to_vip: Vec<Accepted> = indices(SERVICES, 3)
+        .into_iter()
+        .map(|s| outbound(SocketAddr::new(IpAddr::V4(vip(s)), 80)))
+        .collect();
     // 192.0.2.0/24 … 203.0.113.x: documentation ranges, in no workload or service.
     let to_outside: Vec<Accepted> = indices(1 << 16, 4)
         .into_iter()
-        .map(|i| outbound(SocketAddr::new(IpAddr::V4(Ipv4Addr::from(0xC000_0200 + i)), 443)))
+        .map(|i| {
+            outbound(SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::from(0xC000_0200 + i)),
+                443,
+            ))
+        })
         .collect();
     // Inbound plaintext to the local workload from a random mesh peer (source lookup by IP).
     let inbound: Vec<Accepted> = indices(WORKLOADS - 1, 5)
@@ -137,11 +146,25 @@ fn bench_resolution(c: &mut Criterion) {
 
     // The benchmarks must measure the paths they are named after.
     let mut picker = EndpointPicker::default();
-    assert!(matches!(resolve(&reg, &ports, &to_workload_v4[0], &mut picker).destination, Destination::Workload(_)));
-    assert!(matches!(resolve(&reg, &ports, &to_workload_v6[0], &mut picker).destination, Destination::Workload(_)));
-    assert!(matches!(resolve(&reg, &ports, &to_vip[0], &mut picker).destination, Destination::Service { .. }));
-    assert_eq!(resolve(&reg, &ports, &to_outside[0], &mut picker).destination, Destination::OutOfMesh);
-    assert!(resolve(&reg, &ports, &inbound[0], &mut picker).source.is_some());
+    assert!(matches!(
+        resolve(&reg, &ports, &to_workload_v4[0], &mut picker).destination,
+        Destination::Workload(_)
+    ));
+    assert!(matches!(
+        resolve(&reg, &ports, &to_workload_v6[0], &mut picker).destination,
+        Destination::Workload(_)
+    ));
+    assert!(matches!(
+        resolve(&reg, &ports, &to_vip[0], &mut picker).destination,
+        Destination::Service { .. }
+    ));
+    assert_eq!(
+        resolve(&reg, &ports, &to_outside[0], &mut picker).destination,
+        Destination::OutOfMesh
+    );
+    assert!(resolve(&reg, &ports, &inbound[0], &mut picker)
+        .source
+        .is_some());
 
     let mut g = c.benchmark_group("resolve (10k workloads, 1k services x 3 endpoints)");
     g.throughput(Throughput::Elements(1));
@@ -158,7 +181,12 @@ fn bench_resolution(c: &mut Criterion) {
             b.iter(|| {
                 let acc = &targets[i % TARGETS];
                 i = i.wrapping_add(1);
-                black_box(resolve(black_box(&reg), &ports, black_box(acc), &mut picker))
+                black_box(resolve(
+                    black_box(&reg),
+                    &ports,
+                    black_box(acc),
+                    &mut picker,
+                ))
             })
         });
     }
@@ -182,7 +210,9 @@ fn bench_resolution(c: &mut Criterion) {
         })
     });
     g.sample_size(20);
-    g.bench_function("build_10k_workloads_1k_services", |b| b.iter(|| black_box(Registry::new(black_box(&cfg)))));
+    g.bench_function("build_10k_workloads_1k_services", |b| {
+        b.iter(|| black_box(Registry::new(black_box(&cfg))))
+    });
     g.finish();
 
     let mut g = c.benchmark_group("config");

@@ -72,8 +72,15 @@ impl App {
                     .unwrap_or(1)
             })
             .max(1);
-        let (driver, why) = crate::data_plane::driver::plan(opts.driver.unwrap_or(config.node.driver))?;
-        log::info!("driver: {} ({why})", match driver { crate::data_plane::driver::DriverPlan::IoUring { .. } => "io_uring", _ => "epoll" });
+        let (driver, why) =
+            crate::data_plane::driver::plan(opts.driver.unwrap_or(config.node.driver))?;
+        log::info!(
+            "driver: {} ({why})",
+            match driver {
+                crate::data_plane::driver::DriverPlan::IoUring { .. } => "io_uring",
+                _ => "epoll",
+            }
+        );
         let (soft, hard) = open_files_limit();
         let budget = soft.saturating_sub(FD_RESERVE) / FDS_PER_FLOW / reactors as u64;
         let max_flows = (config.node.limits.max_flows_per_reactor as u64).min(budget.max(1));

@@ -118,7 +118,16 @@ impl Testbed {
         self.created.push(name.to_string());
         // No duplicate address detection: a tentative link-local address cannot send neighbour
         // solicitations, which stalls the first IPv6 connection for a second or two.
-        run(&["ip", "netns", "exec", name, "sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"])?;
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            name,
+            "sysctl",
+            "-qw",
+            "net.ipv6.conf.all.accept_dad=0",
+            "net.ipv6.conf.default.accept_dad=0",
+        ])?;
         run(&["ip", "-n", name, "link", "set", "lo", "up"])
     }
 

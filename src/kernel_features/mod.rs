@@ -38,7 +38,11 @@ pub struct DriverDecision {
 pub fn decide_driver() -> DriverDecision {
     let io = ring::probe_io_uring();
     let d = ring::choose_driver(&io);
-    DriverDecision { driver: d.selected, multishot_accept: io.opcodes.accept_multishot, reason: d.reason }
+    DriverDecision {
+        driver: d.selected,
+        multishot_accept: io.opcodes.accept_multishot,
+        reason: d.reason,
+    }
 }
 
 /// Why `io_uring_setup` failed, from its error, in words an operator can act on.

@@ -227,17 +227,18 @@ impl KernelReport {
 
         row("kernel release", self.kernel_release.clone(), Status::Ok);
         let nofile = self.open_files_limit;
-        // Four fds per flow (two sockets, one pipe pair) is what the data path spends.
+        // What the data path spends per flow: two sockets and a pipe per direction.
+        let per_flow = crate::app::FDS_PER_FLOW;
         row(
             "open files (RLIMIT_NOFILE)",
             format!(
-                "soft {}, hard {} (~{} flows at 4 fds each)",
+                "soft {}, hard {} (~{} flows at {per_flow} fds each)",
                 limit_text(nofile.soft),
                 limit_text(nofile.hard),
                 if nofile.soft == u64::MAX {
                     "unlimited".into()
                 } else {
-                    (nofile.soft / 4).to_string()
+                    (nofile.soft / per_flow).to_string()
                 }
             ),
             Status::Ok,

@@ -71,7 +71,9 @@ impl UringDriver {
         let e = if self.multishot_accept {
             opcode::AcceptMulti::new(types::Fd(fd)).flags(flags).build()
         } else {
-            opcode::Accept::new(types::Fd(fd), std::ptr::null_mut(), std::ptr::null_mut()).flags(flags).build()
+            opcode::Accept::new(types::Fd(fd), std::ptr::null_mut(), std::ptr::null_mut())
+                .flags(flags)
+                .build()
         }
         .user_data(token::simple(Op::Accept, listener as u32));
         self.push(e);
