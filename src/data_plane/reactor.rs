@@ -306,7 +306,6 @@ impl Reactor {
         };
         let (workload, direction, netns) = (l.workload, l.direction, l.netns.clone());
         let registry = &self.state.registry;
-        let me = registry.workload(workload);
         let mut record = FlowRecord {
             reactor: self.id,
             direction: match direction {
@@ -351,7 +350,6 @@ impl Reactor {
         };
         record.original_dst = orig;
         record.upstream = orig;
-        let _ = me;
         if self.flows.len() >= self.max_flows {
             return self.refuse(fd, FailureKind::FlowLimit, None, record, now);
         }
