@@ -199,6 +199,8 @@ both_drivers!(
     idle_flow_is_closed_after_idle_timeout,
     unanswered_connect_times_out_and_resets_client,
     sigterm_lets_open_flow_finish_then_exits_zero,
+    drain_deadline_resets_flows_still_open,
+    inbound_redirect_capture_recovers_original_destination,
 );
 
 fn one_gib_each_way_arrives_intact(driver: &str) {
@@ -602,4 +604,90 @@ fn sigterm_lets_open_flow_finish_then_exits_zero(driver: &str) {
     let code = r.terminate().unwrap(); // already terminating: this waits for the exit
     assert_eq!(code, 0);
     node.baseline_fds = 0;
+}
+
+fn drain_deadline_resets_flows_still_open(driver: &str) {
+    let mut node = Node::start(driver, "  timeouts:\n    drain: 1s\n");
+    let listener = listen_in(&node.ns(Pod::Ext), ext(EXT_PORT)).unwrap();
+    let mut c = node.connect(ext(EXT_PORT));
+    let (_s, _) = listener.accept().unwrap();
+    c.write_all(b"still here").unwrap();
+    let r = node.ringtun.take().unwrap();
+    let sent = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(r.pid() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    // The flow never ends by itself: at the deadline it is reset, not closed cleanly.
+    let err = read_until_end(&mut c).expect_err("a flow cut at the drain deadline is reset");
+    assert!(is_reset(&err), "expected a reset, got {err:?}");
+    let took = sent.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        "reset after {took:?}"
+    );
+    assert_eq!(r.terminate().unwrap(), 0);
+    node.baseline_fds = 0;
+}
+
+fn inbound_redirect_capture_recovers_original_destination(driver: &str) {
+    let node = Node::start(driver, "");
+    // Replace mesh-1's TPROXY capture with nat REDIRECT to 15006: the listener then sees the
+    // pod's own address on 15006 and must read the real destination from conntrack.
+    let mesh1 = node.tb.pod_name(Pod::Mesh1);
+    let out = Command::new(BIN)
+        .args(["redirect", "remove", "--netns", &mesh1])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &mesh1,
+            "iptables-nft",
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-p",
+            "tcp",
+            "--dport",
+            "8080",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            "15006",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let to = SocketAddr::new(Pod::Mesh1.v4(), testbed::MESH_PORT);
+    let server = serve_exchanges(listen_in(&node.ns(Pod::Mesh1), to).unwrap(), 1, 1 << 20, 2);
+    let c = testbed::exchange(node.connect(to), 1 << 20, 1).unwrap();
+    let s = server.join().unwrap().unwrap()[0];
+    assert_eq!(c.sent_hash, s.received_hash);
+    assert_eq!(s.sent_hash, c.received_hash);
+    let inbound = [
+        "reporter=\"destination\"",
+        "destination_workload=\"mesh-1\"",
+    ];
+    assert_eq!(
+        node.wait_metric("istio_tcp_connections_closed_total", &inbound, 1.0),
+        1.0
+    );
+    assert_eq!(
+        node.metric("istio_tcp_received_bytes_total", &inbound),
+        (1 << 20) as f64
+    );
+    node.finish();
 }
