@@ -527,7 +527,7 @@ REPORT="# ringtun perf comparison — $STAMP
 - reactors / HAProxy nbthread: $REACTORS; ringtun splice.pipe_size: ${PIPE_SIZE:-default}; HAProxy splice: $HAPROXY_SPLICE
 - iperf3 single stream (\`-t $SECS\`, and \`-R\`); wrk \`-t$WRK_THREADS -c$WRK_CONNS -d${SECS}s\` against nginx ($NGINX_WORKERS workers), small static body
 - topology: client ns → veth → router ns → veth → server ns; proxies run for the client (ringtun: capture rules + pod-mode listeners in the client ns; socat/HAProxy: explicit, on the client's 127.0.0.1)
-- proxy CPU = utime+stime (+ children for socat) from /proc during each test; CPU-s/GB over both iperf3 directions
+- proxy CPU = utime+stime (+ children for socat) from /proc during each test; CPU-s/GB and µs/req are totals over all rounds (both iperf3 directions), the other figures medians
 
 $TABLE_MD
 

@@ -10,6 +10,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -57,15 +58,22 @@ pub fn serve(endpoint: Endpoint, addr: SocketAddr, state: Arc<AdminState>) -> io
         .name(format!("{endpoint:?}-http").to_lowercase())
         .spawn(move || {
             while !state.stop.load(SeqCst) {
+                // Sleep in poll(2) until a client comes (or a second passes, to notice `stop`),
+                // so an idle node's endpoint threads cost nothing.
+                let mut pfd = libc::pollfd {
+                    fd: listener.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd for the duration of the call.
+                unsafe { libc::poll(&mut pfd, 1, 1000) };
                 match listener.accept() {
                     Ok((stream, _)) => {
                         if let Err(e) = handle(stream, endpoint, &state) {
                             log::debug!("{endpoint:?} request failed: {e}");
                         }
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(20))
-                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) => {
                         log::warn!("{endpoint:?} accept failed: {e}");
                         std::thread::sleep(Duration::from_millis(100));

@@ -295,7 +295,7 @@ pub fn run_from_file(path: &Path, driver: Option<DriverChoice>, reactors: Option
         if app.is_finished() {
             break;
         }
-        match lifecycle::wait_signal(Duration::from_millis(200)) {
+        match lifecycle::wait_signal(Duration::from_secs(1)) {
             Some(Received::Terminate) if drain_started.is_none() => {
                 log::info!(
                     "signal received: draining (up to {:?}); send again to stop at once",

@@ -40,6 +40,33 @@ pub struct Flow {
     pub record: FlowRecord,
 }
 
+/// Which directions a wakeup should pump.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Directions {
+    pub to_upstream: bool,
+    pub to_downstream: bool,
+}
+
+impl Directions {
+    pub const BOTH: Directions = Directions {
+        to_upstream: true,
+        to_downstream: true,
+    };
+
+    /// The direction a readiness event moves: the client readable or the upstream writable
+    /// feed client → upstream; the other two feed upstream → client.
+    pub fn for_event(side: Side, interest: Interest) -> Directions {
+        let to_upstream = matches!(
+            (side, interest),
+            (Side::Downstream, Interest::Read) | (Side::Upstream, Interest::Write)
+        );
+        Directions {
+            to_upstream,
+            to_downstream: !to_upstream,
+        }
+    }
+}
+
 /// What the flow needs next.
 #[derive(Debug)]
 pub enum Step {
@@ -84,6 +111,8 @@ impl Flow {
     /// Moves bytes both ways, at most `budget` bytes read per direction.
     pub fn drive(
         &mut self,
+        which: Directions,
+        short_read_drains: bool,
         pool: &mut PipePool,
         budget: usize,
         metrics: &ReactorMetrics,
@@ -94,10 +123,20 @@ impl Flow {
         let mut to_down = Moved::default();
         let created_before = pool.created;
         let refused_before = pool.resize_refused;
-        let a = self.to_upstream.pump(down, up, pool, budget, &mut to_up);
-        let b = self
-            .to_downstream
-            .pump(up, down, pool, budget, &mut to_down);
+        // A readiness event concerns one direction; pumping the other would only cost two
+        // splice calls that return EAGAIN.
+        let a = if which.to_upstream {
+            self.to_upstream
+                .pump(down, up, pool, budget, short_read_drains, &mut to_up)
+        } else {
+            Ok(self.to_upstream.last_status())
+        };
+        let b = if which.to_downstream {
+            self.to_downstream
+                .pump(up, down, pool, budget, short_read_drains, &mut to_down)
+        } else {
+            Ok(self.to_downstream.last_status())
+        };
         // Count on every splice, not at the end, so a long flow's bytes show up as they move.
         if to_up.0 > 0 {
             self.counters.received_bytes.fetch_add(to_up.0, Relaxed);

@@ -18,7 +18,7 @@ use super::driver::{self, token, Driver, Event, FlowKey, Side};
 use super::first_connection::{
     self, Accepted, Destination, Direction, EndpointPicker, RefuseReason, Resolution, Route,
 };
-use super::flow::{End, Flow, Phase, Step};
+use super::flow::{Directions, End, Flow, Phase, Step};
 use super::listeners::Listener;
 use super::socket;
 use super::splice::{PipePool, Pump};
@@ -285,7 +285,7 @@ impl Reactor {
                 let Some(f) = self.flow_mut(flow) else { return };
                 f.armed &= !driver::armed_bit(side, interest);
                 if f.phase == Phase::Open {
-                    self.drive(flow, now);
+                    self.drive(flow, Directions::for_event(side, interest), now);
                 }
             }
             Event::Woken => self.control.drain_waker(),
@@ -493,7 +493,7 @@ impl Reactor {
                     generation: key.generation,
                     kind: TimerKind::Idle,
                 }));
-                self.drive(key, now);
+                self.drive(key, Directions::BOTH, now);
             }
             Err(errno) => {
                 let kind = FailureKind::from_connect_errno(errno);
@@ -510,8 +510,9 @@ impl Reactor {
         }
     }
 
-    fn drive(&mut self, key: FlowKey, now: Instant) {
+    fn drive(&mut self, key: FlowKey, which: Directions, now: Instant) {
         let budget = self.state.config.node.splice.max_bytes_per_wakeup;
+        let short_read_drains = self.driver.arming_checks_level();
         let Some(f) = self
             .flows
             .get_mut(key.index as usize)
@@ -519,7 +520,14 @@ impl Reactor {
         else {
             return;
         };
-        match f.drive(&mut self.pool, budget, &self.metrics, now) {
+        match f.drive(
+            which,
+            short_read_drains,
+            &mut self.pool,
+            budget,
+            &self.metrics,
+            now,
+        ) {
             Step::Continue { wants, yielded } => {
                 for (side, interest) in wants.iter() {
                     if !f.is_armed(side, interest) {
@@ -549,7 +557,7 @@ impl Reactor {
         for key in queued {
             if let Some(f) = self.flow_mut(key) {
                 f.queued = false;
-                self.drive(key, now);
+                self.drive(key, Directions::BOTH, now);
             }
         }
     }

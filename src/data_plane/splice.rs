@@ -157,15 +157,31 @@ pub enum PumpError {
 }
 
 /// One direction of a flow.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Pump {
     pipe: Option<Pipe>,
+    /// What the last call ended waiting for: a direction not pumped on a wakeup (the event was
+    /// for the other one) still knows what it waits for.
+    last: PumpStatus,
     /// Bytes in the pipe not yet written to the destination.
     pending: usize,
     src_eof: bool,
     done: bool,
     /// Bytes delivered to the destination since the flow began.
     pub delivered: u64,
+}
+
+impl Default for Pump {
+    fn default() -> Self {
+        Pump {
+            pipe: None,
+            last: PumpStatus::WantRead,
+            pending: 0,
+            src_eof: false,
+            done: false,
+            delivered: 0,
+        }
+    }
 }
 
 /// Bytes a pump moved in one call, reported as they are delivered (never only at the end).
@@ -186,20 +202,49 @@ impl Pump {
         self.pending
     }
 
+    /// What the last [`Pump::pump`] call ended waiting for.
+    pub fn last_status(&self) -> PumpStatus {
+        self.last
+    }
+
     /// Moves bytes from `src` to `dst` until one side would block, EOF is delivered, or `budget`
     /// bytes have been read this call. Bytes delivered are added to `moved`.
+    ///
+    /// `short_read_drains`: the caller's readiness is checked afresh when re-armed (io_uring's
+    /// one-shot poll completes at once if data is already there), so a read that returned less
+    /// than the pipe had room for is taken to mean "source drained" and the pump waits instead
+    /// of making one more splice that would return EAGAIN. With edge-triggered epoll a short read
+    /// caused by a pipe full by slots would never be signalled again, so epoll passes false.
     pub fn pump(
         &mut self,
         src: RawFd,
         dst: RawFd,
         pool: &mut PipePool,
         budget: usize,
+        short_read_drains: bool,
+        moved: &mut Moved,
+    ) -> Result<PumpStatus, PumpError> {
+        let r = self.pump_inner(src, dst, pool, budget, short_read_drains, moved);
+        if let Ok(status) = r {
+            self.last = status;
+        }
+        r
+    }
+
+    fn pump_inner(
+        &mut self,
+        src: RawFd,
+        dst: RawFd,
+        pool: &mut PipePool,
+        budget: usize,
+        short_read_drains: bool,
         moved: &mut Moved,
     ) -> Result<PumpStatus, PumpError> {
         if self.done {
             return Ok(PumpStatus::Done);
         }
         let mut read_this_call = 0usize;
+        let mut drained = false;
         loop {
             if self.pending > 0 {
                 let pipe = self.pipe.as_ref().expect("pending bytes live in a pipe");
@@ -236,6 +281,9 @@ impl Pump {
                 }
                 return Ok(PumpStatus::Done);
             }
+            if drained {
+                return Ok(PumpStatus::WantRead);
+            }
             if read_this_call >= budget {
                 return Ok(PumpStatus::Yield);
             }
@@ -249,6 +297,7 @@ impl Pump {
                 Ok(n) => {
                     self.pending += n;
                     read_this_call += n;
+                    drained = short_read_drains && n < room;
                 }
                 Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
                     if self.pending == 0 {
@@ -292,6 +341,12 @@ mod tests {
 
     #[test]
     fn pump_delivers_every_byte_then_half_closes_destination() {
+        for short in [false, true] {
+            pump_delivers_every_byte(short);
+        }
+    }
+
+    fn pump_delivers_every_byte(short: bool) {
         let (mut client, proxy_in) = pair();
         let (proxy_out, mut server) = pair();
         proxy_in.set_nonblocking(true).unwrap();
@@ -319,6 +374,7 @@ mod tests {
                 proxy_out.as_raw_fd(),
                 &mut pool,
                 1 << 20,
+                short,
                 &mut moved,
             ) {
                 Ok(PumpStatus::Done) => break,

@@ -167,6 +167,10 @@ impl Driver for EpollDriver {
         false
     }
 
+    fn arming_checks_level(&self) -> bool {
+        false
+    }
+
     fn release(&mut self, flow: FlowKey, _armed: u8, _connecting: bool) {
         // Closing the socket removes it from the epoll set.
         self.connecting.remove(&flow);

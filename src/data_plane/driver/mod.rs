@@ -104,6 +104,10 @@ pub trait Driver {
     /// must be disarmed before the socket is closed (io_uring); false when readiness is
     /// edge-triggered and permanent (epoll).
     fn arm(&mut self, flow: FlowKey, side: Side, interest: Interest, fd: RawFd) -> bool;
+    /// True when an armed readiness request checks the socket's state at arming time (a level
+    /// check), so a socket that still has data is reported at once; false for edge-triggered
+    /// readiness, where only new data is reported.
+    fn arming_checks_level(&self) -> bool;
     /// Drop the armed requests in `armed` (bits from [`armed_bit`]) and any pending connect, before
     /// the flow's sockets are closed.
     fn release(&mut self, flow: FlowKey, armed: u8, connecting: bool);

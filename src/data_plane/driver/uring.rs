@@ -145,6 +145,11 @@ impl Driver for UringDriver {
         true
     }
 
+    fn arming_checks_level(&self) -> bool {
+        // A one-shot PollAdd runs vfs_poll when submitted and completes at once if ready.
+        true
+    }
+
     fn release(&mut self, flow: FlowKey, armed: u8, connecting: bool) {
         for side in [Side::Downstream, Side::Upstream] {
             for interest in [Interest::Read, Interest::Write] {
