@@ -329,9 +329,21 @@ pub struct RingtunProcess {
 }
 
 impl RingtunProcess {
+    /// Runs ringtun in the node namespace (pod mode: it serves the pods from outside).
     pub fn spawn(
         bin: &Path,
         tb: &Testbed,
+        config: &str,
+        args: &[&str],
+    ) -> io::Result<RingtunProcess> {
+        Self::spawn_in(bin, tb, &tb.node_name(), config, args)
+    }
+
+    /// Runs ringtun inside namespace `ns` (host mode: that namespace is the workload).
+    pub fn spawn_in(
+        bin: &Path,
+        tb: &Testbed,
+        ns: &str,
         config: &str,
         args: &[&str],
     ) -> io::Result<RingtunProcess> {
@@ -341,12 +353,11 @@ impl RingtunProcess {
         std::fs::write(&cfg, config)?;
         let log = dir.join("ringtun.log");
         let logf = std::fs::File::create(&log)?;
-        let node = tb.node_name();
         let cfg_s = cfg.display().to_string();
         let mut cmd_args = vec![
             "netns",
             "exec",
-            &node,
+            ns,
             bin.to_str().unwrap_or("ringtun"),
             "run",
             "--config",
@@ -362,7 +373,7 @@ impl RingtunProcess {
         let p = RingtunProcess {
             child,
             log,
-            node_ns: tb.node_ns()?,
+            node_ns: NetNs::open(&netns_path(ns))?,
         };
         p.wait_ready(Duration::from_secs(20))?;
         Ok(p)
@@ -372,7 +383,7 @@ impl RingtunProcess {
         self.child.id()
     }
 
-    /// GET on the node namespace's admin/metrics/readiness ports.
+    /// GET on the admin/metrics/readiness ports of the namespace ringtun runs in.
     pub fn get(&self, port: u16, path: &str) -> io::Result<(u16, String)> {
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         self.node_ns

@@ -215,6 +215,7 @@ both_drivers!(
     sigterm_lets_open_flow_finish_then_exits_zero,
     drain_deadline_resets_flows_still_open,
     inbound_redirect_capture_recovers_original_destination,
+    host_mode_serves_the_namespace_ringtun_runs_in,
 );
 
 fn one_gib_each_way_arrives_intact(driver: &str) {
@@ -701,4 +702,60 @@ fn inbound_redirect_capture_recovers_original_destination(driver: &str) {
         (1 << 20) as f64
     );
     node.finish();
+}
+
+fn host_mode_serves_the_namespace_ringtun_runs_in(driver: &str) {
+    // Bare metal: no `netns` on the workload; ringtun runs in the workload's own namespace and
+    // the capture rules are installed there.
+    let tb = Testbed::create(&driver[..2]).expect("testbed");
+    let host = tb.pod_name(Pod::Client);
+    let config = format!(
+        "version: 1\nnode:\n  name: node-a\n  reactors: 2\n  admin: 127.0.0.1:15000\n  metrics: 127.0.0.1:15020\n  readiness: 127.0.0.1:15021\nworkloads:\n  - name: host\n    namespace: default\n    ips: [{}, \"{}\"]\n    node: node-a\n    protocol: TCP\n",
+        Pod::Client.v4(),
+        Pod::Client.v6()
+    );
+    let out = Command::new(BIN)
+        .args(["redirect", "install", "--netns", &host])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = RingtunProcess::spawn_in(Path::new(BIN), &tb, &host, &config, &["--driver", driver])
+        .expect("ringtun starts");
+    let server = serve_exchanges(
+        listen_in(&tb.pod_ns(Pod::Ext).unwrap(), ext(EXT_PORT)).unwrap(),
+        1,
+        4 << 20,
+        2,
+    );
+    let c = testbed::exchange(
+        connect_in(&tb.pod_ns(Pod::Client).unwrap(), ext(EXT_PORT)).unwrap(),
+        4 << 20,
+        1,
+    )
+    .unwrap();
+    let s = server.join().unwrap().unwrap()[0];
+    assert_eq!(c.sent_hash, s.received_hash);
+    assert_eq!(s.sent_hash, c.received_hash);
+    let start = Instant::now();
+    let labels = ["reporter=\"source\"", "source_workload=\"host\""];
+    while r
+        .metric("istio_tcp_connections_closed_total", &labels)
+        .unwrap()
+        < 1.0
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the host workload's flow was not counted"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        r.metric("istio_tcp_received_bytes_total", &labels).unwrap(),
+        (4 << 20) as f64
+    );
+    assert_eq!(r.terminate().unwrap(), 0);
 }
