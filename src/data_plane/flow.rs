@@ -11,7 +11,7 @@ use super::driver::{armed_bit, FlowKey, Interest, Side};
 use super::first_connection::Resolution;
 use super::splice::{Moved, PipePool, Pump, PumpError, PumpStatus};
 use crate::observability::access_log::FlowRecord;
-use crate::observability::metrics::{FailureKind, ReactorMetrics, TcpCounters};
+use crate::observability::metrics::{CloseKind, FailureKind, ReactorMetrics, TcpCounters};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
@@ -105,6 +105,9 @@ pub enum End {
         kind: FailureKind,
         errno: i32,
     },
+    /// ringtun ended it (idle timeout, drain deadline): both sides are reset, so no client can
+    /// take a cut-off stream for a complete one.
+    Cut(CloseKind),
 }
 
 impl Flow {

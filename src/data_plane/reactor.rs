@@ -253,15 +253,7 @@ impl Reactor {
         let keys: Vec<usize> = self.flows.iter().map(|(k, _)| k).collect();
         for k in keys {
             let key = self.flows[k].key;
-            self.finish(
-                key,
-                End::Broken {
-                    failed: Side::Downstream,
-                    kind: FailureKind::DownstreamReset,
-                    errno: 0,
-                },
-                Some(how),
-            );
+            self.finish(key, End::Cut(how));
         }
     }
 
@@ -449,7 +441,6 @@ impl Reactor {
                     kind: FailureKind::SocketSetup,
                     errno: e.raw_os_error().unwrap_or(0),
                 },
-                None,
             );
         }
         self.timers.push(Reverse(Timer {
@@ -504,7 +495,6 @@ impl Reactor {
                         kind,
                         errno,
                     },
-                    None,
                 );
             }
         }
@@ -545,7 +535,7 @@ impl Reactor {
                     self.runnable.push(key);
                 }
             }
-            Step::Finished(end) => self.finish(key, end, None),
+            Step::Finished(end) => self.finish(key, end),
         }
     }
 
@@ -585,22 +575,13 @@ impl Reactor {
                             kind: FailureKind::UpstreamConnectTimeout,
                             errno: libc::ETIMEDOUT,
                         },
-                        None,
                     );
                 }
                 TimerKind::Connect => {}
                 TimerKind::Idle => {
                     let due = f.last_active + idle;
                     if due <= now {
-                        self.finish(
-                            key,
-                            End::Broken {
-                                failed: Side::Downstream,
-                                kind: FailureKind::DownstreamReset,
-                                errno: 0,
-                            },
-                            Some(CloseKind::IdleTimeout),
-                        );
+                        self.finish(key, End::Cut(CloseKind::IdleTimeout));
                     } else {
                         self.timers.push(Reverse(Timer { at: due, ..t }));
                     }
@@ -611,8 +592,7 @@ impl Reactor {
 
     /// Removes a flow: drops the driver's requests, returns empty pipes, closes both sockets
     /// (with a reset on the side that did not break, when one did), counts and logs it.
-    /// `override_end` marks closes ringtun decided on (idle timeout, drain): both sides reset.
-    fn finish(&mut self, key: FlowKey, end: End, override_end: Option<CloseKind>) {
+    fn finish(&mut self, key: FlowKey, end: End) {
         if self
             .flows
             .get(key.index as usize)
@@ -630,25 +610,22 @@ impl Reactor {
         if was_open {
             f.counters.closed.fetch_add(1, Relaxed);
         }
-        let (close, failure, errno) = match (override_end, end) {
-            (Some(kind), _) => {
+        let (close, failure, errno) = match end {
+            End::Cut(kind) => {
                 socket::close_with_reset(f.down);
                 socket::close_with_reset(f.up);
                 (kind, None, None)
             }
-            (None, End::Clean) => {
+            End::Clean => {
                 drop(f.down);
                 drop(f.up);
                 (CloseKind::Clean, None, None)
             }
-            (
-                None,
-                End::Broken {
-                    failed,
-                    kind,
-                    errno,
-                },
-            ) => {
+            End::Broken {
+                failed,
+                kind,
+                errno,
+            } => {
                 // The broken side is closed as it is; the other learns of it as a reset.
                 match failed {
                     Side::Downstream => {

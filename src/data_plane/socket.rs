@@ -30,9 +30,8 @@ fn setsockopt<T>(fd: RawFd, level: libc::c_int, name: libc::c_int, value: T) -> 
     .map(|_| ())
 }
 
-/// A non-blocking, close-on-exec TCP socket for `addr`'s family, marked with `mark` so the
-/// capture rules let it through, with Nagle off (the proxy forwards what it gets at once).
-pub fn outbound_socket(addr: &SocketAddr, mark: u32) -> io::Result<OwnedFd> {
+/// A non-blocking, close-on-exec TCP socket of `addr`'s family.
+fn tcp_socket(addr: &SocketAddr) -> io::Result<OwnedFd> {
     let family = if addr.is_ipv4() {
         libc::AF_INET
     } else {
@@ -47,7 +46,13 @@ pub fn outbound_socket(addr: &SocketAddr, mark: u32) -> io::Result<OwnedFd> {
         )
     })?;
     // SAFETY: socket() returned a fresh descriptor we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A non-blocking, close-on-exec TCP socket for `addr`'s family, marked with `mark` so the
+/// capture rules let it through, with Nagle off (the proxy forwards what it gets at once).
+pub fn outbound_socket(addr: &SocketAddr, mark: u32) -> io::Result<OwnedFd> {
+    let fd = tcp_socket(addr)?;
     setsockopt(
         fd.as_raw_fd(),
         libc::SOL_SOCKET,
@@ -77,21 +82,7 @@ pub fn listener(
     mark: u32,
     backlog: i32,
 ) -> io::Result<OwnedFd> {
-    let family = if addr.is_ipv4() {
-        libc::AF_INET
-    } else {
-        libc::AF_INET6
-    };
-    // SAFETY: plain syscall; the result is checked.
-    let fd = check(unsafe {
-        libc::socket(
-            family,
-            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
-    })?;
-    // SAFETY: socket() returned a fresh descriptor we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let fd = tcp_socket(&addr)?;
     let raw = fd.as_raw_fd();
     setsockopt(raw, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1 as libc::c_int)?;
     setsockopt(raw, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1 as libc::c_int)?;

@@ -9,17 +9,17 @@ use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
+use super::backoff::AcceptBackoff;
 use super::token::{self, Op};
 use super::{sockaddr, Driver, DriverKind, Event, FlowKey, Interest, Side};
 
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Accepts per listener per wakeup, so one busy listener cannot starve established flows.
 const ACCEPT_BATCH: usize = 64;
 
 pub struct EpollDriver {
     epfd: OwnedFd,
     listeners: Vec<Option<RawFd>>,
-    paused: Vec<(usize, Instant)>,
+    backoff: AcceptBackoff,
     /// Flows whose connect is in progress, with the upstream fd to read `SO_ERROR` from.
     connecting: HashMap<FlowKey, RawFd>,
     /// Completions known before waiting (a connect that finished at once).
@@ -38,7 +38,7 @@ impl EpollDriver {
             // SAFETY: epoll_create1 returned a fresh descriptor we own.
             epfd: unsafe { OwnedFd::from_raw_fd(fd) },
             listeners: Vec::new(),
-            paused: Vec::new(),
+            backoff: AcceptBackoff::default(),
             connecting: HashMap::new(),
             ready: Vec::new(),
             buf: vec![libc::epoll_event { events: 0, u64: 0 }; 256],
@@ -83,8 +83,7 @@ impl EpollDriver {
                     events.push(Event::AcceptFailed { listener, errno: e });
                     // Level-triggered: stop watching for a moment instead of spinning.
                     let _ = self.ctl(libc::EPOLL_CTL_DEL, fd, 0, 0);
-                    self.paused
-                        .push((listener, Instant::now() + ACCEPT_BACKOFF));
+                    self.backoff.rest(listener, Instant::now());
                     return;
                 }
             }
@@ -114,7 +113,7 @@ impl Driver for EpollDriver {
         if let Some(slot) = self.listeners.get_mut(listener) {
             *slot = None;
         }
-        self.paused.retain(|(l, _)| *l != listener);
+        self.backoff.forget(listener);
         let _ = self.ctl(libc::EPOLL_CTL_DEL, fd, 0, 0);
     }
 
@@ -179,23 +178,14 @@ impl Driver for EpollDriver {
     fn wait(&mut self, timeout: Option<Duration>, events: &mut Vec<Event>) -> io::Result<()> {
         let now = Instant::now();
         let mut timeout = timeout;
-        let mut i = 0;
-        while i < self.paused.len() {
-            let (l, at) = self.paused[i];
-            if at <= now {
-                self.paused.swap_remove(i);
-                if let Some(Some(fd)) = self.listeners.get(l).copied() {
-                    let _ = self.ctl(
-                        libc::EPOLL_CTL_ADD,
-                        fd,
-                        libc::EPOLLIN as u32,
-                        token::simple(Op::Accept, l as u32),
-                    );
-                }
-            } else {
-                let left = at - now;
-                timeout = Some(timeout.map_or(left, |t| t.min(left)));
-                i += 1;
+        for l in self.backoff.due(now, &mut timeout) {
+            if let Some(Some(fd)) = self.listeners.get(l).copied() {
+                let _ = self.ctl(
+                    libc::EPOLL_CTL_ADD,
+                    fd,
+                    libc::EPOLLIN as u32,
+                    token::simple(Op::Accept, l as u32),
+                );
             }
         }
         if !self.ready.is_empty() {

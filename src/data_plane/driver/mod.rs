@@ -5,6 +5,7 @@
 //!
 //! Bytes never move through a driver: `splice(2)` is called inline by the flow after readiness.
 
+pub mod backoff;
 pub mod epoll;
 pub mod token;
 pub mod uring;

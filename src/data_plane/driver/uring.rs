@@ -11,18 +11,16 @@ use std::time::{Duration, Instant};
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
+use super::backoff::AcceptBackoff;
 use super::token::{self, Op};
 use super::{armed_bit, sockaddr, Driver, DriverKind, Event, FlowKey, Interest, Side};
-
-/// After an accept error (EMFILE…) the listener rests this long instead of spinning.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 pub struct UringDriver {
     ring: IoUring,
     /// Listener fds by index; `None` once unwatched (a finished multishot is then not re-armed).
     listeners: Vec<Option<RawFd>>,
     /// Listeners resting after an accept error, with when to re-arm them.
-    paused: Vec<(usize, Instant)>,
+    backoff: AcceptBackoff,
     waker: Option<RawFd>,
     /// Connect addresses live here until their completion: the kernel reads them asynchronously.
     connect_addrs: HashMap<u64, Box<(libc::sockaddr_storage, libc::socklen_t)>>,
@@ -42,7 +40,7 @@ impl UringDriver {
         Ok(UringDriver {
             ring,
             listeners: Vec::new(),
-            paused: Vec::new(),
+            backoff: AcceptBackoff::default(),
             waker: None,
             connect_addrs: HashMap::new(),
             timer: Box::new(types::Timespec::new()),
@@ -105,7 +103,7 @@ impl Driver for UringDriver {
         if let Some(slot) = self.listeners.get_mut(listener) {
             *slot = None;
         }
-        self.paused.retain(|(l, _)| *l != listener);
+        self.backoff.forget(listener);
         let e = opcode::AsyncCancel::new(token::simple(Op::Accept, listener as u32))
             .build()
             .user_data(token::simple(Op::Cancel, 0));
@@ -178,18 +176,9 @@ impl Driver for UringDriver {
         let now = Instant::now();
         // Re-arm listeners whose rest is over, and never sleep past the next one.
         let mut timeout = timeout;
-        let mut i = 0;
-        while i < self.paused.len() {
-            let (l, at) = self.paused[i];
-            if at <= now {
-                self.paused.swap_remove(i);
-                if let Some(Some(fd)) = self.listeners.get(l).copied() {
-                    self.arm_accept(l, fd);
-                }
-            } else {
-                let left = at - now;
-                timeout = Some(timeout.map_or(left, |t| t.min(left)));
-                i += 1;
+        for l in self.backoff.due(now, &mut timeout) {
+            if let Some(Some(fd)) = self.listeners.get(l).copied() {
+                self.arm_accept(l, fd);
             }
         }
         let wait_for = match timeout {
@@ -277,7 +266,7 @@ impl Driver for UringDriver {
         for (l, failed) in rearm_accept {
             if let Some(Some(fd)) = self.listeners.get(l).copied() {
                 if failed {
-                    self.paused.push((l, now + ACCEPT_BACKOFF));
+                    self.backoff.rest(l, now);
                 } else {
                     self.arm_accept(l, fd);
                 }
