@@ -46,6 +46,19 @@ pub enum Command {
     CheckConfig { file: PathBuf },
     /// Print a commented example configuration.
     PrintDefaultConfig,
+    /// Create a development CA (if absent) and a short-lived certificate for every workload
+    /// identity in a config, in the layout `node.tls` reads. For demos and tests.
+    Certs {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Output directory (default: the config's node.tls.certificate_dir; the trust bundle
+        /// then goes to node.tls.trust_bundle, else to <out>/ca.pem).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Lifetime of each workload certificate: <integer> then ms, s, m or h.
+        #[arg(long, default_value = "24h")]
+        validity: String,
+    },
     /// Report the kernel features ringtun uses and which it falls back from.
     Probe {
         #[arg(long)]
@@ -106,6 +119,11 @@ pub fn main() -> i32 {
             print!("{}", config::DEFAULT_CONFIG_YAML);
             EXIT_OK
         }
+        Command::Certs {
+            config,
+            out,
+            validity,
+        } => certs(&config, out, &validity),
         Command::Probe { json } => crate::kernel_features::print_report(json),
         Command::Redirect { action } => crate::redirection::cli::run(action),
         Command::Demo { driver, bytes } => crate::demo::run(driver.into(), bytes),
@@ -142,6 +160,60 @@ fn check_config(file: &std::path::Path) -> i32 {
             }
             eprintln!("{}: {} error(s)", file.display(), errors.len());
             EXIT_CONFIG
+        }
+    }
+}
+
+fn certs(file: &std::path::Path, out: Option<PathBuf>, validity: &str) -> i32 {
+    use crate::control_plane::certs::{self, CertsLayout, CA_CERT_FILE};
+    let validity = match config::parse_duration(validity) {
+        Ok(d) => d,
+        Err(why) => {
+            eprintln!("--validity `{validity}` {why}");
+            return EXIT_CONFIG;
+        }
+    };
+    let cfg = match load_config_file(file) {
+        Ok(cfg) => cfg,
+        Err(errors) => {
+            for e in &errors {
+                eprintln!("{e}");
+            }
+            eprintln!("{}: {} error(s)", file.display(), errors.len());
+            return EXIT_CONFIG;
+        }
+    };
+    let layout = match (out, &cfg.node.tls) {
+        (Some(dir), _) => CertsLayout {
+            trust_bundle: dir.join(CA_CERT_FILE),
+            certificate_dir: dir,
+        },
+        (None, Some(tls)) => CertsLayout {
+            certificate_dir: tls.certificate_dir.clone(),
+            trust_bundle: tls.trust_bundle.clone(),
+        },
+        (None, None) => {
+            eprintln!(
+                "{}: no node.tls section says where certificates go; add one or pass --out DIR",
+                file.display()
+            );
+            return EXIT_CONFIG;
+        }
+    };
+    match certs::write_dev_certificates(&cfg, &layout, std::time::SystemTime::now(), validity) {
+        Ok(report) => {
+            for line in &report.lines {
+                println!("{line}");
+            }
+            EXIT_OK
+        }
+        Err(e @ certs::CertError::Identity { .. }) => {
+            eprintln!("{}: {e}", file.display());
+            EXIT_CONFIG
+        }
+        Err(e) => {
+            eprintln!("ringtun certs: {e}");
+            EXIT_FAILURE
         }
     }
 }

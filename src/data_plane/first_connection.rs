@@ -247,6 +247,7 @@ pub(crate) mod tests {
                 max_bytes_per_wakeup: 1 << 20,
                 pipe_pool_size: 64,
             },
+            tls: None,
         }
     }
 

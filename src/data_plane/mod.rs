@@ -5,7 +5,9 @@
 pub mod driver;
 pub mod first_connection;
 pub mod flow;
+pub mod ktls;
 pub mod listeners;
 pub mod reactor;
 pub mod socket;
 pub mod splice;
+pub mod tls;

@@ -13,52 +13,52 @@ use serde::Serialize;
 use super::sys::{self, errno_text};
 
 /// `TLS_TX` / `TLS_RX` from linux/tls.h (libc has `SOL_TLS` and `TCP_ULP` but not these).
-const TLS_TX: libc::c_int = 1;
-const TLS_RX: libc::c_int = 2;
+pub(crate) const TLS_TX: libc::c_int = 1;
+pub(crate) const TLS_RX: libc::c_int = 2;
 /// TLS_VERSION_NUMBER(TLS_1_3): major 3, minor 4.
-const TLS_1_3_VERSION: u16 = 0x0304;
-const TLS_CIPHER_AES_GCM_128: u16 = 51;
-const TLS_CIPHER_AES_GCM_256: u16 = 52;
-const TLS_CIPHER_CHACHA20_POLY1305: u16 = 54;
+pub(crate) const TLS_1_3_VERSION: u16 = 0x0304;
+pub(crate) const TLS_CIPHER_AES_GCM_128: u16 = 51;
+pub(crate) const TLS_CIPHER_AES_GCM_256: u16 = 52;
+pub(crate) const TLS_CIPHER_CHACHA20_POLY1305: u16 = 54;
 
 /// `struct tls_crypto_info`.
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct TlsCryptoInfo {
-    version: u16,
-    cipher_type: u16,
+pub(crate) struct TlsCryptoInfo {
+    pub(crate) version: u16,
+    pub(crate) cipher_type: u16,
 }
 
 /// `struct tls12_crypto_info_aes_gcm_128` (the "tls12" prefix is historical; TLS 1.3 uses it).
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct Tls12CryptoInfoAesGcm128 {
-    info: TlsCryptoInfo,
-    iv: [u8; 8],
-    key: [u8; 16],
-    salt: [u8; 4],
-    rec_seq: [u8; 8],
+pub(crate) struct Tls12CryptoInfoAesGcm128 {
+    pub(crate) info: TlsCryptoInfo,
+    pub(crate) iv: [u8; 8],
+    pub(crate) key: [u8; 16],
+    pub(crate) salt: [u8; 4],
+    pub(crate) rec_seq: [u8; 8],
 }
 
 /// `struct tls12_crypto_info_aes_gcm_256`.
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct Tls12CryptoInfoAesGcm256 {
-    info: TlsCryptoInfo,
-    iv: [u8; 8],
-    key: [u8; 32],
-    salt: [u8; 4],
-    rec_seq: [u8; 8],
+pub(crate) struct Tls12CryptoInfoAesGcm256 {
+    pub(crate) info: TlsCryptoInfo,
+    pub(crate) iv: [u8; 8],
+    pub(crate) key: [u8; 32],
+    pub(crate) salt: [u8; 4],
+    pub(crate) rec_seq: [u8; 8],
 }
 
 /// `struct tls12_crypto_info_chacha20_poly1305` (no salt: the whole 12-byte nonce is the IV).
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct Tls12CryptoInfoChacha20Poly1305 {
-    info: TlsCryptoInfo,
-    iv: [u8; 12],
-    key: [u8; 32],
-    rec_seq: [u8; 8],
+pub(crate) struct Tls12CryptoInfoChacha20Poly1305 {
+    pub(crate) info: TlsCryptoInfo,
+    pub(crate) iv: [u8; 12],
+    pub(crate) key: [u8; 32],
+    pub(crate) rec_seq: [u8; 8],
 }
 
 // The kernel checks optlen against these exact sizes; a layout slip would read as "unsupported".
@@ -137,13 +137,13 @@ impl fmt::Display for KtlsCipher {
 
 /// Marks the padding-free repr(C) crypto_info structs, the only types [`struct_bytes`] may view
 /// as bytes.
-trait CryptoInfo: Copy {}
+pub(crate) trait CryptoInfo: Copy {}
 impl CryptoInfo for Tls12CryptoInfoAesGcm128 {}
 impl CryptoInfo for Tls12CryptoInfoAesGcm256 {}
 impl CryptoInfo for Tls12CryptoInfoChacha20Poly1305 {}
 
 /// The bytes of one of the crypto_info structs above, as setsockopt wants them.
-fn struct_bytes<T: CryptoInfo>(value: &T) -> Vec<u8> {
+pub(crate) fn struct_bytes<T: CryptoInfo>(value: &T) -> Vec<u8> {
     // SAFETY: only called with the repr(C) crypto_info structs, whose fields are u16 and u8
     // arrays laid out without padding (sizes asserted above), so every byte is initialised.
     unsafe {

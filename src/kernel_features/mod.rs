@@ -8,7 +8,7 @@
 //! Other modules ask the narrow questions: [`io_uring_unavailable_reason`] (driver choice) and
 //! [`ktls_support`] (tunnels). Probing is not data-path work; nothing here runs per flow.
 
-mod ktls;
+pub(crate) mod ktls;
 mod net;
 mod report;
 mod ring;

@@ -30,6 +30,10 @@ node:
     pipe_size: 262144             # bytes per pipe (F_SETPIPE_SZ), 4096..=16 MiB
     max_bytes_per_wakeup: 1048576 # per flow direction before yielding to other flows
     pipe_pool_size: 64            # empty pipes kept per reactor for reuse
+  # Mutual TLS for HBONE tunnels (optional; `ringtun certs --config <file>` makes dev certs).
+  # tls:
+  #   trust_bundle: /etc/ringtun/certs/ca.pem    # PEM CA certificates peers must chain to
+  #   certificate_dir: /etc/ringtun/certs        # <dir>/<ns>/<sa>/cert.pem and key.pem
 
 workloads:
   # Host mode: the one local workload without `netns` is the host itself. In pod mode each
@@ -105,6 +109,21 @@ mod tests {
             panic!("minimal config must load")
         };
         assert_eq!(minimal.node, cfg.node);
+    }
+
+    #[test]
+    fn commented_tls_example_loads_once_uncommented() {
+        let text = DEFAULT_CONFIG_YAML
+            .replace("  # tls:", "  tls:")
+            .replace("  #   trust_bundle:", "    trust_bundle:")
+            .replace("  #   certificate_dir:", "    certificate_dir:");
+        let cfg = match load(&text) {
+            Ok(cfg) => cfg,
+            Err(e) => panic!("uncommented tls example has errors:\n{e}"),
+        };
+        let tls = cfg.node.tls.expect("tls section");
+        assert_eq!(tls.trust_bundle.to_str(), Some("/etc/ringtun/certs/ca.pem"));
+        assert_eq!(tls.certificate_dir.to_str(), Some("/etc/ringtun/certs"));
     }
 
     #[test]

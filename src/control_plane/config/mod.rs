@@ -11,6 +11,7 @@ mod validate;
 
 pub use default::DEFAULT_CONFIG_YAML;
 pub use validate::load;
+pub(crate) use validate::parse_duration;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -82,6 +83,18 @@ pub struct NodeConfig {
     pub timeouts: Timeouts,
     pub limits: Limits,
     pub splice: SpliceSettings,
+    /// Where the mesh certificates live; `None` = no `tls:` section (no HBONE tunnels can be
+    /// made or accepted).
+    pub tls: Option<TlsSettings>,
+}
+
+/// Certificate files for mutual TLS. Relative paths are taken from ringtun's working directory.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TlsSettings {
+    /// PEM file of the CA certificates a peer's chain must lead to.
+    pub trust_bundle: PathBuf,
+    /// The certificate and key of identity ns/sa are `<dir>/<ns>/<sa>/cert.pem` and `key.pem`.
+    pub certificate_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]

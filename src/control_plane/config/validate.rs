@@ -14,7 +14,7 @@ use std::time::Duration;
 use super::parse::{self, Entry, Node, Pos, Value, DOCUMENT_PATH};
 use super::{
     Config, ConfigError, ConfigErrors, DriverChoice, Limits, NodeConfig, Ports, Protocol, Service,
-    ServicePort, SpliceSettings, Timeouts, Workload, WorkloadRef,
+    ServicePort, SpliceSettings, Timeouts, TlsSettings, Workload, WorkloadRef,
 };
 
 /// Where a bare `netns` name is looked up, as `ip netns add` creates them.
@@ -34,11 +34,13 @@ const NODE_KEYS: &[&str] = &[
     "timeouts",
     "limits",
     "splice",
+    "tls",
 ];
 const PORTS_KEYS: &[&str] = &["outbound", "inbound_plaintext", "inbound_hbone"];
 const TIMEOUT_KEYS: &[&str] = &["connect", "idle", "drain"];
 const LIMITS_KEYS: &[&str] = &["max_flows_per_reactor"];
 const SPLICE_KEYS: &[&str] = &["pipe_size", "max_bytes_per_wakeup", "pipe_pool_size"];
+const TLS_KEYS: &[&str] = &["trust_bundle", "certificate_dir"];
 const WORKLOAD_KEYS: &[&str] = &[
     "name",
     "namespace",
@@ -403,7 +405,8 @@ fn duration(c: &mut Checker, node: &Node, path: &str) -> Option<Duration> {
     }
 }
 
-fn parse_duration(s: &str) -> Result<Duration, &'static str> {
+/// `<int>ms|s|m|h` greater than zero, or why not (also used by CLI flags).
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, &'static str> {
     const SHAPE: &str = "is not a duration: write <integer><unit>, unit ms, s, m or h (e.g. 5s)";
     let digits_end = s.find(|ch: char| !ch.is_ascii_digit()).unwrap_or(s.len());
     let (digits, unit) = s.split_at(digits_end);
@@ -645,6 +648,19 @@ fn check_node(c: &mut Checker, n: &Node) -> (Option<String>, Option<NodeConfig>)
             pipe_pool_size: pool?,
         })
     });
+    let tls = f.or_default(c, "tls", None, |c, v, path| {
+        let t = fields(c, v, path, TLS_KEYS)?;
+        let trust_bundle = t
+            .require(c, "trust_bundle")
+            .and_then(|v| file_path(c, v, &t.path("trust_bundle")));
+        let certificate_dir = t
+            .require(c, "certificate_dir")
+            .and_then(|v| file_path(c, v, &t.path("certificate_dir")));
+        Some(Some(TlsSettings {
+            trust_bundle: trust_bundle?,
+            certificate_dir: certificate_dir?,
+        }))
+    });
     let config = (|| {
         Some(NodeConfig {
             name: name.clone()?,
@@ -659,6 +675,7 @@ fn check_node(c: &mut Checker, n: &Node) -> (Option<String>, Option<NodeConfig>)
             timeouts: timeouts?,
             limits: limits?,
             splice: splice?,
+            tls: tls?,
         })
     })();
     (name, config)
@@ -894,6 +911,20 @@ fn check_workloads(
         });
     }
     drafts
+}
+
+/// A file or directory path (absolute, or relative to the working directory); not read here.
+fn file_path(c: &mut Checker, node: &Node, path: &str) -> Option<PathBuf> {
+    let s = string(c, node, path)?;
+    let why = if s.is_empty() {
+        "must not be empty"
+    } else if s.contains('\0') {
+        "must not contain a NUL character"
+    } else {
+        return Some(PathBuf::from(s));
+    };
+    c.error(node.pos, path, format!("path {why}"));
+    None
 }
 
 /// Bare name → `/var/run/netns/<name>`; absolute path kept; anything else refused.
@@ -1201,6 +1232,9 @@ node:
   timeouts: {connect: 250ms, idle: 10m, drain: 2s}
   limits: {max_flows_per_reactor: 100}
   splice: {pipe_size: 65536, max_bytes_per_wakeup: 4096, pipe_pool_size: 0}
+  tls:
+    trust_bundle: /etc/ringtun/ca.pem
+    certificate_dir: certs
 workloads:
   - name: client
     namespace: default
@@ -1260,6 +1294,10 @@ services:
                     max_bytes_per_wakeup: 4096,
                     pipe_pool_size: 0,
                 },
+                tls: Some(TlsSettings {
+                    trust_bundle: PathBuf::from("/etc/ringtun/ca.pem"),
+                    certificate_dir: PathBuf::from("certs"),
+                }),
             },
             workloads: vec![
                 Workload {
@@ -1522,6 +1560,38 @@ services:
             .node
             .admin_addr
             .is_none());
+    }
+
+    #[test]
+    fn tls_section_is_optional_but_needs_both_paths_when_present() {
+        assert_eq!(ok(HEAD).node.tls, None);
+        assert_eq!(ok(&format!("{HEAD}  tls:\n")).node.tls, None);
+        let text = format!(
+            "{HEAD}  tls:\n    trust_bundle: \"\"\n    key_file: k.pem\n    certificate_dir: 5\n"
+        );
+        let errs = errors(&text);
+        assert_eq!(
+            places(&errs),
+            vec![
+                (5, 19, "node.tls.trust_bundle"),
+                (6, 5, "node.tls.key_file"),
+                (7, 22, "node.tls.certificate_dir"),
+            ],
+            "{}",
+            ConfigErrors(errs.clone())
+        );
+        assert!(errs[0].message.contains("must not be empty"), "{}", errs[0]);
+        assert!(
+            errs[1]
+                .message
+                .contains("accepted keys: trust_bundle, certificate_dir"),
+            "{}",
+            errs[1]
+        );
+        assert!(errs[2].message.contains("expected a string"), "{}", errs[2]);
+        let errs = errors(&format!("{HEAD}  tls: {{trust_bundle: ca.pem}}\n"));
+        assert_eq!(places(&errs), vec![(4, 8, "node.tls.certificate_dir")]);
+        assert!(errs[0].message.contains("required key `certificate_dir`"));
     }
 
     #[test]

@@ -1,0 +1,113 @@
+//! `ringtun certs`: a development CA and one certificate per workload identity, in the layout
+//! `node.tls` reads; exit 64 on a bad config; the CA key is never replaced.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const BIN: &str = env!("CARGO_BIN_EXE_ringtun");
+
+fn run(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).output().expect("ringtun runs")
+}
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ringtun-certs-cli-{tag}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+fn mode(path: &Path) -> u32 {
+    fs::metadata(path).expect("stat").permissions().mode() & 0o777
+}
+
+const CONFIG: &str = "version: 1
+node:
+  name: node-a
+  trust_domain: example.org
+  tls:
+    trust_bundle: TMP/bundle.pem
+    certificate_dir: TMP/certs
+workloads:
+  - {name: client, namespace: default, service_account: client, ips: [10.0.0.1], node: node-a}
+  - {name: server, namespace: prod, service_account: server, ips: [10.0.0.2], node: node-b}
+";
+
+#[test]
+fn certs_writes_ca_bundle_and_one_cert_per_identity() {
+    let dir = temp_dir("layout");
+    let config = dir.join("node.yaml");
+    fs::write(&config, CONFIG.replace("TMP", dir.to_str().expect("utf-8"))).expect("config");
+    let out = run(&["certs", "--config", config.to_str().expect("utf-8")]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("new development CA for example.org"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("spiffe://example.org/ns/prod/sa/server"),
+        "{stdout}"
+    );
+    for (ns, sa) in [("default", "client"), ("prod", "server")] {
+        let idir = dir.join("certs").join(ns).join(sa);
+        assert_eq!(mode(&idir.join("key.pem")), 0o600);
+        let cert = fs::read_to_string(idir.join("cert.pem")).expect("cert");
+        assert!(cert.starts_with("-----BEGIN CERTIFICATE-----"));
+    }
+    assert_eq!(mode(&dir.join("certs/ca-key.pem")), 0o600);
+    assert_eq!(
+        fs::read(dir.join("bundle.pem")).expect("bundle"),
+        fs::read(dir.join("certs/ca.pem")).expect("ca")
+    );
+    // Again: the CA is kept.
+    let key = fs::read(dir.join("certs/ca-key.pem")).expect("key");
+    let out = run(&[
+        "certs",
+        "--config",
+        config.to_str().expect("utf-8"),
+        "--validity",
+        "1h",
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("using existing CA"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("valid 1h"));
+    assert_eq!(fs::read(dir.join("certs/ca-key.pem")).expect("key"), key);
+    let _ = fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn certs_exits_64_on_a_bad_config_or_no_destination() {
+    let dir = temp_dir("bad");
+    let config = dir.join("node.yaml");
+    fs::write(
+        &config,
+        "version: 1\nnode:\n  name: a\n  tls: {trust_bundle: x}\n",
+    )
+    .expect("write");
+    let out = run(&["certs", "--config", config.to_str().expect("utf-8")]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("node.tls.certificate_dir"));
+    fs::write(&config, "version: 1\nnode:\n  name: a\n").expect("write");
+    let out = run(&["certs", "--config", config.to_str().expect("utf-8")]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("pass --out DIR"));
+    let out = run(&[
+        "certs",
+        "--config",
+        config.to_str().expect("utf-8"),
+        "--out",
+        dir.join("o").to_str().expect("utf-8"),
+        "--validity",
+        "0s",
+    ]);
+    assert_eq!(out.status.code(), Some(64));
+    let _ = fs::remove_dir_all(&dir);
+}
