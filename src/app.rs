@@ -95,7 +95,7 @@ impl App {
         let config_json = serde_json::to_string(&config).unwrap_or_default();
         log::info!("effective config: {config_json}");
         let state = State::new(config, 1);
-        let (mut per_reactor, problems) = listeners::create_all(&state, reactors);
+        let (per_reactor, problems) = listeners::create_all(&state, reactors);
         for p in &problems {
             log::error!("{p}");
         }
@@ -110,7 +110,7 @@ impl App {
         let mut controls = Vec::new();
         let mut threads = Vec::new();
         let (tx, rx) = mpsc::channel();
-        for id in 0..reactors {
+        for (id, listeners) in per_reactor.into_iter().enumerate() {
             let control =
                 ReactorControl::new().map_err(|e| format!("reactor {id}: eventfd: {e}"))?;
             controls.push(control.clone());
@@ -118,7 +118,7 @@ impl App {
                 id,
                 state: state.clone(),
                 driver: driver.clone(),
-                listeners: std::mem::take(&mut per_reactor[id]),
+                listeners,
                 metrics: metrics.reactors[id].clone(),
                 control,
                 observer: opts.observer.clone(),

@@ -391,9 +391,11 @@ mod tests {
     #[test]
     fn a_pipe_holding_bytes_is_never_reused() {
         let mut pool = PipePool::new(65536, 4);
-        let mut pump = Pump::default();
-        pump.pipe = Some(pool.get().unwrap());
-        pump.pending = 10;
+        let mut pump = Pump {
+            pipe: Some(pool.get().unwrap()),
+            pending: 10,
+            ..Pump::default()
+        };
         pump.release(&mut pool);
         assert_eq!(pool.idle(), 0);
     }

@@ -340,7 +340,7 @@ impl Metrics {
                 );
             }
         }
-        let per_reactor: [(&str, &str, &str, fn(&ReactorMetrics) -> u64); 7] = [
+        let per_reactor: [PerReactorMetric; 7] = [
             (
                 "ringtun_flows_open",
                 "gauge",
@@ -439,6 +439,14 @@ impl Metrics {
         out
     }
 }
+
+/// A per-reactor series: name, Prometheus type, help text, and how to read it from a shard.
+type PerReactorMetric = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&ReactorMetrics) -> u64,
+);
 
 fn esc(s: &str) -> String {
     s.replace('\\', "\\\\")
