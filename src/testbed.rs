@@ -247,6 +247,11 @@ impl Drop for Testbed {
         for name in self.created.iter().rev() {
             let _ = run(&["ip", "netns", "del", name]);
         }
+        // Configs and ringtun logs written for this testbed; kept when a test is failing so
+        // the log can be read.
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(std::env::temp_dir().join(&self.prefix));
+        }
     }
 }
 
