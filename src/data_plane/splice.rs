@@ -56,6 +56,45 @@ impl Pipe {
     }
 }
 
+/// A pipe the data path can splice through (the tunnel's framing is generic over it so its
+/// tests can check every pipe handed back).
+pub trait SplicePipe {
+    fn read_fd(&self) -> RawFd;
+    fn write_fd(&self) -> RawFd;
+    /// Bytes the kernel granted (capacity is really counted in slots: a pipe may refuse bytes
+    /// before this many are in it).
+    fn capacity(&self) -> usize;
+}
+
+/// Where pipes come from and go back to. `put_empty` must only ever receive empty pipes.
+pub trait PipeSupply {
+    type Pipe: SplicePipe;
+    fn get(&mut self) -> io::Result<Self::Pipe>;
+    fn put_empty(&mut self, pipe: Self::Pipe);
+}
+
+impl SplicePipe for Pipe {
+    fn read_fd(&self) -> RawFd {
+        self.read.as_raw_fd()
+    }
+    fn write_fd(&self) -> RawFd {
+        self.write.as_raw_fd()
+    }
+    fn capacity(&self) -> usize {
+        self.capacity
+    }
+}
+
+impl PipeSupply for PipePool {
+    type Pipe = Pipe;
+    fn get(&mut self) -> io::Result<Pipe> {
+        PipePool::get(self)
+    }
+    fn put_empty(&mut self, pipe: Pipe) {
+        PipePool::put_empty(self, pipe)
+    }
+}
+
 /// Empty pipes kept by one reactor for reuse. Only pipes known to be empty come back here:
 /// a pipe that may still hold bytes is closed instead, so no flow ever sees another's data.
 #[derive(Debug)]
