@@ -5,9 +5,12 @@
 pub mod driver;
 pub mod first_connection;
 pub mod flow;
+pub mod hbone_rules;
 pub mod ktls;
 pub mod listeners;
 pub mod reactor;
 pub mod socket;
 pub mod splice;
 pub mod tls;
+pub mod tunnel_io;
+pub mod tunnel_pool;
