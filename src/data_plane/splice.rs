@@ -153,7 +153,8 @@ impl PipePool {
 
 const SPLICE_FLAGS: libc::c_uint = libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE;
 
-fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+/// One non-blocking `splice(2)` between a socket and a pipe (`SPLICE_F_NONBLOCK | SPLICE_F_MOVE`).
+pub(crate) fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     // SAFETY: plain syscall on descriptors owned by the caller; null offsets (sockets and pipes
     // have no file position).
     let n = unsafe {

@@ -39,8 +39,6 @@ use super::splice::{PipeSupply, SplicePipe};
 
 // -------------------------------------------------------------------------------------- syscalls
 
-const SPLICE_FLAGS: libc::c_uint = libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE;
-
 /// Runs a syscall returning ssize_t, retrying EINTR.
 fn retry(mut call: impl FnMut() -> isize) -> io::Result<usize> {
     loop {
@@ -55,21 +53,14 @@ fn retry(mut call: impl FnMut() -> isize) -> io::Result<usize> {
     }
 }
 
+/// `splice(2)` as the plain fast path does it, with EINTR retried.
 fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
-    retry(|| {
-        // SAFETY: plain syscall on descriptors the caller keeps open; null offsets (sockets and
-        // pipes have no file position).
-        unsafe {
-            libc::splice(
-                from,
-                std::ptr::null_mut(),
-                to,
-                std::ptr::null_mut(),
-                len,
-                SPLICE_FLAGS,
-            )
+    loop {
+        match super::splice::splice(from, to, len) {
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            r => return r,
         }
-    })
+    }
 }
 
 fn send(fd: RawFd, buf: &[u8], more: bool) -> io::Result<usize> {

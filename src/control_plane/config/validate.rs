@@ -6,6 +6,7 @@
 //! workload per node) only compare values that were themselves valid, so one typo yields one
 //! error, not a cascade. A [`Config`] is returned only when the error list is empty.
 
+use crate::control_plane::identity::{is_dns_label, is_dns_name};
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -315,19 +316,6 @@ fn ip(c: &mut Checker, node: &Node, path: &str) -> Option<IpAddr> {
             None
         }
     }
-}
-
-fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
-
-fn is_dns_name(s: &str) -> bool {
-    s.len() <= 253 && s.split('.').all(is_dns_label)
 }
 
 /// A Kubernetes-style name (workload, namespace, service).
