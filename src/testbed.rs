@@ -313,7 +313,11 @@ pub fn recv_hash(r: &mut impl Read) -> io::Result<(u64, [u8; 32])> {
     let mut buf = vec![0u8; 256 * 1024];
     let mut total = 0u64;
     loop {
-        let n = r.read(&mut buf)?;
+        let n = match r.read(&mut buf) {
+            // A signal landed during the read (seen under CI load): not the stream's end.
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            r => r?,
+        };
         if n == 0 {
             return Ok((total, h.finalize().into()));
         }

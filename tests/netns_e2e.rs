@@ -187,6 +187,7 @@ fn read_until_end(s: &mut TcpStream) -> Result<usize, std::io::Error> {
         match s.read(&mut buf) {
             Ok(0) => return Ok(total),
             Ok(n) => total += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         }
     }
