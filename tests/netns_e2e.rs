@@ -172,6 +172,27 @@ fn ext(port: u16) -> SocketAddr {
     SocketAddr::new(Pod::Ext.v4(), port)
 }
 
+/// One exchange of `bytes` each way between the client pod and a server at `to` in
+/// `server_pod`, through the capture: every byte arrives, SHA-256 equal at both ends.
+fn exchange_intact(tb: &Testbed, server_pod: Pod, to: SocketAddr, bytes: u64) {
+    let listener = listen_in(&tb.pod_ns(server_pod).unwrap(), to).unwrap();
+    let server = serve_exchanges(listener, 1, bytes, 2);
+    let client = connect_in(&tb.pod_ns(Pod::Client).unwrap(), to).unwrap();
+    let c = testbed::exchange(client, bytes, 1).unwrap();
+    let s = server.join().unwrap().unwrap()[0];
+    assert_eq!((c.received, s.received), (bytes, bytes), "bytes lost");
+    assert_eq!(
+        testbed::hex(&c.sent_hash),
+        testbed::hex(&s.received_hash),
+        "client → server bytes differ"
+    );
+    assert_eq!(
+        testbed::hex(&s.sent_hash),
+        testbed::hex(&c.received_hash),
+        "server → client bytes differ"
+    );
+}
+
 fn is_reset(e: &std::io::Error) -> bool {
     matches!(
         e.kind(),
@@ -222,25 +243,7 @@ both_drivers!(
 fn one_gib_each_way_arrives_intact(driver: &str) {
     let node = Node::start(driver, "");
     const GIB: u64 = 1 << 30;
-    let server = serve_exchanges(
-        listen_in(&node.ns(Pod::Ext), ext(EXT_PORT)).unwrap(),
-        1,
-        GIB,
-        2,
-    );
-    let c = testbed::exchange(node.connect(ext(EXT_PORT)), GIB, 1).unwrap();
-    let s = server.join().unwrap().unwrap()[0];
-    assert_eq!((c.received, s.received), (GIB, GIB));
-    assert_eq!(
-        testbed::hex(&c.sent_hash),
-        testbed::hex(&s.received_hash),
-        "client → server bytes differ"
-    );
-    assert_eq!(
-        testbed::hex(&s.sent_hash),
-        testbed::hex(&c.received_hash),
-        "server → client bytes differ"
-    );
+    exchange_intact(&node.tb, Pod::Ext, ext(EXT_PORT), GIB);
     let up = node.wait_metric(
         "istio_tcp_received_bytes_total",
         &["reporter=\"source\""],
@@ -454,16 +457,7 @@ fn service_vip_spreads_across_two_endpoints(driver: &str) {
 
 fn out_of_mesh_destination_passes_through_and_is_counted(driver: &str) {
     let node = Node::start(driver, "");
-    let server = serve_exchanges(
-        listen_in(&node.ns(Pod::Ext), ext(EXT_PORT)).unwrap(),
-        1,
-        1 << 20,
-        2,
-    );
-    let c = testbed::exchange(node.connect(ext(EXT_PORT)), 1 << 20, 1).unwrap();
-    let s = server.join().unwrap().unwrap()[0];
-    assert_eq!(c.sent_hash, s.received_hash);
-    assert_eq!(s.sent_hash, c.received_hash);
+    exchange_intact(&node.tb, Pod::Ext, ext(EXT_PORT), 1 << 20);
     let labels = [
         "reporter=\"source\"",
         "source_workload=\"client\"",
@@ -484,11 +478,7 @@ fn out_of_mesh_destination_passes_through_and_is_counted(driver: &str) {
 fn ipv6_destination_is_captured_and_proxied(driver: &str) {
     let node = Node::start(driver, "");
     let addr = SocketAddr::new(Pod::Ext.v6(), EXT_PORT);
-    let server = serve_exchanges(listen_in(&node.ns(Pod::Ext), addr).unwrap(), 1, 8 << 20, 2);
-    let c = testbed::exchange(node.connect(addr), 8 << 20, 1).unwrap();
-    let s = server.join().unwrap().unwrap()[0];
-    assert_eq!(c.sent_hash, s.received_hash);
-    assert_eq!(s.sent_hash, c.received_hash);
+    exchange_intact(&node.tb, Pod::Ext, addr, 8 << 20);
     // It went through ringtun (not around it): the v6 flow was counted.
     assert_eq!(
         node.wait_metric(
@@ -685,11 +675,7 @@ fn inbound_redirect_capture_recovers_original_destination(driver: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
     let to = SocketAddr::new(Pod::Mesh1.v4(), testbed::MESH_PORT);
-    let server = serve_exchanges(listen_in(&node.ns(Pod::Mesh1), to).unwrap(), 1, 1 << 20, 2);
-    let c = testbed::exchange(node.connect(to), 1 << 20, 1).unwrap();
-    let s = server.join().unwrap().unwrap()[0];
-    assert_eq!(c.sent_hash, s.received_hash);
-    assert_eq!(s.sent_hash, c.received_hash);
+    exchange_intact(&node.tb, Pod::Mesh1, to, 1 << 20);
     let inbound = [
         "reporter=\"destination\"",
         "destination_workload=\"mesh-1\"",
@@ -726,21 +712,7 @@ fn host_mode_serves_the_namespace_ringtun_runs_in(driver: &str) {
     );
     let r = RingtunProcess::spawn_in(Path::new(BIN), &tb, &host, &config, &["--driver", driver])
         .expect("ringtun starts");
-    let server = serve_exchanges(
-        listen_in(&tb.pod_ns(Pod::Ext).unwrap(), ext(EXT_PORT)).unwrap(),
-        1,
-        4 << 20,
-        2,
-    );
-    let c = testbed::exchange(
-        connect_in(&tb.pod_ns(Pod::Client).unwrap(), ext(EXT_PORT)).unwrap(),
-        4 << 20,
-        1,
-    )
-    .unwrap();
-    let s = server.join().unwrap().unwrap()[0];
-    assert_eq!(c.sent_hash, s.received_hash);
-    assert_eq!(s.sent_hash, c.received_hash);
+    exchange_intact(&tb, Pod::Ext, ext(EXT_PORT), 4 << 20);
     let start = Instant::now();
     let labels = ["reporter=\"source\"", "source_workload=\"host\""];
     while r
