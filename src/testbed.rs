@@ -142,14 +142,6 @@ impl Testbed {
             "sysctl",
             "-qw",
             "net.ipv4.ip_forward=1",
-        ])?;
-        run(&[
-            "ip",
-            "netns",
-            "exec",
-            &node,
-            "sysctl",
-            "-qw",
             "net.ipv6.conf.all.forwarding=1",
         ])?;
         for pod in Pod::ALL {

@@ -106,17 +106,7 @@ impl SpiffeId {
         let ["", "ns", namespace, "sa", service_account] = segments[..] else {
             return Err(IdentityError::Path(path.to_string()));
         };
-        if !is_dns_label(namespace) {
-            return Err(IdentityError::Namespace(namespace.to_string()));
-        }
-        if !is_dns_name(service_account) {
-            return Err(IdentityError::ServiceAccount(service_account.to_string()));
-        }
-        Ok(Self {
-            trust_domain: trust_domain.to_string(),
-            namespace: namespace.to_string(),
-            service_account: service_account.to_string(),
-        })
+        Self::new(trust_domain, namespace, service_account)
     }
 
     pub fn trust_domain(&self) -> &str {
