@@ -57,6 +57,42 @@ impl Pod {
     }
 }
 
+/// A node of the two-node mesh ([`Testbed::two_node_config`]). Both ringtun processes run in
+/// the testbed's node namespace (they serve their pods through the pods' namespaces); their
+/// admin, metrics and readiness endpoints sit on different ports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MeshNode {
+    /// Serves the client pod.
+    A,
+    /// Serves mesh-1 and mesh-2 (HBONE).
+    B,
+}
+
+impl MeshNode {
+    pub fn name(self) -> &'static str {
+        match self {
+            MeshNode::A => "node-a",
+            MeshNode::B => "node-b",
+        }
+    }
+
+    /// Admin port; metrics is `+ 20`, readiness `+ 21`.
+    pub fn port_base(self) -> u16 {
+        match self {
+            MeshNode::A => 15000,
+            MeshNode::B => 16000,
+        }
+    }
+
+    /// The pods whose capture rules this node's config installs.
+    pub fn pods(self) -> &'static [Pod] {
+        match self {
+            MeshNode::A => &[Pod::Client],
+            MeshNode::B => &[Pod::Mesh1, Pod::Mesh2],
+        }
+    }
+}
+
 pub struct Testbed {
     pub prefix: String,
     created: Vec<String>,
@@ -228,6 +264,42 @@ impl Testbed {
         )
     }
 
+    /// One node's configuration in a two-node mesh: node A serves the client pod, node B serves
+    /// both mesh pods, which speak HBONE (so A reaches them through tunnels to their port
+    /// 15008, where B's listeners take the tunnel). Both nodes list the same workloads; only
+    /// `node.name` and the endpoint ports differ ([`MeshNode::port_base`]). `certs` is the
+    /// directory `ringtun certs` filled (CA `ca.pem`, `<ns>/<sa>/cert.pem|key.pem`).
+    pub fn two_node_config(
+        &self,
+        node: MeshNode,
+        reactors: usize,
+        certs: &Path,
+        extra_node: &str,
+    ) -> String {
+        let pod = |p: Pod, name: &str, on: MeshNode, protocol: &str| {
+            format!(
+                "  - name: {name}\n    namespace: default\n    service_account: {name}\n    ips: [{}, \"{}\"]\n    node: {}\n    protocol: {protocol}\n    netns: {}\n",
+                p.v4(),
+                p.v6(),
+                on.name(),
+                self.pod_path(p).display()
+            )
+        };
+        let base = node.port_base();
+        format!(
+            "version: 1\nnode:\n  name: {}\n  reactors: {reactors}\n  admin: 127.0.0.1:{}\n  metrics: 127.0.0.1:{}\n  readiness: 127.0.0.1:{}\n  tls:\n    trust_bundle: {}\n    certificate_dir: {}\n{extra_node}workloads:\n{}{}{}services:\n  - name: echo\n    namespace: default\n    vips: [{VIP}]\n    ports:\n      - {{port: {VIP_PORT}, target_port: {MESH_PORT}}}\n    endpoints: [mesh-1, mesh-2]\n",
+            node.name(),
+            base,
+            base + 20,
+            base + 21,
+            certs.join("ca.pem").display(),
+            certs.display(),
+            pod(Pod::Client, "client", MeshNode::A, "TCP"),
+            pod(Pod::Mesh1, "mesh-1", MeshNode::B, "HBONE"),
+            pod(Pod::Mesh2, "mesh-2", MeshNode::B, "HBONE"),
+        )
+    }
+
     /// The pods whose traffic ringtun captures (the ext server is outside the mesh).
     pub fn captured_pods() -> [Pod; 3] {
         [Pod::Client, Pod::Mesh1, Pod::Mesh2]
@@ -327,6 +399,8 @@ pub struct RingtunProcess {
     pub child: Child,
     pub log: PathBuf,
     node_ns: NetNs,
+    /// Admin port; metrics `+ 20`, readiness `+ 21`.
+    port_base: u16,
 }
 
 impl RingtunProcess {
@@ -348,11 +422,45 @@ impl RingtunProcess {
         config: &str,
         args: &[&str],
     ) -> io::Result<RingtunProcess> {
+        Self::spawn_named(bin, tb, ns, "node", 15000, config, args)
+    }
+
+    /// Runs node `node` of the two-node mesh ([`Testbed::two_node_config`]) in the node
+    /// namespace.
+    pub fn spawn_mesh_node(
+        bin: &Path,
+        tb: &Testbed,
+        node: MeshNode,
+        config: &str,
+        args: &[&str],
+    ) -> io::Result<RingtunProcess> {
+        Self::spawn_named(
+            bin,
+            tb,
+            &tb.node_name(),
+            node.name(),
+            node.port_base(),
+            config,
+            args,
+        )
+    }
+
+    /// Runs ringtun in namespace `ns`; its config and log are `<tmp>/<prefix>/<name>.yaml|.log`
+    /// and its endpoints are on `port_base` (+20 metrics, +21 readiness).
+    pub fn spawn_named(
+        bin: &Path,
+        tb: &Testbed,
+        ns: &str,
+        name: &str,
+        port_base: u16,
+        config: &str,
+        args: &[&str],
+    ) -> io::Result<RingtunProcess> {
         let dir = std::env::temp_dir().join(&tb.prefix);
         std::fs::create_dir_all(&dir)?;
-        let cfg = dir.join("node.yaml");
+        let cfg = dir.join(format!("{name}.yaml"));
         std::fs::write(&cfg, config)?;
-        let log = dir.join("ringtun.log");
+        let log = dir.join(format!("{name}.log"));
         let logf = std::fs::File::create(&log)?;
         let cfg_s = cfg.display().to_string();
         let mut cmd_args = vec![
@@ -375,6 +483,7 @@ impl RingtunProcess {
             child,
             log,
             node_ns: NetNs::open(&netns_path(ns))?,
+            port_base,
         };
         p.wait_ready(Duration::from_secs(20))?;
         Ok(p)
@@ -392,7 +501,7 @@ impl RingtunProcess {
     }
 
     pub fn metrics(&self) -> io::Result<String> {
-        Ok(self.get(15020, "/metrics")?.1)
+        Ok(self.get(self.port_base + 20, "/metrics")?.1)
     }
 
     /// Sum of a metric's samples whose label text contains every string in `labels`.
@@ -403,7 +512,7 @@ impl RingtunProcess {
     fn wait_ready(&self, limit: Duration) -> io::Result<()> {
         let start = Instant::now();
         while start.elapsed() < limit {
-            if let Ok((200, _)) = self.get(15021, "/healthz/ready") {
+            if let Ok((200, _)) = self.get(self.port_base + 21, "/healthz/ready") {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -454,6 +563,28 @@ impl Drop for RingtunProcess {
             let _ = self.child.wait();
         }
     }
+}
+
+/// Writes development certificates for every workload of `config` into `dir` with
+/// `ringtun certs` (the CA is reused when `dir` already has one).
+pub fn write_certs(bin: &Path, config: &str, dir: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let cfg = dir.join("certs-config.yaml");
+    std::fs::write(&cfg, config)?;
+    let out = Command::new(bin)
+        .arg("certs")
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--out")
+        .arg(dir)
+        .output()?;
+    if !out.status.success() {
+        return Err(io::Error::other(format!(
+            "ringtun certs failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    Ok(())
 }
 
 /// Sum of the samples of `name` whose labels contain every string in `labels`.
