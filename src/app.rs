@@ -16,7 +16,7 @@ use crate::cli::{EXIT_CONFIG, EXIT_FAILURE, EXIT_OK};
 use crate::control_plane::config::{Config, DriverChoice};
 use crate::control_plane::state::State;
 use crate::data_plane::listeners;
-use crate::data_plane::reactor::{Reactor, ReactorControl, ReactorSpec};
+use crate::data_plane::reactor::{Reactor, ReactorControl, ReactorSpec, TunnelCredentials};
 use crate::lifecycle::{self, Received};
 use crate::observability::access_log::Observer;
 use crate::observability::metrics::{Metrics, ProcessFacts};
@@ -61,6 +61,59 @@ fn open_files_limit() -> (u64, u64) {
     }
 }
 
+/// Loads the trust bundle and every local workload's certificate for HBONE tunnels, and
+/// probes kTLS once. `None` without `node.tls`: tunnels are off and HBONE routes refused.
+fn load_tunnel_credentials(state: &State) -> Result<Option<Arc<TunnelCredentials>>, String> {
+    use crate::control_plane::certs::{load_trust_bundle, load_workload_credentials};
+    use crate::control_plane::identity::SpiffeId;
+    use crate::data_plane::tls::{server_config, ClientTls};
+    let node = &state.config.node;
+    let Some(tls) = &node.tls else {
+        log::info!("no node.tls: HBONE tunnels are off (connections that need one are refused)");
+        return Ok(None);
+    };
+    let trust = load_trust_bundle(&tls.trust_bundle).map_err(|e| format!("node.tls: {e}"))?;
+    let mut client = std::collections::HashMap::new();
+    let mut server = std::collections::HashMap::new();
+    for (_, entry) in state.registry.local_workloads() {
+        let id = SpiffeId::parse(&entry.identity)
+            .map_err(|e| format!("workload identity {}: {e}", entry.identity))?;
+        if client.contains_key(&id) {
+            continue;
+        }
+        let creds = load_workload_credentials(&tls.certificate_dir, &id)
+            .map_err(|e| format!("certificate for {id}: {e}"))?;
+        let c = ClientTls::new(&creds, &trust).map_err(|e| format!("TLS client for {id}: {e}"))?;
+        let s = server_config(&creds, &trust, &node.trust_domain)
+            .map_err(|e| format!("TLS server for {id}: {e}"))?;
+        client.insert(id.clone(), c);
+        server.insert(id, s);
+    }
+    let ktls = crate::kernel_features::ktls_support();
+    match (&node.hbone.ktls, &ktls.reason) {
+        (crate::control_plane::config::KtlsChoice::Off, _) => {
+            log::info!("HBONE tunnels: user-space TLS (node.hbone.ktls: off)")
+        }
+        (_, None) => log::info!(
+            "HBONE tunnels: kTLS available (TX {:?}, RX {:?}); tunnels with those ciphers run in the kernel",
+            ktls.ciphers,
+            ktls.rx_ciphers
+        ),
+        (_, Some(why)) => log::info!("HBONE tunnels: user-space TLS ({why})"),
+    }
+    log::info!(
+        "HBONE tunnels: {} local identities, trust bundle {} ({} CA certificates)",
+        client.len(),
+        tls.trust_bundle.display(),
+        trust.len()
+    );
+    Ok(Some(Arc::new(TunnelCredentials {
+        client,
+        server,
+        ktls,
+    })))
+}
+
 impl App {
     pub fn start(config: Config, opts: Options) -> Result<App, String> {
         let reactors = opts
@@ -95,7 +148,8 @@ impl App {
         let config_json = serde_json::to_string(&config).unwrap_or_default();
         log::info!("effective config: {config_json}");
         let state = State::new(config, 1);
-        let (per_reactor, problems) = listeners::create_all(&state, reactors);
+        let tunnels = load_tunnel_credentials(&state)?;
+        let (per_reactor, problems) = listeners::create_all(&state, reactors, tunnels.is_some());
         for p in &problems {
             log::error!("{p}");
         }
@@ -124,6 +178,7 @@ impl App {
                 observer: opts.observer.clone(),
                 max_flows: max_flows as usize,
                 cpu: (reactors <= cpus).then_some(id),
+                tunnels: tunnels.clone(),
             };
             let tx = tx.clone();
             let handle = std::thread::Builder::new()

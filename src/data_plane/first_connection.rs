@@ -248,6 +248,7 @@ pub(crate) mod tests {
                 pipe_pool_size: 64,
             },
             tls: None,
+            hbone: crate::control_plane::config::DEFAULT_HBONE,
         }
     }
 

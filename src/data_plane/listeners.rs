@@ -9,6 +9,7 @@ use std::os::fd::OwnedFd;
 
 use super::first_connection::Direction;
 use super::socket;
+use crate::control_plane::config::Protocol;
 use crate::control_plane::state::State;
 use crate::control_plane::workload_registry::WorkloadId;
 use crate::redirection::netns::{on_helper_thread, NetNs};
@@ -24,11 +25,20 @@ pub struct Listener {
     pub addr: SocketAddr,
     /// The pod's namespace, where this workload's outbound sockets are made too.
     pub netns: Option<NetNs>,
+    /// Port 15008: HBONE tunnels to this workload (TLS server), not captured plaintext.
+    pub hbone: bool,
 }
 
 /// Listener sets, one `Vec` per reactor, for every local workload, and the problems met: a pod
 /// whose namespace is gone must not stop the node serving the others.
-pub fn create_all(state: &State, reactors: usize) -> (Vec<Vec<Listener>>, Vec<String>) {
+///
+/// `tunnels`: this node can serve HBONE (it has certificates), so workloads that speak HBONE
+/// also get a 15008 listener.
+pub fn create_all(
+    state: &State,
+    reactors: usize,
+    tunnels: bool,
+) -> (Vec<Vec<Listener>>, Vec<String>) {
     let mut per_reactor: Vec<Vec<Listener>> = (0..reactors).map(|_| Vec::new()).collect();
     let mut problems = Vec::new();
     let ports = state.config.node.ports;
@@ -47,16 +57,19 @@ pub fn create_all(state: &State, reactors: usize) -> (Vec<Vec<Listener>>, Vec<St
             None => None,
         };
         let wants_v6 = w.ips.iter().any(|ip| ip.is_ipv6());
+        // (direction, address, transparent, hbone)
         let mut addrs = vec![
             (
                 Direction::Outbound,
                 SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), ports.outbound),
+                false,
                 false,
             ),
             (
                 Direction::InboundPlaintext,
                 SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), ports.inbound_plaintext),
                 true,
+                false,
             ),
         ];
         if wants_v6 {
@@ -64,21 +77,42 @@ pub fn create_all(state: &State, reactors: usize) -> (Vec<Vec<Listener>>, Vec<St
                 Direction::Outbound,
                 SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), ports.outbound),
                 false,
+                false,
             ));
             addrs.push((
                 Direction::InboundPlaintext,
                 SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), ports.inbound_plaintext),
                 true,
+                false,
             ));
+        }
+        // Tunnels reach a pod that speaks HBONE on its port 15008, when this node has
+        // certificates to answer with.
+        if tunnels && w.protocol == Protocol::Hbone {
+            addrs.push((
+                Direction::InboundPlaintext,
+                SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), ports.inbound_hbone),
+                true,
+                true,
+            ));
+            if wants_v6 {
+                addrs.push((
+                    Direction::InboundPlaintext,
+                    SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), ports.inbound_hbone),
+                    true,
+                    true,
+                ));
+            }
         }
         let made = on_helper_thread(netns.clone(), move || {
             let mut out = Vec::new();
             for _ in 0..reactors {
                 let mut set = Vec::new();
-                for (dir, addr, transparent) in &addrs {
+                for (dir, addr, transparent, hbone) in &addrs {
                     set.push((
                         *dir,
                         *addr,
+                        *hbone,
                         socket::listener(*addr, *transparent, mark, BACKLOG),
                     ));
                 }
@@ -89,7 +123,7 @@ pub fn create_all(state: &State, reactors: usize) -> (Vec<Vec<Listener>>, Vec<St
         match made {
             Ok(sets) => {
                 for (r, set) in sets.into_iter().enumerate() {
-                    for (direction, addr, fd) in set {
+                    for (direction, addr, hbone, fd) in set {
                         match fd {
                             Ok(fd) => per_reactor[r].push(Listener {
                                 fd,
@@ -97,6 +131,7 @@ pub fn create_all(state: &State, reactors: usize) -> (Vec<Vec<Listener>>, Vec<St
                                 direction,
                                 addr,
                                 netns: netns.clone(),
+                                hbone,
                             }),
                             Err(e) => {
                                 if r == 0 {

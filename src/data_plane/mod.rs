@@ -11,6 +11,8 @@ pub mod listeners;
 pub mod reactor;
 pub mod socket;
 pub mod splice;
+pub mod stream_flow;
 pub mod tls;
+pub mod tunnel;
 pub mod tunnel_io;
 pub mod tunnel_pool;

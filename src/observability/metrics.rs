@@ -28,10 +28,18 @@ pub enum FailureKind {
     PipeUnavailable,
     SocketSetup,
     Accept,
+    /// The HBONE tunnel could not be opened (connect, TLS handshake, peer identity) or died.
+    TunnelFailed,
+    /// The tunnel peer answered the CONNECT with something other than 200.
+    ConnectRejected,
+    /// The tunnel peer reset the stream with an error code.
+    StreamReset,
+    /// Too many flows already wait for tunnel handshakes.
+    TunnelPoolFull,
 }
 
 impl FailureKind {
-    pub const ALL: [FailureKind; 15] = [
+    pub const ALL: [FailureKind; 19] = [
         FailureKind::DownstreamReset,
         FailureKind::NoOriginalDst,
         FailureKind::UpstreamRefused,
@@ -47,6 +55,10 @@ impl FailureKind {
         FailureKind::PipeUnavailable,
         FailureKind::SocketSetup,
         FailureKind::Accept,
+        FailureKind::TunnelFailed,
+        FailureKind::ConnectRejected,
+        FailureKind::StreamReset,
+        FailureKind::TunnelPoolFull,
     ];
 
     /// downstream, upstream, policy, kernel or internal.
@@ -59,10 +71,13 @@ impl FailureKind {
             | UpstreamUnreachable
             | UpstreamReset
             | UpstreamError
-            | NoHealthyEndpoint => "upstream",
+            | NoHealthyEndpoint
+            | TunnelFailed
+            | ConnectRejected
+            | StreamReset => "upstream",
             Loop | NotForThisWorkload => "policy",
             PipeUnavailable | SocketSetup | Accept => "kernel",
-            FlowLimit | TunnelUnavailable => "internal",
+            FlowLimit | TunnelUnavailable | TunnelPoolFull => "internal",
         }
     }
 
@@ -84,6 +99,10 @@ impl FailureKind {
             PipeUnavailable => "pipe_unavailable",
             SocketSetup => "socket_setup",
             Accept => "accept",
+            TunnelFailed => "hbone_tunnel_failed",
+            ConnectRejected => "hbone_connect_rejected",
+            StreamReset => "hbone_stream_reset",
+            TunnelPoolFull => "hbone_pool_full",
         }
     }
 
@@ -175,6 +194,9 @@ pub struct ReactorMetrics {
     failures: [AtomicU64; FailureKind::ALL.len()],
     closed: [AtomicU64; CloseKind::ALL.len()],
     tcp: Mutex<HashMap<TcpLabels, Arc<TcpCounters>>>,
+    /// HBONE tunnel counters and gauges, keyed by `(metric name, label text)`. Touched once per
+    /// tunnel or stream event, never per byte.
+    hbone: Mutex<HashMap<(&'static str, String), i64>>,
 }
 
 impl ReactorMetrics {
@@ -192,7 +214,15 @@ impl ReactorMetrics {
             failures: Default::default(),
             closed: Default::default(),
             tcp: Mutex::new(HashMap::new()),
+            hbone: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Adds `delta` to the HBONE series `name{labels}` (`labels` is Prometheus label text,
+    /// e.g. `role="client",mode="ktls"`; values come from code, never from a peer).
+    pub fn hbone(&self, name: &'static str, labels: &str, delta: i64) {
+        let mut m = self.hbone.lock().unwrap_or_else(|p| p.into_inner());
+        *m.entry((name, labels.to_string())).or_insert(0) += delta;
     }
 
     pub fn failure(&self, kind: FailureKind) {
@@ -432,6 +462,21 @@ impl Metrics {
             "# HELP ringtun_max_flows_per_reactor Flow limit per reactor after the fd budget.\n# TYPE ringtun_max_flows_per_reactor gauge\nringtun_max_flows_per_reactor {}",
             self.facts.max_flows_per_reactor
         );
+        let mut hbone: std::collections::BTreeMap<(&'static str, String), i64> = Default::default();
+        for r in &self.reactors {
+            for (k, v) in r.hbone.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+                *hbone.entry(k.clone()).or_insert(0) += v;
+            }
+        }
+        let mut last = "";
+        for ((name, labels), v) in &hbone {
+            if *name != last {
+                let (kind, help) = hbone_help(name);
+                let _ = writeln!(out, "# HELP {name} {help}.\n# TYPE {name} {kind}");
+                last = name;
+            }
+            let _ = writeln!(out, "{name}{{{labels}}} {v}");
+        }
         let fds = std::fs::read_dir("/proc/self/fd")
             .map(|d| d.count() as u64)
             .unwrap_or(0);
@@ -447,6 +492,37 @@ type PerReactorMetric = (
     &'static str,
     fn(&ReactorMetrics) -> u64,
 );
+
+/// Type and help of the HBONE series (see `ReactorMetrics::hbone`).
+fn hbone_help(name: &str) -> (&'static str, &'static str) {
+    match name {
+        "ringtun_hbone_tunnels_open" => ("gauge", "HBONE tunnels open now, by role"),
+        "ringtun_hbone_tunnels_total" => (
+            "counter",
+            "HBONE tunnels established (TLS handshake done), by role and TLS mode",
+        ),
+        "ringtun_hbone_handshakes_total" => ("counter", "TLS handshakes started, by role"),
+        "ringtun_hbone_tunnel_failures_total" => {
+            ("counter", "HBONE tunnels that failed, by role and reason")
+        }
+        "ringtun_hbone_tunnels_closed_total" => {
+            ("counter", "HBONE tunnels closed, by role and reason")
+        }
+        "ringtun_hbone_streams_total" => (
+            "counter",
+            "CONNECT streams answered, by role and HTTP status",
+        ),
+        "ringtun_hbone_pool_total" => (
+            "counter",
+            "Outbound tunnel checkouts, by outcome (reuse, wait, open, refuse)",
+        ),
+        "ringtun_hbone_tls_records_total" => (
+            "counter",
+            "Non-data TLS records a kTLS tunnel received, by kind",
+        ),
+        _ => ("counter", "HBONE tunnel events"),
+    }
+}
 
 fn esc(s: &str) -> String {
     s.replace('\\', "\\\\")

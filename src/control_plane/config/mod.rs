@@ -12,6 +12,7 @@ mod validate;
 pub use default::DEFAULT_CONFIG_YAML;
 pub use validate::load;
 pub(crate) use validate::parse_duration;
+pub use validate::DEFAULT_HBONE;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -86,6 +87,29 @@ pub struct NodeConfig {
     /// Where the mesh certificates live; `None` = no `tls:` section (no HBONE tunnels can be
     /// made or accepted).
     pub tls: Option<TlsSettings>,
+    pub hbone: HboneSettings,
+}
+
+/// HBONE tunnel settings (`node.hbone`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct HboneSettings {
+    /// Streams one pooled outbound tunnel carries at most (ztunnel: 100).
+    pub max_streams_per_tunnel: u32,
+    /// An outbound tunnel without streams for this long is closed.
+    #[serde(with = "duration_serde")]
+    pub pool_idle_timeout: Duration,
+    /// `auto`: kTLS when the kernel offloads the negotiated cipher; `off`: always user space.
+    pub ktls: KtlsChoice,
+    /// TLS records a kTLS tunnel sends before it is retired (drained, replaced), so kernels
+    /// that cannot rekey never reach the AES-GCM limit of 2^24 records.
+    pub ktls_record_budget: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KtlsChoice {
+    Auto,
+    Off,
 }
 
 /// Certificate files for mutual TLS. Relative paths are taken from ringtun's working directory.

@@ -14,8 +14,9 @@ use std::time::Duration;
 
 use super::parse::{self, Entry, Node, Pos, Value, DOCUMENT_PATH};
 use super::{
-    Config, ConfigError, ConfigErrors, DriverChoice, Limits, NodeConfig, Ports, Protocol, Service,
-    ServicePort, SpliceSettings, Timeouts, TlsSettings, Workload, WorkloadRef,
+    Config, ConfigError, ConfigErrors, DriverChoice, HboneSettings, KtlsChoice, Limits, NodeConfig,
+    Ports, Protocol, Service, ServicePort, SpliceSettings, Timeouts, TlsSettings, Workload,
+    WorkloadRef,
 };
 
 /// Where a bare `netns` name is looked up, as `ip netns add` creates them.
@@ -36,12 +37,19 @@ const NODE_KEYS: &[&str] = &[
     "limits",
     "splice",
     "tls",
+    "hbone",
 ];
 const PORTS_KEYS: &[&str] = &["outbound", "inbound_plaintext", "inbound_hbone"];
 const TIMEOUT_KEYS: &[&str] = &["connect", "idle", "drain"];
 const LIMITS_KEYS: &[&str] = &["max_flows_per_reactor"];
 const SPLICE_KEYS: &[&str] = &["pipe_size", "max_bytes_per_wakeup", "pipe_pool_size"];
 const TLS_KEYS: &[&str] = &["trust_bundle", "certificate_dir"];
+const HBONE_KEYS: &[&str] = &[
+    "max_streams_per_tunnel",
+    "pool_idle_timeout",
+    "ktls",
+    "ktls_record_budget",
+];
 const WORKLOAD_KEYS: &[&str] = &[
     "name",
     "namespace",
@@ -78,6 +86,13 @@ pub(super) const DEFAULT_SPLICE: SpliceSettings = SpliceSettings {
     pipe_size: 256 * 1024,
     max_bytes_per_wakeup: 1024 * 1024,
     pipe_pool_size: 64,
+};
+pub const DEFAULT_HBONE: HboneSettings = HboneSettings {
+    max_streams_per_tunnel: 100,
+    pool_idle_timeout: Duration::from_secs(300),
+    ktls: KtlsChoice::Auto,
+    // Half the AES-GCM limit of 2^24 records (crate::data_plane::ktls::TX_RECORD_BUDGET).
+    ktls_record_budget: 1 << 23,
 };
 const DEFAULT_SERVICE_ACCOUNT: &str = "default";
 
@@ -649,6 +664,47 @@ fn check_node(c: &mut Checker, n: &Node) -> (Option<String>, Option<NodeConfig>)
             certificate_dir: certificate_dir?,
         }))
     });
+    let hbone = f.or_default(c, "hbone", DEFAULT_HBONE, |c, v, path| {
+        let h = fields(c, v, path, HBONE_KEYS)?;
+        let streams = h.or_default(
+            c,
+            "max_streams_per_tunnel",
+            DEFAULT_HBONE.max_streams_per_tunnel,
+            |c, v, p| usize_in(c, v, p, 1, 10_000).map(|n| n as u32),
+        );
+        let idle = h.or_default(
+            c,
+            "pool_idle_timeout",
+            DEFAULT_HBONE.pool_idle_timeout,
+            duration,
+        );
+        let ktls = h.or_default(c, "ktls", DEFAULT_HBONE.ktls, |c, v, path| {
+            match string(c, v, path)? {
+                "auto" => Some(KtlsChoice::Auto),
+                "off" => Some(KtlsChoice::Off),
+                other => {
+                    c.error(
+                        v.pos,
+                        path,
+                        format!("unknown kTLS choice `{other}`; accepted: auto, off"),
+                    );
+                    None
+                }
+            }
+        });
+        let budget = h.or_default(
+            c,
+            "ktls_record_budget",
+            DEFAULT_HBONE.ktls_record_budget,
+            |c, v, p| usize_in(c, v, p, 1, 1 << 24).map(|n| n as u64),
+        );
+        Some(HboneSettings {
+            max_streams_per_tunnel: streams?,
+            pool_idle_timeout: idle?,
+            ktls: ktls?,
+            ktls_record_budget: budget?,
+        })
+    });
     let config = (|| {
         Some(NodeConfig {
             name: name.clone()?,
@@ -664,6 +720,7 @@ fn check_node(c: &mut Checker, n: &Node) -> (Option<String>, Option<NodeConfig>)
             limits: limits?,
             splice: splice?,
             tls: tls?,
+            hbone: hbone?,
         })
     })();
     (name, config)
@@ -1223,6 +1280,7 @@ node:
   tls:
     trust_bundle: /etc/ringtun/ca.pem
     certificate_dir: certs
+  hbone: {max_streams_per_tunnel: 7, pool_idle_timeout: 90s, ktls: "off", ktls_record_budget: 1000}
 workloads:
   - name: client
     namespace: default
@@ -1286,6 +1344,12 @@ services:
                     trust_bundle: PathBuf::from("/etc/ringtun/ca.pem"),
                     certificate_dir: PathBuf::from("certs"),
                 }),
+                hbone: HboneSettings {
+                    max_streams_per_tunnel: 7,
+                    pool_idle_timeout: Duration::from_secs(90),
+                    ktls: KtlsChoice::Off,
+                    ktls_record_budget: 1000,
+                },
             },
             workloads: vec![
                 Workload {

@@ -4,6 +4,10 @@
 //! splices. Nothing here is shared with other reactors except the read-only [`State`] and the
 //! atomics other threads read.
 
+mod hbone;
+
+pub use hbone::{HboneState, TunnelCredentials};
+
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::io;
@@ -14,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use slab::Slab;
 
-use super::driver::{self, token, Driver, Event, FlowKey, Side};
+use super::driver::{self, Driver, Event, FlowKey, Side};
 use super::first_connection::{
     self, Accepted, Destination, Direction, EndpointPicker, RefuseReason, Resolution, Route,
 };
@@ -22,6 +26,8 @@ use super::flow::{Directions, End, Flow, Phase, Step};
 use super::listeners::Listener;
 use super::socket;
 use super::splice::{PipePool, Pump};
+use super::stream_flow::StreamFlow;
+use super::tunnel::Tunnel;
 use crate::control_plane::state::State;
 use crate::observability::access_log::{self, FlowRecord, Observer};
 use crate::observability::metrics::{CloseKind, FailureKind, ReactorMetrics, TcpLabels};
@@ -93,8 +99,47 @@ impl ReactorControl {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum TimerKind {
+    /// Connect deadline (flows, inbound stream connects, tunnel connect + handshake).
     Connect,
     Idle,
+    /// A tunnel session's keepalive deadline.
+    Session,
+}
+
+/// What a key's slot belongs to. Keys carry it in the top bits of their index, so one token
+/// format serves plain flows, tunnel-carried flows and tunnels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Direct,
+    Stream,
+    Tunnel,
+}
+
+const KIND_SHIFT: u32 = 22;
+const SLOT_MASK: u32 = (1 << KIND_SHIFT) - 1;
+
+fn kind_of(key: FlowKey) -> Kind {
+    match key.index >> KIND_SHIFT {
+        0 => Kind::Direct,
+        1 => Kind::Stream,
+        _ => Kind::Tunnel,
+    }
+}
+
+fn slot(key: FlowKey) -> usize {
+    (key.index & SLOT_MASK) as usize
+}
+
+fn make_key(kind: Kind, slot: usize, generation: u32) -> FlowKey {
+    let tag = match kind {
+        Kind::Direct => 0,
+        Kind::Stream => 1,
+        Kind::Tunnel => 2,
+    };
+    FlowKey {
+        index: (tag << KIND_SHIFT) | (slot as u32 & SLOT_MASK),
+        generation,
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -116,6 +161,9 @@ pub struct ReactorSpec {
     pub max_flows: usize,
     /// Pin the thread to this CPU.
     pub cpu: Option<usize>,
+    /// Tunnel certificates and kTLS support; `None` without `node.tls` (HBONE routes are
+    /// then refused).
+    pub tunnels: Option<Arc<TunnelCredentials>>,
 }
 
 pub struct Reactor {
@@ -124,6 +172,10 @@ pub struct Reactor {
     driver: Box<dyn Driver>,
     listeners: Vec<Option<Listener>>,
     flows: Slab<Flow>,
+    /// Flows carried by tunnel streams.
+    streams: Slab<StreamFlow>,
+    tunnels: Slab<Tunnel>,
+    hbone: Option<HboneState>,
     pool: PipePool,
     timers: BinaryHeap<Reverse<Timer>>,
     runnable: Vec<FlowKey>,
@@ -160,6 +212,11 @@ impl Reactor {
             driver,
             listeners: spec.listeners.into_iter().map(Some).collect(),
             flows: Slab::new(),
+            streams: Slab::new(),
+            tunnels: Slab::new(),
+            hbone: spec
+                .tunnels
+                .map(|c| HboneState::new(c, &spec.state.config.node)),
             pool: PipePool::new(splice.pipe_size, splice.pipe_pool_size),
             timers: BinaryHeap::new(),
             runnable: Vec::new(),
@@ -168,7 +225,7 @@ impl Reactor {
             control: spec.control,
             observer: spec.observer,
             next_generation: 1,
-            max_flows: spec.max_flows.min(token::MAX_INDEX as usize),
+            max_flows: spec.max_flows.min(SLOT_MASK as usize),
             drain_deadline: None,
             warned_tunnel: false,
             state: spec.state,
@@ -197,6 +254,11 @@ impl Reactor {
                 Some(Duration::ZERO)
             } else {
                 let next = self.timers.peek().map(|t| t.0.at);
+                let pool = self.hbone.as_ref().and_then(|h| h.pool.poll_timeout());
+                let next = match (next, pool) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
                 let next = match (next, self.drain_deadline) {
                     (Some(a), Some(b)) => Some(a.min(b)),
                     (a, b) => a.or(b),
@@ -221,7 +283,8 @@ impl Reactor {
                 self.start_drain(now);
             }
             if let Some(deadline) = self.drain_deadline {
-                if self.flows.is_empty() {
+                if self.flows.is_empty() && self.streams.is_empty() {
+                    self.close_tunnels();
                     log::info!("reactor {}: drained", self.id);
                     return Ok(());
                 }
@@ -229,7 +292,7 @@ impl Reactor {
                     log::warn!(
                         "reactor {}: drain deadline passed; resetting {} open flows",
                         self.id,
-                        self.flows.len()
+                        self.flows.len() + self.streams.len()
                     );
                     self.close_all(CloseKind::Drained);
                     return Ok(());
@@ -246,7 +309,24 @@ impl Reactor {
                 // The listener closes here; connections still in its backlog are reset by the kernel.
             }
         }
-        log::info!("reactor {}: draining {} flows", self.id, self.flows.len());
+        // Peers opening streams on our server tunnels should go elsewhere now.
+        let server_tunnels: Vec<FlowKey> = self
+            .tunnels
+            .iter()
+            .filter(|(_, t)| matches!(t.role, super::tunnel::Role::Server { .. }))
+            .map(|(_, t)| t.key)
+            .collect();
+        for tkey in server_tunnels {
+            if let Some(s) = self.tunnel_mut(tkey).and_then(|t| t.session.as_mut()) {
+                s.goaway();
+            }
+            self.flush_tunnel(tkey, now);
+        }
+        log::info!(
+            "reactor {}: draining {} flows",
+            self.id,
+            self.flows.len() + self.streams.len()
+        );
     }
 
     fn close_all(&mut self, how: CloseKind) {
@@ -255,11 +335,37 @@ impl Reactor {
             let key = self.flows[k].key;
             self.finish(key, End::Cut(how));
         }
+        let keys: Vec<FlowKey> = self.streams.iter().map(|(_, f)| f.key).collect();
+        for key in keys {
+            self.finish_stream(key, hbone::StreamEnd::Cut(how));
+        }
+        self.close_tunnels();
+    }
+
+    /// Closes every tunnel (their flows are gone): GOAWAY and close_notify.
+    fn close_tunnels(&mut self) {
+        let keys: Vec<FlowKey> = self.tunnels.iter().map(|(_, t)| t.key).collect();
+        for key in keys {
+            self.close_tunnel(key, Some("shutdown"));
+        }
     }
 
     fn handle(&mut self, ev: Event, now: Instant) {
         match ev {
-            Event::Accepted { listener, fd } => self.accept(listener, fd, now),
+            Event::Accepted { listener, fd } => {
+                let hbone = self
+                    .listeners
+                    .get(listener)
+                    .and_then(|l| l.as_ref())
+                    .map(|l| (l.hbone, l.workload, l.netns.clone()));
+                match hbone {
+                    Some((true, workload, netns)) => {
+                        self.metrics.accepted.fetch_add(1, Relaxed);
+                        self.accept_tunnel(fd, workload, netns, now)
+                    }
+                    _ => self.accept(listener, fd, now),
+                }
+            }
             Event::AcceptFailed { listener, errno } => {
                 self.metrics.failure(FailureKind::Accept);
                 log::warn!(
@@ -268,7 +374,19 @@ impl Reactor {
                     io::Error::from_raw_os_error(errno)
                 );
             }
-            Event::Connected { flow, result } => self.connected(flow, result, now),
+            Event::Connected { flow, result } => match kind_of(flow) {
+                Kind::Direct => self.connected(flow, result, now),
+                Kind::Stream => self.stream_connected(flow, result, now),
+                Kind::Tunnel => self.tunnel_connected(flow, result, now),
+            },
+            Event::Ready {
+                flow,
+                side,
+                interest,
+            } if kind_of(flow) == Kind::Stream => self.stream_ready(flow, side, interest, now),
+            Event::Ready { flow, interest, .. } if kind_of(flow) == Kind::Tunnel => {
+                self.tunnel_ready(flow, interest, now)
+            }
             Event::Ready {
                 flow,
                 side,
@@ -282,6 +400,12 @@ impl Reactor {
             }
             Event::Woken => self.control.drain_waker(),
         }
+    }
+
+    fn next_gen(&mut self) -> u32 {
+        let g = self.next_generation;
+        self.next_generation = self.next_generation.wrapping_add(1).max(1);
+        g
     }
 
     fn flow_mut(&mut self, key: FlowKey) -> Option<&mut Flow> {
@@ -342,7 +466,7 @@ impl Reactor {
         };
         record.original_dst = orig;
         record.upstream = orig;
-        if self.flows.len() >= self.max_flows {
+        if self.flows.len() + self.streams.len() + self.tunnels.len() >= self.max_flows {
             return self.refuse(fd, FailureKind::FlowLimit, None, record, now);
         }
         let accepted = Accepted {
@@ -365,16 +489,8 @@ impl Reactor {
             Route::Refuse(RefuseReason::NotForThisWorkload) => {
                 Some(FailureKind::NotForThisWorkload)
             }
-            Route::HboneTunnel { peer } => {
-                if !self.warned_tunnel {
-                    self.warned_tunnel = true;
-                    log::warn!(
-                        "reactor {}: {} needs an HBONE tunnel to {peer}; this build carries plain TCP only, \
-                         so such connections are refused (counted as hbone_tunnel_unavailable)",
-                        self.id, record.destination
-                    );
-                }
-                Some(FailureKind::TunnelUnavailable)
+            Route::HboneTunnel { .. } => {
+                return self.start_outbound_stream(fd, res, record, netns, now);
             }
         };
         if let Some(kind) = kind {
@@ -397,8 +513,7 @@ impl Reactor {
         let _ = socket::set_nodelay(raw);
         let labels = tcp_labels(&res, &self.state);
         let counters = self.metrics.tcp_counters(labels);
-        let generation = self.next_generation;
-        self.next_generation = self.next_generation.wrapping_add(1).max(1);
+        let generation = self.next_gen();
         let entry = self.flows.vacant_entry();
         let key = FlowKey {
             index: entry.key() as u32,
@@ -545,15 +660,27 @@ impl Reactor {
         }
         let queued = std::mem::take(&mut self.runnable);
         for key in queued {
-            if let Some(f) = self.flow_mut(key) {
-                f.queued = false;
-                self.drive(key, Directions::BOTH, now);
+            match kind_of(key) {
+                Kind::Direct => {
+                    if let Some(f) = self.flow_mut(key) {
+                        f.queued = false;
+                        self.drive(key, Directions::BOTH, now);
+                    }
+                }
+                Kind::Stream => self.drive_stream(key, now),
+                Kind::Tunnel => self.drive_tunnel(key, now),
             }
         }
     }
 
     fn fire_timers(&mut self, now: Instant) {
         let idle = self.state.config.node.timeouts.idle;
+        if let Some(h) = self.hbone.as_mut() {
+            if h.pool.poll_timeout().is_some_and(|at| at <= now) {
+                h.pool.handle_timeout(now);
+                self.process_pool_events(now);
+            }
+        }
         while let Some(Reverse(t)) = self.timers.peek().copied() {
             if t.at > now {
                 break;
@@ -563,6 +690,17 @@ impl Reactor {
                 index: t.index,
                 generation: t.generation,
             };
+            match kind_of(key) {
+                Kind::Direct => {}
+                Kind::Stream => {
+                    self.stream_timer(key, t, now);
+                    continue;
+                }
+                Kind::Tunnel => {
+                    self.tunnel_timer(key, t, now);
+                    continue;
+                }
+            }
             let Some(f) = self.flow_mut(key) else {
                 continue;
             };
@@ -577,7 +715,7 @@ impl Reactor {
                         },
                     );
                 }
-                TimerKind::Connect => {}
+                TimerKind::Connect | TimerKind::Session => {}
                 TimerKind::Idle => {
                     let due = f.last_active + idle;
                     if due <= now {

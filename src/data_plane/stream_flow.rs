@@ -1,0 +1,231 @@
+//! A connection carried by an HBONE tunnel stream: one local TCP socket (the captured client on
+//! the outbound side, the connection to the destination pod on the inbound side) joined to one
+//! HTTP/2 stream of a [`Tunnel`](super::tunnel::Tunnel). The reactor drives both ends; this
+//! type keeps the stream's state and the bytes that arrived from the tunnel but could not be
+//! written to the local socket yet (bounded by the stream's receive window: credit goes back
+//! to the peer only as those bytes leave, so a slow local socket slows its own stream and no
+//! other).
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Instant;
+
+use hbone_proto::{ConnectRequest, StreamId};
+
+use super::driver::{armed_bit, FlowKey, Interest, Side};
+use super::tunnel_pool::TunnelId;
+use crate::control_plane::identity::SpiffeId;
+use crate::control_plane::workload_registry::WorkloadId;
+use crate::observability::access_log::FlowRecord;
+use crate::observability::metrics::TcpCounters;
+use crate::redirection::netns::NetNs;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamPhase {
+    /// Outbound: queued on the pool for a tunnel.
+    WaitingTunnel,
+    /// Outbound: CONNECT sent, no answer yet.
+    AwaitingResponse,
+    /// Inbound: connecting to the destination pod; the CONNECT is answered after.
+    Connecting,
+    /// Bytes flow both ways.
+    Open,
+}
+
+/// Where an outbound flow's tunnel goes, kept so the flow can open a new tunnel if the one it
+/// waited on drains before granting it a stream.
+#[derive(Debug, Clone)]
+pub struct TunnelTarget {
+    pub peer: SocketAddr,
+    pub source: WorkloadId,
+    pub source_id: SpiffeId,
+    pub expected: SpiffeId,
+    pub netns: Option<NetNs>,
+}
+
+pub struct StreamFlow {
+    pub key: FlowKey,
+    pub local: OwnedFd,
+    /// Which driver side the local socket is registered as (a connecting socket must be
+    /// `Upstream`, so inbound flows use `Upstream` and outbound ones `Downstream`).
+    pub local_side: Side,
+    pub phase: StreamPhase,
+    pub tunnel: Option<FlowKey>,
+    /// Outbound: the pool's tunnel this flow waits on or was granted a stream of.
+    pub pool_id: Option<TunnelId>,
+    /// Outbound: a stream on `pool_id` is reserved for this flow (give it back when done).
+    pub reserved: bool,
+    pub stream: Option<StreamId>,
+    /// Outbound: the CONNECT to send once a tunnel is ready.
+    pub request: Option<ConnectRequest>,
+    /// Outbound: where a new tunnel for this flow would go.
+    pub target: Option<TunnelTarget>,
+    /// Bytes from the tunnel waiting for the local socket.
+    to_local: Vec<u8>,
+    to_local_pos: usize,
+    /// The local socket reached EOF; END_STREAM went to the tunnel.
+    pub local_eof: bool,
+    /// The peer ended its direction (END_STREAM, or a NO_ERROR/CANCEL reset).
+    pub remote_eof: bool,
+    /// Our write side of the local socket is shut down (the peer's EOF was delivered).
+    pub local_shut: bool,
+    /// The stream no longer exists in the session (ended both ways or reset).
+    pub stream_gone: bool,
+    /// Waiting on the tunnel (send credit or room in its output).
+    pub blocked: bool,
+    pub armed: u8,
+    pub queued: bool,
+    pub started: Instant,
+    pub last_active: Instant,
+    pub counters: Arc<TcpCounters>,
+    pub record: FlowRecord,
+}
+
+impl StreamFlow {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        key: FlowKey,
+        local: OwnedFd,
+        local_side: Side,
+        phase: StreamPhase,
+        counters: Arc<TcpCounters>,
+        record: FlowRecord,
+        now: Instant,
+    ) -> StreamFlow {
+        StreamFlow {
+            key,
+            local,
+            local_side,
+            phase,
+            tunnel: None,
+            pool_id: None,
+            reserved: false,
+            stream: None,
+            request: None,
+            target: None,
+            to_local: Vec::new(),
+            to_local_pos: 0,
+            local_eof: false,
+            remote_eof: false,
+            local_shut: false,
+            stream_gone: false,
+            blocked: false,
+            armed: 0,
+            queued: false,
+            started: now,
+            last_active: now,
+            counters,
+            record,
+        }
+    }
+
+    /// Bytes waiting for the local socket.
+    pub fn pending_local(&self) -> usize {
+        self.to_local.len() - self.to_local_pos
+    }
+
+    /// Hands tunnel payload to the local socket: written directly when nothing is queued and
+    /// the socket takes it, the rest queued. Returns the bytes that left now (to release as
+    /// flow-control credit); an error is the local socket's.
+    pub fn deliver(&mut self, data: &[u8]) -> io::Result<usize> {
+        let mut written = 0;
+        if self.pending_local() == 0 {
+            match send(self.local.as_raw_fd(), data) {
+                Ok(n) => written = n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if written < data.len() {
+            self.to_local.extend_from_slice(&data[written..]);
+        }
+        self.count_toward_local(data.len());
+        Ok(written)
+    }
+
+    /// Counts bytes that came out of the tunnel toward the local socket, and bytes that went
+    /// from the local socket into the tunnel (`count_from_local`), in the access record and
+    /// the Istio TCP counters (received = from the client's side, sent = toward it).
+    fn count_toward_local(&mut self, n: usize) {
+        let n = n as u64;
+        match self.local_side {
+            Side::Downstream => {
+                self.record.bytes_to_downstream += n;
+                self.counters.sent_bytes.fetch_add(n, Relaxed);
+            }
+            Side::Upstream => {
+                self.record.bytes_to_upstream += n;
+                self.counters.received_bytes.fetch_add(n, Relaxed);
+            }
+        }
+    }
+
+    pub fn count_from_local(&mut self, n: usize) {
+        let n = n as u64;
+        match self.local_side {
+            Side::Downstream => {
+                self.record.bytes_to_upstream += n;
+                self.counters.received_bytes.fetch_add(n, Relaxed);
+            }
+            Side::Upstream => {
+                self.record.bytes_to_downstream += n;
+                self.counters.sent_bytes.fetch_add(n, Relaxed);
+            }
+        }
+    }
+
+    /// Writes queued bytes to the local socket until it would block; returns the bytes written.
+    pub fn flush_local(&mut self) -> io::Result<usize> {
+        let mut total = 0;
+        while self.to_local_pos < self.to_local.len() {
+            match send(self.local.as_raw_fd(), &self.to_local[self.to_local_pos..]) {
+                Ok(n) => {
+                    self.to_local_pos += n;
+                    total += n;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+        if self.to_local_pos == self.to_local.len() {
+            self.to_local = Vec::new();
+            self.to_local_pos = 0;
+        }
+        Ok(total)
+    }
+
+    pub fn is_armed(&self, side: Side, interest: Interest) -> bool {
+        self.armed & armed_bit(side, interest) != 0
+    }
+
+    /// Both directions finished and delivered: a clean end.
+    pub fn is_complete(&self) -> bool {
+        let outgoing_done = self.local_eof || self.stream_gone;
+        let incoming_done = self.remote_eof && self.pending_local() == 0 && self.local_shut;
+        outgoing_done && incoming_done
+    }
+}
+
+fn send(fd: std::os::fd::RawFd, buf: &[u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: `buf` is a live slice; the kernel reads at most `buf.len()` bytes from it.
+        let n = unsafe {
+            libc::send(
+                fd,
+                buf.as_ptr().cast(),
+                buf.len(),
+                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+            )
+        };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}

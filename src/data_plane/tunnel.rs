@@ -1,0 +1,583 @@
+//! One HBONE tunnel connection as the reactor drives it: a non-blocking TCP socket, its TLS
+//! (a rustls handshake, then kTLS in the kernel or rustls in user space), and the HTTP/2
+//! [`Session`] on top. The tunnel knows nothing of flows or drivers; it moves plaintext between
+//! the socket and two buffers and says what it waits for:
+//!
+//! - `out`: HTTP/2 bytes queued for the peer — the session's frames (`poll_transmit`) and the
+//!   DATA frames streams append with [`Tunnel::append_data_from`], which reads a stream's
+//!   socket straight into the buffer behind a 9-byte header it fills in afterwards.
+//! - `input`: plaintext read from the peer and not yet handed to the session or to a stream.
+//!
+//! With kTLS the socket reads and writes plaintext (the kernel encrypts); non-data records
+//! arrive as control messages (`ktls::recv_record`) and are judged by `ktls::control_record`:
+//! NewSessionTicket is dropped, close_notify is EOF, KeyUpdate — which extracted keys cannot
+//! follow on kernels without rekey — and alerts close the tunnel with a clear reason. With
+//! user-space TLS rustls does the records. Either way the tunnel counts records sent against
+//! the retirement budget so a kTLS tunnel is replaced before the AES-GCM record limit.
+//!
+//! The handshake reads record by record ([`RecordReader`]) so that nothing after the last
+//! handshake record is pulled into user space before the keys may move to the kernel.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::time::Instant;
+
+use hbone_proto::frame::FRAME_HEADER_LEN;
+use hbone_proto::{Session, StreamId};
+use rustls::Connection;
+
+use super::driver::FlowKey;
+use super::ktls::{self, ControlRecord, Offload, RecordBudget, RecordReader, TunnelTlsMode};
+use super::tls;
+use super::tunnel_pool::TunnelId;
+use crate::control_plane::identity::SpiffeId;
+use crate::control_plane::workload_registry::WorkloadId;
+use crate::kernel_features::KtlsSupport;
+use crate::redirection::netns::NetNs;
+
+/// Plaintext the tunnel queues for the peer before streams must wait (back-pressure).
+pub const OUT_LIMIT: usize = 1024 * 1024;
+/// Plaintext read from the peer per fill.
+const INPUT_CHUNK: usize = 256 * 1024;
+
+/// Which end of the tunnel this node is.
+#[derive(Debug, Clone)]
+pub enum Role {
+    /// We opened it for the pool entry `pool_id`, to `peer`, expecting `expected`.
+    Client {
+        pool_id: TunnelId,
+        peer: SocketAddr,
+        expected: SpiffeId,
+        /// The source workload (its namespace made the socket).
+        source: WorkloadId,
+    },
+    /// A peer opened it to `local` (a local workload's address, port 15008).
+    Server {
+        workload: WorkloadId,
+        local: SocketAddr,
+        peer: SocketAddr,
+        /// The workload's namespace, where connections to it are made.
+        netns: Option<NetNs>,
+    },
+}
+
+impl Role {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Role::Client { .. } => "client",
+            Role::Server { .. } => "server",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// TCP connect in flight (client).
+    Connecting,
+    Handshaking,
+    /// TLS done; the session runs.
+    Open,
+}
+
+enum Tls {
+    Handshaking {
+        conn: Box<Connection>,
+        reader: RecordReader<FdIo>,
+    },
+    User(Box<Connection>),
+    Kernel,
+    /// Between states (only while a method swaps them).
+    Gone,
+}
+
+/// A raw non-blocking socket as `Read + Write` for rustls.
+pub struct FdIo(pub RawFd);
+
+impl Read for FdIo {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            // SAFETY: `buf` is a live writable slice of `buf.len()` bytes.
+            let n = unsafe { libc::recv(self.0, buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n >= 0 {
+                return Ok(n as usize);
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+}
+
+impl Write for FdIo {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        send(self.0, buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: `buf` is a live slice; the kernel reads at most `buf.len()` bytes.
+        let n = unsafe {
+            libc::send(
+                fd,
+                buf.as_ptr().cast(),
+                buf.len(),
+                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+            )
+        };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Why a tunnel ends badly; the text goes to the log, the label to metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TunnelError {
+    pub label: &'static str,
+    pub detail: String,
+}
+
+impl TunnelError {
+    pub fn new(label: &'static str, detail: impl Into<String>) -> Self {
+        TunnelError {
+            label,
+            detail: detail.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for TunnelError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.detail, self.label)
+    }
+}
+
+/// What one handshake step needs next.
+#[derive(Debug)]
+pub enum Handshake {
+    WantRead,
+    WantWrite,
+    Done,
+}
+
+/// What reading from the peer produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fill {
+    /// Bytes were added to the input.
+    Got(usize),
+    WouldBlock,
+    /// The peer closed its sending side (close_notify or TCP FIN between records).
+    Eof,
+}
+
+pub struct Tunnel {
+    pub key: FlowKey,
+    pub fd: OwnedFd,
+    pub role: Role,
+    pub phase: Phase,
+    tls: Tls,
+    pub session: Option<Session>,
+    /// Streams on this tunnel and the flows that carry them.
+    pub streams: HashMap<StreamId, FlowKey>,
+    out: Vec<u8>,
+    out_pos: usize,
+    input: Vec<u8>,
+    input_pos: usize,
+    pub peer_eof: bool,
+    /// Readiness requests the driver holds (bits from `armed_bit`, side Upstream).
+    pub armed: u8,
+    /// Flows that wait for room in `out` or for send credit.
+    pub blocked: Vec<FlowKey>,
+    pub mode: Option<TunnelTlsMode>,
+    pub peer_identity: Option<SpiffeId>,
+    pub budget: RecordBudget,
+    /// The session timer currently in the reactor's heap.
+    pub timer_at: Option<Instant>,
+    pub started: Instant,
+    /// Draining: GOAWAY received or the record budget reached; no new streams.
+    pub retiring: bool,
+    /// Queued to run again without waiting (it used its read budget).
+    pub queued: bool,
+}
+
+impl Tunnel {
+    /// A tunnel whose socket is connecting (client) or accepted (server); the TLS handshake
+    /// starts with `conn`.
+    pub fn new(
+        key: FlowKey,
+        fd: OwnedFd,
+        role: Role,
+        conn: Connection,
+        record_budget: u64,
+        now: Instant,
+    ) -> Tunnel {
+        let phase = match role {
+            Role::Client { .. } => Phase::Connecting,
+            Role::Server { .. } => Phase::Handshaking,
+        };
+        let raw = fd.as_raw_fd();
+        Tunnel {
+            key,
+            fd,
+            role,
+            phase,
+            tls: Tls::Handshaking {
+                conn: Box::new(conn),
+                reader: RecordReader::new(FdIo(raw)),
+            },
+            session: None,
+            streams: HashMap::new(),
+            out: Vec::new(),
+            out_pos: 0,
+            input: Vec::new(),
+            input_pos: 0,
+            peer_eof: false,
+            armed: 0,
+            blocked: Vec::new(),
+            mode: None,
+            peer_identity: None,
+            budget: RecordBudget::new(record_budget),
+            timer_at: None,
+            started: now,
+            retiring: false,
+            queued: false,
+        }
+    }
+
+    pub fn raw(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// Advances the TLS handshake as far as the socket allows.
+    pub fn handshake(&mut self) -> Result<Handshake, TunnelError> {
+        let Tls::Handshaking { conn, reader } = &mut self.tls else {
+            return Ok(Handshake::Done);
+        };
+        match ktls::complete_handshake(conn, reader) {
+            Ok(()) => Ok(Handshake::Done),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(if conn.wants_write() {
+                Handshake::WantWrite
+            } else {
+                Handshake::WantRead
+            }),
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                Err(TunnelError::new("tls_handshake", e.to_string()))
+            }
+            Err(e) => Err(TunnelError::new("tls_io", e.to_string())),
+        }
+    }
+
+    /// After the handshake: checks what was negotiated (TLS 1.3, h2, the peer's identity), then
+    /// moves the keys to the kernel when `support` allows and `allow_ktls` says so, and starts
+    /// the HTTP/2 session.
+    pub fn establish(
+        &mut self,
+        support: &KtlsSupport,
+        allow_ktls: bool,
+        now: Instant,
+    ) -> Result<(), TunnelError> {
+        let Tls::Handshaking { conn, .. } = std::mem::replace(&mut self.tls, Tls::Gone) else {
+            return Err(TunnelError::new(
+                "internal",
+                "establish outside the handshake",
+            ));
+        };
+        let negotiated = tls::negotiated(&conn)
+            .map_err(|e| TunnelError::new("tls_negotiation", e.to_string()))?;
+        self.peer_identity = Some(negotiated.peer);
+        let offload = if allow_ktls {
+            ktls::offload(&self.fd, *conn, support)
+                .map_err(|e| TunnelError::new("ktls_install", e.to_string()))?
+        } else {
+            Offload::UserSpace {
+                conn,
+                reason: ktls::UserSpaceReason::NoKtls(
+                    "kTLS turned off by node.hbone.ktls".to_string(),
+                ),
+            }
+        };
+        self.mode = Some(offload.mode());
+        match offload {
+            Offload::Kernel { received, .. } => {
+                self.input.extend_from_slice(&received);
+                self.tls = Tls::Kernel;
+            }
+            Offload::UserSpace { mut conn, .. } => {
+                conn.set_buffer_limit(Some(OUT_LIMIT));
+                self.tls = Tls::User(conn);
+            }
+        }
+        let settings = hbone_proto::Settings::default();
+        let mut session = match self.role {
+            Role::Client { .. } => Session::client(settings, now),
+            Role::Server { .. } => Session::server(settings, now),
+        };
+        session.poll_transmit(&mut self.out);
+        self.session = Some(session);
+        self.phase = Phase::Open;
+        Ok(())
+    }
+
+    pub fn is_kernel_tls(&self) -> bool {
+        matches!(self.tls, Tls::Kernel)
+    }
+
+    /// Plaintext queued for the peer and not yet written.
+    pub fn out_pending(&self) -> usize {
+        self.out.len() - self.out_pos
+    }
+
+    /// Room for more DATA frames before the writer must wait.
+    pub fn out_room(&self) -> usize {
+        OUT_LIMIT.saturating_sub(self.out_pending())
+    }
+
+    /// Moves the session's queued frames into `out` (they must precede any DATA frame).
+    pub fn take_transmit(&mut self) {
+        if let Some(s) = self.session.as_mut() {
+            s.poll_transmit(&mut self.out);
+        }
+    }
+
+    /// Reads up to `max` bytes from `src` straight into `out` as the payload of one DATA frame
+    /// of `stream`. Returns the bytes read; 0 means EOF. `WouldBlock` leaves `out` unchanged.
+    pub fn append_data_from(
+        &mut self,
+        src: RawFd,
+        stream: StreamId,
+        max: usize,
+    ) -> io::Result<usize> {
+        self.take_transmit();
+        let start = self.out.len();
+        self.out.reserve(FRAME_HEADER_LEN + max);
+        let n = loop {
+            // SAFETY: `reserve` guarantees `max` bytes of spare capacity after the header; the
+            // kernel writes at most `max` bytes there and we only expose what it wrote.
+            let n = unsafe {
+                libc::read(
+                    src,
+                    self.out.as_mut_ptr().add(start + FRAME_HEADER_LEN).cast(),
+                    max,
+                )
+            };
+            if n >= 0 {
+                break n as usize;
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        };
+        if n == 0 {
+            return Ok(0);
+        }
+        let session = self.session.as_mut().expect("open tunnel");
+        let header = session
+            .data_frame_header(stream, n, false)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        // SAFETY: the header bytes are written below before anyone reads them, and the `n`
+        // payload bytes after them were initialised by `read`.
+        unsafe { self.out.set_len(start + FRAME_HEADER_LEN + n) };
+        self.out[start..start + FRAME_HEADER_LEN].copy_from_slice(&header);
+        Ok(n)
+    }
+
+    /// Writes queued plaintext until the socket would block. `Ok(true)` when everything left.
+    pub fn flush(&mut self) -> Result<bool, TunnelError> {
+        self.take_transmit();
+        let fd = self.fd.as_raw_fd();
+        let io_err = |e: io::Error| TunnelError::new("write", e.to_string());
+        match &mut self.tls {
+            Tls::User(conn) => loop {
+                while conn.wants_write() {
+                    match conn.write_tls(&mut FdIo(fd)) {
+                        Ok(_) => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                        Err(e) => return Err(io_err(e)),
+                    }
+                }
+                if self.out_pos == self.out.len() {
+                    self.out.clear();
+                    self.out_pos = 0;
+                    return Ok(true);
+                }
+                let n = conn
+                    .writer()
+                    .write(&self.out[self.out_pos..])
+                    .map_err(io_err)?;
+                self.budget.charge_send(n);
+                self.out_pos += n;
+                if n == 0 && !conn.wants_write() {
+                    return Err(TunnelError::new("tls_state", "rustls took no plaintext"));
+                }
+            },
+            Tls::Kernel => {
+                while self.out_pos < self.out.len() {
+                    match send(fd, &self.out[self.out_pos..]) {
+                        Ok(n) => {
+                            self.budget.charge_send(n);
+                            self.out_pos += n;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            self.compact_out();
+                            return Ok(false);
+                        }
+                        Err(e) => return Err(io_err(e)),
+                    }
+                }
+                self.out.clear();
+                self.out_pos = 0;
+                Ok(true)
+            }
+            Tls::Handshaking { .. } | Tls::Gone => Ok(self.out_pos == self.out.len()),
+        }
+    }
+
+    fn compact_out(&mut self) {
+        if self.out_pos > OUT_LIMIT {
+            self.out.drain(..self.out_pos);
+            self.out_pos = 0;
+        }
+    }
+
+    /// Plaintext received and not yet consumed.
+    pub fn input(&self) -> &[u8] {
+        &self.input[self.input_pos..]
+    }
+
+    /// The session, the unconsumed input and the stream map together (disjoint borrows).
+    #[allow(clippy::type_complexity)]
+    pub fn session_input(&mut self) -> Option<(&mut Session, &[u8], &HashMap<StreamId, FlowKey>)> {
+        let input = &self.input[self.input_pos..];
+        let streams = &self.streams;
+        self.session.as_mut().map(|s| (s, input, streams))
+    }
+
+    pub fn consume_input(&mut self, n: usize) {
+        self.input_pos += n;
+        if self.input_pos == self.input.len() {
+            self.input.clear();
+            self.input_pos = 0;
+        }
+    }
+
+    /// Reads more plaintext from the peer into the input buffer. `records` counts the non-data
+    /// records a kTLS socket handed up (for metrics).
+    pub fn fill(&mut self, records: &mut Vec<&'static str>) -> Result<Fill, TunnelError> {
+        if self.input_pos > 0 {
+            self.input.drain(..self.input_pos);
+            self.input_pos = 0;
+        }
+        let start = self.input.len();
+        self.input.resize(start + INPUT_CHUNK, 0);
+        let r = self.fill_into(start, records);
+        let got = match r {
+            Ok(Fill::Got(n)) => n,
+            _ => 0,
+        };
+        self.input.truncate(start + got);
+        r
+    }
+
+    fn fill_into(
+        &mut self,
+        start: usize,
+        records: &mut Vec<&'static str>,
+    ) -> Result<Fill, TunnelError> {
+        let fd = self.fd.as_raw_fd();
+        let buf = &mut self.input[start..];
+        match &mut self.tls {
+            Tls::User(conn) => loop {
+                match conn.reader().read(buf) {
+                    Ok(0) => return Ok(Fill::Eof),
+                    Ok(n) => return Ok(Fill::Got(n)),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                        return Err(TunnelError::new(
+                            "peer_closed",
+                            "peer closed TCP without close_notify",
+                        ))
+                    }
+                    Err(e) => return Err(TunnelError::new("tls_read", e.to_string())),
+                }
+                match conn.read_tls(&mut FdIo(fd)) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Fill::WouldBlock),
+                    Err(e) => return Err(TunnelError::new("read", e.to_string())),
+                }
+                if let Err(e) = conn.process_new_packets() {
+                    return Err(TunnelError::new("tls_record", e.to_string()));
+                }
+            },
+            Tls::Kernel => loop {
+                match ktls::recv_record(fd, buf, libc::MSG_DONTWAIT) {
+                    Ok(r) if r.record_type == ktls::CONTENT_APPLICATION_DATA => {
+                        return Ok(if r.len == 0 {
+                            Fill::Eof
+                        } else {
+                            Fill::Got(r.len)
+                        })
+                    }
+                    Ok(r) => match ktls::control_record(r.record_type, &buf[..r.len]) {
+                        ControlRecord::Ignore => records.push("new_session_ticket"),
+                        ControlRecord::PeerClosed => {
+                            records.push("close_notify");
+                            return Ok(Fill::Eof);
+                        }
+                        ControlRecord::Retire(why) => {
+                            records.push("key_update");
+                            return Err(TunnelError::new("ktls_key_update", why));
+                        }
+                        ControlRecord::Fatal(why) => {
+                            records.push("alert");
+                            return Err(TunnelError::new("tls_alert", why));
+                        }
+                    },
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Fill::WouldBlock),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(TunnelError::new("ktls_read", e.to_string())),
+                }
+            },
+            Tls::Handshaking { .. } | Tls::Gone => Ok(Fill::WouldBlock),
+        }
+    }
+
+    /// Ends our sending side politely: close_notify (user space via rustls, kTLS via an alert
+    /// record), best effort.
+    pub fn send_close_notify(&mut self) {
+        let fd = self.fd.as_raw_fd();
+        match &mut self.tls {
+            Tls::User(conn) => {
+                conn.send_close_notify();
+                while conn.wants_write() {
+                    if conn.write_tls(&mut FdIo(fd)).is_err() {
+                        break;
+                    }
+                }
+            }
+            Tls::Kernel => {
+                let _ = ktls::send_close_notify(fd);
+            }
+            Tls::Handshaking { .. } | Tls::Gone => {}
+        }
+    }
+
+    /// The rustls connection's wish to write during the handshake.
+    pub fn handshake_wants_write(&self) -> bool {
+        match &self.tls {
+            Tls::Handshaking { conn, .. } => conn.wants_write(),
+            _ => false,
+        }
+    }
+}

@@ -1,0 +1,618 @@
+//! Two-node HBONE tests, as root, in network namespaces with the real capture rules: node A's
+//! ringtun serves the client pod, node B's serves mesh-1 and mesh-2, which speak HBONE (see
+//! `Testbed::two_node_config`). A connection from the client pod to a mesh pod is captured on
+//! A, carried through an mTLS HTTP/2 CONNECT tunnel to the pod's port 15008, taken there by B
+//! and delivered to the pod. On this host (no kTLS) the tunnels run user-space TLS; the kernel
+//! matrix runs the same tests where kTLS exists. Every test runs once per driver, checks both
+//! processes' flows and descriptors return to their baseline, and ends with SIGTERM → exit 0.
+//!
+//! Without root each test prints `SKIPPED (needs root)`; with `CI` set it fails.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ringtun::testbed::{
+    self, connect_in, listen_in, serve_exchanges, MeshNode, Pod, RingtunProcess, Testbed,
+    MESH_PORT, VIP, VIP_PORT,
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_ringtun");
+
+fn root_or_skip(name: &str) -> bool {
+    if testbed::is_root() {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("{name}: root tests must run as root in CI");
+    }
+    eprintln!("SKIPPED (needs root): {name}");
+    false
+}
+
+struct Node {
+    process: Option<RingtunProcess>,
+    baseline_fds: usize,
+}
+
+struct Mesh {
+    tb: Testbed,
+    certs: PathBuf,
+    a: Node,
+    b: Node,
+}
+
+impl Mesh {
+    /// Both nodes with `extra_node` YAML under `node:` (e.g. an `hbone:` section).
+    fn start(driver: &str, extra_node: &str) -> Mesh {
+        Self::start_with(driver, extra_node, |_, c| c)
+    }
+
+    /// Like `start`, with each node's config passed through `edit` (to make the nodes'
+    /// views of the mesh disagree).
+    fn start_with(
+        driver: &str,
+        extra_node: &str,
+        edit: impl Fn(MeshNode, String) -> String,
+    ) -> Mesh {
+        let tb = Testbed::create(&format!("h{}", &driver[..1])).expect("testbed");
+        let dir = std::env::temp_dir().join(&tb.prefix);
+        let certs = dir.join("certs");
+        let cfg = |n| tb.two_node_config(n, 2, &certs, extra_node);
+        testbed::write_certs(Path::new(BIN), &cfg(MeshNode::A), &certs).expect("certs");
+        let mut nodes = Vec::new();
+        for n in [MeshNode::A, MeshNode::B] {
+            let config = edit(n, cfg(n));
+            let path = dir.join(format!("{}-capture.yaml", n.name()));
+            std::fs::write(&path, &config).unwrap();
+            for pod in n.pods() {
+                let out = Command::new(BIN)
+                    .args([
+                        "redirect",
+                        "install",
+                        "--netns",
+                        &tb.pod_name(*pod),
+                        "--config",
+                    ])
+                    .arg(&path)
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "redirect install: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            let p = RingtunProcess::spawn_mesh_node(
+                Path::new(BIN),
+                &tb,
+                n,
+                &config,
+                &["--driver", driver],
+            )
+            .expect("ringtun starts");
+            let baseline_fds = settled_fds(&p);
+            nodes.push(Node {
+                process: Some(p),
+                baseline_fds,
+            });
+        }
+        let b = nodes.pop().unwrap();
+        let a = nodes.pop().unwrap();
+        Mesh { tb, certs, a, b }
+    }
+
+    fn a(&self) -> &RingtunProcess {
+        self.a.process.as_ref().unwrap()
+    }
+
+    fn b(&self) -> &RingtunProcess {
+        self.b.process.as_ref().unwrap()
+    }
+
+    fn connect(&self, to: SocketAddr) -> TcpStream {
+        let s = connect_in(&self.tb.pod_ns(Pod::Client).unwrap(), to).expect("client connects");
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        s
+    }
+
+    fn listen(&self, pod: Pod, port: u16) -> std::net::TcpListener {
+        listen_in(
+            &self.tb.pod_ns(pod).unwrap(),
+            SocketAddr::new(pod.v4(), port),
+        )
+        .unwrap()
+    }
+
+    /// Every flow gone on both nodes, descriptors back to their baselines, SIGTERM, exit 0.
+    fn finish(mut self) {
+        for (name, node) in [("A", &mut self.a), ("B", &mut self.b)] {
+            let r = node.process.take().unwrap();
+            let open = wait_for(|| r.metric("ringtun_flows_open", &[]).unwrap() == 0.0);
+            assert!(
+                open,
+                "node {name}: flows still open at the end:\n{}",
+                r.log_text()
+            );
+            let now = settle_to(&r, node.baseline_fds);
+            let log = r.log_text();
+            let code = r.terminate().unwrap();
+            assert_eq!(code, 0, "node {name}: exit code after SIGTERM; log:\n{log}");
+            node.baseline_fds = now;
+        }
+    }
+}
+
+/// Polls `f` for up to 10 s.
+fn wait_for(mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        if f() {
+            return true;
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn settled_fds(r: &RingtunProcess) -> usize {
+    let mut last = r.fd_count();
+    let start = Instant::now();
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = r.fd_count();
+        if now == last || start.elapsed() > Duration::from_secs(10) {
+            return now;
+        }
+        last = now;
+    }
+}
+
+/// Waits for the fd count to return to `baseline` plus what is legitimately kept: two per
+/// pooled empty pipe, one per open tunnel (pooled until idle); asserts it.
+fn settle_to(r: &RingtunProcess, baseline: usize) -> usize {
+    let kept = || {
+        let pipes = r.metric("ringtun_pipes_pooled", &[]).unwrap_or(0.0) as usize;
+        let tunnels = r.metric("ringtun_hbone_tunnels_open", &[]).unwrap_or(0.0) as usize;
+        2 * pipes + tunnels
+    };
+    let ok = wait_for(|| r.fd_count() == baseline + kept());
+    let now = r.fd_count();
+    assert!(
+        ok,
+        "fd count {now} != baseline {baseline} + {} (pooled pipes and open tunnels); log:\n{}",
+        kept(),
+        r.log_text()
+    );
+    now
+}
+
+fn mesh1() -> SocketAddr {
+    SocketAddr::new(Pod::Mesh1.v4(), MESH_PORT)
+}
+
+/// One exchange of `bytes` each way from the client pod to `to` (served in `pod`), SHA-256
+/// equal at both ends.
+fn exchange_intact(m: &Mesh, pod: Pod, to: SocketAddr, bytes: u64) -> Duration {
+    let listener = listen_in(
+        &m.tb.pod_ns(pod).unwrap(),
+        SocketAddr::new(pod.v4(), to.port()),
+    )
+    .unwrap();
+    let server = serve_exchanges(listener, 1, bytes, 2);
+    let c = testbed::exchange(m.connect(to), bytes, 1).unwrap();
+    let s = server.join().unwrap().unwrap()[0];
+    assert_eq!((c.received, s.received), (bytes, bytes), "bytes lost");
+    assert_eq!(
+        testbed::hex(&c.sent_hash),
+        testbed::hex(&s.received_hash),
+        "client → server bytes differ"
+    );
+    assert_eq!(
+        testbed::hex(&s.sent_hash),
+        testbed::hex(&c.received_hash),
+        "server → client bytes differ"
+    );
+    c.elapsed
+}
+
+fn read_until_end(s: &mut TcpStream) -> Result<Vec<u8>, std::io::Error> {
+    let mut buf = [0u8; 65536];
+    let mut out = Vec::new();
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return Ok(out),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn is_reset(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe
+    )
+}
+
+/// Connects and reads to the end; the stream must end with a reset, not a FIN.
+fn expect_reset(m: &Mesh, to: SocketAddr) {
+    match connect_in(&m.tb.pod_ns(Pod::Client).unwrap(), to) {
+        Ok(mut c) => {
+            c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            match read_until_end(&mut c) {
+                Ok(b) => panic!(
+                    "{to}: ended cleanly after {} bytes; a reset was expected",
+                    b.len()
+                ),
+                Err(e) => assert!(is_reset(&e), "{to}: expected a reset, got {e}"),
+            }
+        }
+        Err(e) => assert!(is_reset(&e), "{to}: connect failed with {e}, not a reset"),
+    }
+}
+
+macro_rules! both_drivers {
+    ($($name:ident),* $(,)?) => {
+        mod io_uring { $( #[test] fn $name() { if super::root_or_skip(concat!("io_uring::", stringify!($name))) { super::$name("io-uring") } } )* }
+        mod epoll { $( #[test] fn $name() { if super::root_or_skip(concat!("epoll::", stringify!($name))) { super::$name("epoll") } } )* }
+    };
+}
+
+both_drivers!(
+    bytes_cross_two_nodes_intact,
+    one_gib_each_way_through_the_tunnel,
+    client_half_close_maps_to_end_stream,
+    server_half_close_maps_to_end_stream,
+    upstream_reset_reaches_client_as_reset,
+    refused_upstream_is_503_and_client_reset,
+    unknown_authority_is_400_and_client_reset,
+    wrong_server_identity_is_refused_by_the_client,
+    concurrent_connections_share_pooled_tunnels,
+    record_budget_retires_tunnels_without_losing_bytes,
+);
+
+fn bytes_cross_two_nodes_intact(driver: &str) {
+    let m = Mesh::start(driver, "");
+    exchange_intact(&m, Pod::Mesh1, mesh1(), 4 << 20);
+    // Through the service VIP too: resolution picks an endpoint, the tunnel goes to it.
+    exchange_intact_any(&m, SocketAddr::new(VIP.into(), VIP_PORT), 1 << 20);
+    for (r, role) in [(m.a(), "client"), (m.b(), "server")] {
+        let tunnels = r
+            .metric(
+                "ringtun_hbone_tunnels_total",
+                &[&format!("role=\"{role}\""), "tls=\"userspace\""],
+            )
+            .unwrap();
+        assert!(
+            tunnels >= 1.0,
+            "{role}: no user-space TLS tunnel counted:\n{}",
+            r.metrics().unwrap()
+        );
+    }
+    let ok = m
+        .b()
+        .metric(
+            "ringtun_hbone_streams_total",
+            &["role=\"server\"", "status=\"200\""],
+        )
+        .unwrap();
+    assert!(ok >= 2.0, "server answered {ok} CONNECTs with 200");
+    assert!(
+        m.a()
+            .log_text()
+            .contains("client tunnels use user-space TLS"),
+        "node A does not say which TLS its tunnels use:\n{}",
+        m.a().log_text()
+    );
+    m.finish();
+}
+
+/// An exchange through the VIP: both mesh pods serve, whichever gets it answers.
+fn exchange_intact_any(m: &Mesh, to: SocketAddr, bytes: u64) {
+    let l1 = m.listen(Pod::Mesh1, MESH_PORT);
+    let l2 = m.listen(Pod::Mesh2, MESH_PORT);
+    l1.set_nonblocking(true).unwrap();
+    l2.set_nonblocking(true).unwrap();
+    let server = std::thread::spawn(move || loop {
+        for l in [&l1, &l2] {
+            if let Ok((s, _)) = l.accept() {
+                s.set_nonblocking(false).unwrap();
+                return testbed::exchange(s, bytes, 2).unwrap();
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    });
+    let c = testbed::exchange(m.connect(to), bytes, 1).unwrap();
+    let s = server.join().unwrap();
+    assert_eq!((c.received, s.received), (bytes, bytes));
+    assert_eq!(c.sent_hash, s.received_hash);
+    assert_eq!(s.sent_hash, c.received_hash);
+}
+
+fn one_gib_each_way_through_the_tunnel(driver: &str) {
+    let m = Mesh::start(driver, "");
+    let took = exchange_intact(&m, Pod::Mesh1, mesh1(), 1 << 30);
+    eprintln!("1 GiB each way through HBONE ({driver}) in {took:?}");
+    m.finish();
+}
+
+fn client_half_close_maps_to_end_stream(driver: &str) {
+    let m = Mesh::start(driver, "");
+    let l = m.listen(Pod::Mesh1, MESH_PORT);
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        // Read the request to EOF (the client's FIN arrived as END_STREAM → FIN), then answer.
+        let req = read_until_end(&mut s).unwrap();
+        s.write_all(b"answer after your EOF: ").unwrap();
+        s.write_all(&req).unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+    });
+    let mut c = m.connect(mesh1());
+    c.write_all(b"request").unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    let got = read_until_end(&mut c).unwrap();
+    assert_eq!(got, b"answer after your EOF: request");
+    server.join().unwrap();
+    m.finish();
+}
+
+fn server_half_close_maps_to_end_stream(driver: &str) {
+    let m = Mesh::start(driver, "");
+    let l = m.listen(Pod::Mesh1, MESH_PORT);
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        s.write_all(b"server speaks first, then closes its side")
+            .unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        // Its receiving side stays open: the client still sends after seeing our EOF.
+        read_until_end(&mut s).unwrap()
+    });
+    let mut c = m.connect(mesh1());
+    let got = read_until_end(&mut c).unwrap();
+    assert_eq!(got, b"server speaks first, then closes its side");
+    c.write_all(b"client still talks").unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(server.join().unwrap(), b"client still talks");
+    m.finish();
+}
+
+fn upstream_reset_reaches_client_as_reset(driver: &str) {
+    let m = Mesh::start(driver, "");
+    let l = m.listen(Pod::Mesh1, MESH_PORT);
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let mut buf = [0u8; 5];
+        s.read_exact(&mut buf).unwrap();
+        // SO_LINGER 0: close sends a RST.
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&s);
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: valid socket, a linger struct of the right size.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                &linger as *const _ as *const libc::c_void,
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            )
+        };
+        drop(s);
+    });
+    let mut c = m.connect(mesh1());
+    c.write_all(b"hello").unwrap();
+    server.join().unwrap();
+    match read_until_end(&mut c) {
+        Ok(b) => panic!(
+            "upstream reset arrived as a clean end after {} bytes",
+            b.len()
+        ),
+        Err(e) => assert!(is_reset(&e), "expected a reset, got {e}"),
+    }
+    assert!(wait_for(|| m
+        .a()
+        .metric(
+            "ringtun_connection_failures_total",
+            &["reason=\"hbone_stream_reset\""]
+        )
+        .unwrap()
+        >= 1.0));
+    m.finish();
+}
+
+fn refused_upstream_is_503_and_client_reset(driver: &str) {
+    let m = Mesh::start(driver, "");
+    // Nothing listens on mesh-1:8081.
+    expect_reset(&m, SocketAddr::new(Pod::Mesh1.v4(), 8081));
+    assert!(wait_for(|| m
+        .b()
+        .metric(
+            "ringtun_hbone_streams_total",
+            &["role=\"server\"", "status=\"503\""]
+        )
+        .unwrap()
+        >= 1.0));
+    assert!(wait_for(|| m
+        .a()
+        .metric(
+            "ringtun_hbone_streams_total",
+            &["role=\"client\"", "status=\"503\""]
+        )
+        .unwrap()
+        >= 1.0));
+    m.finish();
+}
+
+fn unknown_authority_is_400_and_client_reset(driver: &str) {
+    // mesh-1 gets a second address, 10.77.2.9, that only node A's view of the mesh lists. A
+    // tunnels to 10.77.2.9:15008 (mesh-1's pod takes it: TPROXY hands it to B) and asks for
+    // 10.77.2.9:8080, an authority B cannot place: 400, and A resets the client.
+    let extra = "10.77.2.9";
+    let m = Mesh::start_with(driver, "", |n, c| match n {
+        MeshNode::A => c.replace(
+            &format!(
+                "ips: [{}, \"{}\"]\n    node: node-b",
+                Pod::Mesh1.v4(),
+                Pod::Mesh1.v6()
+            ),
+            &format!(
+                "ips: [{}, \"{}\", {extra}]\n    node: node-b",
+                Pod::Mesh1.v4(),
+                Pod::Mesh1.v6()
+            ),
+        ),
+        MeshNode::B => c,
+    });
+    let out = Command::new("ip")
+        .args([
+            "-n",
+            &m.tb.pod_name(Pod::Mesh1),
+            "addr",
+            "add",
+            &format!("{extra}/24"),
+            "dev",
+            "eth0",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _server = listen_in(
+        &m.tb.pod_ns(Pod::Mesh1).unwrap(),
+        SocketAddr::new(extra.parse().unwrap(), MESH_PORT),
+    )
+    .unwrap();
+    expect_reset(&m, SocketAddr::new(extra.parse().unwrap(), MESH_PORT));
+    assert!(
+        wait_for(|| m
+            .b()
+            .metric(
+                "ringtun_hbone_streams_total",
+                &["role=\"server\"", "status=\"400\""]
+            )
+            .unwrap()
+            >= 1.0),
+        "node B did not answer 400:\n{}",
+        m.b().metrics().unwrap()
+    );
+    assert!(wait_for(|| m
+        .a()
+        .metric(
+            "ringtun_connection_failures_total",
+            &["reason=\"hbone_connect_rejected\""]
+        )
+        .unwrap()
+        >= 1.0));
+    m.finish();
+}
+
+fn wrong_server_identity_is_refused_by_the_client(driver: &str) {
+    // Node B says mesh-1 runs as service account mesh-2 and presents that certificate for it;
+    // node A expects mesh-1's identity: the handshake fails and the client is reset. Nothing
+    // reaches the pod.
+    let m = Mesh::start_with(driver, "", |n, c| match n {
+        MeshNode::A => c,
+        MeshNode::B => c.replacen("service_account: mesh-1", "service_account: mesh-2", 1),
+    });
+    let l = m.listen(Pod::Mesh1, MESH_PORT);
+    l.set_nonblocking(true).unwrap();
+    expect_reset(&m, mesh1());
+    assert!(
+        l.accept().is_err(),
+        "a connection reached mesh-1 through an unverified tunnel"
+    );
+    assert!(
+        wait_for(|| m
+            .a()
+            .metric(
+                "ringtun_hbone_tunnel_failures_total",
+                &["role=\"client\"", "reason=\"tls_handshake\""]
+            )
+            .unwrap()
+            >= 1.0),
+        "{}",
+        m.a().metrics().unwrap()
+    );
+    let log = m.a().log_text();
+    assert!(
+        log.contains("spiffe://cluster.local/ns/default/sa/mesh-1"),
+        "the failure does not name the expected identity:\n{log}"
+    );
+    m.finish();
+}
+
+fn concurrent_connections_share_pooled_tunnels(driver: &str) {
+    let m = Mesh::start(driver, "");
+    const N: usize = 200;
+    const BYTES: u64 = 64 * 1024;
+    let l = m.listen(Pod::Mesh1, MESH_PORT);
+    let server = serve_exchanges(l, N, BYTES, 2);
+    let ns = m.tb.pod_ns(Pod::Client).unwrap();
+    // All connections open before any finishes: each holds its stream until every client has
+    // connected (a barrier), so the pool must carry N streams at once.
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(N));
+    let clients: Vec<_> = (0..N)
+        .map(|_| {
+            let s = connect_in(&ns, mesh1()).expect("client connects");
+            s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+            let b = barrier.clone();
+            std::thread::spawn(move || {
+                b.wait();
+                testbed::exchange(s, BYTES, 1).unwrap()
+            })
+        })
+        .collect();
+    let got: Vec<_> = clients.into_iter().map(|h| h.join().unwrap()).collect();
+    let served = server.join().unwrap().unwrap();
+    assert_eq!(served.len(), N);
+    for c in &got {
+        assert_eq!(c.received, BYTES);
+    }
+    let handshakes = m
+        .a()
+        .metric("ringtun_hbone_handshakes_total", &["role=\"client\""])
+        .unwrap();
+    let reused = m
+        .a()
+        .metric("ringtun_hbone_pool_total", &["outcome=\"reuse\""])
+        .unwrap()
+        + m.a()
+            .metric("ringtun_hbone_pool_total", &["outcome=\"wait\""])
+            .unwrap();
+    eprintln!("{N} connections: {handshakes} TLS handshakes, {reused} pooled");
+    assert!(
+        handshakes >= 1.0 && handshakes < N as f64 / 10.0,
+        "{handshakes} handshakes for {N} connections"
+    );
+    m.finish();
+}
+
+fn record_budget_retires_tunnels_without_losing_bytes(driver: &str) {
+    // 64 records per tunnel: a 4 MiB exchange needs several tunnels in turn.
+    let m = Mesh::start(driver, "  hbone: {ktls_record_budget: 64}\n");
+    for _ in 0..3 {
+        exchange_intact(&m, Pod::Mesh1, mesh1(), 2 << 20);
+    }
+    let handshakes = m
+        .a()
+        .metric("ringtun_hbone_handshakes_total", &["role=\"client\""])
+        .unwrap();
+    assert!(
+        handshakes >= 2.0,
+        "record budget never retired a tunnel ({handshakes} handshakes)"
+    );
+    m.finish();
+}
