@@ -13,7 +13,8 @@ client mode
          "end": "end_stream"|"reset:<code>", "alpn": "h2", "tls": "TLSv1.3",
          "server_identity": uri}
     Any other status prints {"status": S, ...} and exits 0: the calling test judges.
-    A TLS failure prints {"error": "tls", "detail": ...} and exits 2.
+    A failed TCP connect prints {"error": "connect", ...}, a TLS failure (including a server
+    identity other than --expect-identity) {"error": "tls", ...}; both exit 2.
 
 server mode
     Listens on --listen with --cert/--key, requires a client certificate chaining to --ca,
@@ -227,7 +228,11 @@ def run_client(args):
     ctx.load_cert_chain(args.cert, args.key)
     ctx.set_alpn_protocols(["h2"])
 
-    raw = socket.create_connection(hostport(args.connect), timeout=min(args.timeout, 10))
+    try:
+        raw = socket.create_connection(hostport(args.connect), timeout=min(args.timeout, 10))
+    except OSError as e:
+        emit({"error": "connect", "detail": str(e)})
+        return 2
     raw.settimeout(max(deadline - time.monotonic(), 1))
     try:
         tls = ctx.wrap_socket(raw)
