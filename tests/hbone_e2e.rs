@@ -10,7 +10,7 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -39,7 +39,6 @@ struct Node {
 
 struct Mesh {
     tb: Testbed,
-    certs: PathBuf,
     a: Node,
     b: Node,
 }
@@ -101,7 +100,7 @@ impl Mesh {
         }
         let b = nodes.pop().unwrap();
         let a = nodes.pop().unwrap();
-        Mesh { tb, certs, a, b }
+        Mesh { tb, a, b }
     }
 
     fn a(&self) -> &RingtunProcess {

@@ -16,6 +16,8 @@ use std::time::Instant;
 use hbone_proto::{ConnectRequest, StreamId};
 
 use super::driver::{armed_bit, FlowKey, Interest, Side};
+use super::splice::{Pipe, PipePool};
+use super::tunnel_io::{FrameSender, StreamSink};
 use super::tunnel_pool::TunnelId;
 use crate::control_plane::identity::SpiffeId;
 use crate::control_plane::workload_registry::WorkloadId;
@@ -82,6 +84,10 @@ pub struct StreamFlow {
     pub last_active: Instant,
     pub counters: Arc<TcpCounters>,
     pub record: FlowRecord,
+    /// kTLS tunnels: local socket → pipe → DATA frames spliced into the tunnel.
+    pub sender: Option<FrameSender<Pipe>>,
+    /// kTLS tunnels: DATA payload spliced from the tunnel into a pipe → local socket.
+    pub sink: Option<StreamSink<Pipe>>,
 }
 
 impl StreamFlow {
@@ -119,12 +125,36 @@ impl StreamFlow {
             last_active: now,
             counters,
             record,
+            sender: None,
+            sink: None,
         }
+    }
+
+    /// Switches the stream to the zero-copy path of a kTLS tunnel (called when it opens).
+    /// `max_spill` bounds the user-space fallback buffer (the stream's receive window).
+    pub fn use_zero_copy(&mut self, max_spill: usize) {
+        self.sender = Some(FrameSender::new(true));
+        self.sink = Some(StreamSink::new(self.local.as_raw_fd(), max_spill));
+    }
+
+    /// Gives pipes back to the pool (empty ones) or closes them.
+    pub fn release_pipes(&mut self, pool: &mut PipePool) {
+        if let Some(s) = self.sender.as_mut() {
+            s.release(pool);
+        }
+        if let Some(s) = self.sink.as_mut() {
+            s.release(pool);
+        }
+    }
+
+    /// No copied bytes wait (the zero-copy sink may take payload without reordering).
+    pub fn copy_queue_empty(&self) -> bool {
+        self.to_local.len() == self.to_local_pos
     }
 
     /// Bytes waiting for the local socket.
     pub fn pending_local(&self) -> usize {
-        self.to_local.len() - self.to_local_pos
+        self.to_local.len() - self.to_local_pos + self.sink.as_ref().map_or(0, |s| s.buffered())
     }
 
     /// Hands tunnel payload to the local socket: written directly when nothing is queued and
@@ -132,7 +162,7 @@ impl StreamFlow {
     /// flow-control credit); an error is the local socket's.
     pub fn deliver(&mut self, data: &[u8]) -> io::Result<usize> {
         let mut written = 0;
-        if self.pending_local() == 0 {
+        if self.to_local.len() == self.to_local_pos {
             match send(self.local.as_raw_fd(), data) {
                 Ok(n) => written = n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -149,7 +179,7 @@ impl StreamFlow {
     /// Counts bytes that came out of the tunnel toward the local socket, and bytes that went
     /// from the local socket into the tunnel (`count_from_local`), in the access record and
     /// the Istio TCP counters (received = from the client's side, sent = toward it).
-    fn count_toward_local(&mut self, n: usize) {
+    pub fn count_toward_local(&mut self, n: usize) {
         let n = n as u64;
         match self.local_side {
             Side::Downstream => {

@@ -31,6 +31,7 @@ use rustls::Connection;
 use super::driver::FlowKey;
 use super::ktls::{self, ControlRecord, Offload, RecordBudget, RecordReader, TunnelTlsMode};
 use super::tls;
+use super::tunnel_io::FrameReceiver;
 use super::tunnel_pool::TunnelId;
 use crate::control_plane::identity::SpiffeId;
 use crate::control_plane::workload_registry::WorkloadId;
@@ -209,6 +210,12 @@ pub struct Tunnel {
     pub retiring: bool,
     /// Queued to run again without waiting (it used its read budget).
     pub queued: bool,
+    /// kTLS only: the stream flow whose DATA frame is partly written. Nothing else may write
+    /// to the socket until that frame is complete (`tunnel_io`'s rule).
+    pub writer: Option<FlowKey>,
+    /// kTLS only: frames read with payloads spliced into the streams' pipes. Taken over from
+    /// the copying reader once the session is between frames.
+    pub receiver: Option<FrameReceiver>,
 }
 
 impl Tunnel {
@@ -252,6 +259,8 @@ impl Tunnel {
             started: now,
             retiring: false,
             queued: false,
+            writer: None,
+            receiver: None,
         }
     }
 
@@ -333,6 +342,19 @@ impl Tunnel {
         matches!(self.tls, Tls::Kernel)
     }
 
+    /// kTLS: the zero-copy receiver may take over reading (nothing buffered, the session
+    /// between frames, past the preface).
+    pub fn zero_copy_rx_ready(&self) -> bool {
+        self.is_kernel_tls()
+            && self.input_pos == self.input.len()
+            && self.session.as_ref().is_some_and(|s| s.at_frame_boundary())
+    }
+
+    /// Charges bytes written around `flush` (zero-copy frames) to the record budget.
+    pub fn charge_written(&mut self, n: usize) {
+        self.budget.charge_send(n);
+    }
+
     /// Plaintext queued for the peer and not yet written.
     pub fn out_pending(&self) -> usize {
         self.out.len() - self.out_pos
@@ -395,6 +417,12 @@ impl Tunnel {
 
     /// Writes queued plaintext until the socket would block. `Ok(true)` when everything left.
     pub fn flush(&mut self) -> Result<bool, TunnelError> {
+        if self.writer.is_some() {
+            // A zero-copy frame is half written: its sender finishes it first.
+            return Ok(
+                self.out_pending() == 0 && !self.session.as_ref().is_some_and(|s| s.has_transmit())
+            );
+        }
         self.take_transmit();
         let fd = self.fd.as_raw_fd();
         let io_err = |e: io::Error| TunnelError::new("write", e.to_string());
@@ -475,12 +503,21 @@ impl Tunnel {
     /// Reads more plaintext from the peer into the input buffer. `records` counts the non-data
     /// records a kTLS socket handed up (for metrics).
     pub fn fill(&mut self, records: &mut Vec<&'static str>) -> Result<Fill, TunnelError> {
+        // A kTLS tunnel about to hand reading to the zero-copy receiver reads no further than
+        // the session wants, so no DATA payload lands in user space by accident.
+        let max = if self.is_kernel_tls() {
+            self.session
+                .as_ref()
+                .map_or(INPUT_CHUNK, |s| s.input_wanted().clamp(1, INPUT_CHUNK))
+        } else {
+            INPUT_CHUNK
+        };
         if self.input_pos > 0 {
             self.input.drain(..self.input_pos);
             self.input_pos = 0;
         }
         let start = self.input.len();
-        self.input.resize(start + INPUT_CHUNK, 0);
+        self.input.resize(start + max, 0);
         let r = self.fill_into(start, records);
         let got = match r {
             Ok(Fill::Got(n)) => n,

@@ -297,6 +297,12 @@ impl Session {
         }
     }
 
+    /// True between frames (past the preface, no frame partly read): a reader that parses
+    /// frame headers itself may take over here.
+    pub fn at_frame_boundary(&self) -> bool {
+        matches!(self.read, ReadState::Header) && self.hdr_len == 0
+    }
+
     /// The DATA payload the caller has been told about and not yet moved: `(stream, bytes)`.
     pub fn pending_payload(&self) -> Option<(StreamId, usize)> {
         match self.read {

@@ -30,10 +30,16 @@ use crate::control_plane::workload_registry::WorkloadId;
 use crate::data_plane::driver::{self, FlowKey, Interest, Side};
 use crate::data_plane::first_connection::Resolution;
 use crate::data_plane::hbone_rules::{outbound_connect, InboundDecision, InboundRules};
+use crate::data_plane::ktls::{self, ControlRecord};
 use crate::data_plane::socket;
+use crate::data_plane::splice::Pipe;
 use crate::data_plane::stream_flow::{StreamFlow, StreamPhase, TunnelTarget};
 use crate::data_plane::tls::{self, ClientTls};
 use crate::data_plane::tunnel::{Fill, Handshake, Phase, Role, Tunnel, TunnelError};
+use crate::data_plane::tunnel_io::{
+    DataFrameHeaders, FrameHandler, FrameReceiver, HandlerError, RecvError, RecvStatus, SendError,
+    SendStatus, StreamSink,
+};
 use crate::data_plane::tunnel_pool::{Checkout, PoolConfig, PoolEvent, TunnelId, TunnelPool};
 use crate::kernel_features::KtlsSupport;
 use crate::observability::access_log::{self, FlowRecord};
@@ -85,6 +91,142 @@ impl HboneState {
             logged_modes: Default::default(),
         }
     }
+}
+
+/// The zero-copy receiver's view of the session and the streams (kTLS tunnels).
+struct RecvHandler<'a> {
+    session: &'a mut hbone_proto::Session,
+    stream_map: &'a HashMap<StreamId, FlowKey>,
+    flows: &'a mut slab::Slab<StreamFlow>,
+    now: Instant,
+    records: Vec<&'static str>,
+    /// Flows whose sinks took payload (their credit is released after the poll).
+    touched: Vec<FlowKey>,
+    fatal: Option<TunnelError>,
+    peer_closed: bool,
+}
+
+impl FrameHandler<Pipe> for RecvHandler<'_> {
+    fn frame_bytes(&mut self, bytes: &[u8]) -> Result<(), HandlerError> {
+        let mut off = 0;
+        while off < bytes.len() {
+            let n = match self.session.handle_input(&bytes[off..], self.now) {
+                Input::Consumed(n) => n,
+                Input::DataPayload { consumed, .. } => consumed,
+            };
+            if self.session.is_closed() {
+                return Err(HandlerError);
+            }
+            if n == 0 {
+                break;
+            }
+            off += n;
+        }
+        Ok(())
+    }
+
+    fn sink(&mut self, stream: StreamId) -> Option<&mut StreamSink<Pipe>> {
+        if self.session.pending_payload().map(|(s, _)| s) != Some(stream) {
+            return None;
+        }
+        let key = *self.stream_map.get(&stream)?;
+        let sf = self
+            .flows
+            .get_mut(super::slot(key))
+            .filter(|f| f.key == key)?;
+        // Copied bytes still queued go first: then this frame is copied behind them.
+        if !sf.copy_queue_empty() {
+            return None;
+        }
+        if !self.touched.contains(&key) {
+            self.touched.push(key);
+        }
+        sf.sink.as_mut()
+    }
+
+    fn payload_moved(&mut self, stream: StreamId, n: usize) -> Result<(), HandlerError> {
+        self.session
+            .data_consumed(stream, n)
+            .map_err(|_| HandlerError)
+    }
+
+    fn tls_record(&mut self, record_type: u8, payload: &[u8]) -> Result<(), HandlerError> {
+        match ktls::control_record(record_type, payload) {
+            ControlRecord::Ignore => {
+                self.records.push("new_session_ticket");
+                Ok(())
+            }
+            ControlRecord::PeerClosed => {
+                self.records.push("close_notify");
+                self.peer_closed = true;
+                Err(HandlerError)
+            }
+            ControlRecord::Retire(why) => {
+                self.records.push("key_update");
+                self.fatal = Some(TunnelError::new("ktls_key_update", why));
+                Err(HandlerError)
+            }
+            ControlRecord::Fatal(why) => {
+                self.records.push("alert");
+                self.fatal = Some(TunnelError::new("tls_alert", why));
+                Err(HandlerError)
+            }
+        }
+    }
+}
+
+/// DATA frame headers for one stream's zero-copy sender. Called only between frames, so the
+/// session's own frames (HEADERS, WINDOW_UPDATE, PING ACK...) are written first, right here;
+/// if the socket cannot take them the header is refused and the sender waits.
+struct FrameHeaders<'a> {
+    tunnel: &'a mut Tunnel,
+    stream: StreamId,
+}
+
+impl DataFrameHeaders for FrameHeaders<'_> {
+    fn credit(&mut self) -> usize {
+        self.tunnel
+            .session
+            .as_ref()
+            .map_or(0, |s| s.send_capacity(self.stream))
+    }
+
+    fn max_frame_size(&mut self) -> usize {
+        self.tunnel
+            .session
+            .as_ref()
+            .map_or(0, |s| s.peer_max_frame_size() as usize)
+    }
+
+    fn data_frame_header(
+        &mut self,
+        len: usize,
+        end_stream: bool,
+    ) -> Option<[u8; hbone_proto::frame::FRAME_HEADER_LEN]> {
+        let writer = self.tunnel.writer.take();
+        let flushed = matches!(self.tunnel.flush(), Ok(true));
+        self.tunnel.writer = writer;
+        if !flushed {
+            return None;
+        }
+        let header = self
+            .tunnel
+            .session
+            .as_mut()?
+            .data_frame_header(self.stream, len, end_stream)
+            .ok()?;
+        self.tunnel
+            .charge_written(hbone_proto::frame::FRAME_HEADER_LEN);
+        Some(header)
+    }
+}
+
+/// Bytes a receiver has moved (payload and frame headers), from its counters.
+fn moved(stats: &crate::data_plane::tunnel_io::RecvStats) -> usize {
+    (stats.spliced_bytes + stats.buffered_bytes + stats.skipped_bytes + stats.dropped_bytes)
+        as usize
+        + (stats.spliced_frames + stats.buffered_frames + stats.control_frames) as usize
+            * hbone_proto::frame::FRAME_HEADER_LEN
 }
 
 /// How a stream flow ends.
@@ -709,6 +851,7 @@ impl Reactor {
                 sf.phase = StreamPhase::Open;
                 sf.last_active = now;
                 sf.counters.opened.fetch_add(1, Relaxed);
+                self.maybe_zero_copy(key);
                 let answered = self
                     .tunnel_mut(tkey)
                     .and_then(|t| t.session.as_mut())
@@ -830,6 +973,28 @@ impl Reactor {
                 }
                 break;
             }
+            if t.receiver.is_none() && t.zero_copy_rx_ready() {
+                let max_frame = hbone_proto::Settings::default().max_frame_size as usize;
+                t.receiver = Some(FrameReceiver::new(max_frame, true));
+            }
+            if t.receiver.is_some() {
+                match self.receive_frames(tkey, budget - read, now) {
+                    Ok((RecvStatus::WantRead, n)) => {
+                        let _ = n;
+                        self.process_session_events(tkey, now);
+                        self.arm_tunnel(tkey, Interest::Read);
+                        break;
+                    }
+                    Ok((RecvStatus::Yield, n)) => read += n.max(1),
+                    Ok((RecvStatus::Eof, _)) => {
+                        if let Some(t) = self.tunnel_mut(tkey) {
+                            t.peer_eof = true;
+                        }
+                    }
+                    Err(e) => return self.fail_tunnel(tkey, e),
+                }
+                continue;
+            }
             match t.fill(&mut records) {
                 Ok(Fill::Got(n)) => read += n,
                 Ok(Fill::WouldBlock) => {
@@ -867,6 +1032,104 @@ impl Reactor {
         }
         self.flush_tunnel(tkey, now);
         self.schedule_session_timer(tkey);
+    }
+
+    /// kTLS: reads frames with the zero-copy receiver; DATA payload is spliced into the
+    /// streams' pipes. Returns the receiver's status and the bytes it moved.
+    fn receive_frames(
+        &mut self,
+        tkey: FlowKey,
+        budget: usize,
+        now: Instant,
+    ) -> Result<(RecvStatus, usize), TunnelError> {
+        let Reactor {
+            tunnels,
+            streams,
+            pool,
+            ..
+        } = self;
+        let Some(t) = tunnels.get_mut(super::slot(tkey)).filter(|t| t.key == tkey) else {
+            return Ok((RecvStatus::WantRead, 0));
+        };
+        let fd = t.raw();
+        let Some(mut receiver) = t.receiver.take() else {
+            return Ok((RecvStatus::WantRead, 0));
+        };
+        let before = moved(&receiver.stats);
+        let Some(session) = t.session.as_mut() else {
+            t.receiver = Some(receiver);
+            return Ok((RecvStatus::WantRead, 0));
+        };
+        let mut handler = RecvHandler {
+            session,
+            stream_map: &t.streams,
+            flows: streams,
+            now,
+            records: Vec::new(),
+            touched: Vec::new(),
+            fatal: None,
+            peer_closed: false,
+        };
+        let r = receiver.poll(fd, pool, &mut handler, budget);
+        let n = moved(&receiver.stats) - before;
+        let RecvHandler {
+            records,
+            touched,
+            fatal,
+            peer_closed,
+            ..
+        } = handler;
+        t.receiver = Some(receiver);
+        self.count_records(&records);
+        for skey in touched {
+            self.release_delivered(skey, now);
+        }
+        match r {
+            Ok(status) => Ok((status, n)),
+            Err(_) if peer_closed => Ok((RecvStatus::Eof, n)),
+            Err(_) if fatal.is_some() => Err(fatal.expect("checked")),
+            Err(RecvError::Handler) => Err(TunnelError::new("http2", "session closed")),
+            Err(RecvError::Truncated) => Err(TunnelError::new(
+                "peer_closed",
+                "peer closed inside a frame",
+            )),
+            Err(RecvError::Tunnel(errno)) => Err(TunnelError::new(
+                "ktls_read",
+                io::Error::from_raw_os_error(errno).to_string(),
+            )),
+            Err(RecvError::Pipe(errno)) => Err(TunnelError::new(
+                "pipe",
+                io::Error::from_raw_os_error(errno).to_string(),
+            )),
+            Err(RecvError::FrameTooLarge(len)) => Err(TunnelError::new(
+                "frame_size",
+                format!("peer sent a {len}-byte frame"),
+            )),
+            Err(RecvError::SpillLimit(sid)) => Err(TunnelError::new(
+                "flow_control",
+                format!("peer overran stream {sid:?}'s window"),
+            )),
+            Err(RecvError::BadPadding) => Err(TunnelError::new("protocol", "bad DATA padding")),
+        }
+    }
+
+    /// Gives the peer credit for the bytes a stream's sink delivered; waits for the local
+    /// socket when bytes are left.
+    fn release_delivered(&mut self, skey: FlowKey, now: Instant) {
+        let Some(sf) = self.stream_mut(skey) else {
+            return;
+        };
+        let delivered = sf.sink.as_mut().map_or(0, |s| s.take_delivered());
+        if delivered > 0 {
+            sf.last_active = now;
+            sf.count_toward_local(delivered);
+            if let (Some(tkey), Some(sid)) = (sf.tunnel, sf.stream) {
+                if let Some(s) = self.tunnel_mut(tkey).and_then(|t| t.session.as_mut()) {
+                    let _ = s.release_capacity(sid, delivered);
+                }
+            }
+        }
+        self.want_local_write(skey);
     }
 
     fn count_records(&self, records: &[&'static str]) {
@@ -1058,6 +1321,7 @@ impl Reactor {
                             sf.last_active = now;
                             sf.counters.opened.fetch_add(1, Relaxed);
                         }
+                        self.maybe_zero_copy(skey);
                         self.push_timer(
                             skey,
                             now + self.state.config.node.timeouts.idle,
@@ -1160,6 +1424,10 @@ impl Reactor {
         };
         if t.phase != Phase::Open {
             return;
+        }
+        if t.writer.is_some() {
+            // A zero-copy frame is half written: its stream finishes it, then the rest goes.
+            return self.wake_blocked(tkey);
         }
         match t.flush() {
             Ok(true) => {
@@ -1352,6 +1620,18 @@ impl Reactor {
         let Some(sf) = self.stream_mut(skey) else {
             return;
         };
+        if sf.copy_queue_empty() {
+            if let Some(sink) = sf.sink.as_mut() {
+                if let Err(e) = sink.flush() {
+                    let end = self.local_broken(skey, e.0);
+                    return self.finish_stream(skey, end);
+                }
+                self.release_delivered(skey, now);
+            }
+        }
+        let Some(sf) = self.stream_mut(skey) else {
+            return;
+        };
         if sf.pending_local() > 0 {
             self.arm_stream(skey, side, Interest::Write);
         } else if sf.remote_eof && !sf.local_shut {
@@ -1368,6 +1648,13 @@ impl Reactor {
             let (Some(tkey), Some(sid)) = (tkey, sid) else {
                 return;
             };
+            if self.stream_mut(skey).is_some_and(|sf| sf.sender.is_some()) {
+                self.send_zero_copy(skey, tkey, sid, now);
+                if self.stream_mut(skey).is_some_and(|sf| sf.is_complete()) {
+                    self.finish_stream(skey, StreamEnd::Clean);
+                }
+                return;
+            }
             let mut moved = 0usize;
             loop {
                 let Some(t) = self
@@ -1433,6 +1720,133 @@ impl Reactor {
         }
     }
 
+    /// A stream that just opened on a kTLS tunnel moves its bytes by splice from now on.
+    fn maybe_zero_copy(&mut self, skey: FlowKey) {
+        let Some(tkey) = self.stream_mut(skey).and_then(|sf| sf.tunnel) else {
+            return;
+        };
+        if !self.tunnel_mut(tkey).is_some_and(|t| t.is_kernel_tls()) {
+            return;
+        }
+        let window = hbone_proto::Settings::default().initial_stream_window as usize;
+        if let Some(sf) = self.stream_mut(skey) {
+            sf.use_zero_copy(window);
+        }
+    }
+
+    /// kTLS: the stream's bytes go local socket → pipe → tunnel as DATA frames, the payload
+    /// spliced and encrypted by the kernel. One stream at a time owns the socket mid-frame.
+    fn send_zero_copy(&mut self, skey: FlowKey, tkey: FlowKey, sid: StreamId, now: Instant) {
+        let budget = self.state.config.node.splice.max_bytes_per_wakeup;
+        let Reactor {
+            tunnels,
+            streams,
+            pool,
+            ..
+        } = self;
+        let Some(t) = tunnels.get_mut(super::slot(tkey)).filter(|t| t.key == tkey) else {
+            return self.finish_stream(
+                skey,
+                StreamEnd::TunnelBroken {
+                    kind: FailureKind::TunnelFailed,
+                },
+            );
+        };
+        let Some(sf) = streams.get_mut(super::slot(skey)).filter(|f| f.key == skey) else {
+            return;
+        };
+        if t.writer.is_some_and(|w| w != skey) {
+            // Another stream is mid-frame; it wakes us when done.
+            t.blocked.push(skey);
+            sf.blocked = true;
+            return;
+        }
+        let local = sf.local.as_raw_fd();
+        let tunnel_fd = t.raw();
+        let Some(sender) = sf.sender.as_mut() else {
+            return;
+        };
+        let (frames, bytes) = (sender.stats.frames, sender.stats.payload_bytes);
+        let r = sender.send(
+            local,
+            tunnel_fd,
+            pool,
+            &mut FrameHeaders {
+                tunnel: t,
+                stream: sid,
+            },
+            budget,
+        );
+        let sent = (sender.stats.payload_bytes - bytes) as usize;
+        let new_frames = sender.stats.frames - frames;
+        let mid_frame = sender.mid_frame();
+        let _ = new_frames;
+        t.charge_written(sent);
+        t.writer = mid_frame.then_some(skey);
+        if sent > 0 {
+            sf.count_from_local(sent);
+            sf.last_active = now;
+        }
+        let side = sf.local_side;
+        let wrote_out = t.out_pending() > 0;
+        match r {
+            Ok(SendStatus::WantRead) => self.arm_stream(skey, side, Interest::Read),
+            Ok(SendStatus::WantWrite) => {
+                t.blocked.push(skey);
+                sf.blocked = true;
+                self.arm_tunnel(tkey, Interest::Write);
+            }
+            Ok(SendStatus::WantCredit) => {
+                t.blocked.push(skey);
+                sf.blocked = true;
+            }
+            Ok(SendStatus::Yield) => {
+                if !sf.queued {
+                    sf.queued = true;
+                    self.runnable.push(skey);
+                }
+            }
+            Ok(SendStatus::Done) => sf.local_eof = true,
+            // The session's own frames could not all be written first: wait for the socket.
+            Err(SendError::HeaderRefused) if wrote_out => {
+                t.blocked.push(skey);
+                sf.blocked = true;
+                self.arm_tunnel(tkey, Interest::Write);
+            }
+            Err(SendError::HeaderRefused) => {
+                return self.finish_stream(
+                    skey,
+                    StreamEnd::TunnelBroken {
+                        kind: FailureKind::StreamReset,
+                    },
+                )
+            }
+            Err(SendError::Source(errno)) => {
+                let end = self.local_broken(skey, errno);
+                return self.finish_stream(skey, end);
+            }
+            Err(SendError::Pipe(errno)) => {
+                return self.finish_stream(
+                    skey,
+                    StreamEnd::LocalBroken {
+                        kind: FailureKind::PipeUnavailable,
+                        errno,
+                    },
+                )
+            }
+            Err(SendError::Tunnel(errno)) => {
+                return self.fail_tunnel(
+                    tkey,
+                    TunnelError::new("write", io::Error::from_raw_os_error(errno).to_string()),
+                )
+            }
+        }
+        if !mid_frame {
+            // Frame boundary: the session's frames and waiting streams may write now.
+            self.flush_tunnel(tkey, now);
+        }
+    }
+
     pub(super) fn stream_timer(&mut self, skey: FlowKey, timer: Timer, now: Instant) {
         let idle = self.state.config.node.timeouts.idle;
         let Some(sf) = self.stream_mut(skey) else {
@@ -1467,7 +1881,8 @@ impl Reactor {
         if self.stream_mut(skey).is_none() {
             return;
         }
-        let sf = self.streams.remove(super::slot(skey));
+        let mut sf = self.streams.remove(super::slot(skey));
+        sf.release_pipes(&mut self.pool);
         self.driver
             .release(skey, sf.armed, sf.phase == StreamPhase::Connecting);
         self.metrics.flows_open.fetch_sub(1, Relaxed);
@@ -1488,6 +1903,17 @@ impl Reactor {
                     }
                 }
                 t.blocked.retain(|k| *k != skey);
+                if t.writer == Some(skey) {
+                    // A half-written DATA frame cannot be finished: the tunnel is unusable.
+                    t.writer = None;
+                    self.fail_tunnel(
+                        tkey,
+                        TunnelError::new(
+                            "stream_ended_mid_frame",
+                            "a stream ended inside its DATA frame",
+                        ),
+                    );
+                }
                 self.flush_tunnel(tkey, now);
             }
         }
