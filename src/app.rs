@@ -66,7 +66,7 @@ fn open_files_limit() -> (u64, u64) {
 fn load_tunnel_credentials(state: &State) -> Result<Option<Arc<TunnelCredentials>>, String> {
     use crate::control_plane::certs::{load_trust_bundle, load_workload_credentials};
     use crate::control_plane::identity::SpiffeId;
-    use crate::data_plane::tls::{server_config, ClientTls};
+    use crate::data_plane::tls::{server_config_for, ClientTls};
     let node = &state.config.node;
     let Some(tls) = &node.tls else {
         log::info!("no node.tls: HBONE tunnels are off (connections that need one are refused)");
@@ -83,8 +83,9 @@ fn load_tunnel_credentials(state: &State) -> Result<Option<Arc<TunnelCredentials
         }
         let creds = load_workload_credentials(&tls.certificate_dir, &id)
             .map_err(|e| format!("certificate for {id}: {e}"))?;
-        let c = ClientTls::new(&creds, &trust).map_err(|e| format!("TLS client for {id}: {e}"))?;
-        let s = server_config(&creds, &trust, &node.trust_domain)
+        let c = ClientTls::new_for(&creds, &trust, node.hbone.cipher)
+            .map_err(|e| format!("TLS client for {id}: {e}"))?;
+        let s = server_config_for(&creds, &trust, &node.trust_domain, node.hbone.cipher)
             .map_err(|e| format!("TLS server for {id}: {e}"))?;
         client.insert(id.clone(), c);
         server.insert(id, s);

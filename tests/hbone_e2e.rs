@@ -274,6 +274,7 @@ both_drivers!(
     wrong_server_identity_is_refused_by_the_client,
     concurrent_connections_share_pooled_tunnels,
     record_budget_retires_tunnels_without_losing_bytes,
+    pinned_aes_256_gcm_carries_bytes,
 );
 
 fn bytes_cross_two_nodes_intact(driver: &str) {
@@ -285,7 +286,11 @@ fn bytes_cross_two_nodes_intact(driver: &str) {
         let tunnels = r
             .metric(
                 "ringtun_hbone_tunnels_total",
-                &[&format!("role=\"{role}\""), "tls=\"userspace\""],
+                &[
+                    &format!("role=\"{role}\""),
+                    &tls_mode(),
+                    "cipher=\"aes_128_gcm\"",
+                ],
             )
             .unwrap();
         assert!(
@@ -596,6 +601,41 @@ fn concurrent_connections_share_pooled_tunnels(driver: &str) {
         handshakes >= 1.0 && handshakes < N as f64 / 10.0,
         "{handshakes} handshakes for {N} connections"
     );
+    m.finish();
+}
+
+/// The TLS mode label tunnels must report: `ktls` where the kernel offloads AES-GCM (the
+/// kernel matrix VMs), `userspace` otherwise (this host).
+fn tls_mode() -> String {
+    let ulp = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp").unwrap_or_default();
+    let mode = if ulp.split_whitespace().any(|u| u == "tls") {
+        "ktls"
+    } else {
+        "userspace"
+    };
+    format!("tls=\"{mode}\"")
+}
+
+fn pinned_aes_256_gcm_carries_bytes(driver: &str) {
+    let m = Mesh::start(driver, "  hbone: {cipher: aes_256_gcm}\n");
+    exchange_intact(&m, Pod::Mesh1, mesh1(), 2 << 20);
+    for (r, role) in [(m.a(), "client"), (m.b(), "server")] {
+        let n = r
+            .metric(
+                "ringtun_hbone_tunnels_total",
+                &[
+                    &format!("role=\"{role}\""),
+                    &tls_mode(),
+                    "cipher=\"aes_256_gcm\"",
+                ],
+            )
+            .unwrap();
+        assert!(
+            n >= 1.0,
+            "{role}: no AES-256-GCM tunnel:\n{}",
+            r.metrics().unwrap()
+        );
+    }
     m.finish();
 }
 

@@ -34,6 +34,7 @@ use rustls::{
 };
 
 use crate::control_plane::certs::{spiffe_uri_san, TrustBundle, WorkloadCredentials};
+use crate::control_plane::config::CipherChoice;
 use crate::control_plane::identity::{IdentityError, SpiffeId};
 use crate::kernel_features::KtlsCipher;
 
@@ -87,12 +88,21 @@ impl From<PeerIdentityError> for rustls::Error {
 
 /// The crypto provider for tunnels: ring, restricted to the TLS 1.3 AES-GCM suites.
 pub fn provider() -> Arc<CryptoProvider> {
+    provider_for(CipherChoice::Any)
+}
+
+/// The provider offering only the suites `choice` names (in preference order).
+pub fn provider_for(choice: CipherChoice) -> Arc<CryptoProvider> {
     use rustls::crypto::ring::{cipher_suite, default_provider};
     let mut p = default_provider();
-    p.cipher_suites = vec![
-        cipher_suite::TLS13_AES_128_GCM_SHA256,
-        cipher_suite::TLS13_AES_256_GCM_SHA384,
-    ];
+    p.cipher_suites = match choice {
+        CipherChoice::Any => vec![
+            cipher_suite::TLS13_AES_128_GCM_SHA256,
+            cipher_suite::TLS13_AES_256_GCM_SHA384,
+        ],
+        CipherChoice::Aes128Gcm => vec![cipher_suite::TLS13_AES_128_GCM_SHA256],
+        CipherChoice::Aes256Gcm => vec![cipher_suite::TLS13_AES_256_GCM_SHA384],
+    };
     Arc::new(p)
 }
 
@@ -121,7 +131,17 @@ pub fn server_config(
     trust: &TrustBundle,
     trust_domain: &str,
 ) -> Result<Arc<ServerConfig>, TlsError> {
-    let provider = provider();
+    server_config_for(creds, trust, trust_domain, CipherChoice::Any)
+}
+
+/// [`server_config`] offering only the suites `ciphers` names.
+pub fn server_config_for(
+    creds: &WorkloadCredentials,
+    trust: &TrustBundle,
+    trust_domain: &str,
+    ciphers: CipherChoice,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = provider_for(ciphers);
     let inner = WebPkiClientVerifier::builder_with_provider(trust.roots(), Arc::clone(&provider))
         .build()
         .map_err(|e| TlsError::LocalTrustBundle {
@@ -156,7 +176,16 @@ pub struct ClientTls {
 
 impl ClientTls {
     pub fn new(creds: &WorkloadCredentials, trust: &TrustBundle) -> Result<Self, TlsError> {
-        let provider = provider();
+        Self::new_for(creds, trust, CipherChoice::Any)
+    }
+
+    /// [`ClientTls::new`] offering only the suites `ciphers` names.
+    pub fn new_for(
+        creds: &WorkloadCredentials,
+        trust: &TrustBundle,
+        ciphers: CipherChoice,
+    ) -> Result<Self, TlsError> {
+        let provider = provider_for(ciphers);
         let key = certified_key(creds, &provider)?;
         Ok(Self {
             roots: trust.roots(),

@@ -202,6 +202,8 @@ pub struct Tunnel {
     pub blocked: Vec<FlowKey>,
     pub mode: Option<TunnelTlsMode>,
     pub peer_identity: Option<SpiffeId>,
+    /// The negotiated AEAD (set by `establish`).
+    pub cipher: Option<crate::kernel_features::KtlsCipher>,
     pub budget: RecordBudget,
     /// The session timer currently in the reactor's heap.
     pub timer_at: Option<Instant>,
@@ -254,6 +256,7 @@ impl Tunnel {
             blocked: Vec::new(),
             mode: None,
             peer_identity: None,
+            cipher: None,
             budget: RecordBudget::new(record_budget),
             timer_at: None,
             started: now,
@@ -305,6 +308,7 @@ impl Tunnel {
         let negotiated = tls::negotiated(&conn)
             .map_err(|e| TunnelError::new("tls_negotiation", e.to_string()))?;
         self.peer_identity = Some(negotiated.peer);
+        self.cipher = Some(negotiated.cipher);
         let offload = if allow_ktls {
             ktls::offload(&self.fd, *conn, support)
                 .map_err(|e| TunnelError::new("ktls_install", e.to_string()))?

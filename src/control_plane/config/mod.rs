@@ -103,6 +103,18 @@ pub struct HboneSettings {
     /// TLS records a kTLS tunnel sends before it is retired (drained, replaced), so kernels
     /// that cannot rekey never reach the AES-GCM limit of 2^24 records.
     pub ktls_record_budget: u64,
+    /// Which TLS 1.3 suites tunnels offer and accept.
+    pub cipher: CipherChoice,
+}
+
+/// `node.hbone.cipher`: both AES-GCM suites (AES-128 preferred, as rustls), or just one (to
+/// pin what kTLS must offload, e.g. in the kernel matrix).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CipherChoice {
+    Any,
+    Aes128Gcm,
+    Aes256Gcm,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]

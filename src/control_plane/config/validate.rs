@@ -14,9 +14,9 @@ use std::time::Duration;
 
 use super::parse::{self, Entry, Node, Pos, Value, DOCUMENT_PATH};
 use super::{
-    Config, ConfigError, ConfigErrors, DriverChoice, HboneSettings, KtlsChoice, Limits, NodeConfig,
-    Ports, Protocol, Service, ServicePort, SpliceSettings, Timeouts, TlsSettings, Workload,
-    WorkloadRef,
+    CipherChoice, Config, ConfigError, ConfigErrors, DriverChoice, HboneSettings, KtlsChoice,
+    Limits, NodeConfig, Ports, Protocol, Service, ServicePort, SpliceSettings, Timeouts,
+    TlsSettings, Workload, WorkloadRef,
 };
 
 /// Where a bare `netns` name is looked up, as `ip netns add` creates them.
@@ -49,6 +49,7 @@ const HBONE_KEYS: &[&str] = &[
     "pool_idle_timeout",
     "ktls",
     "ktls_record_budget",
+    "cipher",
 ];
 const WORKLOAD_KEYS: &[&str] = &[
     "name",
@@ -93,6 +94,7 @@ pub const DEFAULT_HBONE: HboneSettings = HboneSettings {
     ktls: KtlsChoice::Auto,
     // Half the AES-GCM limit of 2^24 records (crate::data_plane::ktls::TX_RECORD_BUDGET).
     ktls_record_budget: 1 << 23,
+    cipher: CipherChoice::Any,
 };
 const DEFAULT_SERVICE_ACCOUNT: &str = "default";
 
@@ -698,7 +700,28 @@ fn check_node(c: &mut Checker, n: &Node) -> (Option<String>, Option<NodeConfig>)
             DEFAULT_HBONE.ktls_record_budget,
             |c, v, p| usize_in(c, v, p, 1, 1 << 24).map(|n| n as u64),
         );
+        let cipher = h.or_default(
+            c,
+            "cipher",
+            DEFAULT_HBONE.cipher,
+            |c, v, path| match string(c, v, path)? {
+                "any" => Some(CipherChoice::Any),
+                "aes_128_gcm" => Some(CipherChoice::Aes128Gcm),
+                "aes_256_gcm" => Some(CipherChoice::Aes256Gcm),
+                other => {
+                    c.error(
+                        v.pos,
+                        path,
+                        format!(
+                            "unknown cipher `{other}`; accepted: any, aes_128_gcm, aes_256_gcm"
+                        ),
+                    );
+                    None
+                }
+            },
+        );
         Some(HboneSettings {
+            cipher: cipher?,
             max_streams_per_tunnel: streams?,
             pool_idle_timeout: idle?,
             ktls: ktls?,
@@ -1280,7 +1303,7 @@ node:
   tls:
     trust_bundle: /etc/ringtun/ca.pem
     certificate_dir: certs
-  hbone: {max_streams_per_tunnel: 7, pool_idle_timeout: 90s, ktls: "off", ktls_record_budget: 1000}
+  hbone: {max_streams_per_tunnel: 7, pool_idle_timeout: 90s, ktls: "off", ktls_record_budget: 1000, cipher: aes_256_gcm}
 workloads:
   - name: client
     namespace: default
@@ -1349,6 +1372,7 @@ services:
                     pool_idle_timeout: Duration::from_secs(90),
                     ktls: KtlsChoice::Off,
                     ktls_record_budget: 1000,
+                    cipher: CipherChoice::Aes256Gcm,
                 },
             },
             workloads: vec![

@@ -1151,6 +1151,7 @@ impl Reactor {
         t.establish(&support, allow, now)?;
         let role = t.role.label();
         let mode = t.mode.clone().expect("mode set by establish");
+        let cipher = t.cipher;
         let peer_id = t
             .peer_identity
             .as_ref()
@@ -1169,7 +1170,11 @@ impl Reactor {
         log::debug!("reactor {id}: {role} tunnel with {peer} ({peer_id}) established: {mode}");
         self.metrics.hbone(
             "ringtun_hbone_tunnels_total",
-            &format!("role=\"{role}\",tls=\"{}\"", mode.label()),
+            &format!(
+                "role=\"{role}\",tls=\"{}\",cipher=\"{}\"",
+                mode.label(),
+                cipher.map_or("unknown", |c| c.name())
+            ),
             1,
         );
         self.metrics
