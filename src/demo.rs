@@ -109,11 +109,12 @@ fn run_inner(driver: DriverChoice, bytes: u64) -> Result<bool, String> {
         for t in &transfers {
             ok &= run_transfer(&tb, t, &records)?;
         }
-        ok &= run_vip(&tb, small, &records)?;
+        ok &= run_vip(&tb, small, &records, "outbound")?;
         let (opened, closed, received, sent) = app.metrics.tcp_totals();
         println!("counters: istio_tcp_connections_opened_total {opened}, closed {closed}, received_bytes {received}, sent_bytes {sent}");
         app.drain();
         app.wait()?;
+        ok &= run_two_nodes(&tb, driver, bytes, small, &records)?;
         Ok(ok)
     })();
     for path in installed {
@@ -182,7 +183,118 @@ fn run_transfer(
     Ok(intact)
 }
 
-fn run_vip(tb: &Testbed, bytes: u64, records: &Mutex<Vec<FlowRecord>>) -> Result<bool, String> {
+/// Part two: the same pods as two nodes. Node A serves the client, node B the mesh pods,
+/// which now speak HBONE: A reaches them through mTLS HTTP/2 CONNECT tunnels to their port
+/// 15008, where B takes the tunnel and delivers to the pod. Same capture rules (same ports).
+fn run_two_nodes(
+    tb: &Testbed,
+    driver: DriverChoice,
+    bytes: u64,
+    small: u64,
+    records: &Arc<Mutex<Vec<FlowRecord>>>,
+) -> Result<bool, String> {
+    use crate::control_plane::certs::{write_dev_certificates, CertsLayout};
+    use crate::testbed::MeshNode;
+    let dir = std::env::temp_dir().join(format!("{}-certs", tb.prefix));
+    let _cleanup = RemoveDir(dir.clone());
+    let yaml = |n| tb.two_node_config(n, 2, &dir, "");
+    let cfg_a = config::load(&yaml(MeshNode::A)).map_err(|e| format!("node A config: {e}"))?;
+    let cfg_b = config::load(&yaml(MeshNode::B)).map_err(|e| format!("node B config: {e}"))?;
+    write_dev_certificates(
+        &cfg_a,
+        &CertsLayout {
+            certificate_dir: dir.clone(),
+            trust_bundle: dir.join("ca.pem"),
+        },
+        std::time::SystemTime::now(),
+        Duration::from_secs(3600),
+    )
+    .map_err(|e| format!("demo certificates: {e}"))?;
+    println!("== two nodes: node A serves the client pod, node B serves mesh-1 and mesh-2, which speak HBONE");
+    println!("   development CA and workload certificates in {} (SPIFFE ids spiffe://cluster.local/ns/default/sa/<pod>)", dir.display());
+    let observer = |records: &Arc<Mutex<Vec<FlowRecord>>>| -> Observer {
+        let sink = records.clone();
+        Arc::new(move |r: &FlowRecord| {
+            sink.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(r.clone())
+        })
+    };
+    let opts = || Options {
+        driver: Some(driver),
+        reactors: Some(2),
+        observer: Some(observer(records)),
+        serve_endpoints: false,
+    };
+    let b = App::start(cfg_b, opts())?;
+    let a = App::start(cfg_a, opts())?;
+    println!(
+        "   node A and node B started ({} / {})\n",
+        a.drivers.join(", "),
+        b.drivers.join(", ")
+    );
+    let transfers = [Transfer {
+        title: "client → mesh-1 through an HBONE tunnel (node A → node B :15008)",
+        from: Pod::Client,
+        to: SocketAddr::new(Pod::Mesh1.v4(), testbed::MESH_PORT),
+        server: Pod::Mesh1,
+        server_addr: SocketAddr::new(Pod::Mesh1.v4(), testbed::MESH_PORT),
+        bytes,
+        connections: 1,
+    }];
+    let mut ok = true;
+    for t in &transfers {
+        ok &= run_transfer(tb, t, records)?;
+    }
+    ok &= run_vip(tb, small, records, "inbound_hbone")?;
+    let support = crate::kernel_features::ktls_support();
+    for (name, app) in [("node A", &a), ("node B", &b)] {
+        let text = app.metrics.render();
+        for line in text
+            .lines()
+            .filter(|l| l.starts_with("ringtun_hbone_tunnels_total{"))
+        {
+            println!("   {name}: {line}");
+        }
+    }
+    match &support.reason {
+        None => println!("   tunnel TLS: kTLS (the kernel encrypts; payload spliced, never copied to user space)"),
+        Some(why) => println!("   tunnel TLS: user-space TLS (rustls) because {why}; where kTLS exists tunnels use it and splice their payload"),
+    }
+    let handshakes: Vec<String> = [("A", &a), ("B", &b)]
+        .iter()
+        .map(|(n, app)| {
+            let text = app.metrics.render();
+            let sum: f64 = crate::testbed::metric_sum(&text, "ringtun_hbone_handshakes_total", &[]);
+            format!("node {n} {sum}")
+        })
+        .collect();
+    println!(
+        "   TLS handshakes: {} (connections share pooled tunnels)\n",
+        handshakes.join(", ")
+    );
+    a.drain();
+    a.wait()?;
+    b.drain();
+    b.wait()?;
+    Ok(ok)
+}
+
+/// Removes a directory when dropped.
+struct RemoveDir(std::path::PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn run_vip(
+    tb: &Testbed,
+    bytes: u64,
+    records: &Mutex<Vec<FlowRecord>>,
+    show: &str,
+) -> Result<bool, String> {
     let err = |e: std::io::Error| format!("service VIP: {e}");
     let conns = 6;
     let mut servers = Vec::new();
@@ -219,10 +331,7 @@ fn run_vip(tb: &Testbed, bytes: u64, records: &Mutex<Vec<FlowRecord>>) -> Result
         ok &= c.sent_hash == srv.received_hash && srv.sent_hash == c.received_hash;
     }
     std::thread::sleep(Duration::from_millis(100));
-    for r in take_records(records)
-        .iter()
-        .filter(|r| r.direction == "outbound")
-    {
+    for r in take_records(records).iter().filter(|r| r.direction == show) {
         print_record(r);
     }
     println!(
