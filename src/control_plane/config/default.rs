@@ -30,6 +30,12 @@ node:
     pipe_size: 262144             # bytes per pipe (F_SETPIPE_SZ), 4096..=16 MiB
     max_bytes_per_wakeup: 1048576 # per flow direction before yielding to other flows
     pipe_pool_size: 64            # empty pipes kept per reactor for reuse
+  hbone:                          # mesh tunnels (used when `tls` below is set)
+    max_streams_per_tunnel: 100   # connections one pooled outbound tunnel carries (ztunnel: 100)
+    pool_idle_timeout: 5m         # an outbound tunnel without connections this long is closed
+    ktls: auto                    # auto (kernel TLS when offered) | off (always rustls)
+    ktls_record_budget: 8388608   # TLS records a tunnel sends before it is replaced (< 2^24)
+    cipher: any                   # any (AES-128-GCM preferred) | aes_128_gcm | aes_256_gcm
   # Mutual TLS for HBONE tunnels (optional; `ringtun certs --config <file>` makes dev certs).
   # tls:
   #   trust_bundle: /etc/ringtun/certs/ca.pem    # PEM CA certificates peers must chain to
@@ -104,6 +110,12 @@ mod tests {
         assert_eq!(n.timeouts, DEFAULT_TIMEOUTS);
         assert_eq!(n.limits, DEFAULT_LIMITS);
         assert_eq!(n.splice, DEFAULT_SPLICE);
+        assert_eq!(n.hbone, super::super::DEFAULT_HBONE);
+        assert_eq!(
+            n.hbone.ktls_record_budget,
+            crate::data_plane::ktls::TX_RECORD_BUDGET,
+            "the default retirement budget is the kTLS module's"
+        );
         // A node section with only the name must come out identical.
         let Ok(minimal) = load("version: 1\nnode:\n  name: node-a\n") else {
             panic!("minimal config must load")
@@ -151,6 +163,12 @@ mod tests {
             "pipe_size:",
             "max_bytes_per_wakeup:",
             "pipe_pool_size:",
+            "hbone:",
+            "max_streams_per_tunnel:",
+            "pool_idle_timeout:",
+            "ktls:",
+            "ktls_record_budget:",
+            "cipher:",
         ] {
             let line = DEFAULT_CONFIG_YAML
                 .lines()
