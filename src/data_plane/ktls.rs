@@ -634,7 +634,7 @@ pub fn send_close_notify(fd: RawFd) -> io::Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::net::{TcpListener, TcpStream};
     use std::thread;
 
@@ -808,7 +808,7 @@ mod tests {
     }
 
     /// Client and server connections after a real loopback handshake, plus their sockets.
-    fn loopback_handshake() -> ((Connection, TcpStream), (Connection, TcpStream)) {
+    pub(crate) fn loopback_handshake() -> ((Connection, TcpStream), (Connection, TcpStream)) {
         let pki = Pki::new("cluster.local");
         let (cc, sc) = configs(&pki, &pki.creds(CLIENT), &pki.creds(SERVER), SERVER);
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");

@@ -9,6 +9,7 @@ pub mod hbone_rules;
 pub mod ktls;
 pub mod listeners;
 pub mod reactor;
+pub mod record_layer;
 pub mod socket;
 pub mod splice;
 pub mod stream_flow;

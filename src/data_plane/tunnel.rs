@@ -1,22 +1,23 @@
 //! One HBONE tunnel connection as the reactor drives it: a non-blocking TCP socket, its TLS
-//! (a rustls handshake, then kTLS in the kernel or rustls in user space), and the HTTP/2
-//! [`Session`] on top. The tunnel knows nothing of flows or drivers; it moves plaintext between
-//! the socket and two buffers and says what it waits for:
+//! (a rustls handshake, then records in the kernel — kTLS — or in user space with the same keys,
+//! [`record_layer`]), and the HTTP/2 [`Session`] on top. The tunnel knows nothing of flows or
+//! drivers; it moves plaintext between the socket and two buffers and says what it waits for:
 //!
 //! - `out`: HTTP/2 bytes queued for the peer — the session's frames (`poll_transmit`) and the
 //!   DATA frames streams append with [`Tunnel::append_data_from`], which reads a stream's
-//!   socket straight into the buffer behind a 9-byte header it fills in afterwards.
+//!   socket straight into the buffer behind a 9-byte header it fills in afterwards. (kTLS
+//!   streams instead splice their payload with `tunnel_io`; see `reactor::hbone`.)
 //! - `input`: plaintext read from the peer and not yet handed to the session or to a stream.
 //!
-//! With kTLS the socket reads and writes plaintext (the kernel encrypts); non-data records
-//! arrive as control messages (`ktls::recv_record`) and are judged by `ktls::control_record`:
-//! NewSessionTicket is dropped, close_notify is EOF, KeyUpdate — which extracted keys cannot
-//! follow on kernels without rekey — and alerts close the tunnel with a clear reason. With
-//! user-space TLS rustls does the records. Either way the tunnel counts records sent against
-//! the retirement budget so a kTLS tunnel is replaced before the AES-GCM record limit.
+//! Either way non-data records are judged by `ktls::control_record`: NewSessionTicket is
+//! dropped, close_notify is EOF, KeyUpdate — which extracted keys cannot follow — and alerts
+//! end the tunnel with a clear reason. Records sent are counted against the retirement budget
+//! so a tunnel is replaced long before the AES-GCM record limit.
 //!
 //! The handshake reads record by record ([`RecordReader`]) so that nothing after the last
 //! handshake record is pulled into user space before the keys may move to the kernel.
+//! Closing politely ([`Phase::Closing`]): flush, close_notify, FIN, then read until the peer's
+//! FIN — closing with unread bytes would make the kernel send a reset.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -30,6 +31,7 @@ use rustls::Connection;
 
 use super::driver::FlowKey;
 use super::ktls::{self, ControlRecord, Offload, RecordBudget, RecordReader, TunnelTlsMode};
+use super::record_layer::{self, Opener, Sealer};
 use super::tls;
 use super::tunnel_io::FrameReceiver;
 use super::tunnel_pool::TunnelId;
@@ -80,6 +82,9 @@ pub enum Phase {
     Handshaking,
     /// TLS done; the session runs.
     Open,
+    /// GOAWAY sent; writing what is queued, then close_notify and FIN, then waiting for the
+    /// peer's FIN. No stream is attached any more.
+    Closing,
 }
 
 enum Tls {
@@ -87,11 +92,31 @@ enum Tls {
         conn: Box<Connection>,
         reader: RecordReader<FdIo>,
     },
-    User(Box<Connection>),
+    /// Records sealed and opened in user space with the extracted keys ([`record_layer`]).
+    User(Box<SoftTls>),
     Kernel,
     /// Between states (only while a method swaps them).
     Gone,
 }
+
+/// The user-space record layer's state: keys, raw bytes read from the socket and not yet
+/// opened, sealed bytes not yet written.
+struct SoftTls {
+    sealer: Sealer,
+    opener: Opener,
+    raw: Vec<u8>,
+    raw_pos: usize,
+    raw_len: usize,
+    wire: Vec<u8>,
+    wire_pos: usize,
+    /// close_notify seen: EOF once the plaintext before it is consumed.
+    closed: bool,
+}
+
+/// Raw TLS bytes read per `recv` in user-space mode.
+const RAW_CHUNK: usize = 256 * 1024;
+/// Plaintext sealed per batch before writing.
+const SEAL_BATCH: usize = 256 * 1024;
 
 /// A raw non-blocking socket as `Read + Write` for rustls.
 pub struct FdIo(pub RawFd);
@@ -212,6 +237,8 @@ pub struct Tunnel {
     pub retiring: bool,
     /// Queued to run again without waiting (it used its read budget).
     pub queued: bool,
+    /// Closing: close_notify and FIN went out.
+    pub fin_sent: bool,
     /// kTLS only: the stream flow whose DATA frame is partly written. Nothing else may write
     /// to the socket until that frame is complete (`tunnel_io`'s rule).
     pub writer: Option<FlowKey>,
@@ -262,6 +289,7 @@ impl Tunnel {
             started: now,
             retiring: false,
             queued: false,
+            fin_sent: false,
             writer: None,
             receiver: None,
         }
@@ -327,8 +355,31 @@ impl Tunnel {
                 self.tls = Tls::Kernel;
             }
             Offload::UserSpace { mut conn, .. } => {
-                conn.set_buffer_limit(Some(OUT_LIMIT));
-                self.tls = Tls::User(conn);
+                // Plaintext rustls already holds goes first, then its keys move here.
+                let mut chunk = [0u8; 4096];
+                loop {
+                    match conn.reader().read(&mut chunk) {
+                        Ok(0) => break,
+                        Ok(n) => self.input.extend_from_slice(&chunk[..n]),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) => return Err(TunnelError::new("tls_read", e.to_string())),
+                    }
+                }
+                let secrets = conn
+                    .dangerous_extract_secrets()
+                    .map_err(|e| TunnelError::new("tls_secrets", e.to_string()))?;
+                let rec =
+                    |e: record_layer::RecordError| TunnelError::new("tls_keys", e.to_string());
+                self.tls = Tls::User(Box::new(SoftTls {
+                    sealer: Sealer::new(&secrets.tx.1, secrets.tx.0).map_err(rec)?,
+                    opener: Opener::new(&secrets.rx.1, secrets.rx.0).map_err(rec)?,
+                    raw: Vec::new(),
+                    raw_pos: 0,
+                    raw_len: 0,
+                    wire: Vec::new(),
+                    wire_pos: 0,
+                    closed: false,
+                }));
             }
         }
         let settings = hbone_proto::Settings::default();
@@ -431,28 +482,27 @@ impl Tunnel {
         let fd = self.fd.as_raw_fd();
         let io_err = |e: io::Error| TunnelError::new("write", e.to_string());
         match &mut self.tls {
-            Tls::User(conn) => loop {
-                while conn.wants_write() {
-                    match conn.write_tls(&mut FdIo(fd)) {
-                        Ok(_) => {}
+            Tls::User(st) => loop {
+                while st.wire_pos < st.wire.len() {
+                    match send(fd, &st.wire[st.wire_pos..]) {
+                        Ok(n) => st.wire_pos += n,
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                         Err(e) => return Err(io_err(e)),
                     }
                 }
+                st.wire.clear();
+                st.wire_pos = 0;
                 if self.out_pos == self.out.len() {
                     self.out.clear();
                     self.out_pos = 0;
                     return Ok(true);
                 }
-                let n = conn
-                    .writer()
-                    .write(&self.out[self.out_pos..])
-                    .map_err(io_err)?;
-                self.budget.charge_send(n);
-                self.out_pos += n;
-                if n == 0 && !conn.wants_write() {
-                    return Err(TunnelError::new("tls_state", "rustls took no plaintext"));
-                }
+                let end = self.out.len().min(self.out_pos + SEAL_BATCH);
+                st.sealer
+                    .seal(&self.out[self.out_pos..end], &mut st.wire)
+                    .map_err(|e| TunnelError::new("tls_seal", e.to_string()))?;
+                self.budget.charge_send(end - self.out_pos);
+                self.out_pos = end;
             },
             Tls::Kernel => {
                 while self.out_pos < self.out.len() {
@@ -520,6 +570,10 @@ impl Tunnel {
             self.input.drain(..self.input_pos);
             self.input_pos = 0;
         }
+        let fd = self.fd.as_raw_fd();
+        if let Tls::User(st) = &mut self.tls {
+            return soft_fill(st, fd, &mut self.input, records);
+        }
         let start = self.input.len();
         self.input.resize(start + max, 0);
         let r = self.fill_into(start, records);
@@ -539,28 +593,7 @@ impl Tunnel {
         let fd = self.fd.as_raw_fd();
         let buf = &mut self.input[start..];
         match &mut self.tls {
-            Tls::User(conn) => loop {
-                match conn.reader().read(buf) {
-                    Ok(0) => return Ok(Fill::Eof),
-                    Ok(n) => return Ok(Fill::Got(n)),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                        return Err(TunnelError::new(
-                            "peer_closed",
-                            "peer closed TCP without close_notify",
-                        ))
-                    }
-                    Err(e) => return Err(TunnelError::new("tls_read", e.to_string())),
-                }
-                match conn.read_tls(&mut FdIo(fd)) {
-                    Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Fill::WouldBlock),
-                    Err(e) => return Err(TunnelError::new("read", e.to_string())),
-                }
-                if let Err(e) = conn.process_new_packets() {
-                    return Err(TunnelError::new("tls_record", e.to_string()));
-                }
-            },
+            Tls::User(_) => Ok(Fill::WouldBlock),
             Tls::Kernel => loop {
                 match ktls::recv_record(fd, buf, libc::MSG_DONTWAIT) {
                     Ok(r) if r.record_type == ktls::CONTENT_APPLICATION_DATA => {
@@ -599,13 +632,14 @@ impl Tunnel {
     pub fn send_close_notify(&mut self) {
         let fd = self.fd.as_raw_fd();
         match &mut self.tls {
-            Tls::User(conn) => {
-                conn.send_close_notify();
-                while conn.wants_write() {
-                    if conn.write_tls(&mut FdIo(fd)).is_err() {
-                        break;
-                    }
+            Tls::User(st) => {
+                // Only after a complete flush: nothing else is queued ahead of the alert.
+                st.wire.clear();
+                st.wire_pos = 0;
+                if st.sealer.seal_close_notify(&mut st.wire).is_ok() {
+                    let _ = send(fd, &st.wire);
                 }
+                st.wire.clear();
             }
             Tls::Kernel => {
                 let _ = ktls::send_close_notify(fd);
@@ -619,6 +653,90 @@ impl Tunnel {
         match &self.tls {
             Tls::Handshaking { conn, .. } => conn.wants_write(),
             _ => false,
+        }
+    }
+}
+
+/// User-space mode: opens every complete record already read, appending application data to
+/// `input`; reads more from the socket only when none is complete.
+fn soft_fill(
+    st: &mut SoftTls,
+    fd: RawFd,
+    input: &mut Vec<u8>,
+    records: &mut Vec<&'static str>,
+) -> Result<Fill, TunnelError> {
+    loop {
+        let mut got = 0;
+        while !st.closed {
+            let opened = st
+                .opener
+                .open_first(&mut st.raw[st.raw_pos..st.raw_len])
+                .map_err(|e| TunnelError::new("tls_record", e.to_string()))?;
+            let Some(r) = opened else { break };
+            let (a, b) = (st.raw_pos + r.start, st.raw_pos + r.end);
+            st.raw_pos += r.consumed;
+            if r.content_type == ktls::CONTENT_APPLICATION_DATA {
+                input.extend_from_slice(&st.raw[a..b]);
+                got += b - a;
+                continue;
+            }
+            match ktls::control_record(r.content_type, &st.raw[a..b]) {
+                ControlRecord::Ignore => records.push("new_session_ticket"),
+                ControlRecord::PeerClosed => {
+                    records.push("close_notify");
+                    st.closed = true;
+                }
+                ControlRecord::Retire(_) => {
+                    records.push("key_update");
+                    return Err(TunnelError::new(
+                        "key_update",
+                        "peer sent KeyUpdate; extracted keys cannot follow it",
+                    ));
+                }
+                ControlRecord::Fatal(why) => {
+                    records.push("alert");
+                    return Err(TunnelError::new("tls_alert", why));
+                }
+            }
+        }
+        if got > 0 {
+            return Ok(Fill::Got(got));
+        }
+        if st.closed {
+            return Ok(Fill::Eof);
+        }
+        if st.raw_pos > 0 {
+            st.raw.copy_within(st.raw_pos..st.raw_len, 0);
+            st.raw_len -= st.raw_pos;
+            st.raw_pos = 0;
+        }
+        if st.raw.len() < RAW_CHUNK + 2 * (record_layer::MAX_PLAINTEXT + 512) {
+            // Allocated once, zeroed once: reads land in it without clearing.
+            st.raw
+                .resize(RAW_CHUNK + 2 * (record_layer::MAX_PLAINTEXT + 512), 0);
+        }
+        let room = &mut st.raw[st.raw_len..];
+        // SAFETY: `room` is a live, initialised, writable slice.
+        let n = unsafe { libc::recv(fd, room.as_mut_ptr().cast(), room.len(), libc::MSG_DONTWAIT) };
+        if n > 0 {
+            st.raw_len += n as usize;
+            continue;
+        }
+        if n == 0 {
+            return Err(TunnelError::new(
+                "peer_closed",
+                if st.raw_len > 0 {
+                    "peer closed TCP inside a TLS record"
+                } else {
+                    "peer closed TCP without close_notify"
+                },
+            ));
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::WouldBlock => return Ok(Fill::WouldBlock),
+            io::ErrorKind::Interrupted => continue,
+            _ => return Err(TunnelError::new("read", e.to_string())),
         }
     }
 }

@@ -951,6 +951,7 @@ impl Reactor {
                 Err(e) => return self.fail_tunnel(tkey, e),
             },
             Phase::Open => {}
+            Phase::Closing => return self.finish_close(tkey),
         }
         let budget = self.state.config.node.splice.max_bytes_per_wakeup;
         let mut read = 0usize;
@@ -1167,7 +1168,10 @@ impl Reactor {
         if h.logged_modes.insert(line.clone()) {
             log::info!("reactor {id}: {line}");
         }
-        log::debug!("reactor {id}: {role} tunnel with {peer} ({peer_id}) established: {mode}");
+        log::debug!(
+            "reactor {id}: {role} tunnel fd {} with {peer} ({peer_id}) established: {mode}",
+            self.tunnels[super::slot(tkey)].raw()
+        );
         self.metrics.hbone(
             "ringtun_hbone_tunnels_total",
             &format!(
@@ -1540,6 +1544,8 @@ impl Reactor {
             return;
         };
         match timer.kind {
+            // The peer did not finish closing in time.
+            TimerKind::Connect if t.phase == Phase::Closing => self.remove_tunnel(tkey, true),
             TimerKind::Connect if t.phase != Phase::Open => self.fail_tunnel(
                 tkey,
                 TunnelError::new(
@@ -1641,6 +1647,10 @@ impl Reactor {
             self.arm_stream(skey, side, Interest::Write);
         } else if sf.remote_eof && !sf.local_shut {
             sf.local_shut = true;
+            log::debug!(
+                "reactor {}: stream flow fd {local} shut down for writing",
+                self.id
+            );
             // SAFETY: plain syscall on a socket we own.
             unsafe { libc::shutdown(local, libc::SHUT_WR) };
         }
@@ -1887,6 +1897,11 @@ impl Reactor {
             return;
         }
         let mut sf = self.streams.remove(super::slot(skey));
+        log::debug!(
+            "reactor {}: stream flow fd {} ends: {end:?}",
+            self.id,
+            sf.local.as_raw_fd()
+        );
         sf.release_pipes(&mut self.pool);
         self.driver
             .release(skey, sf.armed, sf.phase == StreamPhase::Connecting);
@@ -2025,33 +2040,40 @@ impl Reactor {
     }
 
     fn close_tunnel_inner(&mut self, tkey: FlowKey, failed: bool, reason: &'static str) {
-        if self.tunnel_mut(tkey).is_none() {
+        let id = self.id;
+        let Some(t) = self.tunnel_mut(tkey) else {
+            return;
+        };
+        log::debug!(
+            "reactor {id}: closing {} tunnel ({reason}, failed: {failed}, phase {:?}, {} bytes queued)",
+            t.role.label(),
+            t.phase,
+            t.out_pending()
+        );
+        if t.phase == Phase::Closing {
+            // Already closing politely; a failure now just ends it.
+            if failed {
+                self.remove_tunnel(tkey, true);
+            }
             return;
         }
-        let mut t = self.tunnels.remove(super::slot(tkey));
-        self.driver
-            .release(tkey, t.armed, t.phase == Phase::Connecting);
         let role = t.role.label();
-        if t.phase == Phase::Open {
+        let was_open = t.phase == Phase::Open;
+        let streams: Vec<FlowKey> = std::mem::take(&mut t.streams).into_values().collect();
+        t.blocked.clear();
+        if was_open {
             self.metrics.hbone(
                 "ringtun_hbone_tunnels_open",
                 &format!("role=\"{role}\""),
                 -1,
             );
-            if let Some(s) = t.session.as_mut() {
-                s.goaway();
-            }
-            let _ = t.flush();
-            if !failed {
-                t.send_close_notify();
-            }
         }
         self.metrics.hbone(
             "ringtun_hbone_tunnels_closed_total",
             &format!("role=\"{role}\",reason=\"{reason}\""),
             1,
         );
-        let streams: Vec<FlowKey> = t.streams.values().copied().collect();
+        let t = self.tunnel_mut(tkey).expect("present");
         if let Role::Client { pool_id, .. } = t.role {
             let h = self.hbone_state();
             h.by_pool_id.remove(&pool_id);
@@ -2068,11 +2090,22 @@ impl Reactor {
                 }
             }
         }
+        let now = Instant::now();
         for skey in streams {
+            let mut open = false;
             if let Some(sf) = self.stream_mut(skey) {
                 sf.stream_gone = true;
                 sf.reserved = false;
                 sf.tunnel = None;
+                sf.blocked = false;
+                open = sf.phase == StreamPhase::Open;
+            }
+            if !failed && open {
+                // A graceful close comes only once the session has no stream left: these
+                // flows got every byte and their END_STREAM, and may still be writing the
+                // tail to their local socket. Let them finish on their own.
+                self.drive_stream(skey, now);
+                continue;
             }
             self.finish_stream(
                 skey,
@@ -2081,10 +2114,101 @@ impl Reactor {
                 },
             );
         }
-        if failed {
+        if failed || !was_open {
+            return self.remove_tunnel(tkey, failed);
+        }
+        // Politely: GOAWAY, everything queued written, close_notify, FIN, then read until the
+        // peer closes too (closing with unread bytes would send a reset that can destroy data
+        // still in flight to the peer). Bounded by a timer.
+        let Some(t) = self.tunnel_mut(tkey) else {
+            return;
+        };
+        t.phase = Phase::Closing;
+        if let Some(s) = t.session.as_mut() {
+            s.goaway();
+        }
+        self.push_timer(tkey, now + CLOSE_LINGER, TimerKind::Connect);
+        self.finish_close(tkey);
+    }
+
+    /// Closing: flush, then close_notify and FIN once, then discard input until EOF.
+    fn finish_close(&mut self, tkey: FlowKey) {
+        let Some(t) = self.tunnel_mut(tkey) else {
+            return;
+        };
+        t.writer = None;
+        match if t.fin_sent { Ok(true) } else { t.flush() } {
+            Ok(true) => {}
+            Ok(false) => return self.arm_tunnel(tkey, Interest::Write),
+            Err(e) => {
+                log::debug!("reactor {}: closing tunnel: {e}", self.id);
+                return self.remove_tunnel(tkey, true);
+            }
+        }
+        if !t.fin_sent {
+            t.fin_sent = true;
+            t.send_close_notify();
+            // SAFETY: plain syscall on a socket we own.
+            unsafe { libc::shutdown(t.raw(), libc::SHUT_WR) };
+        }
+        let mut scratch = [0u8; 16 * 1024];
+        loop {
+            match crate::data_plane::ktls::recv_record(t.raw(), &mut scratch, libc::MSG_DONTWAIT) {
+                Ok(r)
+                    if r.len == 0
+                        && r.record_type == crate::data_plane::ktls::CONTENT_APPLICATION_DATA =>
+                {
+                    return self.remove_tunnel(tkey, false)
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return self.arm_tunnel(tkey, Interest::Read)
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::debug!("reactor {}: closing tunnel: {e}", self.id);
+                    return self.remove_tunnel(tkey, false);
+                }
+            }
+        }
+    }
+
+    /// Takes the tunnel out of the slab and closes its socket (with a reset when it failed).
+    fn remove_tunnel(&mut self, tkey: FlowKey, reset: bool) {
+        let id = self.id;
+        let Some(t) = self.tunnel_mut(tkey) else {
+            return;
+        };
+        log::debug!(
+            "reactor {id}: {} tunnel fd {} removed (reset: {reset}, {} bytes were queued)",
+            t.role.label(),
+            t.raw(),
+            t.out_pending()
+        );
+        let mut t = self.tunnels.remove(super::slot(tkey));
+        self.driver
+            .release(tkey, t.armed, t.phase == Phase::Connecting);
+        if let Some(sf_keys) = (!t.streams.is_empty()).then(|| std::mem::take(&mut t.streams)) {
+            for skey in sf_keys.into_values() {
+                if let Some(sf) = self.stream_mut(skey) {
+                    sf.tunnel = None;
+                    sf.stream_gone = true;
+                }
+                self.finish_stream(
+                    skey,
+                    StreamEnd::TunnelBroken {
+                        kind: FailureKind::TunnelFailed,
+                    },
+                );
+            }
+        }
+        if reset {
             socket::close_with_reset(t.fd);
         } else {
             drop(t.fd);
         }
     }
 }
+
+/// How long a politely closing tunnel may take to flush and see the peer's FIN.
+const CLOSE_LINGER: std::time::Duration = std::time::Duration::from_secs(5);
