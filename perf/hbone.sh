@@ -17,6 +17,7 @@
 #   PERF_ROUNDS=1           repeat every row this many times (interleaved); the median is reported
 #   PERF_ROWS="direct h2-baseline ringtun-hbone"   rows to run, in this order
 #   PERF_REACTORS=<nproc>   ringtun reactors per node and h2-tunnel --threads per process
+#   PERF_PIN=false          ringtun node.pin_reactors (both nodes run on this one machine)
 #   PERF_RATE_CONCURRENCY=32   tcp-load rate --concurrency
 #   PERF_MSG_BYTES=1024     bytes per exchange for tcp-load rate and latency
 #   PERF_NO_BUILD=0         1: skip `cargo build --release` (use the existing binaries)
@@ -27,6 +28,8 @@ SECS=${PERF_SECS:-10}
 ROUNDS=${PERF_ROUNDS:-1}
 ROWS=${PERF_ROWS:-"direct h2-baseline ringtun-hbone"}
 REACTORS=${PERF_REACTORS:-$(nproc)}
+# Both nodes share this machine: pinned reactors of A and B would fight over the same cores.
+PIN=${PERF_PIN:-false}
 RATE_CONC=${PERF_RATE_CONCURRENCY:-32}
 MSG_BYTES=${PERF_MSG_BYTES:-1024}
 NO_BUILD=${PERF_NO_BUILD:-0}
@@ -229,6 +232,7 @@ version: 1
 node:
   name: $1
   reactors: $REACTORS
+  pin_reactors: $PIN
   admin: 127.0.0.1:$base
   metrics: 127.0.0.1:$((base + 20))
   readiness: 127.0.0.1:$((base + 21))

@@ -148,6 +148,7 @@ impl App {
             .unwrap_or(1);
         let config_json = serde_json::to_string(&config).unwrap_or_default();
         log::info!("effective config: {config_json}");
+        let pin = config.node.pin_reactors;
         let state = State::new(config, 1);
         let tunnels = load_tunnel_credentials(&state)?;
         let (per_reactor, problems) = listeners::create_all(&state, reactors, tunnels.is_some());
@@ -178,7 +179,7 @@ impl App {
                 control,
                 observer: opts.observer.clone(),
                 max_flows: max_flows as usize,
-                cpu: (reactors <= cpus).then_some(id),
+                cpu: (pin && reactors <= cpus).then_some(id),
                 tunnels: tunnels.clone(),
             };
             let tx = tx.clone();

@@ -224,6 +224,7 @@ pub(crate) mod tests {
             name: "node-a".into(),
             trust_domain: "cluster.local".into(),
             reactors: None,
+            pin_reactors: true,
             driver: DriverChoice::Auto,
             socket_mark: 0x539,
             ports: Ports {

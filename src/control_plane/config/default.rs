@@ -11,6 +11,7 @@ node:
   name: node-a                    # required; workloads whose `node` equals it are served here
   trust_domain: cluster.local     # SPIFFE trust domain of mesh identities
   reactors: auto                  # reactor threads: `auto` (one per core) or 1..=256
+  pin_reactors: true              # pin reactor N to CPU N (off when nodes share a machine)
   driver: auto                    # auto (io_uring, else epoll) | io_uring | epoll
   socket_mark: 0x539              # SO_MARK on ringtun's own sockets so capture rules skip them
   ports:                          # listeners inside every captured workload; must be distinct
@@ -144,6 +145,7 @@ mod tests {
             "name:",
             "trust_domain:",
             "reactors:",
+            "pin_reactors:",
             "driver:",
             "socket_mark:",
             "ports:",

@@ -71,6 +71,8 @@ pub struct NodeConfig {
     pub trust_domain: String,
     /// Number of reactor threads; `None` = one per available core.
     pub reactors: Option<usize>,
+    /// Pin reactor N to CPU N (when there are at most as many reactors as CPUs).
+    pub pin_reactors: bool,
     pub driver: DriverChoice,
     /// `SO_MARK` put on every socket ringtun opens (default 0x539), so capture rules skip it.
     pub socket_mark: u32,

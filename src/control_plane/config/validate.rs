@@ -27,6 +27,7 @@ const NODE_KEYS: &[&str] = &[
     "name",
     "trust_domain",
     "reactors",
+    "pin_reactors",
     "driver",
     "socket_mark",
     "ports",
@@ -587,6 +588,7 @@ fn check_node(c: &mut Checker, n: &Node) -> (Option<String>, Option<NodeConfig>)
             None
         }
     });
+    let pin_reactors = f.or_default(c, "pin_reactors", true, boolean);
     let driver = f.or_default(c, "driver", DriverChoice::Auto, |c, v, path| match string(
         c, v, path,
     )? {
@@ -733,6 +735,7 @@ fn check_node(c: &mut Checker, n: &Node) -> (Option<String>, Option<NodeConfig>)
             name: name.clone()?,
             trust_domain: trust_domain?,
             reactors: reactors?,
+            pin_reactors: pin_reactors?,
             driver: driver?,
             socket_mark: mark?,
             ports: ports?,
@@ -1291,6 +1294,7 @@ node:
   name: node-a
   trust_domain: example.org
   reactors: 4
+  pin_reactors: false
   driver: epoll
   socket_mark: 0x100
   ports: {outbound: 16001, inbound_plaintext: 16006, inbound_hbone: 16008}
@@ -1340,6 +1344,7 @@ services:
                 name: "node-a".into(),
                 trust_domain: "example.org".into(),
                 reactors: Some(4),
+                pin_reactors: false,
                 driver: DriverChoice::Epoll,
                 socket_mark: 0x100,
                 ports: Ports {
