@@ -275,6 +275,8 @@ both_drivers!(
     concurrent_connections_share_pooled_tunnels,
     record_budget_retires_tunnels_without_losing_bytes,
     pinned_aes_256_gcm_carries_bytes,
+    ipv6_crosses_the_tunnel,
+    idle_tunnels_close_and_descriptors_return,
 );
 
 fn bytes_cross_two_nodes_intact(driver: &str) {
@@ -636,6 +638,65 @@ fn pinned_aes_256_gcm_carries_bytes(driver: &str) {
             r.metrics().unwrap()
         );
     }
+    m.finish();
+}
+
+fn ipv6_crosses_the_tunnel(driver: &str) {
+    let m = Mesh::start(driver, "");
+    let to = SocketAddr::new(Pod::Mesh1.v6(), MESH_PORT);
+    let listener = listen_in(&m.tb.pod_ns(Pod::Mesh1).unwrap(), to).unwrap();
+    let server = serve_exchanges(listener, 1, 1 << 20, 2);
+    let c = testbed::exchange(m.connect(to), 1 << 20, 1).unwrap();
+    let s = server.join().unwrap().unwrap()[0];
+    assert_eq!((c.received, s.received), (1 << 20, 1 << 20));
+    assert_eq!(c.sent_hash, s.received_hash);
+    assert_eq!(s.sent_hash, c.received_hash);
+    let ok = m
+        .b()
+        .metric(
+            "ringtun_hbone_streams_total",
+            &["role=\"server\"", "status=\"200\""],
+        )
+        .unwrap();
+    assert!(ok >= 1.0, "the IPv6 connection did not cross a tunnel");
+    m.finish();
+}
+
+fn idle_tunnels_close_and_descriptors_return(driver: &str) {
+    // Pooled tunnels close after 1 s without streams; then both nodes hold exactly the
+    // descriptors they started with (plus pooled empty pipes), not one per tunnel.
+    let m = Mesh::start(driver, "  hbone: {pool_idle_timeout: 1s}\n");
+    for _ in 0..3 {
+        exchange_intact(&m, Pod::Mesh1, mesh1(), 256 << 10);
+    }
+    for (name, r) in [("A", m.a()), ("B", m.b())] {
+        let closed = wait_for(|| r.metric("ringtun_hbone_tunnels_open", &[]).unwrap() == 0.0);
+        assert!(
+            closed,
+            "node {name}: tunnels still open:\n{}",
+            r.metrics().unwrap()
+        );
+    }
+    let idle = m
+        .a()
+        .metric(
+            "ringtun_hbone_tunnels_closed_total",
+            &["role=\"client\"", "reason=\"idle\""],
+        )
+        .unwrap();
+    assert!(
+        idle >= 1.0,
+        "no tunnel was closed as idle:\n{}",
+        m.a().metrics().unwrap()
+    );
+    let failures = m
+        .a()
+        .metric("ringtun_hbone_tunnel_failures_total", &[])
+        .unwrap()
+        + m.b()
+            .metric("ringtun_hbone_tunnel_failures_total", &[])
+            .unwrap();
+    assert_eq!(failures, 0.0, "an idle close must not look like a failure");
     m.finish();
 }
 
