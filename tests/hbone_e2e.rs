@@ -269,6 +269,7 @@ both_drivers!(
     client_half_close_maps_to_end_stream,
     server_half_close_maps_to_end_stream,
     upstream_reset_reaches_client_as_reset,
+    client_reset_reaches_upstream_as_reset,
     refused_upstream_is_503_and_client_reset,
     unknown_authority_is_400_and_client_reset,
     wrong_server_identity_is_refused_by_the_client,
@@ -398,21 +399,7 @@ fn upstream_reset_reaches_client_as_reset(driver: &str) {
         let mut buf = [0u8; 5];
         s.read_exact(&mut buf).unwrap();
         // SO_LINGER 0: close sends a RST.
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&s);
-        let linger = libc::linger {
-            l_onoff: 1,
-            l_linger: 0,
-        };
-        // SAFETY: valid socket, a linger struct of the right size.
-        unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_LINGER,
-                &linger as *const _ as *const libc::c_void,
-                std::mem::size_of::<libc::linger>() as libc::socklen_t,
-            )
-        };
+        set_linger_zero(&s);
         drop(s);
     });
     let mut c = m.connect(mesh1());
@@ -434,6 +421,49 @@ fn upstream_reset_reaches_client_as_reset(driver: &str) {
         .unwrap()
         >= 1.0));
     m.finish();
+}
+
+fn client_reset_reaches_upstream_as_reset(driver: &str) {
+    let m = Mesh::start(driver, "");
+    let l = m.listen(Pod::Mesh1, MESH_PORT);
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut buf = [0u8; 5];
+        s.read_exact(&mut buf).unwrap();
+        read_until_end(&mut s)
+    });
+    let c = m.connect(mesh1());
+    (&c).write_all(b"hello").unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    set_linger_zero(&c);
+    drop(c);
+    match server.join().unwrap() {
+        Ok(b) => panic!(
+            "client reset arrived upstream as a clean end after {} bytes",
+            b.len()
+        ),
+        Err(e) => assert!(is_reset(&e), "expected a reset upstream, got {e}"),
+    }
+    m.finish();
+}
+
+fn set_linger_zero(s: &TcpStream) {
+    let fd = std::os::fd::AsRawFd::as_raw_fd(s);
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: valid socket, a linger struct of the right size.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &linger as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
 }
 
 fn refused_upstream_is_503_and_client_reset(driver: &str) {
