@@ -59,12 +59,7 @@ fn run_inner(driver: DriverChoice, bytes: u64) -> Result<bool, String> {
             installed.push(path);
         }
         let records: Arc<Mutex<Vec<FlowRecord>>> = Arc::default();
-        let sink = records.clone();
-        let observer: Observer = Arc::new(move |r: &FlowRecord| {
-            sink.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(r.clone())
-        });
+        let observer = collecting(&records);
         let app = App::start(
             cfg,
             Options {
@@ -134,6 +129,16 @@ fn run_inner(driver: DriverChoice, bytes: u64) -> Result<bool, String> {
         }
     );
     Ok(ok)
+}
+
+/// An observer that keeps every flow record for the demo to print.
+fn collecting(records: &Arc<Mutex<Vec<FlowRecord>>>) -> Observer {
+    let sink = records.clone();
+    Arc::new(move |r: &FlowRecord| {
+        sink.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(r.clone())
+    })
 }
 
 fn take_records(records: &Mutex<Vec<FlowRecord>>) -> Vec<FlowRecord> {
@@ -212,18 +217,10 @@ fn run_two_nodes(
     .map_err(|e| format!("demo certificates: {e}"))?;
     println!("== two nodes: node A serves the client pod, node B serves mesh-1 and mesh-2, which speak HBONE");
     println!("   development CA and workload certificates in {} (SPIFFE ids spiffe://cluster.local/ns/default/sa/<pod>)", dir.display());
-    let observer = |records: &Arc<Mutex<Vec<FlowRecord>>>| -> Observer {
-        let sink = records.clone();
-        Arc::new(move |r: &FlowRecord| {
-            sink.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(r.clone())
-        })
-    };
     let opts = || Options {
         driver: Some(driver),
         reactors: Some(2),
-        observer: Some(observer(records)),
+        observer: Some(collecting(records)),
         serve_endpoints: false,
     };
     let b = App::start(cfg_b, opts())?;

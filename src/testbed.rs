@@ -104,6 +104,19 @@ pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
+/// For root tests: true when running as root; otherwise prints `SKIPPED (needs root)` and
+/// returns false — or panics when `CI` is set, where a skipped test must not pass.
+pub fn root_or_skip(name: &str) -> bool {
+    if is_root() {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("{name}: root tests must run as root in CI");
+    }
+    eprintln!("SKIPPED (needs root): {name}");
+    false
+}
+
 fn run(cmd: &[&str]) -> io::Result<()> {
     let out = Command::new(cmd[0]).args(&cmd[1..]).output()?;
     if !out.status.success() {

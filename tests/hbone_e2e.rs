@@ -21,16 +21,7 @@ use ringtun::testbed::{
 
 const BIN: &str = env!("CARGO_BIN_EXE_ringtun");
 
-fn root_or_skip(name: &str) -> bool {
-    if testbed::is_root() {
-        return true;
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("{name}: root tests must run as root in CI");
-    }
-    eprintln!("SKIPPED (needs root): {name}");
-    false
-}
+use testbed::root_or_skip;
 
 struct Node {
     process: Option<RingtunProcess>,

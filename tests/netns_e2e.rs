@@ -19,16 +19,7 @@ use ringtun::testbed::{
 const BIN: &str = env!("CARGO_BIN_EXE_ringtun");
 const EXT_PORT: u16 = 9000;
 
-fn root_or_skip(name: &str) -> bool {
-    if testbed::is_root() {
-        return true;
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("{name}: root tests must run as root in CI");
-    }
-    eprintln!("SKIPPED (needs root): {name}");
-    false
-}
+use testbed::root_or_skip;
 
 struct Node {
     tb: Testbed,

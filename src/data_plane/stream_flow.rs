@@ -16,6 +16,7 @@ use std::time::Instant;
 use hbone_proto::{ConnectRequest, StreamId};
 
 use super::driver::{armed_bit, FlowKey, Interest, Side};
+use super::socket::send_nonblocking as send;
 use super::splice::{Pipe, PipePool};
 use super::tunnel_io::{FrameSender, StreamSink};
 use super::tunnel_pool::TunnelId;
@@ -236,26 +237,5 @@ impl StreamFlow {
         let outgoing_done = self.local_eof || self.stream_gone;
         let incoming_done = self.remote_eof && self.pending_local() == 0 && self.local_shut;
         outgoing_done && incoming_done
-    }
-}
-
-fn send(fd: std::os::fd::RawFd, buf: &[u8]) -> io::Result<usize> {
-    loop {
-        // SAFETY: `buf` is a live slice; the kernel reads at most `buf.len()` bytes from it.
-        let n = unsafe {
-            libc::send(
-                fd,
-                buf.as_ptr().cast(),
-                buf.len(),
-                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
-            )
-        };
-        if n >= 0 {
-            return Ok(n as usize);
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
     }
 }

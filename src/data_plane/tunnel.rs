@@ -32,6 +32,7 @@ use rustls::Connection;
 use super::driver::FlowKey;
 use super::ktls::{self, ControlRecord, Offload, RecordBudget, RecordReader, TunnelTlsMode};
 use super::record_layer::{self, Opener, Sealer};
+use super::socket::send_nonblocking as send;
 use super::tls;
 use super::tunnel_io::FrameReceiver;
 use super::tunnel_pool::TunnelId;
@@ -143,27 +144,6 @@ impl Write for FdIo {
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
-    }
-}
-
-fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
-    loop {
-        // SAFETY: `buf` is a live slice; the kernel reads at most `buf.len()` bytes.
-        let n = unsafe {
-            libc::send(
-                fd,
-                buf.as_ptr().cast(),
-                buf.len(),
-                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
-            )
-        };
-        if n >= 0 {
-            return Ok(n as usize);
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
     }
 }
 

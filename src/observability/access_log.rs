@@ -32,6 +32,29 @@ pub struct FlowRecord {
 }
 
 impl FlowRecord {
+    /// A record for a connection accepted on `reactor`, before anything is known of it.
+    pub fn new(reactor: usize, direction: &'static str) -> FlowRecord {
+        let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
+        FlowRecord {
+            reactor,
+            direction,
+            source_workload: String::new(),
+            client: unspecified,
+            original_dst: unspecified,
+            destination: String::new(),
+            route: "refused",
+            upstream: unspecified,
+            destination_identity: None,
+            bytes_to_upstream: 0,
+            bytes_to_downstream: 0,
+            duration_ms: 0,
+            end: "",
+            failure_class: None,
+            failure_reason: None,
+            errno: None,
+        }
+    }
+
     pub fn set_end(
         &mut self,
         end: CloseKind,

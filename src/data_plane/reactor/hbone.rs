@@ -14,7 +14,6 @@
 use std::cmp::Reverse;
 use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -40,7 +39,9 @@ use crate::data_plane::tunnel_io::{
     DataFrameHeaders, FrameHandler, FrameReceiver, HandlerError, RecvError, RecvStatus, SendError,
     SendStatus, StreamSink,
 };
-use crate::data_plane::tunnel_pool::{Checkout, PoolConfig, PoolEvent, TunnelId, TunnelPool};
+use crate::data_plane::tunnel_pool::{
+    Checkout, PoolConfig, PoolEvent, PoolKey, TunnelId, TunnelPool,
+};
 use crate::kernel_features::KtlsSupport;
 use crate::observability::access_log::{self, FlowRecord};
 use crate::observability::metrics::{CloseKind, FailureKind, TcpLabels};
@@ -335,8 +336,13 @@ impl Reactor {
             now + self.state.config.node.timeouts.connect,
             TimerKind::Connect,
         );
-        let pool_key = oc.pool_key();
-        let checkout = self.hbone_state().pool.checkout(&pool_key, key, now);
+        self.checkout(key, &oc.pool_key(), now);
+    }
+
+    /// Takes a stream for the flow from the pool: on an open tunnel now, on a connecting one
+    /// later, or on a new tunnel to the flow's target.
+    fn checkout(&mut self, key: FlowKey, pool_key: &PoolKey, now: Instant) {
+        let checkout = self.hbone_state().pool.checkout(pool_key, key, now);
         let outcome = match checkout {
             Checkout::Reuse(_) => "reuse",
             Checkout::Open(_) => "open",
@@ -348,38 +354,24 @@ impl Reactor {
             &format!("outcome=\"{outcome}\""),
             1,
         );
+        let broken = |kind| StreamEnd::TunnelBroken { kind };
         match checkout {
             Checkout::Reuse(tid) => {
                 self.set_pool(key, tid, true);
-                let tkey = self.hbone_state().by_pool_id.get(&tid).copied();
-                match tkey {
+                match self.hbone_state().by_pool_id.get(&tid).copied() {
                     Some(tkey) => self.open_stream_on(key, tkey, now),
-                    None => self.finish_stream(
-                        key,
-                        StreamEnd::TunnelBroken {
-                            kind: FailureKind::TunnelFailed,
-                        },
-                    ),
+                    None => self.finish_stream(key, broken(FailureKind::TunnelFailed)),
                 }
             }
             Checkout::Wait(tid) => self.set_pool(key, tid, false),
             Checkout::Open(tid) => {
                 self.set_pool(key, tid, false);
-                let source = res.source.expect("outbound_connect checked the source");
-                if let Err(e) = self.start_client_tunnel(
-                    tid,
-                    oc.peer,
-                    source,
-                    oc.source_identity,
-                    oc.expected_identity,
-                    netns,
-                    now,
-                ) {
-                    log::warn!(
-                        "reactor {}: cannot open a tunnel to {}: {e}",
-                        self.id,
-                        oc.peer
-                    );
+                let Some(tt) = self.stream_mut(key).and_then(|sf| sf.target.clone()) else {
+                    return self.pool_tunnel_failed(tid);
+                };
+                let peer = tt.peer;
+                if let Err(e) = self.start_client_tunnel(tid, tt, now) {
+                    log::warn!("reactor {}: cannot open a tunnel to {peer}: {e}", self.id);
                     self.pool_tunnel_failed(tid);
                 }
             }
@@ -389,12 +381,7 @@ impl Reactor {
                     self.id,
                     r.label()
                 );
-                self.finish_stream(
-                    key,
-                    StreamEnd::TunnelBroken {
-                        kind: FailureKind::TunnelPoolFull,
-                    },
-                );
+                self.finish_stream(key, broken(FailureKind::TunnelPoolFull));
             }
         }
     }
@@ -444,17 +431,19 @@ impl Reactor {
         }));
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn start_client_tunnel(
         &mut self,
         tid: TunnelId,
-        peer: SocketAddr,
-        source: WorkloadId,
-        source_id: SpiffeId,
-        expected: SpiffeId,
-        netns: Option<NetNs>,
+        target: TunnelTarget,
         now: Instant,
     ) -> io::Result<()> {
+        let TunnelTarget {
+            peer,
+            source,
+            source_id,
+            expected,
+            netns,
+        } = target;
         let h = self.hbone.as_mut().expect("hbone configured");
         let cfg = match h.client_configs.get(&(source_id.clone(), expected.clone())) {
             Some(c) => Arc::clone(c),
@@ -568,64 +557,15 @@ impl Reactor {
 
     /// Checks a flow out of the pool again (its tunnel drained or allowed fewer streams).
     fn retry_checkout(&mut self, key: FlowKey, now: Instant) {
-        let Some(sf) = self.streams.get(super::slot(key)).filter(|f| f.key == key) else {
+        let Some(tt) = self.stream_mut(key).and_then(|sf| sf.target.clone()) else {
             return;
         };
-        let Some(tid) = sf.pool_id else { return };
-        let Some(pool_key) = self.hbone_state().pool.key(tid).cloned() else {
-            return self.finish_stream(
-                key,
-                StreamEnd::TunnelBroken {
-                    kind: FailureKind::TunnelFailed,
-                },
-            );
+        let pool_key = PoolKey {
+            source: tt.source_id,
+            peer: tt.peer,
+            expected: tt.expected,
         };
-        // The old tunnel's key still names the route; a new tunnel needs the source's netns,
-        // which the resolution of this flow had: fail rather than guess when it is gone.
-        match self.hbone_state().pool.checkout(&pool_key, key, now) {
-            Checkout::Reuse(tid) => {
-                self.set_pool(key, tid, true);
-                match self.hbone_state().by_pool_id.get(&tid).copied() {
-                    Some(tkey) => self.open_stream_on(key, tkey, now),
-                    None => self.finish_stream(
-                        key,
-                        StreamEnd::TunnelBroken {
-                            kind: FailureKind::TunnelFailed,
-                        },
-                    ),
-                }
-            }
-            Checkout::Wait(tid) => self.set_pool(key, tid, false),
-            Checkout::Open(tid) => {
-                self.set_pool(key, tid, false);
-                let target = self.stream_mut(key).and_then(|sf| sf.target.clone());
-                let Some(tt) = target else {
-                    return self.pool_tunnel_failed(tid);
-                };
-                if let Err(e) = self.start_client_tunnel(
-                    tid,
-                    tt.peer,
-                    tt.source,
-                    tt.source_id,
-                    tt.expected,
-                    tt.netns,
-                    now,
-                ) {
-                    log::warn!(
-                        "reactor {}: cannot open a tunnel to {}: {e}",
-                        self.id,
-                        tt.peer
-                    );
-                    self.pool_tunnel_failed(tid);
-                }
-            }
-            Checkout::Refuse(_) => self.finish_stream(
-                key,
-                StreamEnd::TunnelBroken {
-                    kind: FailureKind::TunnelPoolFull,
-                },
-            ),
-        }
+        self.checkout(key, &pool_key, now);
     }
 
     // -------------------------------------------------------------------- inbound: 15008
@@ -764,27 +704,17 @@ impl Reactor {
             destination_workload_namespace: w.namespace.clone(),
             destination_service: "unknown".into(),
         };
-        let record = FlowRecord {
-            reactor: self.id,
-            direction: "inbound_hbone",
-            source_workload: peer_identity
-                .as_ref()
-                .map(|p| p.to_uri())
-                .unwrap_or_else(|| "unknown".into()),
-            client: peer,
-            original_dst: local,
-            destination: format!("workload:{}/{}", w.namespace, w.name),
-            route: "hbone",
-            upstream,
-            destination_identity: Some(self.state.registry.workload(workload).identity.clone()),
-            bytes_to_upstream: 0,
-            bytes_to_downstream: 0,
-            duration_ms: 0,
-            end: "",
-            failure_class: None,
-            failure_reason: None,
-            errno: None,
-        };
+        let mut record = FlowRecord::new(self.id, "inbound_hbone");
+        record.source_workload = peer_identity
+            .as_ref()
+            .map(|p| p.to_uri())
+            .unwrap_or_else(|| "unknown".into());
+        record.client = peer;
+        record.original_dst = local;
+        record.destination = format!("workload:{}/{}", w.namespace, w.name);
+        record.route = "hbone";
+        record.upstream = upstream;
+        record.destination_identity = Some(self.state.registry.workload(workload).identity.clone());
         let counters = self.metrics.tcp_counters(labels);
         let raw = fd.as_raw_fd();
         let key = self.insert_stream(|key| {

@@ -422,27 +422,13 @@ impl Reactor {
         };
         let (workload, direction, netns) = (l.workload, l.direction, l.netns.clone());
         let registry = &self.state.registry;
-        let mut record = FlowRecord {
-            reactor: self.id,
-            direction: match direction {
+        let mut record = FlowRecord::new(
+            self.id,
+            match direction {
                 Direction::Outbound => "outbound",
                 Direction::InboundPlaintext => "inbound",
             },
-            source_workload: String::new(),
-            client: "0.0.0.0:0".parse().expect("literal"),
-            original_dst: "0.0.0.0:0".parse().expect("literal"),
-            destination: String::new(),
-            route: "refused",
-            upstream: "0.0.0.0:0".parse().expect("literal"),
-            destination_identity: None,
-            bytes_to_upstream: 0,
-            bytes_to_downstream: 0,
-            duration_ms: 0,
-            end: "",
-            failure_class: None,
-            failure_reason: None,
-            errno: None,
-        };
+        );
         let raw = fd.as_raw_fd();
         let (local, peer) = match (socket::local_addr(raw), socket::peer_addr(raw)) {
             (Ok(l), Ok(p)) => (l, p),
