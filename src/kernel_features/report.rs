@@ -8,6 +8,7 @@ use std::fmt;
 use serde::Serialize;
 
 use super::ktls::KtlsSupport;
+use super::KtlsCipher;
 
 /// Everything ringtun learned about the kernel it runs on, in one serialisable value.
 #[derive(Debug, Clone, Serialize)]
@@ -332,7 +333,7 @@ impl KernelReport {
         );
 
         let k = &self.ktls;
-        let user_tls = "user-space TLS (rustls)";
+        let user_tls = "user-space TLS (ringtun's record layer)";
         let ktls_status = |ok: bool| match (ok, &k.reason) {
             (true, _) => Status::Ok,
             (false, Some(why)) => Status::Fallback(format!("{user_tls}; {why}")),
@@ -352,6 +353,28 @@ impl KernelReport {
                 Status::Ok
             } else {
                 Status::Unavailable("no kTLS".into())
+            },
+        );
+        // What an HBONE tunnel gets for each suite it may negotiate.
+        let per_cipher: Vec<String> = [KtlsCipher::Aes128Gcm, KtlsCipher::Aes256Gcm]
+            .iter()
+            .map(|c| {
+                let mode = if k.offloads(*c) {
+                    "kTLS, spliced payload"
+                } else {
+                    "user space"
+                };
+                format!("{}: {mode}", c.name())
+            })
+            .collect();
+        let all_kernel = k.offloads(KtlsCipher::Aes128Gcm) && k.offloads(KtlsCipher::Aes256Gcm);
+        row(
+            "HBONE tunnels",
+            per_cipher.join("; "),
+            if all_kernel {
+                Status::Ok
+            } else {
+                Status::Fallback(user_tls.into())
             },
         );
         row(
