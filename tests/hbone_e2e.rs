@@ -301,11 +301,14 @@ fn bytes_cross_two_nodes_intact(driver: &str) {
         )
         .unwrap();
     assert!(ok >= 2.0, "server answered {ok} CONNECTs with 200");
+    let said = if tls_mode().contains("ktls") {
+        "client tunnels use kTLS"
+    } else {
+        "client tunnels use user-space TLS"
+    };
     assert!(
-        m.a()
-            .log_text()
-            .contains("client tunnels use user-space TLS"),
-        "node A does not say which TLS its tunnels use:\n{}",
+        m.a().log_text().contains(said),
+        "node A does not say `{said}`:\n{}",
         m.a().log_text()
     );
     m.finish();
