@@ -1098,10 +1098,8 @@ impl Reactor {
         if h.logged_modes.insert(line.clone()) {
             log::info!("reactor {id}: {line}");
         }
-        log::debug!(
-            "reactor {id}: {role} tunnel fd {} with {peer} ({peer_id}) established: {mode}",
-            self.tunnels[super::slot(tkey)].raw()
-        );
+        // Once per tunnel: which TLS it runs and why (tunnels are pooled, so this is rare).
+        log::info!("reactor {id}: {role} tunnel with {peer} ({peer_id}) established: {mode}");
         self.metrics.hbone(
             "ringtun_hbone_tunnels_total",
             &format!(
