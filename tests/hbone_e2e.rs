@@ -268,6 +268,7 @@ both_drivers!(
     record_budget_retires_tunnels_without_losing_bytes,
     pinned_aes_256_gcm_carries_bytes,
     ipv6_crosses_the_tunnel,
+    draining_node_finishes_its_tunnelled_flows,
     idle_tunnels_close_and_descriptors_return,
 );
 
@@ -663,6 +664,58 @@ fn pinned_aes_256_gcm_carries_bytes(driver: &str) {
         );
     }
     m.finish();
+}
+
+fn draining_node_finishes_its_tunnelled_flows(driver: &str) {
+    // SIGTERM node B while a tunnelled connection is open: B stops taking tunnels (readiness
+    // 503, GOAWAY on its tunnels) but the open stream finishes intact; then B exits 0.
+    let mut m = Mesh::start(driver, "");
+    let l = m.listen(Pod::Mesh1, MESH_PORT);
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let mut buf = [0u8; 5];
+        s.read_exact(&mut buf).unwrap();
+        go_rx.recv().unwrap();
+        s.write_all(&vec![7u8; 1 << 20]).unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+    });
+    let mut c = m.connect(mesh1());
+    c.write_all(b"hello").unwrap();
+    // The stream is up (B answered 200) before B is told to stop.
+    assert!(wait_for(|| m
+        .b()
+        .metric("ringtun_hbone_streams_total", &["status=\"200\""])
+        .unwrap()
+        >= 1.0));
+    let b = m.b.process.take().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(b.pid() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(
+        wait_for(|| b.get(16021, "/healthz/ready").map(|(c, _)| c).unwrap_or(0) == 503),
+        "node B does not report draining"
+    );
+    go_tx.send(()).unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    let got = read_until_end(&mut c).unwrap();
+    assert_eq!(got.len(), 1 << 20, "the drained stream lost bytes");
+    assert!(got.iter().all(|b| *b == 7));
+    server.join().unwrap();
+    let mut b = b;
+    let exited = wait_for(|| matches!(b.child.try_wait(), Ok(Some(_))));
+    assert!(
+        exited,
+        "node B did not exit after its last flow:\n{}",
+        b.log_text()
+    );
+    let code = b.child.wait().unwrap().code();
+    assert_eq!(code, Some(0), "node B exit code; log:\n{}", b.log_text());
+    // Node A is still fine: it closes cleanly too.
+    let a = m.a.process.take().unwrap();
+    assert_eq!(a.terminate().unwrap(), 0);
 }
 
 fn ipv6_crosses_the_tunnel(driver: &str) {
