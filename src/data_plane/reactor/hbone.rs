@@ -946,17 +946,22 @@ impl Reactor {
             return;
         };
         if t.peer_eof {
-            // The peer is gone for reading: its streams cannot finish. A clean close came
-            // with GOAWAY first (then `Drained` closed us already).
-            let streams = t.streams.len();
-            let e = TunnelError::new(
-                "peer_closed",
-                format!("peer closed the tunnel with {streams} streams open"),
-            );
-            if streams == 0 {
-                return self.close_tunnel(tkey, None);
+            // The peer will send nothing more. Streams that already got everything both ways
+            // finish delivering their tail; any other stream is cut off and reset (counted).
+            let role = t.role.label();
+            let unfinished = self.unfinished_streams(tkey);
+            if unfinished > 0 {
+                let id = self.id;
+                log::info!(
+                    "reactor {id}: peer closed a {role} tunnel with {unfinished} unfinished streams; resetting them"
+                );
+                self.metrics.hbone(
+                    "ringtun_hbone_tunnel_failures_total",
+                    &format!("role=\"{role}\",reason=\"peer_closed\""),
+                    1,
+                );
             }
-            return self.fail_tunnel(tkey, e);
+            return self.close_tunnel(tkey, Some("peer_closed"));
         }
         if t.session.as_ref().is_some_and(|s| s.is_closed()) {
             return self.fail_tunnel(tkey, TunnelError::new("http2", "session closed"));
@@ -2020,18 +2025,17 @@ impl Reactor {
         }
         let now = Instant::now();
         for skey in streams {
-            let mut open = false;
+            let mut finished_both_ways = false;
             if let Some(sf) = self.stream_mut(skey) {
+                finished_both_ways = sf.phase == StreamPhase::Open && sf.remote_eof && sf.local_eof;
                 sf.stream_gone = true;
                 sf.reserved = false;
                 sf.tunnel = None;
                 sf.blocked = false;
-                open = sf.phase == StreamPhase::Open;
             }
-            if !failed && open {
-                // A graceful close comes only once the session has no stream left: these
-                // flows got every byte and their END_STREAM, and may still be writing the
-                // tail to their local socket. Let them finish on their own.
+            if !failed && finished_both_ways {
+                // Every byte and both END_STREAMs crossed; the flow may still be writing the
+                // tail to its local socket. Let it finish on its own.
                 self.drive_stream(skey, now);
                 continue;
             }
@@ -2057,6 +2061,26 @@ impl Reactor {
         }
         self.push_timer(tkey, now + CLOSE_LINGER, TimerKind::Connect);
         self.finish_close(tkey);
+    }
+
+    /// Streams on the tunnel that have not exchanged both END_STREAMs.
+    fn unfinished_streams(&self, tkey: FlowKey) -> usize {
+        let Some(t) = self
+            .tunnels
+            .get(super::slot(tkey))
+            .filter(|t| t.key == tkey)
+        else {
+            return 0;
+        };
+        t.streams
+            .values()
+            .filter(|k| {
+                self.streams
+                    .get(super::slot(**k))
+                    .filter(|f| f.key == **k)
+                    .is_some_and(|f| !(f.remote_eof && f.local_eof))
+            })
+            .count()
     }
 
     /// Closing: flush, then close_notify and FIN once, then discard input until EOF.
