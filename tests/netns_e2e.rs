@@ -397,6 +397,17 @@ fn thousand_concurrent_connections_complete(driver: &str) {
     drop(servers);
     let closed = node.wait_metric("istio_tcp_connections_closed_total", &[], N as f64);
     assert_eq!(closed, N as f64);
+    // Their connect and idle timers (two per flow) do not stay behind in the heaps.
+    let start = Instant::now();
+    let mut timers = node.metric("ringtun_timers_queued", &[]);
+    while timers > 512.0 && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+        timers = node.metric("ringtun_timers_queued", &[]);
+    }
+    assert!(
+        timers <= 512.0,
+        "{timers} timers left after every flow ended"
+    );
     node.finish();
 }
 

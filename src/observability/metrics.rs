@@ -191,6 +191,8 @@ pub struct ReactorMetrics {
     pub pipe_resize_refused: AtomicU64,
     /// Empty pipes held for reuse (two descriptors each).
     pub pipes_pooled: AtomicU64,
+    /// Entries in the reactor's timer heap (live and stale; compacted when stale ones pile up).
+    pub timers_queued: AtomicU64,
     failures: [AtomicU64; FailureKind::ALL.len()],
     closed: [AtomicU64; CloseKind::ALL.len()],
     tcp: Mutex<HashMap<TcpLabels, Arc<TcpCounters>>>,
@@ -211,6 +213,7 @@ impl ReactorMetrics {
             pipes_created: AtomicU64::new(0),
             pipe_resize_refused: AtomicU64::new(0),
             pipes_pooled: AtomicU64::new(0),
+            timers_queued: AtomicU64::new(0),
             failures: Default::default(),
             closed: Default::default(),
             tcp: Mutex::new(HashMap::new()),
@@ -370,7 +373,7 @@ impl Metrics {
                 );
             }
         }
-        let per_reactor: [PerReactorMetric; 7] = [
+        let per_reactor: [PerReactorMetric; 8] = [
             (
                 "ringtun_flows_open",
                 "gauge",
@@ -412,6 +415,12 @@ impl Metrics {
                 "gauge",
                 "Empty pipes held for reuse (two descriptors each)",
                 |r| r.pipes_pooled.load(Relaxed),
+            ),
+            (
+                "ringtun_timers_queued",
+                "gauge",
+                "Timer heap entries per reactor (bounded: stale ones are compacted away)",
+                |r| r.timers_queued.load(Relaxed),
             ),
         ];
         for (name, kind, help, get) in per_reactor {

@@ -275,6 +275,9 @@ impl Reactor {
             self.metrics
                 .pipes_pooled
                 .store(self.pool.idle() as u64, Relaxed);
+            self.metrics
+                .timers_queued
+                .store(self.timers.len() as u64, Relaxed);
             if self.control.stop.load(SeqCst) {
                 self.close_all(CloseKind::Drained);
                 return Ok(());
@@ -659,8 +662,42 @@ impl Reactor {
         }
     }
 
+    /// Timers of finished flows stay in the heap until their time comes (a binary heap cannot
+    /// remove from the middle): an hour-long idle timer per flow would pile up at thousands of
+    /// connections per second. When the heap holds far more timers than live owners could
+    /// need, it is rebuilt with only the timers whose owner still exists.
+    fn compact_timers(&mut self) {
+        let live = self.flows.len() + self.streams.len() + self.tunnels.len();
+        if self.timers.len() <= 4 * live + 256 {
+            return;
+        }
+        let before = self.timers.len();
+        let timers = std::mem::take(&mut self.timers).into_vec();
+        let kept: Vec<Reverse<Timer>> = timers
+            .into_iter()
+            .filter(|Reverse(t)| {
+                let key = FlowKey {
+                    index: t.index,
+                    generation: t.generation,
+                };
+                match kind_of(key) {
+                    Kind::Direct => self.flows.get(slot(key)).is_some_and(|f| f.key == key),
+                    Kind::Stream => self.streams.get(slot(key)).is_some_and(|f| f.key == key),
+                    Kind::Tunnel => self.tunnels.get(slot(key)).is_some_and(|t| t.key == key),
+                }
+            })
+            .collect();
+        log::debug!(
+            "reactor {}: timer heap compacted from {before} to {} entries",
+            self.id,
+            kept.len()
+        );
+        self.timers = BinaryHeap::from(kept);
+    }
+
     fn fire_timers(&mut self, now: Instant) {
         let idle = self.state.config.node.timeouts.idle;
+        self.compact_timers();
         if let Some(h) = self.hbone.as_mut() {
             if h.pool.poll_timeout().is_some_and(|at| at <= now) {
                 h.pool.handle_timeout(now);
