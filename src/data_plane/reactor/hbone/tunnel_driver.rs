@@ -1,0 +1,971 @@
+//! One tunnel's life in the reactor: connect, handshake, TLS mode, reading frames (copied or
+//! with the zero-copy receiver), session events, writing, keepalive, retirement, closing.
+
+use super::*;
+
+/// The zero-copy receiver's view of the session and the streams (kTLS tunnels).
+struct RecvHandler<'a> {
+    session: &'a mut hbone_proto::Session,
+    stream_map: &'a HashMap<StreamId, FlowKey>,
+    flows: &'a mut slab::Slab<StreamFlow>,
+    now: Instant,
+    records: Vec<&'static str>,
+    /// Flows whose sinks took payload (their credit is released after the poll).
+    touched: Vec<FlowKey>,
+    fatal: Option<TunnelError>,
+    peer_closed: bool,
+}
+
+impl FrameHandler<Pipe> for RecvHandler<'_> {
+    fn frame_bytes(&mut self, bytes: &[u8]) -> Result<(), HandlerError> {
+        let mut off = 0;
+        while off < bytes.len() {
+            let n = match self.session.handle_input(&bytes[off..], self.now) {
+                Input::Consumed(n) => n,
+                Input::DataPayload { consumed, .. } => consumed,
+            };
+            if self.session.is_closed() {
+                return Err(HandlerError);
+            }
+            if n == 0 {
+                break;
+            }
+            off += n;
+        }
+        Ok(())
+    }
+
+    fn sink(&mut self, stream: StreamId) -> Option<&mut StreamSink<Pipe>> {
+        if self.session.pending_payload().map(|(s, _)| s) != Some(stream) {
+            return None;
+        }
+        let key = *self.stream_map.get(&stream)?;
+        let sf = self
+            .flows
+            .get_mut(crate::data_plane::reactor::slot(key))
+            .filter(|f| f.key == key)?;
+        // Copied bytes still queued go first: then this frame is copied behind them.
+        if !sf.copy_queue_empty() {
+            return None;
+        }
+        if !self.touched.contains(&key) {
+            self.touched.push(key);
+        }
+        sf.sink.as_mut()
+    }
+
+    fn payload_moved(&mut self, stream: StreamId, n: usize) -> Result<(), HandlerError> {
+        self.session
+            .data_consumed(stream, n)
+            .map_err(|_| HandlerError)
+    }
+
+    fn tls_record(&mut self, record_type: u8, payload: &[u8]) -> Result<(), HandlerError> {
+        match ktls::control_record(record_type, payload) {
+            ControlRecord::Ignore => {
+                self.records.push("new_session_ticket");
+                Ok(())
+            }
+            ControlRecord::PeerClosed => {
+                self.records.push("close_notify");
+                self.peer_closed = true;
+                Err(HandlerError)
+            }
+            ControlRecord::Retire(why) => {
+                self.records.push("key_update");
+                self.fatal = Some(TunnelError::new("ktls_key_update", why));
+                Err(HandlerError)
+            }
+            ControlRecord::Fatal(why) => {
+                self.records.push("alert");
+                self.fatal = Some(TunnelError::new("tls_alert", why));
+                Err(HandlerError)
+            }
+        }
+    }
+}
+
+/// Bytes a receiver has moved (payload and frame headers), from its counters.
+fn moved(stats: &crate::data_plane::tunnel_io::RecvStats) -> usize {
+    (stats.spliced_bytes + stats.buffered_bytes + stats.skipped_bytes + stats.dropped_bytes)
+        as usize
+        + (stats.spliced_frames + stats.buffered_frames + stats.control_frames) as usize
+            * hbone_proto::frame::FRAME_HEADER_LEN
+}
+
+/// How long a politely closing tunnel may take to flush and see the peer's FIN.
+const CLOSE_LINGER: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl Reactor {
+    pub(in crate::data_plane::reactor) fn tunnel_connected(
+        &mut self,
+        tkey: FlowKey,
+        result: Result<(), i32>,
+        now: Instant,
+    ) {
+        let Some(t) = self.tunnel_mut(tkey) else {
+            return;
+        };
+        if t.phase != Phase::Connecting {
+            return;
+        }
+        match result {
+            Ok(()) => {
+                t.phase = Phase::Handshaking;
+                self.drive_tunnel(tkey, now);
+            }
+            Err(errno) => self.fail_tunnel(
+                tkey,
+                TunnelError::new("connect", io::Error::from_raw_os_error(errno).to_string()),
+            ),
+        }
+    }
+
+    pub(in crate::data_plane::reactor) fn tunnel_ready(
+        &mut self,
+        tkey: FlowKey,
+        interest: Interest,
+        now: Instant,
+    ) {
+        let Some(t) = self.tunnel_mut(tkey) else {
+            return;
+        };
+        t.armed &= !driver::armed_bit(Side::Upstream, interest);
+        self.drive_tunnel(tkey, now);
+    }
+
+    /// Handshake, then reading, session events and writing, as far as the socket allows.
+    pub(in crate::data_plane::reactor) fn drive_tunnel(&mut self, tkey: FlowKey, now: Instant) {
+        let Some(t) = self.tunnel_mut(tkey) else {
+            return;
+        };
+        t.queued = false;
+        match t.phase {
+            Phase::Connecting => return,
+            Phase::Handshaking => match t.handshake() {
+                Ok(Handshake::WantRead) => return self.arm_tunnel(tkey, Interest::Read),
+                Ok(Handshake::WantWrite) => return self.arm_tunnel(tkey, Interest::Write),
+                Ok(Handshake::Done) => {
+                    if let Err(e) = self.establish(tkey, now) {
+                        return self.fail_tunnel(tkey, e);
+                    }
+                }
+                Err(e) => return self.fail_tunnel(tkey, e),
+            },
+            Phase::Open => {}
+            Phase::Closing => return self.finish_close(tkey),
+        }
+        let budget = self.state.config.node.splice.max_bytes_per_wakeup;
+        let mut read = 0usize;
+        let mut records = Vec::new();
+        loop {
+            if let Err(e) = self.process_input(tkey, now) {
+                return self.fail_tunnel(tkey, e);
+            }
+            self.process_session_events(tkey, now);
+            let Some(t) = self.tunnel_mut(tkey) else {
+                return;
+            };
+            if t.peer_eof || t.session.as_ref().is_none_or(|s| s.is_closed()) {
+                break;
+            }
+            if read >= budget {
+                if !t.queued {
+                    t.queued = true;
+                    self.runnable.push(tkey);
+                }
+                break;
+            }
+            if t.receiver.is_none() && t.zero_copy_rx_ready() {
+                let max_frame = hbone_proto::Settings::default().max_frame_size as usize;
+                t.receiver = Some(FrameReceiver::new(max_frame, true));
+            }
+            if t.receiver.is_some() {
+                match self.receive_frames(tkey, budget - read, now) {
+                    Ok((RecvStatus::WantRead, n)) => {
+                        let _ = n;
+                        self.process_session_events(tkey, now);
+                        self.arm_tunnel(tkey, Interest::Read);
+                        break;
+                    }
+                    Ok((RecvStatus::Yield, n)) => read += n.max(1),
+                    Ok((RecvStatus::Eof, _)) => {
+                        if let Some(t) = self.tunnel_mut(tkey) {
+                            t.peer_eof = true;
+                        }
+                    }
+                    Err(e) => return self.fail_tunnel(tkey, e),
+                }
+                continue;
+            }
+            match t.fill(&mut records) {
+                Ok(Fill::Got(n)) => read += n,
+                Ok(Fill::WouldBlock) => {
+                    self.arm_tunnel(tkey, Interest::Read);
+                    break;
+                }
+                Ok(Fill::Eof) => {
+                    t.peer_eof = true;
+                }
+                Err(e) => {
+                    self.count_records(&records);
+                    return self.fail_tunnel(tkey, e);
+                }
+            }
+        }
+        self.count_records(&records);
+        let Some(t) = self.tunnel_mut(tkey) else {
+            return;
+        };
+        if t.peer_eof {
+            // The peer will send nothing more. Streams that already got everything both ways
+            // finish delivering their tail; any other stream is cut off and reset (counted).
+            let role = t.role.label();
+            let unfinished = self.unfinished_streams(tkey);
+            if unfinished > 0 {
+                let id = self.id;
+                log::info!(
+                    "reactor {id}: peer closed a {role} tunnel with {unfinished} unfinished streams; resetting them"
+                );
+                self.metrics.hbone(
+                    "ringtun_hbone_tunnel_failures_total",
+                    &format!("role=\"{role}\",reason=\"peer_closed\""),
+                    1,
+                );
+            }
+            return self.close_tunnel(tkey, Some("peer_closed"));
+        }
+        if t.session.as_ref().is_some_and(|s| s.is_closed()) {
+            return self.fail_tunnel(tkey, TunnelError::new("http2", "session closed"));
+        }
+        self.flush_tunnel(tkey, now);
+        self.schedule_session_timer(tkey);
+    }
+
+    /// kTLS: reads frames with the zero-copy receiver; DATA payload is spliced into the
+    /// streams' pipes. Returns the receiver's status and the bytes it moved.
+    pub(in crate::data_plane::reactor) fn receive_frames(
+        &mut self,
+        tkey: FlowKey,
+        budget: usize,
+        now: Instant,
+    ) -> Result<(RecvStatus, usize), TunnelError> {
+        let Reactor {
+            tunnels,
+            streams,
+            pool,
+            ..
+        } = self;
+        let Some(t) = tunnels
+            .get_mut(crate::data_plane::reactor::slot(tkey))
+            .filter(|t| t.key == tkey)
+        else {
+            return Ok((RecvStatus::WantRead, 0));
+        };
+        let fd = t.raw();
+        let Some(mut receiver) = t.receiver.take() else {
+            return Ok((RecvStatus::WantRead, 0));
+        };
+        let before = moved(&receiver.stats);
+        let Some(session) = t.session.as_mut() else {
+            t.receiver = Some(receiver);
+            return Ok((RecvStatus::WantRead, 0));
+        };
+        let mut handler = RecvHandler {
+            session,
+            stream_map: &t.streams,
+            flows: streams,
+            now,
+            records: Vec::new(),
+            touched: Vec::new(),
+            fatal: None,
+            peer_closed: false,
+        };
+        let r = receiver.poll(fd, pool, &mut handler, budget);
+        let n = moved(&receiver.stats) - before;
+        let RecvHandler {
+            records,
+            touched,
+            fatal,
+            peer_closed,
+            ..
+        } = handler;
+        t.receiver = Some(receiver);
+        self.count_records(&records);
+        for skey in touched {
+            self.release_delivered(skey, now);
+        }
+        match r {
+            Ok(status) => Ok((status, n)),
+            Err(_) if peer_closed => Ok((RecvStatus::Eof, n)),
+            Err(_) if fatal.is_some() => Err(fatal.expect("checked")),
+            Err(RecvError::Handler) => Err(TunnelError::new("http2", "session closed")),
+            Err(RecvError::Truncated) => Err(TunnelError::new(
+                "peer_closed",
+                "peer closed inside a frame",
+            )),
+            Err(RecvError::Tunnel(errno)) => Err(TunnelError::new(
+                "ktls_read",
+                io::Error::from_raw_os_error(errno).to_string(),
+            )),
+            Err(RecvError::Pipe(errno)) => Err(TunnelError::new(
+                "pipe",
+                io::Error::from_raw_os_error(errno).to_string(),
+            )),
+            Err(RecvError::FrameTooLarge(len)) => Err(TunnelError::new(
+                "frame_size",
+                format!("peer sent a {len}-byte frame"),
+            )),
+            Err(RecvError::SpillLimit(sid)) => Err(TunnelError::new(
+                "flow_control",
+                format!("peer overran stream {sid:?}'s window"),
+            )),
+            Err(RecvError::BadPadding) => Err(TunnelError::new("protocol", "bad DATA padding")),
+        }
+    }
+
+    pub(in crate::data_plane::reactor) fn count_records(&self, records: &[&'static str]) {
+        for r in records {
+            self.metrics.hbone(
+                "ringtun_hbone_tls_records_total",
+                &format!("kind=\"{r}\""),
+                1,
+            );
+        }
+    }
+
+    pub(in crate::data_plane::reactor) fn establish(
+        &mut self,
+        tkey: FlowKey,
+        now: Instant,
+    ) -> Result<(), TunnelError> {
+        let (support, allow) = {
+            let h = self.hbone.as_ref().expect("hbone configured");
+            (h.creds.ktls.clone(), h.allow_ktls)
+        };
+        let t = self.tunnel_mut(tkey).expect("tunnel present");
+        t.establish(&support, allow, now)?;
+        let role = t.role.label();
+        let mode = t.mode.clone().expect("mode set by establish");
+        let cipher = t.cipher;
+        let peer_id = t
+            .peer_identity
+            .as_ref()
+            .map(|p| p.to_uri())
+            .unwrap_or_default();
+        let (peer, pool_id) = match &t.role {
+            Role::Client { peer, pool_id, .. } => (*peer, Some(*pool_id)),
+            Role::Server { peer, .. } => (*peer, None),
+        };
+        let line = format!("{role} tunnels use {mode}");
+        let id = self.id;
+        let h = self.hbone_state();
+        if h.logged_modes.insert(line.clone()) {
+            log::info!("reactor {id}: {line}");
+        }
+        // Once per tunnel: which TLS it runs and why (tunnels are pooled, so this is rare).
+        log::info!("reactor {id}: {role} tunnel with {peer} ({peer_id}) established: {mode}");
+        self.metrics.hbone(
+            "ringtun_hbone_tunnels_total",
+            &format!(
+                "role=\"{role}\",tls=\"{}\",cipher=\"{}\"",
+                mode.label(),
+                cipher.map_or("unknown", |c| c.name())
+            ),
+            1,
+        );
+        self.metrics
+            .hbone("ringtun_hbone_tunnels_open", &format!("role=\"{role}\""), 1);
+        if let Some(tid) = pool_id {
+            let ready = self.hbone_state().pool.tunnel_ready(tid, u32::MAX, now);
+            if let Ok(ready) = ready {
+                for w in ready.granted {
+                    if let Some(sf) = self.stream_mut(w) {
+                        sf.reserved = true;
+                    }
+                    self.open_stream_on(w, tkey, now);
+                }
+                for w in ready.retry {
+                    self.retry_checkout(w, now);
+                }
+                for w in ready.refused {
+                    self.finish_stream(
+                        w,
+                        StreamEnd::TunnelBroken {
+                            kind: FailureKind::TunnelFailed,
+                        },
+                    );
+                }
+            }
+            self.process_pool_events(now);
+        }
+        Ok(())
+    }
+
+    /// Feeds received plaintext to the session; DATA payload goes straight to its stream.
+    pub(in crate::data_plane::reactor) fn process_input(
+        &mut self,
+        tkey: FlowKey,
+        now: Instant,
+    ) -> Result<(), TunnelError> {
+        loop {
+            let Some(t) = self
+                .tunnels
+                .get_mut(crate::data_plane::reactor::slot(tkey))
+                .filter(|t| t.key == tkey)
+            else {
+                return Ok(());
+            };
+            let Some((session, input, streams)) = t.session_input() else {
+                return Ok(());
+            };
+            if input.is_empty() || session.is_closed() {
+                return Ok(());
+            }
+            if let Some((sid, remaining)) = session.pending_payload() {
+                let n = remaining.min(input.len());
+                let skey = streams.get(&sid).copied();
+                let sf = skey.and_then(|k| {
+                    self.streams
+                        .get_mut(crate::data_plane::reactor::slot(k))
+                        .filter(|f| f.key == k)
+                });
+                let (released, failed) = match sf {
+                    Some(sf) => match sf.deliver(&input[..n]) {
+                        Ok(w) => {
+                            sf.last_active = now;
+                            (w, None)
+                        }
+                        // The local socket failed: drop the bytes (credit goes back) and end
+                        // the flow below.
+                        Err(e) => (n, Some((sf.key, e.raw_os_error().unwrap_or(libc::EIO)))),
+                    },
+                    None => (n, None),
+                };
+                session
+                    .data_consumed(sid, n)
+                    .map_err(|e| TunnelError::new("internal", e.to_string()))?;
+                if released > 0 {
+                    let _ = session.release_capacity(sid, released);
+                }
+                t.consume_input(n);
+                if let Some((skey, errno)) = failed {
+                    self.finish_stream(skey, self.local_broken(skey, errno));
+                } else if let Some(skey) = skey {
+                    self.want_local_write(skey);
+                }
+                continue;
+            }
+            let consumed = match session.handle_input(input, now) {
+                Input::Consumed(n) => n,
+                Input::DataPayload { consumed, .. } => consumed,
+            };
+            t.consume_input(consumed);
+            if consumed == 0 {
+                return Ok(());
+            }
+        }
+    }
+
+    pub(in crate::data_plane::reactor) fn process_session_events(
+        &mut self,
+        tkey: FlowKey,
+        now: Instant,
+    ) {
+        loop {
+            let Some(t) = self.tunnel_mut(tkey) else {
+                return;
+            };
+            let Some(ev) = t.session.as_mut().and_then(|s| s.poll_event()) else {
+                return;
+            };
+            match ev {
+                SessionEvent::Request { stream, request } => {
+                    self.inbound_request(tkey, stream, request, now)
+                }
+                SessionEvent::InvalidRequest { stream, error } => {
+                    self.answer_and_close(tkey, stream, error.status())
+                }
+                SessionEvent::Response { stream, response } => {
+                    let Some(skey) = t.streams.get(&stream).copied() else {
+                        continue;
+                    };
+                    let status = response.status;
+                    self.metrics.hbone(
+                        "ringtun_hbone_streams_total",
+                        &format!("role=\"client\",status=\"{status}\""),
+                        1,
+                    );
+                    if status == 200 {
+                        if let Some(sf) = self.stream_mut(skey) {
+                            sf.phase = StreamPhase::Open;
+                            sf.last_active = now;
+                            sf.counters.opened.fetch_add(1, Relaxed);
+                        }
+                        self.maybe_zero_copy(skey);
+                        self.push_timer(
+                            skey,
+                            now + self.state.config.node.timeouts.idle,
+                            TimerKind::Idle,
+                        );
+                        self.drive_stream(skey, now);
+                    } else {
+                        log::debug!(
+                            "reactor {}: CONNECT answered {status}; client reset",
+                            self.id
+                        );
+                        self.finish_stream(
+                            skey,
+                            StreamEnd::TunnelBroken {
+                                kind: FailureKind::ConnectRejected,
+                            },
+                        );
+                    }
+                }
+                SessionEvent::Data { stream, data } => {
+                    // Only if payload was fed through handle_input; deliver it the same way.
+                    let Some(skey) = t.streams.get(&stream).copied() else {
+                        continue;
+                    };
+                    let r = self.stream_mut(skey).map(|sf| sf.deliver(&data));
+                    match r {
+                        Some(Ok(w)) => {
+                            if let Some(s) = self.tunnel_mut(tkey).and_then(|t| t.session.as_mut())
+                            {
+                                let _ = s.release_capacity(stream, w);
+                            }
+                            self.want_local_write(skey);
+                        }
+                        Some(Err(e)) => {
+                            let end =
+                                self.local_broken(skey, e.raw_os_error().unwrap_or(libc::EIO));
+                            self.finish_stream(skey, end);
+                        }
+                        None => {}
+                    }
+                }
+                SessionEvent::StreamEnd { stream } => {
+                    let Some(skey) = t.streams.get(&stream).copied() else {
+                        continue;
+                    };
+                    if let Some(sf) = self.stream_mut(skey) {
+                        sf.remote_eof = true;
+                    }
+                    self.drive_stream(skey, now);
+                }
+                SessionEvent::Reset { stream, code, .. } => {
+                    let Some(skey) = t.streams.remove(&stream) else {
+                        continue;
+                    };
+                    if let Some(sf) = self.stream_mut(skey) {
+                        sf.stream_gone = true;
+                    }
+                    if code.is_eof() {
+                        if let Some(sf) = self.stream_mut(skey) {
+                            sf.remote_eof = true;
+                            // We can no longer send: the local socket's input is moot.
+                            sf.local_eof = true;
+                        }
+                        self.drive_stream(skey, now);
+                    } else {
+                        log::debug!("reactor {}: stream reset by the peer ({code:?})", self.id);
+                        self.finish_stream(
+                            skey,
+                            StreamEnd::TunnelBroken {
+                                kind: FailureKind::StreamReset,
+                            },
+                        );
+                    }
+                }
+                SessionEvent::SendCapacity { .. } => self.wake_blocked(tkey),
+                SessionEvent::GoAway { .. } => {
+                    if let Role::Client { pool_id, .. } = t.role {
+                        t.retiring = true;
+                        let retry = self.hbone_state().pool.goaway_received(pool_id);
+                        for w in retry.unwrap_or_default() {
+                            self.retry_checkout(w, now);
+                        }
+                    }
+                }
+                SessionEvent::Drained => {
+                    return self.close_tunnel(tkey, None);
+                }
+                SessionEvent::ConnectionError(e) => {
+                    return self.fail_tunnel(tkey, TunnelError::new("http2", e.to_string()));
+                }
+            }
+        }
+    }
+
+    /// Writes what the tunnel holds; wakes streams waiting for room; retires a tunnel past its
+    /// record budget.
+    pub(in crate::data_plane::reactor) fn flush_tunnel(&mut self, tkey: FlowKey, now: Instant) {
+        let Some(t) = self.tunnel_mut(tkey) else {
+            return;
+        };
+        if t.phase != Phase::Open {
+            return;
+        }
+        if t.writer.is_some() {
+            // A zero-copy frame is half written: its stream finishes it, then the rest goes.
+            return self.wake_blocked(tkey);
+        }
+        match t.flush() {
+            Ok(true) => {
+                if !t.blocked.is_empty() {
+                    self.wake_blocked(tkey);
+                }
+            }
+            Ok(false) => self.arm_tunnel(tkey, Interest::Write),
+            Err(e) => return self.fail_tunnel(tkey, e),
+        }
+        let id = self.id;
+        let Some(t) = self.tunnel_mut(tkey) else {
+            return;
+        };
+        if t.budget.should_retire() && !t.retiring {
+            t.retiring = true;
+            let records = t.budget.records_sent();
+            let role = t.role.label();
+            log::info!(
+                "reactor {id}: {role} tunnel sent {records} TLS records (budget reached); retiring it"
+            );
+            match t.role {
+                Role::Client { pool_id, .. } => {
+                    let retry = self.hbone_state().pool.retire(pool_id);
+                    for w in retry.unwrap_or_default() {
+                        self.retry_checkout(w, now);
+                    }
+                    self.process_pool_events(now);
+                }
+                Role::Server { .. } => {
+                    if let Some(s) = t.session.as_mut() {
+                        s.goaway();
+                    }
+                    let _ = t.flush();
+                }
+            }
+            self.metrics.hbone(
+                "ringtun_hbone_tunnels_closed_total",
+                &format!("role=\"{role}\",reason=\"record_budget\""),
+                1,
+            );
+        }
+    }
+
+    pub(in crate::data_plane::reactor) fn wake_blocked(&mut self, tkey: FlowKey) {
+        let Some(t) = self.tunnel_mut(tkey) else {
+            return;
+        };
+        let blocked = std::mem::take(&mut t.blocked);
+        for skey in blocked {
+            if let Some(sf) = self.stream_mut(skey) {
+                sf.blocked = false;
+                if !sf.queued {
+                    sf.queued = true;
+                    self.runnable.push(skey);
+                }
+            }
+        }
+    }
+
+    pub(in crate::data_plane::reactor) fn arm_tunnel(&mut self, tkey: FlowKey, interest: Interest) {
+        let Some(t) = self
+            .tunnels
+            .get_mut(crate::data_plane::reactor::slot(tkey))
+            .filter(|t| t.key == tkey)
+        else {
+            return;
+        };
+        let bit = driver::armed_bit(Side::Upstream, interest);
+        if t.armed & bit == 0 && self.driver.arm(tkey, Side::Upstream, interest, t.raw()) {
+            t.armed |= bit;
+        }
+    }
+
+    pub(in crate::data_plane::reactor) fn schedule_session_timer(&mut self, tkey: FlowKey) {
+        let Some(t) = self.tunnel_mut(tkey) else {
+            return;
+        };
+        let next = t.session.as_ref().and_then(|s| s.poll_timeout());
+        if let Some(at) = next {
+            if t.timer_at != Some(at) {
+                t.timer_at = Some(at);
+                self.push_timer(tkey, at, TimerKind::Session);
+            }
+        }
+    }
+
+    pub(in crate::data_plane::reactor) fn tunnel_timer(
+        &mut self,
+        tkey: FlowKey,
+        timer: Timer,
+        now: Instant,
+    ) {
+        let Some(t) = self.tunnel_mut(tkey) else {
+            return;
+        };
+        match timer.kind {
+            // The peer did not finish closing in time.
+            TimerKind::Connect if t.phase == Phase::Closing => self.remove_tunnel(tkey, true),
+            TimerKind::Connect if t.phase != Phase::Open => self.fail_tunnel(
+                tkey,
+                TunnelError::new(
+                    "handshake_timeout",
+                    "connect and TLS handshake took too long",
+                ),
+            ),
+            TimerKind::Session if t.timer_at == Some(timer.at) => {
+                t.timer_at = None;
+                if let Some(s) = t.session.as_mut() {
+                    s.handle_timeout(now);
+                }
+                self.process_session_events(tkey, now);
+                if self
+                    .tunnel_mut(tkey)
+                    .is_some_and(|t| t.session.as_ref().is_some_and(|s| s.is_closed()))
+                {
+                    return self.fail_tunnel(
+                        tkey,
+                        TunnelError::new("keepalive", "peer did not answer PING"),
+                    );
+                }
+                self.flush_tunnel(tkey, now);
+                self.schedule_session_timer(tkey);
+            }
+            _ => {}
+        }
+    }
+
+    /// A tunnel failed: log, count, reset its flows, hand its waiters back.
+    pub(in crate::data_plane::reactor) fn fail_tunnel(&mut self, tkey: FlowKey, e: TunnelError) {
+        let Some(t) = self.tunnel_mut(tkey) else {
+            return;
+        };
+        let role = t.role.label();
+        let peer = match &t.role {
+            Role::Client { peer, expected, .. } => format!("{peer} (expecting {expected})"),
+            Role::Server { peer, local, .. } => format!("{peer} → {local}"),
+        };
+        let level = if t.phase == Phase::Open {
+            log::Level::Info
+        } else {
+            log::Level::Warn
+        };
+        log::log!(
+            level,
+            "reactor {}: {role} tunnel {peer} failed: {e}",
+            self.id
+        );
+        self.metrics.hbone(
+            "ringtun_hbone_tunnel_failures_total",
+            &format!("role=\"{role}\",reason=\"{}\"", e.label),
+            1,
+        );
+        self.close_tunnel_inner(tkey, true, e.label);
+    }
+
+    /// Closes a tunnel gracefully (GOAWAY, close_notify) or, with `Some(reason)` from the pool,
+    /// because it is idle or drained.
+    pub(in crate::data_plane::reactor) fn close_tunnel(
+        &mut self,
+        tkey: FlowKey,
+        reason: Option<&'static str>,
+    ) {
+        self.close_tunnel_inner(tkey, false, reason.unwrap_or("closed"));
+    }
+
+    pub(in crate::data_plane::reactor) fn close_tunnel_inner(
+        &mut self,
+        tkey: FlowKey,
+        failed: bool,
+        reason: &'static str,
+    ) {
+        let id = self.id;
+        let Some(t) = self.tunnel_mut(tkey) else {
+            return;
+        };
+        log::debug!(
+            "reactor {id}: closing {} tunnel ({reason}, failed: {failed}, phase {:?}, {} bytes queued)",
+            t.role.label(),
+            t.phase,
+            t.out_pending()
+        );
+        if t.phase == Phase::Closing {
+            // Already closing politely; a failure now just ends it.
+            if failed {
+                self.remove_tunnel(tkey, true);
+            }
+            return;
+        }
+        let role = t.role.label();
+        let was_open = t.phase == Phase::Open;
+        let streams: Vec<FlowKey> = std::mem::take(&mut t.streams).into_values().collect();
+        t.blocked.clear();
+        if was_open {
+            self.metrics.hbone(
+                "ringtun_hbone_tunnels_open",
+                &format!("role=\"{role}\""),
+                -1,
+            );
+        }
+        self.metrics.hbone(
+            "ringtun_hbone_tunnels_closed_total",
+            &format!("role=\"{role}\",reason=\"{reason}\""),
+            1,
+        );
+        let t = self.tunnel_mut(tkey).expect("present");
+        if let Role::Client { pool_id, .. } = t.role {
+            let h = self.hbone_state();
+            h.by_pool_id.remove(&pool_id);
+            if h.pool.state(pool_id) != crate::data_plane::tunnel_pool::TunnelState::Closed {
+                if let Ok(f) = h.pool.tunnel_failed(pool_id) {
+                    for w in f.waiters {
+                        self.finish_stream(
+                            w,
+                            StreamEnd::TunnelBroken {
+                                kind: FailureKind::TunnelFailed,
+                            },
+                        );
+                    }
+                }
+            }
+        }
+        let now = Instant::now();
+        for skey in streams {
+            let mut finished_both_ways = false;
+            if let Some(sf) = self.stream_mut(skey) {
+                finished_both_ways = sf.phase == StreamPhase::Open && sf.remote_eof && sf.local_eof;
+                sf.stream_gone = true;
+                sf.reserved = false;
+                sf.tunnel = None;
+                sf.blocked = false;
+            }
+            if !failed && finished_both_ways {
+                // Every byte and both END_STREAMs crossed; the flow may still be writing the
+                // tail to its local socket. Let it finish on its own.
+                self.drive_stream(skey, now);
+                continue;
+            }
+            self.finish_stream(
+                skey,
+                StreamEnd::TunnelBroken {
+                    kind: FailureKind::TunnelFailed,
+                },
+            );
+        }
+        if failed || !was_open {
+            return self.remove_tunnel(tkey, failed);
+        }
+        // Politely: GOAWAY, everything queued written, close_notify, FIN, then read until the
+        // peer closes too (closing with unread bytes would send a reset that can destroy data
+        // still in flight to the peer). Bounded by a timer.
+        let Some(t) = self.tunnel_mut(tkey) else {
+            return;
+        };
+        t.phase = Phase::Closing;
+        if let Some(s) = t.session.as_mut() {
+            s.goaway();
+        }
+        self.push_timer(tkey, now + CLOSE_LINGER, TimerKind::Connect);
+        self.finish_close(tkey);
+    }
+
+    /// Streams on the tunnel that have not exchanged both END_STREAMs.
+    pub(in crate::data_plane::reactor) fn unfinished_streams(&self, tkey: FlowKey) -> usize {
+        let Some(t) = self
+            .tunnels
+            .get(crate::data_plane::reactor::slot(tkey))
+            .filter(|t| t.key == tkey)
+        else {
+            return 0;
+        };
+        t.streams
+            .values()
+            .filter(|k| {
+                self.streams
+                    .get(crate::data_plane::reactor::slot(**k))
+                    .filter(|f| f.key == **k)
+                    .is_some_and(|f| !(f.remote_eof && f.local_eof))
+            })
+            .count()
+    }
+
+    /// Closing: flush, then close_notify and FIN once, then discard input until EOF.
+    pub(in crate::data_plane::reactor) fn finish_close(&mut self, tkey: FlowKey) {
+        let Some(t) = self.tunnel_mut(tkey) else {
+            return;
+        };
+        t.writer = None;
+        match if t.fin_sent { Ok(true) } else { t.flush() } {
+            Ok(true) => {}
+            Ok(false) => return self.arm_tunnel(tkey, Interest::Write),
+            Err(e) => {
+                log::debug!("reactor {}: closing tunnel: {e}", self.id);
+                return self.remove_tunnel(tkey, true);
+            }
+        }
+        if !t.fin_sent {
+            t.fin_sent = true;
+            t.send_close_notify();
+            // SAFETY: plain syscall on a socket we own.
+            unsafe { libc::shutdown(t.raw(), libc::SHUT_WR) };
+        }
+        let mut scratch = [0u8; 16 * 1024];
+        loop {
+            match crate::data_plane::ktls::recv_record(t.raw(), &mut scratch, libc::MSG_DONTWAIT) {
+                Ok(r)
+                    if r.len == 0
+                        && r.record_type == crate::data_plane::ktls::CONTENT_APPLICATION_DATA =>
+                {
+                    return self.remove_tunnel(tkey, false)
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return self.arm_tunnel(tkey, Interest::Read)
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::debug!("reactor {}: closing tunnel: {e}", self.id);
+                    return self.remove_tunnel(tkey, false);
+                }
+            }
+        }
+    }
+
+    /// Takes the tunnel out of the slab and closes its socket (with a reset when it failed).
+    pub(in crate::data_plane::reactor) fn remove_tunnel(&mut self, tkey: FlowKey, reset: bool) {
+        let id = self.id;
+        let Some(t) = self.tunnel_mut(tkey) else {
+            return;
+        };
+        log::debug!(
+            "reactor {id}: {} tunnel fd {} removed (reset: {reset}, {} bytes were queued)",
+            t.role.label(),
+            t.raw(),
+            t.out_pending()
+        );
+        let mut t = self.tunnels.remove(crate::data_plane::reactor::slot(tkey));
+        self.driver
+            .release(tkey, t.armed, t.phase == Phase::Connecting);
+        if let Some(sf_keys) = (!t.streams.is_empty()).then(|| std::mem::take(&mut t.streams)) {
+            for skey in sf_keys.into_values() {
+                if let Some(sf) = self.stream_mut(skey) {
+                    sf.tunnel = None;
+                    sf.stream_gone = true;
+                }
+                self.finish_stream(
+                    skey,
+                    StreamEnd::TunnelBroken {
+                        kind: FailureKind::TunnelFailed,
+                    },
+                );
+            }
+        }
+        if reset {
+            socket::close_with_reset(t.fd);
+        } else {
+            drop(t.fd);
+        }
+    }
+}
