@@ -219,6 +219,8 @@ pub struct Tunnel {
     pub queued: bool,
     /// Closing: close_notify and FIN went out.
     pub fin_sent: bool,
+    /// kTLS with `node.hbone.zero_copy`: streams splice their payload (set at `establish`).
+    pub zero_copy: bool,
     /// kTLS only: the stream flow whose DATA frame is partly written. Nothing else may write
     /// to the socket until that frame is complete (`tunnel_io`'s rule).
     pub writer: Option<FlowKey>,
@@ -270,6 +272,7 @@ impl Tunnel {
             retiring: false,
             queued: false,
             fin_sent: false,
+            zero_copy: false,
             writer: None,
             receiver: None,
         }
@@ -305,6 +308,7 @@ impl Tunnel {
         &mut self,
         support: &KtlsSupport,
         allow_ktls: bool,
+        zero_copy: bool,
         now: Instant,
     ) -> Result<(), TunnelError> {
         let Tls::Handshaking { conn, .. } = std::mem::replace(&mut self.tls, Tls::Gone) else {
@@ -333,6 +337,7 @@ impl Tunnel {
             Offload::Kernel { received, .. } => {
                 self.input.extend_from_slice(&received);
                 self.tls = Tls::Kernel;
+                self.zero_copy = zero_copy;
             }
             Offload::UserSpace { mut conn, .. } => {
                 // Plaintext rustls already holds goes first, then its keys move here.
@@ -380,7 +385,8 @@ impl Tunnel {
     /// kTLS: the zero-copy receiver may take over reading (nothing buffered, the session
     /// between frames, past the preface).
     pub fn zero_copy_rx_ready(&self) -> bool {
-        self.is_kernel_tls()
+        self.zero_copy
+            && self.is_kernel_tls()
             && self.input_pos == self.input.len()
             && self.session.as_ref().is_some_and(|s| s.at_frame_boundary())
     }
@@ -539,7 +545,7 @@ impl Tunnel {
     pub fn fill(&mut self, records: &mut Vec<&'static str>) -> Result<Fill, TunnelError> {
         // A kTLS tunnel about to hand reading to the zero-copy receiver reads no further than
         // the session wants, so no DATA payload lands in user space by accident.
-        let max = if self.is_kernel_tls() {
+        let max = if self.zero_copy && self.is_kernel_tls() {
             self.session
                 .as_ref()
                 .map_or(INPUT_CHUNK, |s| s.input_wanted().clamp(1, INPUT_CHUNK))

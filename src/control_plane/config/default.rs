@@ -37,6 +37,7 @@ node:
     ktls: auto                    # auto (kernel TLS when offered) | off (always rustls)
     ktls_record_budget: 8388608   # TLS records a tunnel sends before it is replaced (< 2^24)
     cipher: any                   # any (AES-128-GCM preferred) | aes_128_gcm | aes_256_gcm
+    zero_copy: false              # kTLS: splice DATA payload (experimental, see OPERATIONS.md)
   # Mutual TLS for HBONE tunnels (optional; `ringtun certs --config <file>` makes dev certs).
   # tls:
   #   trust_bundle: /etc/ringtun/certs/ca.pem    # PEM CA certificates peers must chain to
@@ -171,6 +172,7 @@ mod tests {
             "ktls:",
             "ktls_record_budget:",
             "cipher:",
+            "zero_copy:",
         ] {
             let line = DEFAULT_CONFIG_YAML
                 .lines()

@@ -107,6 +107,10 @@ pub struct HboneSettings {
     pub ktls_record_budget: u64,
     /// Which TLS 1.3 suites tunnels offer and accept.
     pub cipher: CipherChoice,
+    /// kTLS tunnels splice DATA payload (socket → pipe → tunnel and back) instead of copying
+    /// it through user space. Off by default: see OPERATIONS.md (a reordering seen under
+    /// record-budget retirement in the kernel matrix is not yet explained).
+    pub zero_copy: bool,
 }
 
 /// `node.hbone.cipher`: both AES-GCM suites (AES-128 preferred, as rustls), or just one (to

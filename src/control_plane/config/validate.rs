@@ -51,6 +51,7 @@ const HBONE_KEYS: &[&str] = &[
     "ktls",
     "ktls_record_budget",
     "cipher",
+    "zero_copy",
 ];
 const WORKLOAD_KEYS: &[&str] = &[
     "name",
@@ -96,6 +97,7 @@ pub const DEFAULT_HBONE: HboneSettings = HboneSettings {
     // Half the AES-GCM limit of 2^24 records (crate::data_plane::ktls::TX_RECORD_BUDGET).
     ktls_record_budget: 1 << 23,
     cipher: CipherChoice::Any,
+    zero_copy: false,
 };
 const DEFAULT_SERVICE_ACCOUNT: &str = "default";
 
@@ -722,7 +724,9 @@ fn check_node(c: &mut Checker, n: &Node) -> (Option<String>, Option<NodeConfig>)
                 }
             },
         );
+        let zero_copy = h.or_default(c, "zero_copy", DEFAULT_HBONE.zero_copy, boolean);
         Some(HboneSettings {
+            zero_copy: zero_copy?,
             cipher: cipher?,
             max_streams_per_tunnel: streams?,
             pool_idle_timeout: idle?,
@@ -1307,7 +1311,7 @@ node:
   tls:
     trust_bundle: /etc/ringtun/ca.pem
     certificate_dir: certs
-  hbone: {max_streams_per_tunnel: 7, pool_idle_timeout: 90s, ktls: "off", ktls_record_budget: 1000, cipher: aes_256_gcm}
+  hbone: {max_streams_per_tunnel: 7, pool_idle_timeout: 90s, ktls: "off", ktls_record_budget: 1000, cipher: aes_256_gcm, zero_copy: true}
 workloads:
   - name: client
     namespace: default
@@ -1378,6 +1382,7 @@ services:
                     ktls: KtlsChoice::Off,
                     ktls_record_budget: 1000,
                     cipher: CipherChoice::Aes256Gcm,
+                    zero_copy: true,
                 },
             },
             workloads: vec![

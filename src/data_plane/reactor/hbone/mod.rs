@@ -67,6 +67,8 @@ pub struct HboneState {
     client_configs: HashMap<(SpiffeId, SpiffeId), Arc<ClientConfig>>,
     pub rules: InboundRules,
     pub allow_ktls: bool,
+    /// kTLS tunnels splice their payload (`node.hbone.zero_copy`).
+    pub zero_copy: bool,
     pub record_budget: u64,
     /// Mode lines already logged (one per mode and reason per reactor; each tunnel's own
     /// line is at debug level).
@@ -89,6 +91,7 @@ impl HboneState {
             client_configs: HashMap::new(),
             rules: InboundRules::new(node),
             allow_ktls: node.hbone.ktls == KtlsChoice::Auto,
+            zero_copy: node.hbone.zero_copy,
             record_budget: node.hbone.ktls_record_budget,
             logged_modes: Default::default(),
         }

@@ -213,7 +213,10 @@ impl Reactor {
         let Some(tkey) = self.stream_mut(skey).and_then(|sf| sf.tunnel) else {
             return;
         };
-        if !self.tunnel_mut(tkey).is_some_and(|t| t.is_kernel_tls()) {
+        if !self
+            .tunnel_mut(tkey)
+            .is_some_and(|t| t.is_kernel_tls() && t.zero_copy)
+        {
             return;
         }
         let window = hbone_proto::Settings::default().initial_stream_window as usize;

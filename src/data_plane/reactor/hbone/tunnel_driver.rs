@@ -339,12 +339,12 @@ impl Reactor {
         tkey: FlowKey,
         now: Instant,
     ) -> Result<(), TunnelError> {
-        let (support, allow) = {
+        let (support, allow, zero_copy) = {
             let h = self.hbone.as_ref().expect("hbone configured");
-            (h.creds.ktls.clone(), h.allow_ktls)
+            (h.creds.ktls.clone(), h.allow_ktls, h.zero_copy)
         };
         let t = self.tunnel_mut(tkey).expect("tunnel present");
-        t.establish(&support, allow, now)?;
+        t.establish(&support, allow, zero_copy, now)?;
         let role = t.role.label();
         let mode = t.mode.clone().expect("mode set by establish");
         let cipher = t.cipher;
@@ -364,7 +364,15 @@ impl Reactor {
             log::info!("reactor {id}: {line}");
         }
         // Once per tunnel: which TLS it runs and why (tunnels are pooled, so this is rare).
-        log::info!("reactor {id}: {role} tunnel with {peer} ({peer_id}) established: {mode}");
+        let path = match (
+            self.tunnels[crate::data_plane::reactor::slot(tkey)].is_kernel_tls(),
+            self.tunnels[crate::data_plane::reactor::slot(tkey)].zero_copy,
+        ) {
+            (true, true) => ", payload spliced",
+            (true, false) => ", payload copied (node.hbone.zero_copy is off)",
+            (false, _) => "",
+        };
+        log::info!("reactor {id}: {role} tunnel with {peer} ({peer_id}) established: {mode}{path}");
         self.metrics.hbone(
             "ringtun_hbone_tunnels_total",
             &format!(
