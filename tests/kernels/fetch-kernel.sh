@@ -36,6 +36,7 @@ apt_opts=(
     -oAcquire::Languages=none
     -oAPT::Sandbox::User=root
     -oDebug::NoLocking=1
+    -oAcquire::Retries=3
 )
 
 log() { echo "fetch-kernel[$suite]: $*" >&2; }
@@ -46,12 +47,20 @@ max_age_min=${RINGTUN_VM_LIST_MAX_AGE_MIN:-360}
 if [ "${RINGTUN_VM_REFRESH:-0}" = 1 ] || [ ! -e "$stamp" ] ||
     [ -n "$(find "$stamp" -mmin +"$max_age_min" 2>/dev/null)" ]; then
     log "apt-get update (private lists in $apt_dir)"
-    if apt-get "${apt_opts[@]}" -qq update >"$apt_dir/update.log" 2>&1 &&
-        ! grep -qE '^(E:|Err:)' "$apt_dir/update.log"; then
-        touch "$stamp"
-    else
-        log "apt-get update failed (see $apt_dir/update.log); trying the cached lists"
-    fi
+    # A mirror hiccup should not fail the matrix: three attempts, then the cached lists.
+    for attempt in 1 2 3; do
+        if apt-get "${apt_opts[@]}" -qq update >"$apt_dir/update.log" 2>&1 &&
+            ! grep -qE '^(E:|Err:)' "$apt_dir/update.log"; then
+            touch "$stamp"
+            break
+        fi
+        if [ "$attempt" = 3 ]; then
+            log "apt-get update failed 3 times (see $apt_dir/update.log); trying the cached lists"
+        else
+            log "apt-get update failed (attempt $attempt); retrying in $((attempt * 5)) s"
+            sleep $((attempt * 5))
+        fi
+    done
 fi
 
 # The metapackage names the current ABI's image package.
@@ -64,10 +73,18 @@ if [ -n "$pkg" ]; then
     deb=$debs/${pkg}_${version}_amd64.deb
     if [ ! -s "$deb" ]; then
         log "apt-get download $pkg=$version"
-        if ! (cd "$debs" && apt-get "${apt_opts[@]}" -qq download "$pkg=$version" >&2); then
-            log "download of $pkg failed"
-            deb=
-        fi
+        for attempt in 1 2 3; do
+            if (cd "$debs" && apt-get "${apt_opts[@]}" -qq download "$pkg=$version" >&2); then
+                break
+            fi
+            if [ "$attempt" = 3 ]; then
+                log "download of $pkg failed 3 times"
+                deb=
+            else
+                log "download of $pkg failed (attempt $attempt); retrying in $((attempt * 5)) s"
+                sleep $((attempt * 5))
+            fi
+        done
     fi
 fi
 if [ -z "$deb" ] || [ ! -s "$deb" ]; then

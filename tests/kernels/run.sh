@@ -1,17 +1,36 @@
 #!/usr/bin/env bash
 # Kernel matrix runner: boots Debian's cloud kernels under qemu (TCG) with a busybox initramfs,
-# runs ringtun's kernel-facing lib tests inside with kTLS loaded, and reports the results on the
-# host. See tests/kernels/README.md.
+# and runs inside, with kTLS loaded: ringtun's kernel-facing lib tests, the two-node HBONE
+# end-to-end tests (tests/hbone_e2e.rs) and the kernel-aware checks (tests/kernel_matrix.rs);
+# then, with kernel.io_uring_disabled=2, the same checks on the driver ringtun picks by itself
+# and the epoll end-to-end tests. Reports the results on the host, writes the matrix table to
+# tests/kernels/MATRIX.md and the README. See tests/kernels/README.md.
 #
 #   sudo tests/kernels/run.sh            # every suite in RINGTUN_VM_SUITES
 #
 # Environment:
 #   RINGTUN_VM_SUITES    Debian suites to boot (default "bookworm trixie"; the first is required,
 #                        the others are skipped with a warning when unreachable and not cached)
-#   RINGTUN_VM_FILTERS   libtest filters (default "data_plane::ktls data_plane::tls kernel_features")
+#   RINGTUN_VM_E2E       1 (default): also the end-to-end tests; 0: only the lib tests
+#   RINGTUN_VM_FILTERS   lib test filters (default "data_plane::ktls data_plane::tls kernel_features")
+#   RINGTUN_VM_HBONE     hbone_e2e tests with kTLS (default: a small-data subset, see below)
+#   RINGTUN_VM_KM        kernel_matrix tests (default: every root test but the io_uring
+#                        byte-order variant; hbone_e2e's record-budget test covers io_uring)
+#   RINGTUN_VM_INTEROP   hbone_interop tests (default: the two h2-crate peers against ringtun)
+#                        (these test lists: set to "" to run none)
+#   RINGTUN_VM_REPEAT    run each test this many times (default 1; for hunting flakes)
+#   RINGTUN_VM_TEST_ENV  "NAME=value ..." set for every test inside the VM
+#   RINGTUN_VM_NOURING_E2E  "<binary>:<test>" list run with io_uring disabled (default below)
+#   RINGTUN_VM_REQUIRE_CIPHERS  ciphers that must each carry a kTLS tunnel where the kernel
+#                        accepts them (default "aes_128_gcm aes_256_gcm"; "" for none)
 #   RINGTUN_VM_TIMEOUT   seconds one VM may run (default 600)
+#   RINGTUN_VM_BUDGET    seconds the whole run may take, build included (default 870: CI's
+#                        15 minutes); a VM is cut off when it would overrun
+#   RINGTUN_VM_CPUS      vCPUs per VM (default 2; TCG runs one host thread per vCPU)
 #   RINGTUN_VM_REFRESH   1: refresh the private apt lists now (otherwise at most every 6 h)
 #   RINGTUN_VM_CACHE     cache and output directory (default target/kernels)
+#   RINGTUN_VM_DOCS      1 (default): write tests/kernels/MATRIX.md and the README's table;
+#                        0: only target/kernels/results.md (CI)
 # Exit status: 0 only if every VM booted, printed its DONE marker and every test and check passed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -25,8 +44,25 @@ fi
 
 suites=${RINGTUN_VM_SUITES:-bookworm trixie}
 timeout_s=${RINGTUN_VM_TIMEOUT:-600}
+budget_s=${RINGTUN_VM_BUDGET:-870}
+cpus=${RINGTUN_VM_CPUS:-2}
 cache=${RINGTUN_VM_CACHE:-target/kernels}
-export VM_FILTERS=${RINGTUN_VM_FILTERS:-data_plane::ktls data_plane::tls kernel_features}
+e2e=${RINGTUN_VM_E2E:-1}
+docs=${RINGTUN_VM_DOCS:-1}
+lib_filters=${RINGTUN_VM_FILTERS:-data_plane::ktls data_plane::tls kernel_features}
+# Small data only: TCG runs these 20-50x slower than the host. The 1 GiB and 200-connection
+# tests stay on the host.
+hbone_tests=${RINGTUN_VM_HBONE-io_uring::bytes_cross_two_nodes_intact io_uring::client_half_close_maps_to_end_stream io_uring::upstream_reset_reaches_client_as_reset io_uring::record_budget_retires_tunnels_without_losing_bytes io_uring::wrong_server_identity_is_refused_by_the_client epoll::bytes_cross_two_nodes_intact}
+# tests/kernel_matrix.rs: ringtun's own choices against kernel oracles, TLS records only an
+# independent peer sends (NewSessionTicket, KeyUpdate), and byte order across retirements.
+km_tests=${RINGTUN_VM_KM-auto_driver_follows_the_kernel_and_serves hbone_tunnel_tls_follows_the_kernel new_session_tickets_from_the_peer_do_not_break_the_tunnel peer_key_update_never_corrupts_or_truncates_silently record_budget_retirement_keeps_every_byte_in_order_epoll}
+# The h2-crate peers of tests/hbone_interop.rs (the Python ones need python3-h2, not in the VM).
+interop_tests=${RINGTUN_VM_INTEROP-h2_crate_client_gets_200_and_a_byte_stream_from_ringtun_15008 ringtun_tunnel_is_accepted_by_an_h2_crate_server}
+# With io_uring disabled the io_uring:: variants fail by design (they force the driver): the
+# auto-driver check, then epoll variants.
+nouring_e2e=${RINGTUN_VM_NOURING_E2E-kernel_matrix:auto_driver_follows_the_kernel_and_serves kernel_matrix:hbone_tunnel_tls_follows_the_kernel netns_e2e:epoll::client_half_close_keeps_server_direction_open netns_e2e:epoll::server_reset_reaches_client_as_reset hbone_e2e:epoll::client_half_close_maps_to_end_stream}
+# Ciphers that must each carry a kTLS tunnel where the kernel accepts them ("" for none).
+require_ciphers=${RINGTUN_VM_REQUIRE_CIPHERS-aes_128_gcm aes_256_gcm}
 mkdir -p "$cache"
 cache=$(cd "$cache" && pwd)
 
@@ -42,10 +78,23 @@ command -v zstd >/dev/null || need+=(zstd)
 command -v strip >/dev/null || need+=(binutils)
 command -v python3 >/dev/null || need+=(python3)
 [ -e /usr/share/keyrings/debian-archive-keyring.gpg ] || need+=(debian-archive-keyring)
+# The end-to-end tests' tools are copied from the host into the VM.
+command -v iptables-nft >/dev/null || need+=(iptables)
+command -v ip >/dev/null || need+=(iproute2)
+command -v nsenter >/dev/null || need+=(util-linux)
+command -v sysctl >/dev/null || need+=(procps)
 if [ ${#need[@]} -gt 0 ]; then
     echo "== installing ${need[*]}"
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+    ok=0
+    for attempt in 1 2 3; do
+        if apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null; then
+            ok=1
+            break
+        fi
+        echo "run.sh: apt-get failed (attempt $attempt of 3); retrying in $((attempt * 10)) s" >&2
+        sleep $((attempt * 10))
+    done
+    [ "$ok" = 1 ] || { echo "run.sh: cannot install ${need[*]}" >&2; exit 1; }
 fi
 
 # 2. Kernels.
@@ -66,12 +115,19 @@ for suite in $suites; do
     first=0
 done
 
-# 3. ringtun's binaries, built on the host.
+# 3. ringtun's binaries, built on the host: one cargo call (the test profile) names the lib
+# test binary, the integration test binaries and the `ringtun` they run (CARGO_BIN_EXE_ringtun).
+# They are copied at once, so a later build in the same target dir cannot change them mid-run.
 echo "== building ringtun test binaries"
 artifacts=$(mktemp)
-trap 'rm -f "$artifacts"' EXIT
+plan=$(mktemp)
+trap 'rm -f "$artifacts" "$plan"' EXIT
 cargo test --workspace --no-run --message-format=json >"$artifacts"
-test_bin=$(python3 -c '
+bins=$cache/bin
+rm -rf "$bins"
+mkdir -p "$bins"
+# Prints "<kind> <name> <executable>" for the ringtun package's lib tests, integration tests and bin.
+python3 -c '
 import json, sys
 for line in open(sys.argv[1]):
     try:
@@ -79,29 +135,73 @@ for line in open(sys.argv[1]):
     except ValueError:
         continue
     t = j.get("target") or {}
-    if j.get("reason") == "compiler-artifact" and t.get("name") == "ringtun" \
-            and "lib" in t.get("kind", []) and j.get("profile", {}).get("test") and j.get("executable"):
-        print(j["executable"])
-' "$artifacts" | tail -n1)
-cargo build --bin ringtun --message-format=json >"$artifacts"
-ringtun_bin=$(python3 -c '
-import json, sys
-for line in open(sys.argv[1]):
-    try:
-        j = json.loads(line)
-    except ValueError:
+    if j.get("reason") != "compiler-artifact" or not j.get("executable"):
         continue
-    t = j.get("target") or {}
-    if j.get("reason") == "compiler-artifact" and t.get("name") == "ringtun" \
-            and "bin" in t.get("kind", []) and j.get("executable"):
-        print(j["executable"])
-' "$artifacts" | tail -n1)
-if [ -z "$test_bin" ] || [ -z "$ringtun_bin" ]; then
-    echo "run.sh: could not find the ringtun lib test binary ($test_bin) or ringtun ($ringtun_bin)" >&2
+    kinds = t.get("kind", [])
+    if "lib" in kinds and j.get("profile", {}).get("test") and t.get("name") == "ringtun":
+        print("libtest", t["name"], j["executable"])
+    elif "test" in kinds:
+        print("test", t["name"], j["executable"])
+    elif "bin" in kinds and t.get("name") == "ringtun" and not j.get("profile", {}).get("test"):
+        print("bin", t["name"], j["executable"])
+' "$artifacts" >"$artifacts.list"
+test_bin=$(awk '$1 == "libtest" { print $3 }' "$artifacts.list" | tail -n1)
+ringtun_path=$(awk '$1 == "bin" { print $3 }' "$artifacts.list" | tail -n1)
+e2e_bins=()
+if [ "$e2e" = 1 ]; then
+    for t in hbone_e2e netns_e2e kernel_matrix hbone_interop; do
+        exe=$(awk -v t="$t" '$1 == "test" && $2 == t { print $3 }' "$artifacts.list" | tail -n1)
+        [ -n "$exe" ] || { echo "run.sh: cargo built no $t test binary" >&2; exit 1; }
+        cp "$exe" "$bins/$t"
+        e2e_bins+=("$bins/$t")
+    done
+fi
+rm -f "$artifacts.list"
+if [ -z "$test_bin" ] || [ -z "$ringtun_path" ]; then
+    echo "run.sh: could not find the ringtun lib test binary ($test_bin) or ringtun ($ringtun_path)" >&2
+    exit 1
+fi
+cp "$test_bin" "$bins/ringtun-lib-tests"
+cp "$ringtun_path" "$bins/ringtun"
+if [ "$e2e" = 1 ] && ! grep -qF "$ringtun_path" "$bins/hbone_e2e"; then
+    echo "run.sh: hbone_e2e does not run $ringtun_path; cannot place ringtun where it looks" >&2
     exit 1
 fi
 echo "   lib tests: $test_bin"
-echo "   ringtun:   $ringtun_bin"
+echo "   ringtun:   $ringtun_path (the integration tests run it from there; the VM has it there too)"
+
+# AES-256-GCM is carried by a test that pins it (node.hbone.cipher); it joins the default list
+# as soon as hbone_e2e has it.
+if [ "$e2e" = 1 ] && [ -z "${RINGTUN_VM_HBONE+set}" ]; then
+    pinned=io_uring::pinned_aes_256_gcm_carries_bytes
+    listed=$("$bins/hbone_e2e" --list --format=terse 2>/dev/null || true)
+    if grep -qx "$pinned: test" <<<"$listed"; then
+        hbone_tests="$hbone_tests $pinned"
+    else
+        echo "run.sh: WARNING: hbone_e2e has no $pinned; no tunnel will pin AES-256-GCM" >&2
+    fi
+fi
+
+# The plan inside the VM (format: init.sh).
+{
+    echo "main - /bin/ringtun-lib-tests $lib_filters"
+    if [ "$e2e" = 1 ]; then
+        [ -n "$km_tests" ] && echo "main kernel_matrix: /bin/kernel_matrix $km_tests"
+        [ -n "$hbone_tests" ] && echo "main hbone_e2e: /bin/hbone_e2e $hbone_tests"
+        [ -n "$interop_tests" ] && echo "main hbone_interop: /bin/hbone_interop $interop_tests"
+    fi
+    echo "nouring nouring: /bin/ringtun-lib-tests kernel_features"
+    if [ "$e2e" = 1 ]; then
+        for bt in $nouring_e2e; do
+            echo "nouring nouring:${bt%%:*}: /bin/${bt%%:*} ${bt#*:}"
+        done
+    fi
+} >"$plan"
+export VM_SUITES_FILE=$plan
+export VM_REPEAT=${RINGTUN_VM_REPEAT:-1}
+export VM_TEST_ENV=${RINGTUN_VM_TEST_ENV:-}
+export VM_RINGTUN_PATH=$ringtun_path
+export VM_E2E_BINS="${e2e_bins[*]}"
 
 # 4. One initramfs and one boot per kernel.
 report_args=()
@@ -111,22 +211,39 @@ for k in "${kernels[@]}"; do
     initrd=$out/initrd.cpio.gz
     log=$out/console.log
     echo "== $suite: $release ($(cat "$kdir/package"))"
-    "$here/mkinitramfs.sh" "$kdir" "$initrd" "$test_bin" "$ringtun_bin" >/dev/null
-    echo "   initramfs $(du -h "$initrd" | cut -f1); booting (timeout ${timeout_s}s, console → $log)"
+    "$here/mkinitramfs.sh" "$kdir" "$initrd" "$bins/ringtun-lib-tests" "$bins/ringtun" >/dev/null
+    # Each VM gets RINGTUN_VM_TIMEOUT, but never more than what is left of the whole run's
+    # budget: a slow VM is cut off with the results it has, rather than the run by CI.
+    vm_timeout=$timeout_s
+    left=$((start_time + budget_s - $(date +%s) - 15))
+    [ "$left" -lt "$vm_timeout" ] && vm_timeout=$left
+    if [ "$vm_timeout" -lt 30 ]; then
+        echo "   SKIPPED: the run's budget of ${budget_s}s is spent" | tee "$log"
+        report_args+=("$suite=$log:$kdir/config")
+        continue
+    fi
+    echo "   initramfs $(du -h "$initrd" | cut -f1); booting (timeout ${vm_timeout}s, console → $log)"
     t0=$(date +%s)
     qrc=0
-    timeout --kill-after=10 "$timeout_s" qemu-system-x86_64 -accel tcg -cpu max -m 1024 \
+    timeout --kill-after=10 "$vm_timeout" qemu-system-x86_64 -accel tcg -cpu max -smp "$cpus" -m 1536 \
         -nographic -no-reboot \
         -kernel "$kdir/vmlinuz" -initrd "$initrd" \
         -append "console=ttyS0 panic=-1 quiet" </dev/null >"$log" 2>&1 || qrc=$?
     echo "   qemu exited $qrc after $(($(date +%s) - t0)) s"
-    [ "$qrc" = 124 ] && echo "   TIMEOUT: the VM ran longer than ${timeout_s}s" | tee -a "$log"
+    if [ "$qrc" = 124 ]; then
+        echo "   TIMEOUT: the VM ran longer than ${vm_timeout}s" | tee -a "$log"
+    fi
     report_args+=("$suite=$log:$kdir/config")
 done
 
 # 5. The result.
 rrc=0
+docs_args=()
+if [ "$docs" = 1 ]; then
+    docs_args=(--matrix "$here/MATRIX.md" --readme README.md)
+fi
 python3 "$here/report.py" --json "$cache/results.json" --markdown "$cache/results.md" \
-    "${report_args[@]}" || rrc=$?
-echo "kernel matrix took $(($(date +%s) - start_time)) s; table: $cache/results.md"
+    --require-ciphers "$require_ciphers" "${docs_args[@]}" "${report_args[@]}" || rrc=$?
+echo "kernel matrix took $(($(date +%s) - start_time)) s; table: $cache/results.md" \
+    "$([ "$docs" = 1 ] && echo "and $here/MATRIX.md, README.md")"
 exit "$rrc"
