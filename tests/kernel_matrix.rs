@@ -1033,10 +1033,27 @@ fn record_budget_retirement_keeps_every_byte_in_order(driver: &str) {
     let all = env("RINGTUN_KM_KTLS").unwrap_or_else(|| "auto".into());
     let ktls_a = env("RINGTUN_KM_KTLS_A").unwrap_or_else(|| all.clone());
     let ktls_b = env("RINGTUN_KM_KTLS_B").unwrap_or_else(|| all.clone());
-    let ktls = format!("A {ktls_a}, B {ktls_b}");
+    // RINGTUN_KM_ZERO_COPY(_A|_B)=true|false: node.hbone.zero_copy (spliced kTLS payload).
+    let zc_all = env("RINGTUN_KM_ZERO_COPY");
+    let zc_a = env("RINGTUN_KM_ZERO_COPY_A").or_else(|| zc_all.clone());
+    let zc_b = env("RINGTUN_KM_ZERO_COPY_B").or_else(|| zc_all.clone());
+    let shown = |z: &Option<String>| z.clone().unwrap_or_else(|| "default".into());
+    let ktls = format!(
+        "A {ktls_a} (zero copy {}), B {ktls_b} (zero copy {})",
+        shown(&zc_a),
+        shown(&zc_b)
+    );
     let extra = |n| {
-        let k = if n == MeshNode::A { &ktls_a } else { &ktls_b };
-        format!("  hbone: {{ktls_record_budget: {budget}, ktls: {k}}}\n")
+        let (k, z) = if n == MeshNode::A {
+            (&ktls_a, &zc_a)
+        } else {
+            (&ktls_b, &zc_b)
+        };
+        let z = z
+            .as_ref()
+            .map(|z| format!(", zero_copy: {z}"))
+            .unwrap_or_default();
+        format!("  hbone: {{ktls_record_budget: {budget}, ktls: {k}{z}}}\n")
     };
     let cfg = |n| tb.two_node_config(n, 2, &certs, &extra(n));
     testbed::write_certs(Path::new(BIN), &cfg(MeshNode::A), &certs).expect("certs");
