@@ -645,6 +645,75 @@ pub fn exchange(stream: TcpStream, bytes: u64, seed: u64) -> io::Result<Exchange
     })
 }
 
+/// One exchange of `bytes` each way between the client pod and a server listening at `to` in
+/// `server_pod` (through whatever captures the client's connection): every byte arrives,
+/// SHA-256 equal at both ends. Returns how long the client's side took.
+pub fn exchange_intact(tb: &Testbed, server_pod: Pod, to: SocketAddr, bytes: u64) -> Duration {
+    let listener = listen_in(&tb.pod_ns(server_pod).expect("server pod"), to).expect("listen");
+    let server = serve_exchanges(listener, 1, bytes, 2);
+    let client =
+        connect_in(&tb.pod_ns(Pod::Client).expect("client pod"), to).expect("client connects");
+    let c = exchange(client, bytes, 1).expect("client exchange");
+    let s = server
+        .join()
+        .expect("server thread")
+        .expect("server exchange")[0];
+    assert_eq!((c.received, s.received), (bytes, bytes), "bytes lost");
+    assert_eq!(
+        hex(&c.sent_hash),
+        hex(&s.received_hash),
+        "client → server bytes differ"
+    );
+    assert_eq!(
+        hex(&s.sent_hash),
+        hex(&c.received_hash),
+        "server → client bytes differ"
+    );
+    c.elapsed
+}
+
+/// Reads to EOF (retrying EINTR); the error if the stream ended with one instead.
+pub fn read_until_end(s: &mut TcpStream) -> io::Result<Vec<u8>> {
+    let mut buf = [0u8; 65536];
+    let mut out = Vec::new();
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return Ok(out),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The errors a socket ends with when its peer reset it (not a clean EOF).
+pub fn is_reset(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+    )
+}
+
+/// SO_LINGER 0: closing the socket then sends a RST instead of a FIN.
+pub fn set_linger_zero(s: &TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket and a linger struct of the right size.
+    unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(s),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &linger as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+}
+
 /// Accepts `count` connections on `listener`, answering each with [`exchange`] of `bytes`.
 pub fn serve_exchanges(
     listener: TcpListener,

@@ -8,15 +8,15 @@
 //!
 //! Without root each test prints `SKIPPED (needs root)`; with `CI` set it fails.
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ringtun::testbed::{
-    self, connect_in, listen_in, serve_exchanges, MeshNode, Pod, RingtunProcess, Testbed,
-    MESH_PORT, VIP, VIP_PORT,
+    self, connect_in, is_reset, listen_in, read_until_end, serve_exchanges, set_linger_zero,
+    MeshNode, Pod, RingtunProcess, Testbed, MESH_PORT, VIP, VIP_PORT,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_ringtun");
@@ -185,49 +185,9 @@ fn mesh1() -> SocketAddr {
     SocketAddr::new(Pod::Mesh1.v4(), MESH_PORT)
 }
 
-/// One exchange of `bytes` each way from the client pod to `to` (served in `pod`), SHA-256
-/// equal at both ends.
+/// One exchange of `bytes` each way from the client pod to `to` (served in `pod`).
 fn exchange_intact(m: &Mesh, pod: Pod, to: SocketAddr, bytes: u64) -> Duration {
-    let listener = listen_in(
-        &m.tb.pod_ns(pod).unwrap(),
-        SocketAddr::new(pod.v4(), to.port()),
-    )
-    .unwrap();
-    let server = serve_exchanges(listener, 1, bytes, 2);
-    let c = testbed::exchange(m.connect(to), bytes, 1).unwrap();
-    let s = server.join().unwrap().unwrap()[0];
-    assert_eq!((c.received, s.received), (bytes, bytes), "bytes lost");
-    assert_eq!(
-        testbed::hex(&c.sent_hash),
-        testbed::hex(&s.received_hash),
-        "client → server bytes differ"
-    );
-    assert_eq!(
-        testbed::hex(&s.sent_hash),
-        testbed::hex(&c.received_hash),
-        "server → client bytes differ"
-    );
-    c.elapsed
-}
-
-fn read_until_end(s: &mut TcpStream) -> Result<Vec<u8>, std::io::Error> {
-    let mut buf = [0u8; 65536];
-    let mut out = Vec::new();
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => return Ok(out),
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-fn is_reset(e: &std::io::Error) -> bool {
-    matches!(
-        e.kind(),
-        ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe
-    )
+    testbed::exchange_intact(&m.tb, pod, to, bytes)
 }
 
 /// Connects and reads to the end; the stream must end with a reset, not a FIN.
@@ -441,24 +401,6 @@ fn client_reset_reaches_upstream_as_reset(driver: &str) {
         Err(e) => assert!(is_reset(&e), "expected a reset upstream, got {e}"),
     }
     m.finish();
-}
-
-fn set_linger_zero(s: &TcpStream) {
-    let fd = std::os::fd::AsRawFd::as_raw_fd(s);
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: valid socket, a linger struct of the right size.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            &linger as *const _ as *const libc::c_void,
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
 }
 
 fn refused_upstream_is_503_and_client_reset(driver: &str) {

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use ringtun::redirection::netns::NetNs;
 use ringtun::testbed::{
-    self, connect_in, listen_in, serve_exchanges, MeshNode, Pod, RingtunProcess, Testbed, MESH_PORT,
+    self, connect_in, exchange_intact, listen_in, MeshNode, Pod, RingtunProcess, Testbed, MESH_PORT,
 };
 use serde_json::Value;
 
@@ -128,28 +128,6 @@ fn install_rules(tb: &Testbed, pods: &[Pod], config_path: &Path) {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-}
-
-/// One exchange of `bytes` each way from the client pod to `to` served in `pod`; SHA-256 equal
-/// at both ends.
-fn exchange_intact(tb: &Testbed, pod: Pod, to: SocketAddr, bytes: u64) -> Duration {
-    let listener = listen_in(&tb.pod_ns(pod).unwrap(), to).unwrap();
-    let server = serve_exchanges(listener, 1, bytes, 2);
-    let client = connect_in(&tb.pod_ns(Pod::Client).unwrap(), to).expect("client connects");
-    let c = testbed::exchange(client, bytes, 1).unwrap();
-    let s = server.join().unwrap().unwrap()[0];
-    assert_eq!((c.received, s.received), (bytes, bytes), "bytes lost");
-    assert_eq!(
-        testbed::hex(&c.sent_hash),
-        testbed::hex(&s.received_hash),
-        "client → server bytes differ"
-    );
-    assert_eq!(
-        testbed::hex(&s.sent_hash),
-        testbed::hex(&c.received_hash),
-        "server → client bytes differ"
-    );
-    c.elapsed
 }
 
 /// Every flow gone, SIGTERM, exit 0.

@@ -6,14 +6,15 @@
 //!
 //! Without root each test prints `SKIPPED (needs root)` to stderr; with `CI` set it fails.
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ringtun::testbed::{
-    self, connect_in, listen_in, serve_exchanges, Pod, RingtunProcess, Testbed,
+    self, connect_in, exchange_intact, is_reset, listen_in, read_until_end, set_linger_zero, Pod,
+    RingtunProcess, Testbed,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_ringtun");
@@ -86,9 +87,10 @@ impl Node {
     fn connect_expecting_reset(&self, to: SocketAddr) -> std::io::Error {
         match connect_in(&self.ns(Pod::Client), to) {
             Ok(mut c) => match read_until_end(&mut c) {
-                Ok(n) => {
-                    panic!("{to}: the stream ended cleanly after {n} bytes; a reset was expected")
-                }
+                Ok(b) => panic!(
+                    "{to}: the stream ended cleanly after {} bytes; a reset was expected",
+                    b.len()
+                ),
                 Err(e) => e,
             },
             Err(e) => e,
@@ -161,48 +163,6 @@ fn settled_fds(r: &RingtunProcess, target: Option<usize>) -> usize {
 
 fn ext(port: u16) -> SocketAddr {
     SocketAddr::new(Pod::Ext.v4(), port)
-}
-
-/// One exchange of `bytes` each way between the client pod and a server at `to` in
-/// `server_pod`, through the capture: every byte arrives, SHA-256 equal at both ends.
-fn exchange_intact(tb: &Testbed, server_pod: Pod, to: SocketAddr, bytes: u64) {
-    let listener = listen_in(&tb.pod_ns(server_pod).unwrap(), to).unwrap();
-    let server = serve_exchanges(listener, 1, bytes, 2);
-    let client = connect_in(&tb.pod_ns(Pod::Client).unwrap(), to).unwrap();
-    let c = testbed::exchange(client, bytes, 1).unwrap();
-    let s = server.join().unwrap().unwrap()[0];
-    assert_eq!((c.received, s.received), (bytes, bytes), "bytes lost");
-    assert_eq!(
-        testbed::hex(&c.sent_hash),
-        testbed::hex(&s.received_hash),
-        "client → server bytes differ"
-    );
-    assert_eq!(
-        testbed::hex(&s.sent_hash),
-        testbed::hex(&c.received_hash),
-        "server → client bytes differ"
-    );
-}
-
-fn is_reset(e: &std::io::Error) -> bool {
-    matches!(
-        e.kind(),
-        ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe
-    )
-}
-
-/// Reads until error or EOF; returns the error if the stream ended with one.
-fn read_until_end(s: &mut TcpStream) -> Result<usize, std::io::Error> {
-    let mut buf = [0u8; 65536];
-    let mut total = 0;
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => return Ok(total),
-            Ok(n) => total += n,
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
-    }
 }
 
 macro_rules! both_drivers {
@@ -304,21 +264,7 @@ fn server_reset_reaches_client_as_reset(driver: &str) {
         let mut b = [0u8; 5];
         s.read_exact(&mut b).unwrap();
         // SO_LINGER 0: close sends RST instead of FIN.
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&s);
-        let l = libc::linger {
-            l_onoff: 1,
-            l_linger: 0,
-        };
-        // SAFETY: setting SO_LINGER on a socket this thread owns.
-        unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_LINGER,
-                &l as *const _ as *const libc::c_void,
-                8,
-            )
-        };
+        set_linger_zero(&s);
         drop(s);
     });
     let mut c = node.connect(ext(EXT_PORT));
