@@ -996,8 +996,16 @@ fn first_difference(want: &[u8], got: &[u8]) -> Option<String> {
 /// With a tiny record budget the tunnels retire in the middle of streams, again and again.
 /// Every byte must arrive, in order, in both directions; on failure the message says where
 /// the first wrong byte is and what it is instead (the kernel matrix found such failures).
-fn record_budget_retirement_keeps_every_byte_in_order(driver: &str) {
-    let tb = Testbed::create(&format!("kr{}", &driver[..1])).expect("testbed");
+///
+/// `payload`: `None` runs what the configuration says (the default: spliced payload on kTLS);
+/// `Some(false)` pins `node.hbone.zero_copy: false`, the copied-payload path on kTLS.
+fn record_budget_retirement_keeps_every_byte_in_order(driver: &str, zero_copy: Option<bool>) {
+    let tb = Testbed::create(&format!(
+        "kr{}{}",
+        &driver[..1],
+        if zero_copy == Some(false) { "c" } else { "" }
+    ))
+    .expect("testbed");
     let dir = std::env::temp_dir().join(&tb.prefix);
     let certs: PathBuf = dir.join("certs");
     // RINGTUN_KM_RECORD_BUDGET: another budget, to tell retirement bugs from others.
@@ -1012,7 +1020,7 @@ fn record_budget_retirement_keeps_every_byte_in_order(driver: &str) {
     let ktls_a = env("RINGTUN_KM_KTLS_A").unwrap_or_else(|| all.clone());
     let ktls_b = env("RINGTUN_KM_KTLS_B").unwrap_or_else(|| all.clone());
     // RINGTUN_KM_ZERO_COPY(_A|_B)=true|false: node.hbone.zero_copy (spliced kTLS payload).
-    let zc_all = env("RINGTUN_KM_ZERO_COPY");
+    let zc_all = env("RINGTUN_KM_ZERO_COPY").or_else(|| zero_copy.map(|z| z.to_string()));
     let zc_a = env("RINGTUN_KM_ZERO_COPY_A").or_else(|| zc_all.clone());
     let zc_b = env("RINGTUN_KM_ZERO_COPY_B").or_else(|| zc_all.clone());
     let shown = |z: &Option<String>| z.clone().unwrap_or_else(|| "default".into());
@@ -1121,11 +1129,52 @@ fn record_budget_retirement_keeps_every_byte_in_order(driver: &str) {
     let handshakes = a
         .metric("ringtun_hbone_handshakes_total", &["role=\"client\""])
         .unwrap();
+    // Which path the payload took on each node, from its own counters: on a kTLS tunnel with
+    // zero-copy (the default) most of it must have been spliced both ways, otherwise none.
+    let mut paths = Vec::new();
+    for (name, node, zc) in [("A", &a, &zc_a), ("B", &b, &zc_b)] {
+        let bytes = |direction: &str, path: &str| {
+            node.metric(
+                "ringtun_hbone_payload_bytes_total",
+                &[
+                    &format!("direction=\"{direction}\""),
+                    &format!("path=\"{path}\""),
+                ],
+            )
+            .unwrap()
+        };
+        let ktls_tunnels = node
+            .metric("ringtun_hbone_tunnels_total", &["tls=\"ktls\""])
+            .unwrap();
+        let all_ktls = ktls_tunnels > 0.0
+            && ktls_tunnels == node.metric("ringtun_hbone_tunnels_total", &[]).unwrap();
+        let zero_copy = zc.as_deref() != Some("false");
+        for direction in ["sent", "received"] {
+            let (spliced, copied) = (bytes(direction, "spliced"), bytes(direction, "copied"));
+            paths.push(format!(
+                "{name} {direction} {spliced} spliced + {copied} copied"
+            ));
+            if all_ktls && zero_copy {
+                if spliced < copied || spliced + copied < BYTES as f64 * 4.0 {
+                    problems.push(format!(
+                        "node {name}: zero-copy on kTLS, yet {direction} payload was \
+                         {spliced} bytes spliced and {copied} copied"
+                    ));
+                }
+            } else if spliced > 0.0 {
+                problems.push(format!(
+                    "node {name}: {spliced} {direction} payload bytes spliced without \
+                     zero-copy on kTLS (kTLS tunnels {ktls_tunnels}, zero_copy {zc:?})"
+                ));
+            }
+        }
+    }
     fact(
         "record-budget-rounds",
         &format!(
             "{driver}: 4 rounds of 2 MiB each way, record budget {budget}, kTLS {ktls}, \
-             {handshakes} client handshakes, {} problems",
+             {handshakes} client handshakes, payload {}, {} problems",
+            paths.join(", "),
             problems.len()
         ),
     );
@@ -1149,14 +1198,23 @@ fn record_budget_retirement_keeps_every_byte_in_order(driver: &str) {
 #[test]
 fn record_budget_retirement_keeps_every_byte_in_order_io_uring() {
     if root_or_skip("record_budget_retirement_keeps_every_byte_in_order_io_uring") {
-        record_budget_retirement_keeps_every_byte_in_order("io-uring");
+        record_budget_retirement_keeps_every_byte_in_order("io-uring", None);
     }
 }
 
 #[test]
 fn record_budget_retirement_keeps_every_byte_in_order_epoll() {
     if root_or_skip("record_budget_retirement_keeps_every_byte_in_order_epoll") {
-        record_budget_retirement_keeps_every_byte_in_order("epoll");
+        record_budget_retirement_keeps_every_byte_in_order("epoll", None);
+    }
+}
+
+/// The same with kTLS copying the payload through user space (`zero_copy: false`), the path a
+/// user picks to rule the splice path out.
+#[test]
+fn record_budget_retirement_keeps_every_byte_in_order_copied_payload() {
+    if root_or_skip("record_budget_retirement_keeps_every_byte_in_order_copied_payload") {
+        record_budget_retirement_keeps_every_byte_in_order("epoll", Some(false));
     }
 }
 

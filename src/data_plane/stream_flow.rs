@@ -133,9 +133,21 @@ impl StreamFlow {
 
     /// Switches the stream to the zero-copy path of a kTLS tunnel (called when it opens).
     /// `max_spill` bounds the user-space fallback buffer (the stream's receive window).
+    ///
+    /// From here on the sink is the stream's only queue toward the local socket: bytes the
+    /// copy path still holds move into it first, and [`deliver`](Self::deliver) appends
+    /// behind whatever it holds. (An outbound stream gets its sink when the CONNECT answer is
+    /// processed, after DATA that followed the answer on the wire may already have been
+    /// copied; with two queues, bytes spliced into the pipe could overtake them.)
     pub fn use_zero_copy(&mut self, max_spill: usize) {
         self.sender = Some(FrameSender::new(true));
-        self.sink = Some(StreamSink::new(self.local.as_raw_fd(), max_spill));
+        let mut sink = StreamSink::new(self.local.as_raw_fd(), max_spill);
+        if self.to_local_pos < self.to_local.len() {
+            sink.push_copied(&self.to_local[self.to_local_pos..]);
+        }
+        self.to_local = Vec::new();
+        self.to_local_pos = 0;
+        self.sink = Some(sink);
     }
 
     /// Gives pipes back to the pool (empty ones) or closes them.
@@ -148,20 +160,22 @@ impl StreamFlow {
         }
     }
 
-    /// No copied bytes wait (the zero-copy sink may take payload without reordering).
-    pub fn copy_queue_empty(&self) -> bool {
-        self.to_local.len() == self.to_local_pos
-    }
-
     /// Bytes waiting for the local socket.
     pub fn pending_local(&self) -> usize {
         self.to_local.len() - self.to_local_pos + self.sink.as_ref().map_or(0, |s| s.buffered())
     }
 
-    /// Hands tunnel payload to the local socket: written directly when nothing is queued and
-    /// the socket takes it, the rest queued. Returns the bytes that left now (to release as
-    /// flow-control credit); an error is the local socket's.
+    /// Hands tunnel payload that came through user space to the local socket, in order behind
+    /// everything received before it. Without a sink: written directly when nothing is queued
+    /// and the socket takes it, the rest queued; returns the bytes that left now (to release
+    /// as flow-control credit). With a sink the bytes join it and `Ok(0)` is returned: their
+    /// credit comes back through the sink's `take_delivered` as they leave. An error is the
+    /// local socket's.
     pub fn deliver(&mut self, data: &[u8]) -> io::Result<usize> {
+        if let Some(sink) = self.sink.as_mut() {
+            sink.push_copied(data);
+            return Ok(0);
+        }
         let mut written = 0;
         if self.to_local.len() == self.to_local_pos {
             match send(self.local.as_raw_fd(), data) {
@@ -173,12 +187,12 @@ impl StreamFlow {
         if written < data.len() {
             self.to_local.extend_from_slice(&data[written..]);
         }
-        self.count_toward_local(data.len());
+        self.count_toward_local(written);
         Ok(written)
     }
 
-    /// Counts bytes that came out of the tunnel toward the local socket, and bytes that went
-    /// from the local socket into the tunnel (`count_from_local`), in the access record and
+    /// Counts bytes that left the tunnel for the local socket (as they leave, whichever queue
+    /// they waited in), and bytes that went from the local socket into the tunnel (`count_from_local`), in the access record and
     /// the Istio TCP counters (received = from the client's side, sent = toward it).
     pub fn count_toward_local(&mut self, n: usize) {
         let n = n as u64;
@@ -225,6 +239,7 @@ impl StreamFlow {
             self.to_local = Vec::new();
             self.to_local_pos = 0;
         }
+        self.count_toward_local(total);
         Ok(total)
     }
 

@@ -509,6 +509,22 @@ impl<P: SplicePipe> StreamSink<P> {
         }
     }
 
+    /// Takes payload of this stream that came through user space rather than the receiver
+    /// (bytes read before the stream had its sink, or by the tunnel's copy path before the
+    /// zero-copy receiver took over). It goes behind everything the sink holds: once a stream
+    /// has a sink, the sink is its only queue toward the destination, so its bytes leave in
+    /// the order they arrived whichever path each frame took. Never more than the stream's
+    /// receive window (the session enforces it), so the spill bound is not checked here. After
+    /// a destination failure the bytes are dropped and reported as delivered (credit back).
+    pub fn push_copied(&mut self, bytes: &[u8]) {
+        if self.failed.is_some() {
+            self.unreported += bytes.len();
+            return;
+        }
+        self.spill.extend(bytes);
+        self.opportunistic_flush();
+    }
+
     /// Gives the pipe back if it is empty, or closes it if it may still hold bytes.
     pub fn release<S: PipeSupply<Pipe = P>>(&mut self, pool: &mut S) {
         if let Some(pipe) = self.pipe.take() {

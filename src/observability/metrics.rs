@@ -529,6 +529,10 @@ fn hbone_help(name: &str) -> (&'static str, &'static str) {
             "counter",
             "Non-data TLS records a kTLS tunnel received, by kind",
         ),
+        "ringtun_hbone_payload_bytes_total" => (
+            "counter",
+            "DATA payload bytes through tunnels, by direction and path (spliced: never in user space; copied: through user space)",
+        ),
         _ => ("counter", "HBONE tunnel events"),
     }
 }

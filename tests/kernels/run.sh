@@ -55,7 +55,7 @@ lib_filters=${RINGTUN_VM_FILTERS:-data_plane::ktls data_plane::tls kernel_featur
 hbone_tests=${RINGTUN_VM_HBONE-io_uring::bytes_cross_two_nodes_intact io_uring::client_half_close_maps_to_end_stream io_uring::upstream_reset_reaches_client_as_reset io_uring::record_budget_retires_tunnels_without_losing_bytes io_uring::wrong_server_identity_is_refused_by_the_client epoll::bytes_cross_two_nodes_intact}
 # tests/kernel_matrix.rs: ringtun's own choices against kernel oracles, TLS records only an
 # independent peer sends (NewSessionTicket, KeyUpdate), and byte order across retirements.
-km_tests=${RINGTUN_VM_KM-auto_driver_follows_the_kernel_and_serves hbone_tunnel_tls_follows_the_kernel new_session_tickets_from_the_peer_do_not_break_the_tunnel peer_key_update_never_corrupts_or_truncates_silently record_budget_retirement_keeps_every_byte_in_order_epoll}
+km_tests=${RINGTUN_VM_KM-auto_driver_follows_the_kernel_and_serves hbone_tunnel_tls_follows_the_kernel new_session_tickets_from_the_peer_do_not_break_the_tunnel peer_key_update_never_corrupts_or_truncates_silently record_budget_retirement_keeps_every_byte_in_order_epoll record_budget_retirement_keeps_every_byte_in_order_copied_payload}
 # The h2-crate peers of tests/hbone_interop.rs (the Python ones need python3-h2, not in the VM).
 interop_tests=${RINGTUN_VM_INTEROP-h2_crate_client_gets_200_and_a_byte_stream_from_ringtun_15008 ringtun_tunnel_is_accepted_by_an_h2_crate_server}
 # With io_uring disabled the io_uring:: variants fail by design (they force the driver): the

@@ -37,7 +37,7 @@ node:
     ktls: auto                    # auto (kernel TLS when offered) | off (always rustls)
     ktls_record_budget: 8388608   # TLS records a tunnel sends before it is replaced (< 2^24)
     cipher: any                   # any (AES-128-GCM preferred) | aes_128_gcm | aes_256_gcm
-    zero_copy: false              # kTLS: splice DATA payload (experimental, see OPERATIONS.md)
+    zero_copy: true               # kTLS: splice DATA payload (false: copy it once each way)
   # Mutual TLS for HBONE tunnels (optional; `ringtun certs --config <file>` makes dev certs).
   # tls:
   #   trust_bundle: /etc/ringtun/certs/ca.pem    # PEM CA certificates peers must chain to

@@ -97,7 +97,7 @@ pub const DEFAULT_HBONE: HboneSettings = HboneSettings {
     // Half the AES-GCM limit of 2^24 records (crate::data_plane::ktls::TX_RECORD_BUDGET).
     ktls_record_budget: 1 << 23,
     cipher: CipherChoice::Any,
-    zero_copy: false,
+    zero_copy: true,
 };
 const DEFAULT_SERVICE_ACCOUNT: &str = "default";
 

@@ -45,7 +45,7 @@ use crate::data_plane::tunnel_pool::{
 };
 use crate::kernel_features::KtlsSupport;
 use crate::observability::access_log::{self, FlowRecord};
-use crate::observability::metrics::{CloseKind, FailureKind, TcpLabels};
+use crate::observability::metrics::{CloseKind, FailureKind, ReactorMetrics, TcpLabels};
 use crate::redirection::netns::{in_netns, NetNs};
 
 /// TLS material for tunnels, built once at start-up and shared by every reactor.

@@ -104,14 +104,13 @@ impl Reactor {
         let Some(sf) = self.stream_mut(skey) else {
             return;
         };
-        if sf.copy_queue_empty() {
-            if let Some(sink) = sf.sink.as_mut() {
-                if let Err(e) = sink.flush() {
-                    let end = self.local_broken(skey, e.0);
-                    return self.finish_stream(skey, end);
-                }
-                self.release_delivered(skey, now);
+        // With a sink, it is the stream's only queue (the copy queue above is empty).
+        if let Some(sink) = sf.sink.as_mut() {
+            if let Err(e) = sink.flush() {
+                let end = self.local_broken(skey, e.0);
+                return self.finish_stream(skey, end);
             }
+            self.release_delivered(skey, now);
         }
         let Some(sf) = self.stream_mut(skey) else {
             return;
@@ -185,6 +184,7 @@ impl Reactor {
                     }
                     Ok(n) => {
                         moved += n;
+                        self.count_payload("sent", 0, n as u64);
                         if let Some(sf) = self.stream_mut(skey) {
                             sf.count_from_local(n);
                             sf.last_active = now;
@@ -290,6 +290,7 @@ impl Reactor {
             sf.count_from_local(sent);
             sf.last_active = now;
         }
+        tunnel_driver::count_payload(&self.metrics, "sent", sent as u64, 0);
         let side = sf.local_side;
         let wrote_out = t.out_pending() > 0;
         match r {

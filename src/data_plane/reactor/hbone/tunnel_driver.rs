@@ -10,16 +10,77 @@ struct RecvHandler<'a> {
     flows: &'a mut slab::Slab<StreamFlow>,
     now: Instant,
     records: Vec<&'static str>,
-    /// Flows whose sinks took payload (their credit is released after the poll).
+    /// Flows that took payload (their credit is released after the poll).
     touched: Vec<FlowKey>,
+    /// Flows whose local socket failed while payload was handed to it (ended after the poll).
+    broken: Vec<(FlowKey, i32)>,
     fatal: Option<TunnelError>,
     peer_closed: bool,
+}
+
+impl RecvHandler<'_> {
+    fn flow(&mut self, stream: StreamId) -> Option<&mut StreamFlow> {
+        let key = *self.stream_map.get(&stream)?;
+        self.flows
+            .get_mut(crate::data_plane::reactor::slot(key))
+            .filter(|f| f.key == key)
+    }
+
+    fn touch(&mut self, key: FlowKey) {
+        if !self.touched.contains(&key) {
+            self.touched.push(key);
+        }
+    }
+
+    /// Payload the receiver did not splice (its stream had no sink when the frame began) is
+    /// handed to the stream now, in tunnel order, exactly as the copy path does. Never as a
+    /// session event delivered after the poll: by then later frames of the same stream may
+    /// have been spliced into its sink and would overtake these bytes.
+    fn copied_payload(&mut self, stream: StreamId, bytes: &[u8]) -> Result<(), HandlerError> {
+        let now = self.now;
+        let (released, key, failed) = match self.flow(stream) {
+            Some(sf) => {
+                sf.last_active = now;
+                let key = sf.key;
+                match sf.deliver(bytes) {
+                    Ok(w) => (w, Some(key), None),
+                    // The local socket failed: drop the bytes (credit goes back); the flow
+                    // ends after the poll.
+                    Err(e) => (
+                        bytes.len(),
+                        None,
+                        Some((key, e.raw_os_error().unwrap_or(libc::EIO))),
+                    ),
+                }
+            }
+            None => (bytes.len(), None, None),
+        };
+        self.session
+            .data_consumed(stream, bytes.len())
+            .map_err(|_| HandlerError)?;
+        if released > 0 {
+            let _ = self.session.release_capacity(stream, released);
+        }
+        if let Some(key) = key {
+            self.touch(key);
+        }
+        if let Some(f) = failed {
+            self.broken.push(f);
+        }
+        Ok(())
+    }
 }
 
 impl FrameHandler<Pipe> for RecvHandler<'_> {
     fn frame_bytes(&mut self, bytes: &[u8]) -> Result<(), HandlerError> {
         let mut off = 0;
         while off < bytes.len() {
+            if let Some((stream, remaining)) = self.session.pending_payload() {
+                let n = remaining.min(bytes.len() - off);
+                self.copied_payload(stream, &bytes[off..off + n])?;
+                off += n;
+                continue;
+            }
             let n = match self.session.handle_input(&bytes[off..], self.now) {
                 Input::Consumed(n) => n,
                 Input::DataPayload { consumed, .. } => consumed,
@@ -39,19 +100,9 @@ impl FrameHandler<Pipe> for RecvHandler<'_> {
         if self.session.pending_payload().map(|(s, _)| s) != Some(stream) {
             return None;
         }
-        let key = *self.stream_map.get(&stream)?;
-        let sf = self
-            .flows
-            .get_mut(crate::data_plane::reactor::slot(key))
-            .filter(|f| f.key == key)?;
-        // Copied bytes still queued go first: then this frame is copied behind them.
-        if !sf.copy_queue_empty() {
-            return None;
-        }
-        if !self.touched.contains(&key) {
-            self.touched.push(key);
-        }
-        sf.sink.as_mut()
+        let key = self.flow(stream)?.key;
+        self.touch(key);
+        self.flow(stream)?.sink.as_mut()
     }
 
     fn payload_moved(&mut self, stream: StreamId, n: usize) -> Result<(), HandlerError> {
@@ -91,6 +142,28 @@ fn moved(stats: &crate::data_plane::tunnel_io::RecvStats) -> usize {
         as usize
         + (stats.spliced_frames + stats.buffered_frames + stats.control_frames) as usize
             * hbone_proto::frame::FRAME_HEADER_LEN
+}
+
+/// Adds to `ringtun_hbone_payload_bytes_total{direction,path}` (a free function so callers
+/// holding borrows of other reactor fields can use it).
+pub(in crate::data_plane::reactor) fn count_payload(
+    metrics: &ReactorMetrics,
+    direction: &'static str,
+    spliced: u64,
+    copied: u64,
+) {
+    for (spliced_path, n) in [(true, spliced), (false, copied)] {
+        if n == 0 {
+            continue;
+        }
+        let labels = match (direction == "sent", spliced_path) {
+            (true, true) => "direction=\"sent\",path=\"spliced\"",
+            (true, false) => "direction=\"sent\",path=\"copied\"",
+            (false, true) => "direction=\"received\",path=\"spliced\"",
+            (false, false) => "direction=\"received\",path=\"copied\"",
+        };
+        metrics.hbone("ringtun_hbone_payload_bytes_total", labels, n as i64);
+    }
 }
 
 /// How long a politely closing tunnel may take to flush and see the peer's FIN.
@@ -267,6 +340,7 @@ impl Reactor {
             return Ok((RecvStatus::WantRead, 0));
         };
         let before = moved(&receiver.stats);
+        let before_stats = receiver.stats;
         let Some(session) = t.session.as_mut() else {
             t.receiver = Some(receiver);
             return Ok((RecvStatus::WantRead, 0));
@@ -278,6 +352,7 @@ impl Reactor {
             now,
             records: Vec::new(),
             touched: Vec::new(),
+            broken: Vec::new(),
             fatal: None,
             peer_closed: false,
         };
@@ -286,14 +361,25 @@ impl Reactor {
         let RecvHandler {
             records,
             touched,
+            broken,
             fatal,
             peer_closed,
             ..
         } = handler;
+        let after_stats = receiver.stats;
         t.receiver = Some(receiver);
         self.count_records(&records);
+        self.count_payload(
+            "received",
+            after_stats.spliced_bytes - before_stats.spliced_bytes,
+            (after_stats.buffered_bytes + after_stats.skipped_bytes)
+                - (before_stats.buffered_bytes + before_stats.skipped_bytes),
+        );
         for skey in touched {
             self.release_delivered(skey, now);
+        }
+        for (skey, errno) in broken {
+            self.finish_stream(skey, self.local_broken(skey, errno));
         }
         match r {
             Ok(status) => Ok((status, n)),
@@ -322,6 +408,16 @@ impl Reactor {
             )),
             Err(RecvError::BadPadding) => Err(TunnelError::new("protocol", "bad DATA padding")),
         }
+    }
+
+    /// Counts DATA payload by path (`ringtun_hbone_payload_bytes_total`).
+    pub(in crate::data_plane::reactor) fn count_payload(
+        &self,
+        direction: &'static str,
+        spliced: u64,
+        copied: u64,
+    ) {
+        count_payload(&self.metrics, direction, spliced, copied);
     }
 
     pub(in crate::data_plane::reactor) fn count_records(&self, records: &[&'static str]) {
@@ -457,10 +553,11 @@ impl Reactor {
                     let _ = session.release_capacity(sid, released);
                 }
                 t.consume_input(n);
+                self.count_payload("received", 0, n as u64);
                 if let Some((skey, errno)) = failed {
                     self.finish_stream(skey, self.local_broken(skey, errno));
                 } else if let Some(skey) = skey {
-                    self.want_local_write(skey);
+                    self.release_delivered(skey, now);
                 }
                 continue;
             }
@@ -542,7 +639,7 @@ impl Reactor {
                             {
                                 let _ = s.release_capacity(stream, w);
                             }
-                            self.want_local_write(skey);
+                            self.release_delivered(skey, now);
                         }
                         Some(Err(e)) => {
                             let end =
@@ -975,5 +1072,187 @@ impl Reactor {
         } else {
             drop(t.fd);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data_plane::splice::PipePool;
+    use crate::data_plane::tunnel_io::FlushStatus;
+    use crate::observability::metrics::TcpCounters;
+    use hbone_proto::Settings;
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::time::Duration;
+
+    fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        (a, b)
+    }
+
+    /// Feeds what `from` has queued to `to`; false if it had nothing.
+    fn transfer(
+        from: &mut hbone_proto::Session,
+        to: &mut hbone_proto::Session,
+        now: Instant,
+    ) -> bool {
+        let mut buf = Vec::new();
+        from.poll_transmit(&mut buf);
+        let mut off = 0;
+        while off < buf.len() {
+            let n = match to.handle_input(&buf[off..], now) {
+                Input::Consumed(n) => n,
+                Input::DataPayload { consumed, .. } => consumed,
+            };
+            assert!(n > 0, "session stalled on control frames");
+            off += n;
+        }
+        !buf.is_empty()
+    }
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[1] ^ seed)
+            .collect()
+    }
+
+    /// The reordering the kernel matrix caught with zero-copy on (issue 3): an outbound stream
+    /// gets its sink when the reactor processes the CONNECT answer, after the poll that read
+    /// it. A DATA frame that began in that poll goes through user space; the rest of it arrives
+    /// in the next poll, after the sink exists, and the frames behind it are spliced. The rest
+    /// of the first frame must reach the local socket before them. (It used to become a
+    /// session event delivered after the poll, behind frames the sink had already written.)
+    #[test]
+    fn payload_begun_before_the_sink_existed_is_not_overtaken_by_spliced_frames() {
+        let now = Instant::now();
+        let mut client = hbone_proto::Session::client(Settings::default(), now);
+        let mut server = hbone_proto::Session::server(Settings::default(), now);
+        while transfer(&mut client, &mut server, now) | transfer(&mut server, &mut client, now) {}
+        let sid = client
+            .open_stream(&ConnectRequest::new("10.0.0.2:80".parse().unwrap()))
+            .unwrap();
+        transfer(&mut client, &mut server, now);
+        let server_sid = loop {
+            match server.poll_event() {
+                Some(SessionEvent::Request { stream, .. }) => break stream,
+                Some(_) => continue,
+                None => panic!("no CONNECT at the server"),
+            }
+        };
+        while client.poll_event().is_some() {}
+
+        // On the wire: HEADERS 200, then three DATA frames.
+        let payloads = [pattern(60_000, 1), pattern(50_000, 2), pattern(40_000, 3)];
+        let expected: Vec<u8> = payloads.concat();
+        server.send_response(server_sid, 200, false).unwrap();
+        let mut wire = Vec::new();
+        server.poll_transmit(&mut wire);
+        let split = wire.len() + hbone_proto::frame::FRAME_HEADER_LEN + 1000; // answer, first header, 1000 bytes
+        for p in &payloads {
+            server.send_data(server_sid, p, false, &mut wire).unwrap();
+        }
+
+        let (mut tunnel_w, tunnel_r) = pair();
+        tunnel_r.set_nonblocking(true).unwrap();
+        let (local_w, mut local_r) = pair();
+        local_w.set_nonblocking(true).unwrap();
+        let mut flows = slab::Slab::new();
+        let entry = flows.vacant_entry();
+        let slot = entry.key();
+        let key = crate::data_plane::reactor::make_key(Kind::Stream, slot, 1);
+        entry.insert(StreamFlow::new(
+            key,
+            OwnedFd::from(local_w),
+            Side::Downstream,
+            StreamPhase::AwaitingResponse,
+            Arc::new(TcpCounters::default()),
+            FlowRecord::new(0, "outbound"),
+            now,
+        ));
+        let stream_map = HashMap::from([(sid, key)]);
+        let mut pool = PipePool::new(1 << 20, 4);
+        let mut receiver = FrameReceiver::new(Settings::default().max_frame_size as usize, false);
+        let reader = std::thread::spawn(move || {
+            local_r
+                .set_read_timeout(Some(Duration::from_secs(2)))
+                .unwrap();
+            let mut got = Vec::new();
+            let mut buf = vec![0u8; 64 * 1024];
+            while got.len() < 150_000 {
+                match local_r.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+            got
+        });
+        let mut poll = |receiver: &mut FrameReceiver,
+                        session: &mut hbone_proto::Session,
+                        flows: &mut slab::Slab<StreamFlow>| {
+            let mut handler = RecvHandler {
+                session,
+                stream_map: &stream_map,
+                flows,
+                now,
+                records: Vec::new(),
+                touched: Vec::new(),
+                broken: Vec::new(),
+                fatal: None,
+                peer_closed: false,
+            };
+            let status = receiver
+                .poll(tunnel_r.as_raw_fd(), &mut pool, &mut handler, usize::MAX)
+                .expect("receiver");
+            assert!(handler.broken.is_empty());
+            status
+        };
+
+        tunnel_w.write_all(&wire[..split]).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(
+            poll(&mut receiver, &mut client, &mut flows),
+            RecvStatus::WantRead
+        );
+        // After the poll the reactor handles the answer: the stream opens with its sink.
+        assert!(matches!(
+            client.poll_event(),
+            Some(SessionEvent::Response { .. })
+        ));
+        flows[slot].use_zero_copy(Settings::default().initial_stream_window as usize);
+
+        let rest = wire[split..].to_vec();
+        let writer = std::thread::spawn(move || tunnel_w.write_all(&rest).unwrap());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while flows[slot].pending_local() > 0
+            || !writer.is_finished()
+            || !receiver.at_frame_boundary()
+        {
+            assert!(Instant::now() < deadline, "payload did not drain");
+            poll(&mut receiver, &mut client, &mut flows);
+            // As the reactor does after a poll: copied payload that became a session event.
+            while let Some(ev) = client.poll_event() {
+                if let SessionEvent::Data { data, .. } = ev {
+                    flows[slot].deliver(&data).expect("local socket");
+                }
+            }
+            let sink = flows[slot].sink.as_mut().expect("sink");
+            if sink.flush().expect("local socket") == FlushStatus::WantWrite {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        writer.join().unwrap();
+        let got = reader.join().unwrap();
+        assert_eq!(
+            got.len(),
+            expected.len(),
+            "bytes missing at the local socket"
+        );
+        if let Some(at) = got.iter().zip(&expected).position(|(a, b)| a != b) {
+            panic!("stream reordered: first difference at offset {at}");
+        }
+        assert!(receiver.stats.spliced_frames >= 1, "{:?}", receiver.stats);
     }
 }
