@@ -1142,6 +1142,7 @@ fn record_budget_retirement_keeps_every_byte_in_order(driver: &str, zero_copy: O
                 ],
             )
             .unwrap()
+                + 0.0 // an empty sum is -0.0
         };
         let ktls_tunnels = node
             .metric("ringtun_hbone_tunnels_total", &["tls=\"ktls\""])
