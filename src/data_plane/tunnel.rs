@@ -224,6 +224,10 @@ pub struct Tunnel {
     /// kTLS only: the stream flow whose DATA frame is partly written. Nothing else may write
     /// to the socket until that frame is complete (`tunnel_io`'s rule).
     pub writer: Option<FlowKey>,
+    /// The session drained (GOAWAY, no streams left) while `writer` was mid-frame: the
+    /// stream's last frame (often its END_STREAM, which is what emptied the session) is
+    /// committed but not yet on the wire. The tunnel closes once it is written.
+    pub close_when_written: bool,
     /// kTLS only: frames read with payloads spliced into the streams' pipes. Taken over from
     /// the copying reader once the session is between frames.
     pub receiver: Option<FrameReceiver>,
@@ -274,6 +278,7 @@ impl Tunnel {
             fin_sent: false,
             zero_copy: false,
             writer: None,
+            close_when_written: false,
             receiver: None,
         }
     }

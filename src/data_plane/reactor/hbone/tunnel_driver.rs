@@ -693,6 +693,12 @@ impl Reactor {
                     }
                 }
                 SessionEvent::Drained => {
+                    if t.writer.is_some() {
+                        // Closing now would cut the frame in flight (the kernel matrix saw a
+                        // stream lose its last 81 bytes and END_STREAM that way).
+                        t.close_when_written = true;
+                        continue;
+                    }
                     return self.close_tunnel(tkey, None);
                 }
                 SessionEvent::ConnectionError(e) => {
@@ -717,6 +723,9 @@ impl Reactor {
         }
         match t.flush() {
             Ok(true) => {
+                if t.close_when_written {
+                    return self.close_tunnel(tkey, None);
+                }
                 if !t.blocked.is_empty() {
                     self.wake_blocked(tkey);
                 }
