@@ -19,7 +19,7 @@
 //! Closing politely ([`Phase::Closing`]): flush, close_notify, FIN, then read until the peer's
 //! FIN — closing with unread bytes would make the kernel send a reset.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -108,6 +108,9 @@ struct SoftTls {
     raw: Vec<u8>,
     raw_pos: usize,
     raw_len: usize,
+    /// Plaintext of opened application-data records, in place in `raw` (`start..end`), not
+    /// yet consumed: the session reads it where it was decrypted, with no copy.
+    plain: VecDeque<(usize, usize)>,
     wire: Vec<u8>,
     wire_pos: usize,
     /// close_notify seen: EOF once the plaintext before it is consumed.
@@ -366,6 +369,7 @@ impl Tunnel {
                     raw: Vec::new(),
                     raw_pos: 0,
                     raw_len: 0,
+                    plain: VecDeque::new(),
                     wire: Vec::new(),
                     wire_pos: 0,
                     closed: false,
@@ -524,24 +528,52 @@ impl Tunnel {
         }
     }
 
-    /// Plaintext received and not yet consumed.
+    /// Plaintext received and not yet consumed, in order: bytes in the input buffer (kTLS
+    /// reads, and what the handshake left), then user-space TLS records decrypted in place,
+    /// one record at a time. Empty when nothing waits.
     pub fn input(&self) -> &[u8] {
-        &self.input[self.input_pos..]
+        if self.input_pos < self.input.len() {
+            return &self.input[self.input_pos..];
+        }
+        match &self.tls {
+            Tls::User(st) => st.plain.front().map_or(&[][..], |&(a, b)| &st.raw[a..b]),
+            _ => &[],
+        }
     }
 
     /// The session, the unconsumed input and the stream map together (disjoint borrows).
     #[allow(clippy::type_complexity)]
     pub fn session_input(&mut self) -> Option<(&mut Session, &[u8], &HashMap<StreamId, FlowKey>)> {
-        let input = &self.input[self.input_pos..];
+        let input = if self.input_pos < self.input.len() {
+            &self.input[self.input_pos..]
+        } else {
+            match &self.tls {
+                Tls::User(st) => st.plain.front().map_or(&[][..], |&(a, b)| &st.raw[a..b]),
+                _ => &[],
+            }
+        };
         let streams = &self.streams;
         self.session.as_mut().map(|s| (s, input, streams))
     }
 
+    /// Marks `n` bytes of [`input`](Self::input) consumed.
     pub fn consume_input(&mut self, n: usize) {
-        self.input_pos += n;
-        if self.input_pos == self.input.len() {
-            self.input.clear();
-            self.input_pos = 0;
+        if self.input_pos < self.input.len() {
+            self.input_pos += n;
+            if self.input_pos == self.input.len() {
+                self.input.clear();
+                self.input_pos = 0;
+            }
+            return;
+        }
+        if let Tls::User(st) = &mut self.tls {
+            if let Some(front) = st.plain.front_mut() {
+                front.0 += n;
+                debug_assert!(front.0 <= front.1);
+                if front.0 >= front.1 {
+                    st.plain.pop_front();
+                }
+            }
         }
     }
 
@@ -563,7 +595,7 @@ impl Tunnel {
         }
         let fd = self.fd.as_raw_fd();
         if let Tls::User(st) = &mut self.tls {
-            return soft_fill(st, fd, &mut self.input, records);
+            return soft_fill(st, fd, records);
         }
         let start = self.input.len();
         self.input.resize(start + max, 0);
@@ -648,12 +680,12 @@ impl Tunnel {
     }
 }
 
-/// User-space mode: opens every complete record already read, appending application data to
-/// `input`; reads more from the socket only when none is complete.
+/// User-space mode: opens every complete record already read, in place, queueing their
+/// plaintext ranges for [`Tunnel::input`]; reads more from the socket only when none is
+/// complete and every opened byte was consumed (reading may move the buffer's contents).
 fn soft_fill(
     st: &mut SoftTls,
     fd: RawFd,
-    input: &mut Vec<u8>,
     records: &mut Vec<&'static str>,
 ) -> Result<Fill, TunnelError> {
     loop {
@@ -667,8 +699,10 @@ fn soft_fill(
             let (a, b) = (st.raw_pos + r.start, st.raw_pos + r.end);
             st.raw_pos += r.consumed;
             if r.content_type == ktls::CONTENT_APPLICATION_DATA {
-                input.extend_from_slice(&st.raw[a..b]);
-                got += b - a;
+                if b > a {
+                    st.plain.push_back((a, b));
+                    got += b - a;
+                }
                 continue;
             }
             match ktls::control_record(r.content_type, &st.raw[a..b]) {
@@ -692,6 +726,14 @@ fn soft_fill(
         }
         if got > 0 {
             return Ok(Fill::Got(got));
+        }
+        if !st.plain.is_empty() {
+            // The caller reads more only after consuming its input; anything else would
+            // spin here, so say so instead.
+            return Err(TunnelError::new(
+                "internal",
+                "read asked for while decrypted input is unconsumed",
+            ));
         }
         if st.closed {
             return Ok(Fill::Eof);
