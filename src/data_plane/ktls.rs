@@ -372,6 +372,11 @@ impl RecordBudget {
         self.sent = self.sent.saturating_add(records);
     }
 
+    /// Charges records counted exactly (the user-space record layer seals them itself).
+    pub fn charge_records(&mut self, records: u64) {
+        self.sent = self.sent.saturating_add(records);
+    }
+
     pub fn records_sent(&self) -> u64 {
         self.sent
     }

@@ -31,7 +31,7 @@ use rustls::Connection;
 
 use super::driver::FlowKey;
 use super::ktls::{self, ControlRecord, Offload, RecordBudget, RecordReader, TunnelTlsMode};
-use super::record_layer::{self, Opener, Sealer};
+use super::record_layer::{self, Opener, RecordWriter, Sealer};
 use super::socket::send_nonblocking as send;
 use super::tls;
 use super::tunnel_io::FrameReceiver;
@@ -103,7 +103,6 @@ enum Tls {
 /// The user-space record layer's state: keys, raw bytes read from the socket and not yet
 /// opened, sealed bytes not yet written.
 struct SoftTls {
-    sealer: Sealer,
     opener: Opener,
     raw: Vec<u8>,
     raw_pos: usize,
@@ -111,16 +110,16 @@ struct SoftTls {
     /// Plaintext of opened application-data records, in place in `raw` (`start..end`), not
     /// yet consumed: the session reads it where it was decrypted, with no copy.
     plain: VecDeque<(usize, usize)>,
-    wire: Vec<u8>,
-    wire_pos: usize,
+    /// Outgoing records, sealed in place (frames are written into their records directly).
+    writer: RecordWriter,
+    /// Records sealed and already charged to the record budget.
+    charged: u64,
     /// close_notify seen: EOF once the plaintext before it is consumed.
     closed: bool,
 }
 
 /// Raw TLS bytes read per `recv` in user-space mode.
 const RAW_CHUNK: usize = 256 * 1024;
-/// Plaintext sealed per batch before writing.
-const SEAL_BATCH: usize = 256 * 1024;
 
 /// A raw non-blocking socket as `Read + Write` for rustls.
 pub struct FdIo(pub RawFd);
@@ -364,14 +363,15 @@ impl Tunnel {
                 let rec =
                     |e: record_layer::RecordError| TunnelError::new("tls_keys", e.to_string());
                 self.tls = Tls::User(Box::new(SoftTls {
-                    sealer: Sealer::new(&secrets.tx.1, secrets.tx.0).map_err(rec)?,
+                    writer: RecordWriter::new(
+                        Sealer::new(&secrets.tx.1, secrets.tx.0).map_err(rec)?,
+                    ),
+                    charged: 0,
                     opener: Opener::new(&secrets.rx.1, secrets.rx.0).map_err(rec)?,
                     raw: Vec::new(),
                     raw_pos: 0,
                     raw_len: 0,
                     plain: VecDeque::new(),
-                    wire: Vec::new(),
-                    wire_pos: 0,
                     closed: false,
                 }));
             }
@@ -407,7 +407,11 @@ impl Tunnel {
 
     /// Plaintext queued for the peer and not yet written.
     pub fn out_pending(&self) -> usize {
-        self.out.len() - self.out_pos
+        let records = match &self.tls {
+            Tls::User(st) => st.writer.pending(),
+            _ => 0,
+        };
+        self.out.len() - self.out_pos + records
     }
 
     /// Room for more DATA frames before the writer must wait.
@@ -420,10 +424,28 @@ impl Tunnel {
         if let Some(s) = self.session.as_mut() {
             s.poll_transmit(&mut self.out);
         }
+        self.move_out_to_records();
     }
 
-    /// Reads up to `max` bytes from `src` straight into `out` as the payload of one DATA frame
-    /// of `stream`. Returns the bytes read; 0 means EOF. `WouldBlock` leaves `out` unchanged.
+    /// User-space TLS: plaintext queued in `out` (the session's frames) goes into the open
+    /// record, behind everything before it. `out` is only a staging area in that mode.
+    fn move_out_to_records(&mut self) {
+        if let Tls::User(st) = &mut self.tls {
+            if self.out_pos < self.out.len() {
+                // Sealing only fails when the sequence number is exhausted, far past the
+                // record budget; the next flush reports it then.
+                if st.writer.append(&self.out[self.out_pos..]).is_ok() {
+                    self.out.clear();
+                    self.out_pos = 0;
+                }
+            }
+        }
+    }
+
+    /// Reads up to `max` bytes from `src` as the payload of one DATA frame of `stream`:
+    /// straight into `out` behind the frame header (kTLS), or straight into the records it
+    /// will be sealed in (user-space TLS: no copy before encryption). Returns the bytes read;
+    /// 0 means EOF. `WouldBlock` adds nothing.
     pub fn append_data_from(
         &mut self,
         src: RawFd,
@@ -431,6 +453,18 @@ impl Tunnel {
         max: usize,
     ) -> io::Result<usize> {
         self.take_transmit();
+        if let Tls::User(st) = &mut self.tls {
+            let session = self.session.as_mut().expect("open tunnel");
+            return st.writer.read_frame::<FRAME_HEADER_LEN>(
+                max,
+                |iov| readv(src, iov),
+                |n| {
+                    session
+                        .data_frame_header(stream, n, false)
+                        .map_err(|e| io::Error::other(e.to_string()))
+                },
+            );
+        }
         let start = self.out.len();
         self.out.reserve(FRAME_HEADER_LEN + max);
         let n = loop {
@@ -477,28 +511,29 @@ impl Tunnel {
         let fd = self.fd.as_raw_fd();
         let io_err = |e: io::Error| TunnelError::new("write", e.to_string());
         match &mut self.tls {
-            Tls::User(st) => loop {
-                while st.wire_pos < st.wire.len() {
-                    match send(fd, &st.wire[st.wire_pos..]) {
-                        Ok(n) => st.wire_pos += n,
+            Tls::User(st) => {
+                if self.out_pos < self.out.len() {
+                    st.writer
+                        .append(&self.out[self.out_pos..])
+                        .map_err(|e| TunnelError::new("tls_seal", e.to_string()))?;
+                    self.out.clear();
+                    self.out_pos = 0;
+                }
+                st.writer
+                    .seal_open()
+                    .map_err(|e| TunnelError::new("tls_seal", e.to_string()))?;
+                let sealed = st.writer.records_sealed();
+                self.budget.charge_records(sealed - st.charged);
+                st.charged = sealed;
+                while !st.writer.sealed_bytes().is_empty() {
+                    match send(fd, st.writer.sealed_bytes()) {
+                        Ok(n) => st.writer.consume(n),
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                         Err(e) => return Err(io_err(e)),
                     }
                 }
-                st.wire.clear();
-                st.wire_pos = 0;
-                if self.out_pos == self.out.len() {
-                    self.out.clear();
-                    self.out_pos = 0;
-                    return Ok(true);
-                }
-                let end = self.out.len().min(self.out_pos + SEAL_BATCH);
-                st.sealer
-                    .seal(&self.out[self.out_pos..end], &mut st.wire)
-                    .map_err(|e| TunnelError::new("tls_seal", e.to_string()))?;
-                self.budget.charge_send(end - self.out_pos);
-                self.out_pos = end;
-            },
+                Ok(true)
+            }
             Tls::Kernel => {
                 while self.out_pos < self.out.len() {
                     match send(fd, &self.out[self.out_pos..]) {
@@ -657,12 +692,11 @@ impl Tunnel {
         match &mut self.tls {
             Tls::User(st) => {
                 // Only after a complete flush: nothing else is queued ahead of the alert.
-                st.wire.clear();
-                st.wire_pos = 0;
-                if st.sealer.seal_close_notify(&mut st.wire).is_ok() {
-                    let _ = send(fd, &st.wire);
+                if st.writer.close_notify().is_ok() {
+                    if let Ok(n) = send(fd, st.writer.sealed_bytes()) {
+                        st.writer.consume(n);
+                    }
                 }
-                st.wire.clear();
             }
             Tls::Kernel => {
                 let _ = ktls::send_close_notify(fd);
@@ -676,6 +710,22 @@ impl Tunnel {
         match &self.tls {
             Tls::Handshaking { conn, .. } => conn.wants_write(),
             _ => false,
+        }
+    }
+}
+
+/// `readv(2)` into `iov`, retrying EINTR.
+fn readv(fd: RawFd, iov: &mut [io::IoSliceMut<'_>]) -> io::Result<usize> {
+    loop {
+        // SAFETY: `IoSliceMut` is ABI-compatible with `struct iovec`; every slice is live and
+        // writable for the call, and the kernel writes at most each one's length.
+        let n = unsafe { libc::readv(fd, iov.as_ptr().cast(), iov.len() as libc::c_int) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
         }
     }
 }
