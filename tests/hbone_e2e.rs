@@ -230,6 +230,7 @@ both_drivers!(
     ipv6_crosses_the_tunnel,
     draining_node_finishes_its_tunnelled_flows,
     idle_tunnels_close_and_descriptors_return,
+    a_stream_waiting_for_credit_sleeps,
 );
 
 fn bytes_cross_two_nodes_intact(driver: &str) {
@@ -733,5 +734,63 @@ fn record_budget_retires_tunnels_without_losing_bytes(driver: &str) {
         handshakes >= 2.0,
         "record budget never retired a tunnel ({handshakes} handshakes)"
     );
+    m.finish();
+}
+
+/// CPU seconds (user + system) a process has used, from /proc/<pid>/stat.
+fn cpu_seconds(r: &RingtunProcess) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", r.pid())).unwrap();
+    // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// A destination that stops reading fills its stream's windows, and the sender then waits for
+/// credit. It must wait asleep: neither node may burn CPU while nothing moves (a sender woken
+/// by every tunnel flush spun through its run queue until the WINDOW_UPDATE came, a core at
+/// 100% per stalled stream), and every byte arrives once the destination reads again.
+fn a_stream_waiting_for_credit_sleeps(driver: &str) {
+    const BYTES: usize = 32 << 20;
+    let m = Mesh::start(driver, "");
+    let l = m.listen(Pod::Mesh1, MESH_PORT);
+    let (go, wait) = std::sync::mpsc::channel::<()>();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        wait.recv().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        read_until_end(&mut s).unwrap()
+    });
+    let mut data = vec![0u8; BYTES];
+    testbed::Pattern::new(7).fill(&mut data);
+    let c = m.connect(mesh1());
+    let mut w = c.try_clone().unwrap();
+    let sent = data.clone();
+    let writer = std::thread::spawn(move || {
+        w.write_all(&sent).unwrap();
+        w.shutdown(Shutdown::Write).unwrap();
+    });
+    // Let the windows and socket buffers fill, then watch both nodes while nothing can move.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        !writer.is_finished(),
+        "the stalled destination took all {BYTES} bytes"
+    );
+    let before = cpu_seconds(m.a()) + cpu_seconds(m.b());
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_seconds(m.a()) + cpu_seconds(m.b()) - before;
+    eprintln!("stalled-stream CPU ({driver}): {used:.2} s in 2 s");
+    assert!(
+        used < 0.3,
+        "{used:.2} CPU seconds in 2 s with the stream stalled on credit (a busy loop)"
+    );
+    go.send(()).unwrap();
+    writer.join().unwrap();
+    let got = server.join().unwrap();
+    assert_eq!(got.len(), BYTES);
+    assert!(got == data, "bytes differ after the stall");
+    drop(c);
     m.finish();
 }

@@ -205,8 +205,13 @@ pub struct Tunnel {
     pub peer_eof: bool,
     /// Readiness requests the driver holds (bits from `armed_bit`, side Upstream).
     pub armed: u8,
-    /// Flows that wait for room in `out` or for send credit.
+    /// Flows that wait for the socket: room in `out`, or a zero-copy frame in flight.
+    /// Woken when a flush makes room.
     pub blocked: Vec<FlowKey>,
+    /// Flows that wait for flow-control credit: woken only by the peer's WINDOW_UPDATE or
+    /// SETTINGS (`SendCapacity`). Waking them on every flush made an idle sender spin
+    /// through the run queue until the credit came (seen in perf as clock_gettime).
+    pub waiting_credit: Vec<FlowKey>,
     pub mode: Option<TunnelTlsMode>,
     pub peer_identity: Option<SpiffeId>,
     /// The negotiated AEAD (set by `establish`).
@@ -269,6 +274,7 @@ impl Tunnel {
             peer_eof: false,
             armed: 0,
             blocked: Vec::new(),
+            waiting_credit: Vec::new(),
             mode: None,
             peer_identity: None,
             cipher: None,

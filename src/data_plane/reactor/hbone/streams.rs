@@ -159,7 +159,11 @@ impl Reactor {
                 let credit = t.session.as_ref().map_or(0, |s| s.send_capacity(sid));
                 let room = t.out_room();
                 if credit == 0 || room < 16 * 1024 {
-                    t.blocked.push(skey);
+                    if credit == 0 {
+                        t.waiting_credit.push(skey);
+                    } else {
+                        t.blocked.push(skey);
+                    }
                     if let Some(sf) = self.stream_mut(skey) {
                         sf.blocked = true;
                     }
@@ -301,7 +305,7 @@ impl Reactor {
                 self.arm_tunnel(tkey, Interest::Write);
             }
             Ok(SendStatus::WantCredit) => {
-                t.blocked.push(skey);
+                t.waiting_credit.push(skey);
                 sf.blocked = true;
             }
             Ok(SendStatus::Yield) => {
@@ -457,6 +461,7 @@ impl Reactor {
                     }
                 }
                 t.blocked.retain(|k| *k != skey);
+                t.waiting_credit.retain(|k| *k != skey);
                 if t.writer == Some(skey) {
                     // A half-written DATA frame cannot be finished: the tunnel is unusable.
                     t.writer = None;

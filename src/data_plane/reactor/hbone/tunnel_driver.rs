@@ -682,7 +682,7 @@ impl Reactor {
                         );
                     }
                 }
-                SessionEvent::SendCapacity { .. } => self.wake_blocked(tkey),
+                SessionEvent::SendCapacity { .. } => self.wake_blocked(tkey, true),
                 SessionEvent::GoAway { .. } => {
                     if let Role::Client { pool_id, .. } = t.role {
                         t.retiring = true;
@@ -719,7 +719,7 @@ impl Reactor {
         }
         if t.writer.is_some() {
             // A zero-copy frame is half written: its stream finishes it, then the rest goes.
-            return self.wake_blocked(tkey);
+            return self.wake_blocked(tkey, false);
         }
         match t.flush() {
             Ok(true) => {
@@ -727,7 +727,7 @@ impl Reactor {
                     return self.close_tunnel(tkey, None);
                 }
                 if !t.blocked.is_empty() {
-                    self.wake_blocked(tkey);
+                    self.wake_blocked(tkey, false);
                 }
             }
             Ok(false) => self.arm_tunnel(tkey, Interest::Write),
@@ -767,11 +767,16 @@ impl Reactor {
         }
     }
 
-    pub(in crate::data_plane::reactor) fn wake_blocked(&mut self, tkey: FlowKey) {
+    /// Requeues the streams waiting for room in the tunnel; with `credit`, also those waiting
+    /// for flow-control credit.
+    pub(in crate::data_plane::reactor) fn wake_blocked(&mut self, tkey: FlowKey, credit: bool) {
         let Some(t) = self.tunnel_mut(tkey) else {
             return;
         };
-        let blocked = std::mem::take(&mut t.blocked);
+        let mut blocked = std::mem::take(&mut t.blocked);
+        if credit {
+            blocked.append(&mut t.waiting_credit);
+        }
         for skey in blocked {
             if let Some(sf) = self.stream_mut(skey) {
                 sf.blocked = false;
@@ -916,6 +921,7 @@ impl Reactor {
         let was_open = t.phase == Phase::Open;
         let streams: Vec<FlowKey> = std::mem::take(&mut t.streams).into_values().collect();
         t.blocked.clear();
+        t.waiting_credit.clear();
         if was_open {
             self.metrics.hbone(
                 "ringtun_hbone_tunnels_open",
