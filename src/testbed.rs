@@ -506,6 +506,26 @@ impl RingtunProcess {
         self.child.id()
     }
 
+    /// CPU seconds (user + system) the process has used so far, from /proc/<pid>/stat.
+    pub fn cpu_seconds(&self) -> io::Result<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))?;
+        // After the parenthesised command name: field 3 (state) onward; utime and stime are
+        // fields 14 and 15.
+        let rest = stat
+            .rfind(')')
+            .map(|i| &stat[i + 2..])
+            .ok_or_else(|| io::Error::other("unexpected /proc/<pid>/stat"))?;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| -> io::Result<f64> {
+            f.get(i)
+                .and_then(|v| v.parse::<f64>().ok())
+                .ok_or_else(|| io::Error::other("unexpected /proc/<pid>/stat"))
+        };
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        Ok((ticks(11)? + ticks(12)?) / hz)
+    }
+
     /// GET on the admin/metrics/readiness ports of the namespace ringtun runs in.
     pub fn get(&self, port: u16, path: &str) -> io::Result<(u16, String)> {
         let addr = SocketAddr::from(([127, 0, 0, 1], port));

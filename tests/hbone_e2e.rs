@@ -737,17 +737,6 @@ fn record_budget_retires_tunnels_without_losing_bytes(driver: &str) {
     m.finish();
 }
 
-/// CPU seconds (user + system) a process has used, from /proc/<pid>/stat.
-fn cpu_seconds(r: &RingtunProcess) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{}/stat", r.pid())).unwrap();
-    // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
-    // SAFETY: sysconf has no preconditions.
-    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
-}
-
 /// A destination that stops reading fills its stream's windows, and the sender then waits for
 /// credit. It must wait asleep: neither node may burn CPU while nothing moves (a sender woken
 /// by every tunnel flush spun through its run queue until the WINDOW_UPDATE came, a core at
@@ -778,9 +767,9 @@ fn a_stream_waiting_for_credit_sleeps(driver: &str) {
         !writer.is_finished(),
         "the stalled destination took all {BYTES} bytes"
     );
-    let before = cpu_seconds(m.a()) + cpu_seconds(m.b());
+    let before = m.a().cpu_seconds().unwrap() + m.b().cpu_seconds().unwrap();
     std::thread::sleep(Duration::from_secs(2));
-    let used = cpu_seconds(m.a()) + cpu_seconds(m.b()) - before;
+    let used = m.a().cpu_seconds().unwrap() + m.b().cpu_seconds().unwrap() - before;
     eprintln!("stalled-stream CPU ({driver}): {used:.2} s in 2 s");
     assert!(
         used < 0.3,
