@@ -233,6 +233,14 @@ both_drivers!(
     a_stream_waiting_for_credit_sleeps,
 );
 
+/// One driver is enough: the idle clock is the session's keepalive timer, not the driver.
+#[test]
+fn server_closes_idle_tunnels() {
+    if root_or_skip("server_closes_idle_tunnels") {
+        server_closes_tunnels_the_client_leaves_idle("io-uring");
+    }
+}
+
 fn bytes_cross_two_nodes_intact(driver: &str) {
     let m = Mesh::start(driver, "");
     exchange_intact(&m, Pod::Mesh1, mesh1(), 4 << 20);
@@ -781,5 +789,67 @@ fn a_stream_waiting_for_credit_sleeps(driver: &str) {
     assert_eq!(got.len(), BYTES);
     assert!(got == data, "bytes differ after the stall");
     drop(c);
+    m.finish();
+}
+
+/// A client that keeps an idle tunnel open (node A's pool keeps it 5 minutes) does not hold
+/// node B's 15008 for ever: B closes a server tunnel after 2 × its own pool_idle_timeout
+/// without streams (here 2 s, checked at the 10 s keepalive tick), politely, and A's next
+/// connection simply gets a new tunnel.
+fn server_closes_tunnels_the_client_leaves_idle(driver: &str) {
+    let m = Mesh::start_with(driver, "", |n, c| match n {
+        MeshNode::A => c,
+        MeshNode::B => c.replacen(
+            "version: 1\nnode:\n",
+            "version: 1\nnode:\n  hbone: {pool_idle_timeout: 1s}\n",
+            1,
+        ),
+    });
+    exchange_intact(&m, Pod::Mesh1, mesh1(), 64 << 10);
+    let closed_by_b = || {
+        m.b()
+            .metric(
+                "ringtun_hbone_tunnels_closed_total",
+                &["role=\"server\"", "reason=\"idle\""],
+            )
+            .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while closed_by_b() < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "node B kept an idle server tunnel for 30 s:\n{}",
+            m.b().metrics().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let a_open = wait_for(|| m.a().metric("ringtun_hbone_tunnels_open", &[]).unwrap() == 0.0);
+    assert!(
+        a_open,
+        "node A kept the tunnel B closed:\n{}",
+        m.a().metrics().unwrap()
+    );
+    exchange_intact(&m, Pod::Mesh1, mesh1(), 64 << 10);
+    let handshakes = m
+        .a()
+        .metric("ringtun_hbone_handshakes_total", &["role=\"client\""])
+        .unwrap();
+    assert_eq!(handshakes, 2.0, "the second connection needs a new tunnel");
+    let answered = m
+        .a()
+        .metric("ringtun_hbone_streams_total", &["status=\"200\""])
+        .unwrap();
+    assert_eq!(answered, 2.0);
+    for (name, r) in [("A", m.a()), ("B", m.b())] {
+        let failures = r
+            .metric("ringtun_hbone_tunnel_failures_total", &[])
+            .unwrap();
+        assert_eq!(
+            failures,
+            0.0,
+            "node {name}: an idle close must not look like a failure:\n{}",
+            r.metrics().unwrap()
+        );
+    }
     m.finish();
 }

@@ -235,6 +235,8 @@ pub struct Tunnel {
     /// stream's last frame (often its END_STREAM, which is what emptied the session) is
     /// committed but not yet on the wire. The tunnel closes once it is written.
     pub close_when_written: bool,
+    /// Server tunnels: since when no stream has been open (checked at each session timer).
+    pub idle_since: Option<Instant>,
     /// kTLS only: frames read with payloads spliced into the streams' pipes. Taken over from
     /// the copying reader once the session is between frames.
     pub receiver: Option<FrameReceiver>,
@@ -287,6 +289,7 @@ impl Tunnel {
             zero_copy: false,
             writer: None,
             close_when_written: false,
+            idle_since: None,
             receiver: None,
         }
     }

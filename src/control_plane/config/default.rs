@@ -33,7 +33,7 @@ node:
     pipe_pool_size: 64            # empty pipes kept per reactor for reuse
   hbone:                          # mesh tunnels (used when `tls` below is set)
     max_streams_per_tunnel: 100   # connections one pooled outbound tunnel carries (ztunnel: 100)
-    pool_idle_timeout: 5m         # an outbound tunnel without connections this long is closed
+    pool_idle_timeout: 5m         # an outbound tunnel without connections this long is closed (inbound: 2×)
     ktls: auto                    # auto (kernel TLS when offered) | off (always rustls)
     ktls_record_budget: 8388608   # TLS records a tunnel sends before it is replaced (< 2^24)
     cipher: any                   # any (AES-128-GCM preferred) | aes_128_gcm | aes_256_gcm

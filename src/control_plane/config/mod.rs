@@ -97,7 +97,9 @@ pub struct NodeConfig {
 pub struct HboneSettings {
     /// Streams one pooled outbound tunnel carries at most (ztunnel: 100).
     pub max_streams_per_tunnel: u32,
-    /// An outbound tunnel without streams for this long is closed.
+    /// An outbound tunnel without streams for this long is closed; an inbound (server) tunnel
+    /// after twice as long, so the client's pool normally closes first, and a peer cannot
+    /// park idle tunnels on port 15008 for ever.
     #[serde(with = "duration_serde")]
     pub pool_idle_timeout: Duration,
     /// `auto`: kTLS when the kernel offloads the negotiated cipher; `off`: always user space.

@@ -849,11 +849,33 @@ impl Reactor {
                         TunnelError::new("keepalive", "peer did not answer PING"),
                     );
                 }
+                if self.server_idle_expired(tkey, now) {
+                    return self.close_tunnel(tkey, Some("idle"));
+                }
                 self.flush_tunnel(tkey, now);
                 self.schedule_session_timer(tkey);
             }
             _ => {}
         }
+    }
+
+    /// Server tunnels close after 2 × `pool_idle_timeout` without streams (the keepalive
+    /// timer, every 10 s, is the clock): the client's pool normally closes its end first, but
+    /// a peer that never does must not hold a tunnel slot on 15008 for ever.
+    fn server_idle_expired(&mut self, tkey: FlowKey, now: Instant) -> bool {
+        let limit = self.state.config.node.hbone.pool_idle_timeout * 2;
+        let Some(t) = self.tunnel_mut(tkey) else {
+            return false;
+        };
+        if !matches!(t.role, Role::Server { .. }) || t.phase != Phase::Open {
+            return false;
+        }
+        if !t.streams.is_empty() {
+            t.idle_since = None;
+            return false;
+        }
+        let since = *t.idle_since.get_or_insert(now);
+        now.duration_since(since) >= limit
     }
 
     /// A tunnel failed: log, count, reset its flows, hand its waiters back.
