@@ -346,6 +346,52 @@ pub fn connect_in(ns: &NetNs, addr: SocketAddr) -> io::Result<TcpStream> {
 }
 
 /// Deterministic, incompressible test bytes (xorshift64*), so corruption cannot hide.
+/// Uploads `bytes` through `client` to the connection `listener` accepts, which reads nothing
+/// until the pipeline has been full for 2 s; returns the CPU seconds `cpu()` grew by during
+/// the last 2 s of the stall (a proxy waiting for a stalled reader should use none), then
+/// lets the destination read and checks that every byte arrived in order.
+pub fn stalled_upload_cpu(
+    client: std::net::TcpStream,
+    listener: std::net::TcpListener,
+    bytes: usize,
+    cpu: impl Fn() -> f64,
+) -> f64 {
+    use std::io::{Read, Write};
+    let (go, wait) = std::sync::mpsc::channel::<()>();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        wait.recv().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap();
+        got
+    });
+    let mut data = vec![0u8; bytes];
+    Pattern::new(bytes as u64).fill(&mut data);
+    let mut w = client.try_clone().unwrap();
+    let sent = data.clone();
+    let writer = std::thread::spawn(move || {
+        w.write_all(&sent).unwrap();
+        w.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    // Let the windows, pipes and socket buffers fill, then watch while nothing can move.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        !writer.is_finished(),
+        "the stalled destination took all {bytes} bytes"
+    );
+    let before = cpu();
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu() - before;
+    go.send(()).unwrap();
+    writer.join().unwrap();
+    let got = server.join().unwrap();
+    assert_eq!(got.len(), bytes, "bytes missing after the stall");
+    assert!(got == data, "bytes differ after the stall");
+    drop(client);
+    used
+}
+
 pub struct Pattern {
     state: u64,
 }

@@ -686,44 +686,17 @@ fn host_mode_serves_the_namespace_ringtun_runs_in(driver: &str) {
 /// wait asleep (no CPU while nothing moves: a slow reader must not be a way to make the node
 /// spin) and deliver every byte once the destination reads again.
 fn a_stalled_destination_costs_no_cpu(driver: &str) {
-    const BYTES: usize = 32 << 20;
     let node = Node::start(driver, "");
-    let listener = listen_in(&node.ns(Pod::Ext), ext(EXT_PORT)).unwrap();
-    let (go, wait) = std::sync::mpsc::channel::<()>();
-    let server = std::thread::spawn(move || {
-        let (mut s, _) = listener.accept().unwrap();
-        wait.recv().unwrap();
-        let mut got = Vec::new();
-        s.read_to_end(&mut got).unwrap();
-        got
-    });
-    let mut data = vec![0u8; BYTES];
-    ringtun::testbed::Pattern::new(11).fill(&mut data);
-    let c = node.connect(ext(EXT_PORT));
-    let mut w = c.try_clone().unwrap();
-    let sent = data.clone();
-    let writer = std::thread::spawn(move || {
-        w.write_all(&sent).unwrap();
-        w.shutdown(Shutdown::Write).unwrap();
-    });
-    std::thread::sleep(Duration::from_secs(2));
-    assert!(
-        !writer.is_finished(),
-        "the stalled destination took all {BYTES} bytes"
+    let used = ringtun::testbed::stalled_upload_cpu(
+        node.connect(ext(EXT_PORT)),
+        listen_in(&node.ns(Pod::Ext), ext(EXT_PORT)).unwrap(),
+        32 << 20,
+        || node.ringtun().cpu_seconds().unwrap(),
     );
-    let before = node.ringtun().cpu_seconds().unwrap();
-    std::thread::sleep(Duration::from_secs(2));
-    let used = node.ringtun().cpu_seconds().unwrap() - before;
     eprintln!("stalled-flow CPU ({driver}): {used:.2} s in 2 s");
     assert!(
         used < 0.2,
         "{used:.2} CPU seconds in 2 s with the flow stalled (a busy loop)"
     );
-    go.send(()).unwrap();
-    writer.join().unwrap();
-    let got = server.join().unwrap();
-    assert_eq!(got.len(), BYTES);
-    assert!(got == data, "bytes differ after the stall");
-    drop(c);
     node.finish();
 }

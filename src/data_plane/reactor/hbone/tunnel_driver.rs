@@ -18,7 +18,26 @@ struct RecvHandler<'a> {
     peer_closed: bool,
 }
 
-impl RecvHandler<'_> {
+impl<'a> RecvHandler<'a> {
+    fn new(
+        session: &'a mut hbone_proto::Session,
+        stream_map: &'a HashMap<StreamId, FlowKey>,
+        flows: &'a mut slab::Slab<StreamFlow>,
+        now: Instant,
+    ) -> Self {
+        RecvHandler {
+            session,
+            stream_map,
+            flows,
+            now,
+            records: Vec::new(),
+            touched: Vec::new(),
+            broken: Vec::new(),
+            fatal: None,
+            peer_closed: false,
+        }
+    }
+
     fn flow(&mut self, stream: StreamId) -> Option<&mut StreamFlow> {
         let key = *self.stream_map.get(&stream)?;
         self.flows
@@ -345,17 +364,7 @@ impl Reactor {
             t.receiver = Some(receiver);
             return Ok((RecvStatus::WantRead, 0));
         };
-        let mut handler = RecvHandler {
-            session,
-            stream_map: &t.streams,
-            flows: streams,
-            now,
-            records: Vec::new(),
-            touched: Vec::new(),
-            broken: Vec::new(),
-            fatal: None,
-            peer_closed: false,
-        };
+        let mut handler = RecvHandler::new(session, &t.streams, streams, now);
         let r = receiver.poll(fd, pool, &mut handler, budget);
         let n = moved(&receiver.stats) - before;
         let RecvHandler {
@@ -1229,17 +1238,7 @@ mod tests {
         let mut poll = |receiver: &mut FrameReceiver,
                         session: &mut hbone_proto::Session,
                         flows: &mut slab::Slab<StreamFlow>| {
-            let mut handler = RecvHandler {
-                session,
-                stream_map: &stream_map,
-                flows,
-                now,
-                records: Vec::new(),
-                touched: Vec::new(),
-                broken: Vec::new(),
-                fatal: None,
-                peer_closed: false,
-            };
+            let mut handler = RecvHandler::new(session, &stream_map, flows, now);
             let status = receiver
                 .poll(tunnel_r.as_raw_fd(), &mut pool, &mut handler, usize::MAX)
                 .expect("receiver");
