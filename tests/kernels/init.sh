@@ -43,6 +43,12 @@ ip link set lo up
 hostname ringtun-vm
 
 . /etc/ringtun-vm.conf
+# The integration tests run ringtun from the path cargo built it at; under /tmp (a checkout
+# there) the tmpfs just mounted hid it: put the wrapper back.
+if [ -n "${VM_RINGTUN_PATH:-}" ] && [ ! -e "$VM_RINGTUN_PATH" ]; then
+    mkdir -p "$(dirname "$VM_RINGTUN_PATH")"
+    cp -p /bin/ringtun-at-build-path "$VM_RINGTUN_PATH"
+fi
 # shellcheck disable=SC2086 # NAME=value words
 [ -n "$VM_TEST_ENV" ] && export $VM_TEST_ENV
 

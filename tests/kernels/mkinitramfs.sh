@@ -126,6 +126,9 @@ fi
 exec /bin/ringtun "$@"
 WRAPPER
     chmod 755 "$stage$VM_RINGTUN_PATH"
+    # A copy outside the tree: init puts it back when a tmpfs is mounted over its directory
+    # (a checkout under /tmp, whose /tmp the VM replaces with a fresh tmpfs).
+    cp -p "$stage$VM_RINGTUN_PATH" "$stage/bin/ringtun-at-build-path"
 fi
 
 # The host's network tools for the testbed and the capture rules (busybox's `ip` has no
@@ -189,6 +192,7 @@ echo 'root:x:0:' >"$stage/etc/group"
     echo "VM_TEST_TIMEOUT='${VM_TEST_TIMEOUT:-300}'"
     echo "VM_REPEAT='${VM_REPEAT:-1}'"
     echo "VM_TEST_ENV='${VM_TEST_ENV:-}'"
+    echo "VM_RINGTUN_PATH='${VM_RINGTUN_PATH:-}'"
 } >"$stage/etc/ringtun-vm.conf"
 if [ -n "${VM_SUITES_FILE:-}" ]; then
     cp "$VM_SUITES_FILE" "$stage/etc/ringtun-vm.suites"
