@@ -332,6 +332,20 @@ impl Pki {
 
 // ------------------------------------------------------------------ the h2 crate peers
 
+/// The h2 client's connection task; dropping it aborts the task and closes the connection.
+/// A test keeps it (in its `ClientOutcome`) until the server pod has finished its side:
+/// the client may see the server's END_STREAM before ringtun has delivered the client's own
+/// last bytes to the server, and closing the tunnel then (with unread WINDOW_UPDATEs: a TCP
+/// reset) would rightly reset that stream.
+#[derive(Debug)]
+struct H2Connection(tokio::task::JoinHandle<Result<(), h2::Error>>);
+
+impl Drop for H2Connection {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// What the h2-crate CONNECT client saw.
 #[derive(Debug)]
 struct ClientOutcome {
@@ -343,6 +357,8 @@ struct ClientOutcome {
     received_hash: String,
     /// How the response stream ended: `end_stream`, or the error.
     end: String,
+    /// Open until the outcome is dropped (after 200).
+    _connection: Option<H2Connection>,
 }
 
 /// Sends `data` within the peer's flow-control windows, then (if `end`) END_STREAM.
@@ -453,6 +469,7 @@ async fn h2_connect(
         received: 0,
         received_hash: String::new(),
         end: String::new(),
+        _connection: None,
     };
     if status != 200 {
         out.end = "status".into();
@@ -501,7 +518,7 @@ async fn h2_connect(
     out.received = received;
     out.received_hash = received_hash;
     out.end = end;
-    driver.abort();
+    out._connection = Some(H2Connection(driver));
     Ok(out)
 }
 
@@ -862,7 +879,9 @@ fn h2_crate_client_gets_200_and_a_byte_stream_from_ringtun_15008() {
     let tcp = mesh.connect_from_client(mesh1(HBONE_PORT));
     let tls = mesh.pki.client("client", &spiffe("mesh-1"));
     let authority = format!("{}:{MESH_PORT}", Pod::Mesh1.v4());
-    let out = runtime()
+    // The runtime (and so the client's connection) lives until the upstream finished.
+    let rt = runtime();
+    let out = rt
         .block_on(h2_connect(tcp, tls, &authority, BIG, 1))
         .unwrap_or_else(|e| panic!("CONNECT {authority} through ringtun's 15008: {e}"));
     assert_eq!(out.server_identity, [spiffe("mesh-1")]);
