@@ -18,6 +18,7 @@
 #   PERF_ROWS="direct h2-baseline ringtun-hbone"   rows to run, in this order
 #   PERF_REACTORS=<nproc>   ringtun reactors per node and h2-tunnel --threads per process
 #   PERF_PIN=false          ringtun node.pin_reactors (both nodes run on this one machine)
+#   PERF_DRIVER=            ringtun --driver (io-uring | epoll); empty: ringtun picks
 #   PERF_RATE_CONCURRENCY=32   tcp-load rate --concurrency
 #   PERF_MSG_BYTES=1024     bytes per exchange for tcp-load rate and latency
 #   PERF_NO_BUILD=0         1: skip `cargo build --release` (use the existing binaries)
@@ -30,6 +31,7 @@ ROWS=${PERF_ROWS:-"direct h2-baseline ringtun-hbone"}
 REACTORS=${PERF_REACTORS:-$(nproc)}
 # Both nodes share this machine: pinned reactors of A and B would fight over the same cores.
 PIN=${PERF_PIN:-false}
+DRIVER=${PERF_DRIVER:-}
 RATE_CONC=${PERF_RATE_CONCURRENCY:-32}
 MSG_BYTES=${PERF_MSG_BYTES:-1024}
 NO_BUILD=${PERF_NO_BUILD:-0}
@@ -275,7 +277,7 @@ SRV_TLS=(--cert "$TMP/certs/default/server/cert.pem" --key "$TMP/certs/default/s
 # and ECHO_ADDR (tcp-load --target); returns 1 with ROW_ERR set when the row cannot start.
 start_ringtun() { # start_ringtun <node-a|node-b> <config> <port base> <round>
     local name="ringtun-$1-$4" i
-    start_bg "$name" "$NODE" "$RINGTUN" run --config "$2" --reactors "$REACTORS"
+    start_bg "$name" "$NODE" "$RINGTUN" run --config "$2" --reactors "$REACTORS" ${DRIVER:+--driver "$DRIVER"}
     PROXY_PIDS+=("$LAST_PID")
     for i in $(seq 200); do
         nsx "$NODE" curl -sf -o /dev/null "http://127.0.0.1:$(($3 + 21))/healthz/ready" && return 0
