@@ -143,6 +143,15 @@ impl CloseKind {
         CloseKind::Drained,
     ];
 
+    /// How a flow that broke is counted: a reset once it was open, a failure before.
+    pub fn broken(was_open: bool) -> CloseKind {
+        if was_open {
+            CloseKind::Reset
+        } else {
+            CloseKind::Failed
+        }
+    }
+
     pub fn label(self) -> &'static str {
         match self {
             CloseKind::Clean => "clean",

@@ -126,6 +126,40 @@ fn kind_of(key: FlowKey) -> Kind {
     }
 }
 
+/// What the reactor keeps in a slab under a `FlowKey`: plain flows, flows on streams, tunnels.
+trait Keyed {
+    fn key(&self) -> FlowKey;
+}
+
+impl Keyed for Flow {
+    fn key(&self) -> FlowKey {
+        self.key
+    }
+}
+
+impl Keyed for StreamFlow {
+    fn key(&self) -> FlowKey {
+        self.key
+    }
+}
+
+impl Keyed for Tunnel {
+    fn key(&self) -> FlowKey {
+        self.key
+    }
+}
+
+/// The entry `key` names: its slot, and only while the generation matches (a reused slot
+/// holds another flow, and a late event for the old one must not reach it).
+fn entry<T: Keyed>(slab: &Slab<T>, key: FlowKey) -> Option<&T> {
+    slab.get(slot(key)).filter(|e| e.key() == key)
+}
+
+/// [`entry`], mutable.
+fn entry_mut<T: Keyed>(slab: &mut Slab<T>, key: FlowKey) -> Option<&mut T> {
+    slab.get_mut(slot(key)).filter(|e| e.key() == key)
+}
+
 fn slot(key: FlowKey) -> usize {
     (key.index & SLOT_MASK) as usize
 }
@@ -412,9 +446,7 @@ impl Reactor {
     }
 
     fn flow_mut(&mut self, key: FlowKey) -> Option<&mut Flow> {
-        self.flows
-            .get_mut(key.index as usize)
-            .filter(|f| f.key == key)
+        entry_mut(&mut self.flows, key)
     }
 
     fn accept(&mut self, listener: usize, fd: OwnedFd, now: Instant) {
@@ -607,11 +639,7 @@ impl Reactor {
     fn drive(&mut self, key: FlowKey, which: Directions, now: Instant) {
         let budget = self.state.config.node.splice.max_bytes_per_wakeup;
         let short_read_drains = self.driver.arming_checks_level();
-        let Some(f) = self
-            .flows
-            .get_mut(key.index as usize)
-            .filter(|f| f.key == key)
-        else {
+        let Some(f) = entry_mut(&mut self.flows, key) else {
             return;
         };
         match f.drive(
@@ -799,11 +827,7 @@ impl Reactor {
                     }
                 }
                 self.metrics.failure(kind);
-                let close = if was_open {
-                    CloseKind::Reset
-                } else {
-                    CloseKind::Failed
-                };
+                let close = CloseKind::broken(was_open);
                 (close, Some(kind), Some(errno).filter(|e| *e != 0))
             }
         };

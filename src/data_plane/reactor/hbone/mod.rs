@@ -23,7 +23,7 @@ use std::time::Instant;
 use hbone_proto::{ConnectRequest, ErrorCode, Event as SessionEvent, Input, StreamId};
 use rustls::{ClientConfig, ClientConnection, Connection, ServerConfig, ServerConnection};
 
-use super::{Kind, Reactor, Timer, TimerKind};
+use super::{entry, entry_mut, Kind, Reactor, Timer, TimerKind};
 use crate::control_plane::config::KtlsChoice;
 use crate::control_plane::identity::SpiffeId;
 use crate::control_plane::workload_registry::WorkloadId;
@@ -153,18 +153,14 @@ impl Reactor {
         &mut self,
         key: FlowKey,
     ) -> Option<&mut StreamFlow> {
-        self.streams
-            .get_mut(crate::data_plane::reactor::slot(key))
-            .filter(|f| f.key == key)
+        entry_mut(&mut self.streams, key)
     }
 
     pub(in crate::data_plane::reactor) fn tunnel_mut(
         &mut self,
         key: FlowKey,
     ) -> Option<&mut Tunnel> {
-        self.tunnels
-            .get_mut(crate::data_plane::reactor::slot(key))
-            .filter(|t| t.key == key)
+        entry_mut(&mut self.tunnels, key)
     }
 
     pub(in crate::data_plane::reactor) fn push_timer(

@@ -144,11 +144,7 @@ impl Reactor {
             }
             let mut moved = 0usize;
             loop {
-                let Some(t) = self
-                    .tunnels
-                    .get_mut(crate::data_plane::reactor::slot(tkey))
-                    .filter(|t| t.key == tkey)
-                else {
+                let Some(t) = entry_mut(&mut self.tunnels, tkey) else {
                     return self.finish_stream(
                         skey,
                         StreamEnd::TunnelBroken {
@@ -245,10 +241,7 @@ impl Reactor {
             pool,
             ..
         } = self;
-        let Some(t) = tunnels
-            .get_mut(crate::data_plane::reactor::slot(tkey))
-            .filter(|t| t.key == tkey)
-        else {
+        let Some(t) = entry_mut(tunnels, tkey) else {
             return self.finish_stream(
                 skey,
                 StreamEnd::TunnelBroken {
@@ -256,10 +249,7 @@ impl Reactor {
                 },
             );
         };
-        let Some(sf) = streams
-            .get_mut(crate::data_plane::reactor::slot(skey))
-            .filter(|f| f.key == skey)
-        else {
+        let Some(sf) = entry_mut(streams, skey) else {
             return;
         };
         if t.writer.is_some_and(|w| w != skey) {
@@ -501,21 +491,13 @@ impl Reactor {
             StreamEnd::LocalBroken { kind, errno } => {
                 drop(sf.local);
                 self.metrics.failure(kind);
-                let close = if was_open {
-                    CloseKind::Reset
-                } else {
-                    CloseKind::Failed
-                };
+                let close = CloseKind::broken(was_open);
                 (close, Some(kind), Some(errno).filter(|e| *e != 0))
             }
             StreamEnd::TunnelBroken { kind } => {
                 socket::close_with_reset(sf.local);
                 self.metrics.failure(kind);
-                let close = if was_open {
-                    CloseKind::Reset
-                } else {
-                    CloseKind::Failed
-                };
+                let close = CloseKind::broken(was_open);
                 (close, Some(kind), None)
             }
         };
@@ -530,9 +512,7 @@ impl Reactor {
         skey: FlowKey,
         errno: i32,
     ) -> StreamEnd {
-        let side = self
-            .streams
-            .get(crate::data_plane::reactor::slot(skey))
+        let side = entry(&self.streams, skey)
             .map(|f| f.local_side)
             .unwrap_or(Side::Downstream);
         StreamEnd::LocalBroken {
@@ -550,11 +530,7 @@ impl Reactor {
         side: Side,
         interest: Interest,
     ) {
-        let Some(sf) = self
-            .streams
-            .get_mut(crate::data_plane::reactor::slot(skey))
-            .filter(|f| f.key == skey)
-        else {
+        let Some(sf) = entry_mut(&mut self.streams, skey) else {
             return;
         };
         if !sf.is_armed(side, interest)

@@ -40,9 +40,7 @@ impl<'a> RecvHandler<'a> {
 
     fn flow(&mut self, stream: StreamId) -> Option<&mut StreamFlow> {
         let key = *self.stream_map.get(&stream)?;
-        self.flows
-            .get_mut(crate::data_plane::reactor::slot(key))
-            .filter(|f| f.key == key)
+        entry_mut(&mut self.flows, key)
     }
 
     fn touch(&mut self, key: FlowKey) {
@@ -348,10 +346,7 @@ impl Reactor {
             pool,
             ..
         } = self;
-        let Some(t) = tunnels
-            .get_mut(crate::data_plane::reactor::slot(tkey))
-            .filter(|t| t.key == tkey)
-        else {
+        let Some(t) = entry_mut(tunnels, tkey) else {
             return Ok((RecvStatus::WantRead, 0));
         };
         let fd = t.raw();
@@ -469,10 +464,8 @@ impl Reactor {
             log::info!("reactor {id}: {line}");
         }
         // Once per tunnel: which TLS it runs and why (tunnels are pooled, so this is rare).
-        let path = match (
-            self.tunnels[crate::data_plane::reactor::slot(tkey)].is_kernel_tls(),
-            self.tunnels[crate::data_plane::reactor::slot(tkey)].zero_copy,
-        ) {
+        let t = &self.tunnels[crate::data_plane::reactor::slot(tkey)];
+        let path = match (t.is_kernel_tls(), t.zero_copy) {
             (true, true) => ", payload spliced",
             (true, false) => ", payload copied (node.hbone.zero_copy is off)",
             (false, _) => "",
@@ -522,11 +515,7 @@ impl Reactor {
         now: Instant,
     ) -> Result<(), TunnelError> {
         loop {
-            let Some(t) = self
-                .tunnels
-                .get_mut(crate::data_plane::reactor::slot(tkey))
-                .filter(|t| t.key == tkey)
-            else {
+            let Some(t) = entry_mut(&mut self.tunnels, tkey) else {
                 return Ok(());
             };
             let Some((session, input, streams)) = t.session_input() else {
@@ -538,11 +527,7 @@ impl Reactor {
             if let Some((sid, remaining)) = session.pending_payload() {
                 let n = remaining.min(input.len());
                 let skey = streams.get(&sid).copied();
-                let sf = skey.and_then(|k| {
-                    self.streams
-                        .get_mut(crate::data_plane::reactor::slot(k))
-                        .filter(|f| f.key == k)
-                });
+                let sf = skey.and_then(|k| entry_mut(&mut self.streams, k));
                 let (released, failed) = match sf {
                     Some(sf) => match sf.deliver(&input[..n]) {
                         Ok(w) => {
@@ -798,11 +783,7 @@ impl Reactor {
     }
 
     pub(in crate::data_plane::reactor) fn arm_tunnel(&mut self, tkey: FlowKey, interest: Interest) {
-        let Some(t) = self
-            .tunnels
-            .get_mut(crate::data_plane::reactor::slot(tkey))
-            .filter(|t| t.key == tkey)
-        else {
+        let Some(t) = entry_mut(&mut self.tunnels, tkey) else {
             return;
         };
         let bit = driver::armed_bit(Side::Upstream, interest);
@@ -1024,21 +1005,12 @@ impl Reactor {
 
     /// Streams on the tunnel that have not exchanged both END_STREAMs.
     pub(in crate::data_plane::reactor) fn unfinished_streams(&self, tkey: FlowKey) -> usize {
-        let Some(t) = self
-            .tunnels
-            .get(crate::data_plane::reactor::slot(tkey))
-            .filter(|t| t.key == tkey)
-        else {
+        let Some(t) = entry(&self.tunnels, tkey) else {
             return 0;
         };
         t.streams
             .values()
-            .filter(|k| {
-                self.streams
-                    .get(crate::data_plane::reactor::slot(**k))
-                    .filter(|f| f.key == **k)
-                    .is_some_and(|f| !(f.remote_eof && f.local_eof))
-            })
+            .filter(|k| entry(&self.streams, **k).is_some_and(|f| !(f.remote_eof && f.local_eof)))
             .count()
     }
 
