@@ -40,7 +40,7 @@ impl<'a> RecvHandler<'a> {
 
     fn flow(&mut self, stream: StreamId) -> Option<&mut StreamFlow> {
         let key = *self.stream_map.get(&stream)?;
-        entry_mut(&mut self.flows, key)
+        entry_mut(self.flows, key)
     }
 
     fn touch(&mut self, key: FlowKey) {
