@@ -156,7 +156,22 @@ fn run_transfer(
     let server = serve_exchanges(listener, t.connections, t.bytes, 2);
     let client_ns = tb.pod_ns(t.from).map_err(err)?;
     let stream = connect_in(&client_ns, t.to).map_err(err)?;
-    let c = testbed::exchange(stream, t.bytes, 1).map_err(err)?;
+    let c = match testbed::exchange(stream, t.bytes, 1) {
+        Ok(c) => c,
+        Err(e) => {
+            // Say what the node made of the connection, if it saw it at all.
+            std::thread::sleep(Duration::from_millis(200));
+            println!("== {} ({} → {})", t.title, t.from.v4(), t.to);
+            let seen = take_records(records);
+            if seen.is_empty() {
+                println!("   no flow record: no node reactor handled this connection");
+            }
+            for r in seen {
+                print_record(&r);
+            }
+            return Err(err(e));
+        }
+    };
     let s = server
         .join()
         .map_err(|_| "server panicked".to_string())?

@@ -29,7 +29,13 @@ pub struct UringDriver {
     timer_in_flight: Option<Instant>,
     /// Kernels before 5.19 have no multishot accept: re-arm a single-shot accept instead.
     multishot_accept: bool,
+    /// Requests submitted whose last completion has not been reaped. Each one may hold a file
+    /// (an armed accept keeps its listening socket alive after close(2)), see [`Self::quiesce`].
+    in_flight: usize,
 }
+
+/// How long a stopping reactor waits for its cancelled requests to complete.
+const QUIESCE_LIMIT: Duration = Duration::from_secs(2);
 
 impl UringDriver {
     pub fn new(entries: u32, multishot_accept: bool) -> io::Result<Self> {
@@ -46,6 +52,7 @@ impl UringDriver {
             timer: Box::new(types::Timespec::new()),
             timer_in_flight: None,
             multishot_accept,
+            in_flight: 0,
         })
     }
 
@@ -54,6 +61,7 @@ impl UringDriver {
             // SAFETY: every pointer an entry carries (sockaddr, timespec) lives in `self` until
             // the request completes (`connect_addrs`, `timer`).
             if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+                self.in_flight += 1;
                 return;
             }
             // Submission queue full: hand what we have to the kernel and retry.
@@ -77,11 +85,96 @@ impl UringDriver {
         self.push(e);
     }
 
+    /// Cancels every request still in flight and reaps their completions, so the files they
+    /// hold are released before the reactor thread ends. Without this the ring's teardown does
+    /// it asynchronously, after the thread is gone: a listening socket whose accept was still
+    /// armed keeps listening for that while, `SO_REUSEPORT` hands it connections meant for the
+    /// next node sharing the port (a restart, the demo's second act), and the kernel resets them
+    /// when the socket finally closes.
+    ///
+    /// Flow sockets' polls were removed when their flows closed; what is left is long-lived:
+    /// accepts, the waker's poll, the wakeup timer. One `ASYNC_CANCEL_ANY` (5.19) catches
+    /// everything; the cancels by tag cover older kernels. Gives up after [`QUIESCE_LIMIT`].
+    fn quiesce(&mut self) {
+        let accepts = self.listeners.len();
+        self.listeners.clear();
+        self.waker = None;
+        if self.in_flight == 0 {
+            return;
+        }
+        let cancel = |e: squeue::Entry| e.user_data(token::simple(Op::Cancel, 0));
+        self.push(cancel(
+            opcode::AsyncCancel2::new(types::CancelBuilder::any()).build(),
+        ));
+        let tags = (0..accepts)
+            .map(|l| token::simple(Op::Accept, l as u32))
+            .chain([token::simple(Op::Waker, 0), token::simple(Op::Timer, 0)]);
+        for tag in tags {
+            self.push(cancel(opcode::AsyncCancel::new(tag).build()));
+        }
+        // Submitted after the cancels, so they do not cancel it: ends the wait below if some
+        // request never completes.
+        let limit = types::Timespec::new()
+            .sec(QUIESCE_LIMIT.as_secs())
+            .nsec(QUIESCE_LIMIT.subsec_nanos());
+        if let Err(e) = self.ring.submit() {
+            log::warn!("io_uring: cannot cancel the requests still in flight: {e}");
+            return;
+        }
+        let deadline = token::simple(Op::Timer, 1);
+        self.push(
+            opcode::Timeout::new(&limit as *const _)
+                .build()
+                .user_data(deadline),
+        );
+        // The deadline timer itself stays in flight until it fires.
+        while self.in_flight > 1 {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => {}
+                Err(e) => {
+                    log::warn!("io_uring: waiting for cancelled requests failed: {e}");
+                    return;
+                }
+            }
+            for cqe in self.ring.completion() {
+                let ud = cqe.user_data();
+                if ud == deadline {
+                    log::warn!(
+                        "io_uring: {} requests still in flight {QUIESCE_LIMIT:?} after cancelling them",
+                        self.in_flight.saturating_sub(1)
+                    );
+                    return;
+                }
+                if !cqueue::more(cqe.flags()) {
+                    self.in_flight = self.in_flight.saturating_sub(1);
+                }
+                match token::decode(ud).op {
+                    // SAFETY: a successful accept completion hands us a new descriptor; closing
+                    // it is all a stopping reactor can do with it.
+                    Some(Op::Accept) if cqe.result() >= 0 => {
+                        drop(unsafe { OwnedFd::from_raw_fd(cqe.result()) })
+                    }
+                    Some(Op::Connect) => {
+                        self.connect_addrs.remove(&ud);
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
     fn arm_waker(&mut self, fd: RawFd) {
         let e = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
             .build()
             .user_data(token::simple(Op::Waker, 0));
         self.push(e);
+    }
+}
+
+impl Drop for UringDriver {
+    fn drop(&mut self) {
+        self.quiesce();
     }
 }
 
@@ -217,10 +310,13 @@ impl Driver for UringDriver {
             let ud = cqe.user_data();
             let res = cqe.result();
             let d = token::decode(ud);
+            let more = cqueue::more(cqe.flags());
+            if !more {
+                self.in_flight = self.in_flight.saturating_sub(1);
+            }
             match d.op {
                 Some(Op::Accept) => {
                     let l = d.index as usize;
-                    let more = cqueue::more(cqe.flags());
                     if res >= 0 {
                         // SAFETY: a successful accept completion hands us a new descriptor.
                         events.push(Event::Accepted {
