@@ -369,15 +369,10 @@ fn errno(e: &io::Error) -> i32 {
 mod tests {
     use super::*;
     use std::io::{Read, Write};
-    use std::net::{Shutdown, TcpListener, TcpStream};
+    use std::net::Shutdown;
     use std::os::fd::AsRawFd;
 
-    fn pair() -> (TcpStream, TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (s, _) = l.accept().unwrap();
-        (c, s)
-    }
+    use crate::data_plane::socket::tcp_pair;
 
     #[test]
     fn pump_delivers_every_byte_then_half_closes_destination() {
@@ -387,8 +382,8 @@ mod tests {
     }
 
     fn pump_delivers_every_byte(short: bool) {
-        let (mut client, proxy_in) = pair();
-        let (proxy_out, mut server) = pair();
+        let (mut client, proxy_in) = tcp_pair();
+        let (proxy_out, mut server) = tcp_pair();
         proxy_in.set_nonblocking(true).unwrap();
         proxy_out.set_nonblocking(true).unwrap();
         let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();

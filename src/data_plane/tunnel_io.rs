@@ -1091,18 +1091,13 @@ mod tests {
     use sha2::{Digest, Sha256};
     use std::collections::HashMap;
     use std::io::{Read, Write};
-    use std::net::{Shutdown, TcpListener, TcpStream};
+    use std::net::{Shutdown, TcpStream};
     use std::os::fd::AsRawFd;
     use std::time::{Duration, Instant};
 
     const DEADLINE: Duration = Duration::from_secs(15);
 
-    fn pair() -> (TcpStream, TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (s, _) = l.accept().unwrap();
-        (c, s)
-    }
+    use crate::data_plane::socket::tcp_pair;
 
     fn set_buf(s: &TcpStream, opt: libc::c_int, bytes: libc::c_int) {
         // SAFETY: setsockopt with a pointer to a live c_int and its size.
@@ -1270,8 +1265,8 @@ mod tests {
     }
 
     fn stream(id: u32, payload: Vec<u8>, opts: StreamOpts, handler: &mut Handler) -> Stream {
-        let (mut client, src) = pair();
-        let (dst, mut peer) = pair();
+        let (mut client, src) = tcp_pair();
+        let (dst, mut peer) = tcp_pair();
         src.set_nonblocking(true).unwrap();
         dst.set_nonblocking(true).unwrap();
         if opts.hold.is_some() {
@@ -1324,7 +1319,7 @@ mod tests {
     }
 
     fn tunnel(rx_budget: usize) -> Tunnel {
-        let (tx, rx) = pair();
+        let (tx, rx) = tcp_pair();
         tx.set_nonblocking(true).unwrap();
         rx.set_nonblocking(true).unwrap();
         Tunnel {
@@ -1507,8 +1502,8 @@ mod tests {
         let mut pool = CheckingPool(PipePool::new(1 << 20, 4));
         let mut h = Handler::default();
         let mut t = tunnel(1 << 20);
-        let (mut client, src) = pair();
-        let (dst, mut peer) = pair();
+        let (mut client, src) = tcp_pair();
+        let (dst, mut peer) = tcp_pair();
         src.set_nonblocking(true).unwrap();
         dst.set_nonblocking(true).unwrap();
         let payload = data(64 * FRAME, 1);
@@ -1668,9 +1663,9 @@ mod tests {
     fn padded_control_and_unknown_stream_frames() {
         let mut pool = CheckingPool(PipePool::new(64 << 10, 4));
         let mut h = Handler::default();
-        let (mut tx, rx) = pair();
+        let (mut tx, rx) = tcp_pair();
         rx.set_nonblocking(true).unwrap();
-        let (dst, mut peer) = pair();
+        let (dst, mut peer) = tcp_pair();
         dst.set_nonblocking(true).unwrap();
         h.sinks.insert(1, StreamSink::new(dst.as_raw_fd(), 1 << 20));
         let a = data(100, 7);
@@ -1735,7 +1730,7 @@ mod tests {
     fn a_pipe_holding_bytes_is_never_returned() {
         let mut pool = PipePool::new(64 << 10, 4);
         // A sink whose destination never reads keeps bytes in its pipe.
-        let (dst, _peer) = pair();
+        let (dst, _peer) = tcp_pair();
         let mut sink: StreamSink<Pipe> = StreamSink::new(dst.as_raw_fd(), 1 << 20);
         let pipe = pool.get().unwrap();
         // SAFETY: write on a pipe descriptor we own, from a live buffer.

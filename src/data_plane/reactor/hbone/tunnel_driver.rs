@@ -1101,15 +1101,9 @@ mod tests {
     use crate::observability::metrics::TcpCounters;
     use hbone_proto::Settings;
     use std::io::{Read, Write};
-    use std::net::{TcpListener, TcpStream};
     use std::time::Duration;
 
-    fn pair() -> (TcpStream, TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (b, _) = l.accept().unwrap();
-        (a, b)
-    }
+    use crate::data_plane::socket::tcp_pair;
 
     /// Feeds what `from` has queued to `to`; false if it had nothing.
     fn transfer(
@@ -1173,9 +1167,9 @@ mod tests {
             server.send_data(server_sid, p, false, &mut wire).unwrap();
         }
 
-        let (mut tunnel_w, tunnel_r) = pair();
+        let (mut tunnel_w, tunnel_r) = tcp_pair();
         tunnel_r.set_nonblocking(true).unwrap();
-        let (local_w, mut local_r) = pair();
+        let (local_w, mut local_r) = tcp_pair();
         local_w.set_nonblocking(true).unwrap();
         let mut flows = slab::Slab::new();
         let entry = flows.vacant_entry();
