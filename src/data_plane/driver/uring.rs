@@ -121,47 +121,27 @@ impl UringDriver {
             log::warn!("io_uring: cannot cancel the requests still in flight: {e}");
             return;
         }
-        let deadline = token::simple(Op::Timer, 1);
+        let until = Instant::now() + QUIESCE_LIMIT;
         self.push(
             opcode::Timeout::new(&limit as *const _)
                 .build()
-                .user_data(deadline),
+                .user_data(token::simple(Op::Timer, 1)),
         );
-        // The deadline timer itself stays in flight until it fires.
-        while self.in_flight > 1 {
-            match self.ring.submit_and_wait(1) {
-                Ok(_) => {}
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => {}
-                Err(e) => {
-                    log::warn!("io_uring: waiting for cancelled requests failed: {e}");
-                    return;
-                }
+        // Until `until` has passed the deadline timer is one of the requests in flight, and it
+        // ends the last wait if some other request never completes.
+        let mut events = Vec::new();
+        while Instant::now() < until {
+            if self.in_flight <= 1 {
+                return;
             }
-            for cqe in self.ring.completion() {
-                let ud = cqe.user_data();
-                if ud == deadline {
-                    log::warn!(
-                        "io_uring: {} requests still in flight {QUIESCE_LIMIT:?} after cancelling them",
-                        self.in_flight.saturating_sub(1)
-                    );
-                    return;
-                }
-                if !cqueue::more(cqe.flags()) {
-                    self.in_flight = self.in_flight.saturating_sub(1);
-                }
-                match token::decode(ud).op {
-                    // SAFETY: a successful accept completion hands us a new descriptor; closing
-                    // it is all a stopping reactor can do with it.
-                    Some(Op::Accept) if cqe.result() >= 0 => {
-                        drop(unsafe { OwnedFd::from_raw_fd(cqe.result()) })
-                    }
-                    Some(Op::Connect) => {
-                        self.connect_addrs.remove(&ud);
-                    }
-                    _ => {}
-                }
+            if let Err(e) = self.wait(None, &mut events) {
+                log::warn!("io_uring: waiting for cancelled requests failed: {e}");
+                return;
             }
+            // Descriptors accepted meanwhile close here.
+            events.clear();
         }
+        log::warn!("io_uring: requests still in flight {QUIESCE_LIMIT:?} after cancelling them");
     }
 
     fn arm_waker(&mut self, fd: RawFd) {
