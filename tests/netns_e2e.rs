@@ -190,7 +190,6 @@ both_drivers!(
     inbound_redirect_capture_recovers_original_destination,
     host_mode_serves_the_namespace_ringtun_runs_in,
     a_stalled_destination_costs_no_cpu,
-    a_stopped_node_lets_go_of_its_listening_sockets,
 );
 
 fn one_gib_each_way_arrives_intact(driver: &str) {
@@ -700,45 +699,4 @@ fn a_stalled_destination_costs_no_cpu(driver: &str) {
         "{used:.2} CPU seconds in 2 s with the flow stalled (a busy loop)"
     );
     node.finish();
-}
-
-/// When a node has stopped, none of its listening sockets may live on: the next node (a restart,
-/// or the demo's second act in the same process) shares their ports through `SO_REUSEPORT`, and
-/// a connection the kernel hands to a socket that is still listening after its reactor is gone
-/// is reset when that socket finally closes. With io_uring an armed accept holds the socket
-/// after close(2) until the request is cancelled; left to the ring's teardown, that happens
-/// asynchronously, after the reactor thread has ended (CI saw the demo's first HBONE connection
-/// reset this way). Every round binds the ports again without `SO_REUSEPORT` right after
-/// `wait()` returns, which fails while any old socket still listens.
-fn a_stopped_node_lets_go_of_its_listening_sockets(driver: &str) {
-    use ringtun::app::{App, Options};
-    use ringtun::control_plane::config::{self, DriverChoice};
-    let tb = Testbed::create(&driver[..2]).expect("testbed");
-    let choice = if driver == "epoll" {
-        DriverChoice::Epoll
-    } else {
-        DriverChoice::IoUring
-    };
-    let client = tb.pod_ns(Pod::Client).unwrap();
-    let mesh1 = tb.pod_ns(Pod::Mesh1).unwrap();
-    for round in 0..20 {
-        let cfg = config::load(&tb.config_yaml(2, "")).expect("config");
-        let app = App::start(
-            cfg,
-            Options {
-                driver: Some(choice),
-                reactors: Some(2),
-                observer: None,
-                serve_endpoints: false,
-            },
-        )
-        .expect("node starts");
-        app.drain();
-        app.wait().expect("node drains");
-        for (ns, addr) in [(&client, "127.0.0.1:15001"), (&mesh1, "0.0.0.0:15006")] {
-            if let Err(e) = listen_in(ns, addr.parse().unwrap()) {
-                panic!("round {round}: {addr} still taken after the node stopped: {e}");
-            }
-        }
-    }
 }
