@@ -202,6 +202,18 @@ pub fn send_nonblocking(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     }
 }
 
+/// Bytes in a TCP socket's receive queue not yet read (`SIOCINQ`) and in its send queue not
+/// yet acknowledged (`SIOCOUTQ`); `None` where the ioctl fails. For logs about stalls.
+pub fn queued_bytes(fd: RawFd) -> (Option<i32>, Option<i32>) {
+    let query = |request| {
+        let mut n: libc::c_int = 0;
+        // SAFETY: both requests write one int through the pointer, which lives across the call.
+        let rc = unsafe { libc::ioctl(fd, request, &mut n) };
+        (rc == 0).then_some(n)
+    };
+    (query(libc::FIONREAD), query(libc::TIOCOUTQ))
+}
+
 /// A connected loopback TCP pair for unit tests: `(connecting side, accepted side)`, both
 /// blocking.
 #[cfg(test)]
@@ -210,4 +222,29 @@ pub(crate) fn tcp_pair() -> (std::net::TcpStream, std::net::TcpStream) {
     let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
     let (s, _) = l.accept().unwrap();
     (c, s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    #[test]
+    fn queued_bytes_counts_what_waits_unread() {
+        let (mut c, mut s) = tcp_pair();
+        assert_eq!(queued_bytes(s.as_raw_fd()).0, Some(0));
+        c.write_all(&[7u8; 1000]).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while queued_bytes(s.as_raw_fd()).0 != Some(1000) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "1000 bytes never showed as unread"
+            );
+            std::thread::yield_now();
+        }
+        let mut buf = [0u8; 400];
+        s.read_exact(&mut buf).unwrap();
+        assert_eq!(queued_bytes(s.as_raw_fd()).0, Some(600));
+        assert_eq!(queued_bytes(-1), (None, None));
+    }
 }

@@ -409,6 +409,56 @@ impl Tunnel {
             && self.session.as_ref().is_some_and(|s| s.at_frame_boundary())
     }
 
+    /// The tunnel's IO state in one line, for the log when it fails: whether bytes sat
+    /// unread in the socket, what the reader waited for, what the writer held, and the
+    /// flow-control windows. Enough to tell a missed wakeup from a peer that stopped.
+    pub fn describe_io(&self) -> String {
+        let (unread, unacked) = super::socket::queued_bytes(self.raw());
+        let show = |n: Option<i32>| n.map_or("?".into(), |n| n.to_string());
+        let reader = match &self.receiver {
+            Some(r) => format!("zero-copy receiver at {}", r.describe()),
+            None => format!(
+                "{} bytes of input unparsed",
+                self.input.len() - self.input_pos
+            ),
+        };
+        let windows = self.session.as_ref().map_or(String::new(), |s| {
+            let streams: Vec<String> = self
+                .streams
+                .keys()
+                .map(|&id| {
+                    format!(
+                        "{id:?} send {} recv {}",
+                        s.stream_send_window(id).unwrap_or(0),
+                        s.stream_recv_window(id).unwrap_or(0)
+                    )
+                })
+                .collect();
+            format!(
+                "; windows: connection send {} recv {}; {}",
+                s.connection_send_window(),
+                s.connection_recv_window(),
+                streams.join(", ")
+            )
+        });
+        format!(
+            "socket: {} bytes unread, {} unacknowledged; {reader}; {} bytes queued to write; \
+             mid-frame writer: {}; {} streams, {} waiting for the socket, {} for credit; \
+             armed {:#b}, queued {}, retiring {}, peer EOF {}{windows}",
+            show(unread),
+            show(unacked),
+            self.out_pending(),
+            self.writer.is_some(),
+            self.streams.len(),
+            self.blocked.len(),
+            self.waiting_credit.len(),
+            self.armed,
+            self.queued,
+            self.retiring,
+            self.peer_eof,
+        )
+    }
+
     /// Charges bytes written around `flush` (zero-copy frames) to the record budget.
     pub fn charge_written(&mut self, n: usize) {
         self.budget.charge_send(n);

@@ -685,6 +685,11 @@ impl FrameReceiver {
         }
     }
 
+    /// Where the receiver is, for logs: the frame part it waits for.
+    pub fn describe(&self) -> String {
+        format!("{:?}, {} header bytes", self.state, self.hdr_len)
+    }
+
     /// True between frames.
     pub fn at_frame_boundary(&self) -> bool {
         matches!(self.state, InFrame::Header) && self.hdr_len == 0

@@ -883,9 +883,10 @@ impl Reactor {
         } else {
             log::Level::Warn
         };
+        let state = t.describe_io();
         log::log!(
             level,
-            "reactor {}: {role} tunnel {peer} failed: {e}",
+            "reactor {}: {role} tunnel {peer} failed: {e} ({state})",
             self.id
         );
         self.metrics.hbone(
