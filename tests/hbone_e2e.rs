@@ -620,15 +620,25 @@ fn pinned_aes_256_gcm_carries_bytes(driver: &str) {
 fn draining_node_finishes_its_tunnelled_flows(driver: &str) {
     // SIGTERM node B while a tunnelled connection is open: B stops taking tunnels (readiness
     // 503, GOAWAY on its tunnels) but the open stream finishes intact; then B exits 0.
+    //
+    // Node A is stopped (SIGSTOP) while B's upstream sends its answer, so B's last stream ends
+    // with most of that answer still queued on the tunnel. B must write it all before it exits:
+    // a reactor that returned when its flows were done dropped those bytes with the socket and
+    // reset the client (seen in CI, about 1 run in 10, before it was made deterministic here).
+    // Fits in what B can hold while A reads nothing (the tunnel's 1 MiB user-space queue plus
+    // socket buffers), so B's stream can end; larger than the socket buffers alone.
+    const ANSWER: usize = 768 << 10;
     let mut m = Mesh::start(driver, "");
     let l = m.listen(Pod::Mesh1, MESH_PORT);
+    let (eof_tx, eof_rx) = std::sync::mpsc::channel::<Vec<u8>>();
     let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
     let server = std::thread::spawn(move || {
         let (mut s, _) = l.accept().unwrap();
-        let mut buf = [0u8; 5];
-        s.read_exact(&mut buf).unwrap();
+        let mut request = Vec::new();
+        s.read_to_end(&mut request).unwrap();
+        eof_tx.send(request).unwrap();
         go_rx.recv().unwrap();
-        s.write_all(&vec![7u8; 1 << 20]).unwrap();
+        s.write_all(&vec![7u8; ANSWER]).unwrap();
         s.shutdown(Shutdown::Write).unwrap();
     });
     let mut c = m.connect(mesh1());
@@ -640,19 +650,44 @@ fn draining_node_finishes_its_tunnelled_flows(driver: &str) {
         .unwrap()
         >= 1.0));
     let b = m.b.process.take().unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(b.pid() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
+    let signal =
+        |pid: u32, sig| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
+    signal(b.pid(), nix::sys::signal::Signal::SIGTERM).unwrap();
     assert!(
         wait_for(|| b.get(16021, "/healthz/ready").map(|(c, _)| c).unwrap_or(0) == 503),
         "node B does not report draining"
     );
-    go_tx.send(()).unwrap();
+    // The client's END_STREAM crosses while B drains.
     c.shutdown(Shutdown::Write).unwrap();
-    let got = read_until_end(&mut c).unwrap();
-    assert_eq!(got.len(), 1 << 20, "the drained stream lost bytes");
+    let request = eof_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the upstream never saw the client's end of stream");
+    assert_eq!(request, b"hello");
+    let a_pid = m.a().pid();
+    signal(a_pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    go_tx.send(()).unwrap();
+    let b_finished_stream = wait_for(|| {
+        b.log_text().lines().any(|l| {
+            l.contains("\"direction\":\"inbound_hbone\"") && l.contains("\"end\":\"clean\"")
+        })
+    });
+    // Time for a B that would exit now to do so.
+    std::thread::sleep(Duration::from_millis(500));
+    signal(a_pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    assert!(
+        b_finished_stream,
+        "node B never finished its stream; log:\n{}",
+        b.log_text()
+    );
+    let got = match read_until_end(&mut c) {
+        Ok(got) => got,
+        Err(e) => panic!(
+            "client read failed: {e}\nnode A log:\n{}\nnode B log:\n{}",
+            m.a().log_text(),
+            b.log_text()
+        ),
+    };
+    assert_eq!(got.len(), ANSWER, "the drained stream lost bytes");
     assert!(got.iter().all(|b| *b == 7));
     server.join().unwrap();
     let mut b = b;

@@ -220,6 +220,8 @@ pub struct Reactor {
     next_generation: u32,
     max_flows: usize,
     drain_deadline: Option<Instant>,
+    /// Draining, and every flow is done: the tunnels were asked to close.
+    tunnels_closing: bool,
     warned_tunnel: bool,
 }
 
@@ -261,6 +263,7 @@ impl Reactor {
             next_generation: 1,
             max_flows: spec.max_flows.min(SLOT_MASK as usize),
             drain_deadline: None,
+            tunnels_closing: false,
             warned_tunnel: false,
             state: spec.state,
         };
@@ -321,9 +324,18 @@ impl Reactor {
             }
             if let Some(deadline) = self.drain_deadline {
                 if self.flows.is_empty() && self.streams.is_empty() {
-                    self.close_tunnels();
-                    log::info!("reactor {}: drained", self.id);
-                    return Ok(());
+                    // Tunnels close politely: what their streams handed over is written first,
+                    // then close_notify and FIN, then they wait for the peer's EOF (bounded by
+                    // the close linger). Returning before that would drop queued bytes with the
+                    // socket and reset the peer mid-stream.
+                    if !self.tunnels_closing {
+                        self.tunnels_closing = true;
+                        self.close_tunnels();
+                    }
+                    if self.tunnels.is_empty() {
+                        log::info!("reactor {}: drained", self.id);
+                        return Ok(());
+                    }
                 }
                 if now >= deadline {
                     log::warn!(
