@@ -345,18 +345,20 @@ pub fn connect_in(ns: &NetNs, addr: SocketAddr) -> io::Result<TcpStream> {
     Ok(s)
 }
 
-/// Deterministic, incompressible test bytes (xorshift64*), so corruption cannot hide.
-/// Uploads `bytes` through `client` to the connection `listener` accepts, which reads nothing
-/// until the pipeline has been full for 2 s; returns the CPU seconds `cpu()` grew by during
-/// the last 2 s of the stall (a proxy waiting for a stalled reader should use none), then
-/// lets the destination read and checks that every byte arrived in order.
+/// Uploads `bytes` through the client `connect()` opens to the connection `listener` accepts,
+/// which reads nothing until the pipeline has been full for 2 s; returns the CPU seconds
+/// `cpu()` grew by during the last 2 s of the stall (a proxy waiting for a stalled reader
+/// should use none), then lets the destination read and checks that every byte arrived in
+/// order. The client connects only once the listener exists: connecting first let the proxy's
+/// upstream connect meet no listener and reset the client.
 pub fn stalled_upload_cpu(
-    client: std::net::TcpStream,
     listener: std::net::TcpListener,
+    connect: impl FnOnce() -> std::net::TcpStream,
     bytes: usize,
     cpu: impl Fn() -> f64,
 ) -> f64 {
     use std::io::{Read, Write};
+    let client = connect();
     let (go, wait) = std::sync::mpsc::channel::<()>();
     let server = std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
@@ -392,6 +394,7 @@ pub fn stalled_upload_cpu(
     used
 }
 
+/// Deterministic, incompressible test bytes (xorshift64*), so corruption cannot hide.
 pub struct Pattern {
     state: u64,
 }

@@ -787,8 +787,8 @@ fn record_budget_retires_tunnels_without_losing_bytes(driver: &str) {
 fn a_stream_waiting_for_credit_sleeps(driver: &str) {
     let m = Mesh::start(driver, "");
     let used = testbed::stalled_upload_cpu(
-        m.connect(mesh1()),
         m.listen(Pod::Mesh1, MESH_PORT),
+        || m.connect(mesh1()),
         32 << 20,
         || m.a().cpu_seconds().unwrap() + m.b().cpu_seconds().unwrap(),
     );

@@ -688,8 +688,8 @@ fn host_mode_serves_the_namespace_ringtun_runs_in(driver: &str) {
 fn a_stalled_destination_costs_no_cpu(driver: &str) {
     let node = Node::start(driver, "");
     let used = ringtun::testbed::stalled_upload_cpu(
-        node.connect(ext(EXT_PORT)),
         listen_in(&node.ns(Pod::Ext), ext(EXT_PORT)).unwrap(),
+        || node.connect(ext(EXT_PORT)),
         32 << 20,
         || node.ringtun().cpu_seconds().unwrap(),
     );
