@@ -66,7 +66,7 @@ fn open_files_limit() -> (u64, u64) {
 fn load_tunnel_credentials(state: &State) -> Result<Option<Arc<TunnelCredentials>>, String> {
     use crate::control_plane::certs::{load_trust_bundle, load_workload_credentials};
     use crate::control_plane::identity::SpiffeId;
-    use crate::data_plane::tls::{server_config_for, ClientTls};
+    use crate::tls::{server_config_for, ClientTls};
     let node = &state.config.node;
     let Some(tls) = &node.tls else {
         log::info!("no node.tls: HBONE tunnels are off (connections that need one are refused)");

@@ -17,3 +17,5 @@ pub mod lifecycle;
 pub mod observability;
 pub mod redirection;
 pub mod testbed;
+pub mod tls;
+pub mod tunnel;

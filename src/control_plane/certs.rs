@@ -4,7 +4,7 @@
 //! with exactly one URI SAN: its SPIFFE ID.
 //!
 //! Boundary: this module reads and writes files and makes keys; it never configures TLS (see
-//! `data_plane::tls`, which builds rustls configs from what is loaded here). Every error names
+//! `tls`, which builds rustls configs from what is loaded here). Every error names
 //! the file it concerns. The development CA is for demos and tests, not production: a real mesh
 //! gets its certificates from its CA (istiod, SPIRE) into the same layout.
 

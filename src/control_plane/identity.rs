@@ -2,7 +2,7 @@
 //! that a workload certificate carries as its single URI SAN and that Istio's ztunnel speaks.
 //!
 //! Boundary: this module only parses, validates and formats identities; it never reads a
-//! certificate (see `certs` and `data_plane::tls`). Parsing is strict — one spelling per
+//! certificate (see `certs` and `tls`). Parsing is strict — one spelling per
 //! identity — because identities are compared as values when a tunnel's peer is checked: the
 //! trust domain is a lowercase DNS name, the namespace a DNS label and the service account a
 //! DNS subdomain (what Kubernetes allows, and what the config loader accepts for

@@ -5,15 +5,7 @@
 pub mod driver;
 pub mod first_connection;
 pub mod flow;
-pub mod hbone_rules;
-pub mod ktls;
 pub mod listeners;
 pub mod reactor;
-pub mod record_layer;
 pub mod socket;
 pub mod splice;
-pub mod stream_flow;
-pub mod tls;
-pub mod tunnel;
-pub mod tunnel_io;
-pub mod tunnel_pool;

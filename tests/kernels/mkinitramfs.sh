@@ -198,7 +198,7 @@ if [ -n "${VM_SUITES_FILE:-}" ]; then
     cp "$VM_SUITES_FILE" "$stage/etc/ringtun-vm.suites"
 else
     {
-        echo "main - /bin/ringtun-lib-tests ${VM_FILTERS:-data_plane::ktls data_plane::tls kernel_features}"
+        echo "main - /bin/ringtun-lib-tests ${VM_FILTERS:-tls::ktls tls::tests kernel_features}"
         echo "nouring nouring: /bin/ringtun-lib-tests ${VM_NOURING_FILTERS:-kernel_features}"
     } >"$stage/etc/ringtun-vm.suites"
 fi

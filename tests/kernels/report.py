@@ -22,7 +22,7 @@ import sys
 import time
 
 MARK = re.compile(r"RINGTUN-VM-([A-Z-]+)(?: (.*))?$")
-LOOPBACK = "data_plane::ktls::tests::ktls_loopback_moves_a_mebibyte_each_way"
+LOOPBACK = "tls::ktls::tests::ktls_loopback_moves_a_mebibyte_each_way"
 KM_HBONE = "kernel_matrix:hbone_tunnel_tls_follows_the_kernel"
 KM_DRIVER = "kernel_matrix:auto_driver_follows_the_kernel_and_serves"
 KM_NST = "kernel_matrix:new_session_tickets_from_the_peer_do_not_break_the_tunnel"

@@ -12,7 +12,7 @@
 #   RINGTUN_VM_SUITES    Debian suites to boot (default "bookworm trixie"; the first is required,
 #                        the others are skipped with a warning when unreachable and not cached)
 #   RINGTUN_VM_E2E       1 (default): also the end-to-end tests; 0: only the lib tests
-#   RINGTUN_VM_FILTERS   lib test filters (default "data_plane::ktls data_plane::tls kernel_features")
+#   RINGTUN_VM_FILTERS   lib test filters (default "tls::ktls tls::tests kernel_features")
 #   RINGTUN_VM_HBONE     hbone_e2e tests with kTLS (default: a small-data subset, see below)
 #   RINGTUN_VM_KM        kernel_matrix tests (default: every root test but the io_uring
 #                        byte-order variant; hbone_e2e's record-budget test covers io_uring)
@@ -49,7 +49,7 @@ cpus=${RINGTUN_VM_CPUS:-2}
 cache=${RINGTUN_VM_CACHE:-target/kernels}
 e2e=${RINGTUN_VM_E2E:-1}
 docs=${RINGTUN_VM_DOCS:-1}
-lib_filters=${RINGTUN_VM_FILTERS:-data_plane::ktls data_plane::tls kernel_features}
+lib_filters=${RINGTUN_VM_FILTERS:-tls::ktls tls::tests kernel_features}
 # Small data only: TCG runs these 20-50x slower than the host. The 1 GiB and 200-connection
 # tests stay on the host.
 hbone_tests=${RINGTUN_VM_HBONE-io_uring::bytes_cross_two_nodes_intact io_uring::client_half_close_maps_to_end_stream io_uring::upstream_reset_reaches_client_as_reset io_uring::record_budget_retires_tunnels_without_losing_bytes io_uring::wrong_server_identity_is_refused_by_the_client io_uring::a_stream_waiting_for_credit_sleeps epoll::bytes_cross_two_nodes_intact}

@@ -115,7 +115,7 @@ mod tests {
         assert_eq!(n.hbone, super::super::DEFAULT_HBONE);
         assert_eq!(
             n.hbone.ktls_record_budget,
-            crate::data_plane::ktls::TX_RECORD_BUDGET,
+            crate::tls::ktls::TX_RECORD_BUDGET,
             "the default retirement budget is the kTLS module's"
         );
         // A node section with only the name must come out identical.

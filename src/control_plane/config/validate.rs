@@ -94,7 +94,7 @@ pub const DEFAULT_HBONE: HboneSettings = HboneSettings {
     max_streams_per_tunnel: 100,
     pool_idle_timeout: Duration::from_secs(300),
     ktls: KtlsChoice::Auto,
-    // Half the AES-GCM limit of 2^24 records (crate::data_plane::ktls::TX_RECORD_BUDGET).
+    // Half the AES-GCM limit of 2^24 records (crate::tls::ktls::TX_RECORD_BUDGET).
     ktls_record_budget: 1 << 23,
     cipher: CipherChoice::Any,
     zero_copy: true,

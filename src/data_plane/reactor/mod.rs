@@ -26,13 +26,13 @@ use super::flow::{Directions, End, Flow, Phase, Step};
 use super::listeners::Listener;
 use super::socket;
 use super::splice::{PipePool, Pump};
-use super::stream_flow::StreamFlow;
-use super::tunnel::Tunnel;
 use crate::control_plane::state::State;
 use crate::observability::access_log::{self, FlowRecord, Observer};
 use crate::observability::metrics::{CloseKind, FailureKind, ReactorMetrics, TcpLabels};
 use crate::redirection::netns::in_netns;
 use crate::redirection::original_dst::original_dst;
+use crate::tunnel::connection::Tunnel;
+use crate::tunnel::stream_flow::StreamFlow;
 
 /// Ring entries: room for accepts, connects and two polls per busy flow per wakeup.
 const RING_ENTRIES: u32 = 4096;
@@ -362,7 +362,7 @@ impl Reactor {
         let server_tunnels: Vec<FlowKey> = self
             .tunnels
             .iter()
-            .filter(|(_, t)| matches!(t.role, super::tunnel::Role::Server { .. }))
+            .filter(|(_, t)| matches!(t.role, crate::tunnel::connection::Role::Server { .. }))
             .map(|(_, t)| t.key)
             .collect();
         for tkey in server_tunnels {

@@ -29,24 +29,22 @@ use crate::control_plane::identity::SpiffeId;
 use crate::control_plane::workload_registry::WorkloadId;
 use crate::data_plane::driver::{self, FlowKey, Interest, Side};
 use crate::data_plane::first_connection::Resolution;
-use crate::data_plane::hbone_rules::{outbound_connect, InboundDecision, InboundRules};
-use crate::data_plane::ktls::{self, ControlRecord};
 use crate::data_plane::socket;
 use crate::data_plane::splice::Pipe;
-use crate::data_plane::stream_flow::{StreamFlow, StreamPhase, TunnelTarget};
-use crate::data_plane::tls::{self, ClientTls};
-use crate::data_plane::tunnel::{Fill, Handshake, Phase, Role, Tunnel, TunnelError};
-use crate::data_plane::tunnel_io::{
-    DataFrameHeaders, FrameHandler, FrameReceiver, HandlerError, RecvError, RecvStatus, SendError,
-    SendStatus, StreamSink,
-};
-use crate::data_plane::tunnel_pool::{
-    Checkout, PoolConfig, PoolEvent, PoolKey, TunnelId, TunnelPool,
-};
 use crate::kernel_features::KtlsSupport;
 use crate::observability::access_log::{self, FlowRecord};
 use crate::observability::metrics::{CloseKind, FailureKind, ReactorMetrics, TcpLabels};
 use crate::redirection::netns::{in_netns, NetNs};
+use crate::tls::ktls::{self, ControlRecord};
+use crate::tls::{self, ClientTls};
+use crate::tunnel::connection::{Fill, Handshake, Phase, Role, Tunnel, TunnelError};
+use crate::tunnel::inbound_rules::{outbound_connect, InboundDecision, InboundRules};
+use crate::tunnel::io::{
+    DataFrameHeaders, FrameHandler, FrameReceiver, HandlerError, RecvError, RecvStatus, SendError,
+    SendStatus, StreamSink,
+};
+use crate::tunnel::pool::{Checkout, PoolConfig, PoolEvent, PoolKey, TunnelId, TunnelPool};
+use crate::tunnel::stream_flow::{StreamFlow, StreamPhase, TunnelTarget};
 
 /// TLS material for tunnels, built once at start-up and shared by every reactor.
 pub struct TunnelCredentials {

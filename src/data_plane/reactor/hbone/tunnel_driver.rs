@@ -154,7 +154,7 @@ impl FrameHandler<Pipe> for RecvHandler<'_> {
 }
 
 /// Bytes a receiver has moved (payload and frame headers), from its counters.
-fn moved(stats: &crate::data_plane::tunnel_io::RecvStats) -> usize {
+fn moved(stats: &crate::tunnel::io::RecvStats) -> usize {
     (stats.spliced_bytes + stats.buffered_bytes + stats.skipped_bytes + stats.dropped_bytes)
         as usize
         + (stats.spliced_frames + stats.buffered_frames + stats.control_frames) as usize
@@ -951,7 +951,7 @@ impl Reactor {
         if let Role::Client { pool_id, .. } = t.role {
             let h = self.hbone_state();
             h.by_pool_id.remove(&pool_id);
-            if h.pool.state(pool_id) != crate::data_plane::tunnel_pool::TunnelState::Closed {
+            if h.pool.state(pool_id) != crate::tunnel::pool::TunnelState::Closed {
                 if let Ok(f) = h.pool.tunnel_failed(pool_id) {
                     for w in f.waiters {
                         self.finish_stream(
@@ -1037,10 +1037,10 @@ impl Reactor {
         }
         let mut scratch = [0u8; 16 * 1024];
         loop {
-            match crate::data_plane::ktls::recv_record(t.raw(), &mut scratch, libc::MSG_DONTWAIT) {
+            match crate::tls::ktls::recv_record(t.raw(), &mut scratch, libc::MSG_DONTWAIT) {
                 Ok(r)
                     if r.len == 0
-                        && r.record_type == crate::data_plane::ktls::CONTENT_APPLICATION_DATA =>
+                        && r.record_type == crate::tls::ktls::CONTENT_APPLICATION_DATA =>
                 {
                     return self.remove_tunnel(tkey, false)
                 }
@@ -1098,8 +1098,8 @@ impl Reactor {
 mod tests {
     use super::*;
     use crate::data_plane::splice::PipePool;
-    use crate::data_plane::tunnel_io::FlushStatus;
     use crate::observability::metrics::TcpCounters;
+    use crate::tunnel::io::FlushStatus;
     use hbone_proto::Settings;
     use std::io::{Read, Write};
     use std::time::Duration;

@@ -498,8 +498,7 @@ mod tests {
     #[test]
     fn records_interoperate_with_rustls() {
         use std::io::{Read, Write};
-        let ((c, mut c_sock), (mut s, mut s_sock)) =
-            crate::data_plane::ktls::tests::loopback_handshake();
+        let ((c, mut c_sock), (mut s, mut s_sock)) = crate::tls::ktls::tests::loopback_handshake();
         let secrets = c.dangerous_extract_secrets().expect("client secrets");
         let mut sealer = Sealer::new(&secrets.tx.1, secrets.tx.0).unwrap();
         let mut opener = Opener::new(&secrets.rx.1, secrets.rx.0).unwrap();

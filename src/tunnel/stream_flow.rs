@@ -1,6 +1,6 @@
 //! A connection carried by an HBONE tunnel stream: one local TCP socket (the captured client on
 //! the outbound side, the connection to the destination pod on the inbound side) joined to one
-//! HTTP/2 stream of a [`Tunnel`](super::tunnel::Tunnel). The reactor drives both ends; this
+//! HTTP/2 stream of a [`Tunnel`](super::connection::Tunnel). The reactor drives both ends; this
 //! type keeps the stream's state and the bytes that arrived from the tunnel but could not be
 //! written to the local socket yet (bounded by the stream's receive window: credit goes back
 //! to the peer only as those bytes leave, so a slow local socket slows its own stream and no
@@ -15,13 +15,13 @@ use std::time::Instant;
 
 use hbone_proto::{ConnectRequest, StreamId};
 
-use super::driver::{armed_bit, FlowKey, Interest, Side};
-use super::socket::send_nonblocking as send;
-use super::splice::{Pipe, PipePool};
-use super::tunnel_io::{FrameSender, StreamSink};
-use super::tunnel_pool::TunnelId;
+use super::io::{FrameSender, StreamSink};
+use super::pool::TunnelId;
 use crate::control_plane::identity::SpiffeId;
 use crate::control_plane::workload_registry::WorkloadId;
+use crate::data_plane::driver::{armed_bit, FlowKey, Interest, Side};
+use crate::data_plane::socket::send_nonblocking as send;
+use crate::data_plane::splice::{Pipe, PipePool};
 use crate::observability::access_log::FlowRecord;
 use crate::observability::metrics::TcpCounters;
 use crate::redirection::netns::NetNs;

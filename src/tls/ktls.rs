@@ -23,7 +23,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use nix::errno::Errno;
 use rustls::{Connection, ConnectionTrafficSecrets, ProtocolVersion};
 
-use super::tls::ktls_cipher;
+use super::ktls_cipher;
 use crate::kernel_features::ktls::{
     struct_bytes, Tls12CryptoInfoAesGcm128, Tls12CryptoInfoAesGcm256,
     Tls12CryptoInfoChacha20Poly1305, TlsCryptoInfo, TLS_1_3_VERSION, TLS_CIPHER_AES_GCM_128,
@@ -647,9 +647,9 @@ pub(crate) mod tests {
     use sha2::{Digest, Sha256};
 
     use super::*;
-    use crate::data_plane::tls::fixtures::*;
-    use crate::data_plane::tls::{negotiated, server_name};
     use crate::kernel_features::{ktls_support, Rekey};
+    use crate::tls::fixtures::*;
+    use crate::tls::{negotiated, server_name};
 
     fn support(tx: &[KtlsCipher], rx: &[KtlsCipher], reason: Option<&str>) -> KtlsSupport {
         KtlsSupport {

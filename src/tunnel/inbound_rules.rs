@@ -29,7 +29,7 @@ use crate::control_plane::config::NodeConfig;
 use crate::control_plane::identity::{IdentityError, SpiffeId};
 use crate::control_plane::workload_registry::{canonical, Registry, WorkloadId};
 use crate::data_plane::first_connection::{Resolution, Route};
-use crate::data_plane::tunnel_pool::PoolKey;
+use crate::tunnel::pool::PoolKey;
 
 /// Everything needed to open one outbound tunnel stream.
 #[derive(Debug, Clone, PartialEq, Eq)]

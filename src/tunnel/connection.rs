@@ -29,17 +29,17 @@ use hbone_proto::frame::FRAME_HEADER_LEN;
 use hbone_proto::{Session, StreamId};
 use rustls::Connection;
 
-use super::driver::FlowKey;
-use super::ktls::{self, ControlRecord, Offload, RecordBudget, RecordReader, TunnelTlsMode};
-use super::record_layer::{self, Opener, RecordWriter, Sealer};
-use super::socket::send_nonblocking as send;
-use super::tls;
-use super::tunnel_io::FrameReceiver;
-use super::tunnel_pool::TunnelId;
+use super::io::FrameReceiver;
+use super::pool::TunnelId;
 use crate::control_plane::identity::SpiffeId;
 use crate::control_plane::workload_registry::WorkloadId;
+use crate::data_plane::driver::FlowKey;
+use crate::data_plane::socket::send_nonblocking as send;
 use crate::kernel_features::KtlsSupport;
 use crate::redirection::netns::NetNs;
+use crate::tls;
+use crate::tls::ktls::{self, ControlRecord, Offload, RecordBudget, RecordReader, TunnelTlsMode};
+use crate::tls::record_layer::{self, Opener, RecordWriter, Sealer};
 
 /// Plaintext the tunnel queues for the peer before streams must wait (back-pressure).
 pub const OUT_LIMIT: usize = 1024 * 1024;
@@ -413,7 +413,7 @@ impl Tunnel {
     /// unread in the socket, what the reader waited for, what the writer held, and the
     /// flow-control windows. Enough to tell a missed wakeup from a peer that stopped.
     pub fn describe_io(&self) -> String {
-        let (unread, unacked) = super::socket::queued_bytes(self.raw());
+        let (unread, unacked) = crate::data_plane::socket::queued_bytes(self.raw());
         let show = |n: Option<i32>| n.map_or("?".into(), |n| n.to_string());
         let reader = match &self.receiver {
             Some(r) => format!("zero-copy receiver at {}", r.describe()),

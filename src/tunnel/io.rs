@@ -12,7 +12,7 @@
 //! (and takes flow-control credit) on the send side, [`FrameHandler`] receives every byte that is
 //! not spliced payload on the receive side — so the reactor drives both with the session and the
 //! tests drive them without one. Sockets are non-blocking; every call moves what it can and says
-//! what it waits for, like [`Pump`](super::splice::Pump). Nothing here is wired into the reactor
+//! what it waits for, like [`Pump`](crate::data_plane::splice::Pump). Nothing here is wired into the reactor
 //! yet.
 //!
 //! **The tunnel writer owns the socket for the duration of a frame.** Once a sender has taken a
@@ -32,8 +32,8 @@ use std::os::fd::RawFd;
 use hbone_proto::frame::{flags, FrameHeader, FrameType, FRAME_HEADER_LEN, MAX_MAX_FRAME_SIZE};
 use hbone_proto::StreamId;
 
-use super::ktls;
-use super::splice::{PipeSupply, SplicePipe};
+use crate::data_plane::splice::{PipeSupply, SplicePipe};
+use crate::tls::ktls;
 
 // ------------------------------------------------------------------------------------------ pipes
 
@@ -56,7 +56,7 @@ fn retry(mut call: impl FnMut() -> isize) -> io::Result<usize> {
 /// `splice(2)` as the plain fast path does it, with EINTR retried.
 fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     loop {
-        match super::splice::splice(from, to, len) {
+        match crate::data_plane::splice::splice(from, to, len) {
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
             r => return r,
         }
