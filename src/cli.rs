@@ -131,26 +131,40 @@ pub fn main() -> i32 {
 }
 
 /// Reads and validates `file`; on error prints every problem as `file:line:col: path: message`.
+/// Warnings are logged.
 pub fn load_config_file(file: &std::path::Path) -> Result<config::Config, Vec<String>> {
+    let (cfg, warnings) = check_config_file(file)?;
+    for w in warnings {
+        log::warn!("{w}");
+    }
+    Ok(cfg)
+}
+
+/// [`load_config_file`] with the warnings, as `file:line:col: path: warning: message`.
+fn check_config_file(file: &std::path::Path) -> Result<(config::Config, Vec<String>), Vec<String>> {
     let text = std::fs::read_to_string(file)
         .map_err(|e| vec![format!("{}: cannot read: {e}", file.display())])?;
-    config::load(&text).map_err(|errs| {
-        errs.0
-            .iter()
-            .map(|e| format!("{}:{e}", file.display()))
-            .collect()
-    })
+    let at = |e: &dyn std::fmt::Display| format!("{}:{e}", file.display());
+    match config::check(&text) {
+        Ok(c) => Ok((c.config, c.warnings.iter().map(|w| at(w)).collect())),
+        Err(errs) => Err(errs.0.iter().map(|e| at(e)).collect()),
+    }
 }
 
 fn check_config(file: &std::path::Path) -> i32 {
-    match load_config_file(file) {
-        Ok(cfg) => {
+    match check_config_file(file) {
+        Ok((cfg, warnings)) => {
+            for w in &warnings {
+                eprintln!("{w}");
+            }
             println!(
-                "{}: ok (node {}, {} workloads, {} services)",
+                "{}: ok (node {}, {} workloads, {} services, {} policies, {} warning(s))",
                 file.display(),
                 cfg.node.name,
                 cfg.workloads.len(),
-                cfg.services.len()
+                cfg.services.len(),
+                cfg.policies.len(),
+                warnings.len()
             );
             EXIT_OK
         }

@@ -41,6 +41,92 @@ fn check_config_prints_every_error_with_its_place_and_exits_64() {
 }
 
 #[test]
+fn check_config_warns_about_rules_l4_cannot_enforce_and_still_exits_0() {
+    let text = "version: 1
+node:
+  name: node-a
+policies:
+  - name: get-only
+    namespace: default
+    rules:
+      - to: [{operation: {methods: [GET]}}]
+      - from: [{source: {namespaces: [default]}}]
+  - name: no-admin
+    namespace: default
+    action: DENY
+    rules:
+      - when: [{key: 'request.headers[x-admin]', values: [\"1\"]}]
+";
+    let path = scratch("l7.yaml", text);
+    let out = ringtun(&["check-config", path.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let file = path.display().to_string();
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(
+        lines.len(),
+        2,
+        "one warning per rule that names L7 attributes:\n{err}"
+    );
+    assert!(
+        lines[0].starts_with(&format!("{file}:8:9: policies[0].rules[0]: warning: "))
+            && lines[0].contains("to[0].operation.methods")
+            && lines[0].contains("ALLOW policy the rule matches no connection"),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        lines[1].starts_with(&format!("{file}:14:9: policies[1].rules[0]: warning: "))
+            && lines[1].contains("request.headers[x-admin]")
+            && lines[1].contains("DENY policy the rule matches every connection (fail closed)"),
+        "{}",
+        lines[1]
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("2 policies, 2 warning(s)"), "{stdout}");
+}
+
+#[test]
+fn check_config_reports_policy_errors_with_their_place() {
+    let text = "version: 1
+node:
+  name: node-a
+policies:
+  - name: p
+    namespace: default
+    rules:
+      - from: [{source: {principals: [spiffe://cluster.local/ns/a/sa/b], ipBlocks: [10.0.0.0/8]}}]
+        to: [{operation: {ports: [70000]}}]
+";
+    let path = scratch("policy-errors.yaml", text);
+    let out = ringtun(&["check-config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let file = path.display().to_string();
+    for (place, needle) in [
+        (
+            ":8:39: policies[0].rules[0].from[0].source.principals[0]: ",
+            "leave it out",
+        ),
+        (
+            ":8:74: policies[0].rules[0].from[0].source.ipBlocks: ",
+            "snake_case: `ip_blocks`",
+        ),
+        (
+            ":9:35: policies[0].rules[0].to[0].operation.ports[0]: ",
+            "not a port",
+        ),
+    ] {
+        assert!(
+            err.lines()
+                .any(|l| l.starts_with(&format!("{file}{place}")) && l.contains(needle)),
+            "no `{place}` error mentioning {needle}:\n{err}"
+        );
+    }
+    assert!(err.contains("3 error(s)"), "{err}");
+}
+
+#[test]
 fn default_config_is_valid() {
     let out = ringtun(&["print-default-config"]);
     assert!(out.status.success());

@@ -1,8 +1,9 @@
 //! The workloads and services this node knows, indexed for the first-connection lookups:
-//! workload by IP, service by (VIP, port). Built once from a validated [`Config`] and then only
-//! read, so every reactor can share it without locks.
+//! workload by IP, service by (VIP, port); and for building policy snapshots: workloads by
+//! label, so a label selector finds its workloads without scanning the mesh. Built once from a
+//! validated [`Config`] and then only read, so every reactor can share it without locks.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
 use crate::control_plane::config::{Config, Protocol, Workload};
@@ -42,6 +43,18 @@ pub struct Registry {
     by_vip: HashMap<(IpAddr, u16), (ServiceId, u16)>,
     /// Every address a workload or service owns, to tell "in the mesh" from "outside".
     vip_addrs: HashMap<IpAddr, ServiceId>,
+    /// (namespace, label, value) → workloads, ascending.
+    by_label_in_namespace: HashMap<(String, String, String), Vec<WorkloadId>>,
+    /// (label, value) → workloads of every namespace, ascending.
+    by_label: HashMap<(String, String), Vec<WorkloadId>>,
+}
+
+/// Where a label selector looks (Istio: a selector selects in its policy's namespace, or in
+/// every namespace when the policy lives in the root namespace).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SelectorScope<'a> {
+    Namespace(&'a str),
+    AllNamespaces,
 }
 
 impl Registry {
@@ -50,10 +63,19 @@ impl Registry {
         let mut workloads = Vec::with_capacity(config.workloads.len());
         let mut by_ip = HashMap::new();
         let mut by_name = HashMap::new();
+        let mut by_label_in_namespace: HashMap<_, Vec<WorkloadId>> = HashMap::new();
+        let mut by_label: HashMap<_, Vec<WorkloadId>> = HashMap::new();
         for (i, w) in config.workloads.iter().enumerate() {
             let id = WorkloadId(i as u32);
             for ip in &w.ips {
                 by_ip.insert(*ip, id);
+            }
+            for (k, v) in &w.labels {
+                by_label_in_namespace
+                    .entry((w.namespace.clone(), k.clone(), v.clone()))
+                    .or_default()
+                    .push(id);
+                by_label.entry((k.clone(), v.clone())).or_default().push(id);
             }
             by_name.insert((w.namespace.as_str(), w.name.as_str()), id);
             workloads.push(WorkloadEntry {
@@ -96,7 +118,44 @@ impl Registry {
             by_ip,
             by_vip,
             vip_addrs,
+            by_label_in_namespace,
+            by_label,
         }
+    }
+
+    /// The workloads whose labels include every `selector` label, in `scope`, ascending. An
+    /// empty selector selects nothing (the config refuses one; xDS never sends one).
+    pub fn select(
+        &self,
+        scope: SelectorScope<'_>,
+        selector: &BTreeMap<String, String>,
+    ) -> Vec<WorkloadId> {
+        // Start from the label with the fewest workloads, then check the others on each.
+        let mut shortest: Option<&[WorkloadId]> = None;
+        for (k, v) in selector {
+            let list = match scope {
+                SelectorScope::Namespace(ns) => {
+                    self.by_label_in_namespace
+                        .get(&(ns.to_string(), k.clone(), v.clone()))
+                }
+                SelectorScope::AllNamespaces => self.by_label.get(&(k.clone(), v.clone())),
+            };
+            let Some(list) = list else {
+                return Vec::new();
+            };
+            if shortest.is_none_or(|s| list.len() < s.len()) {
+                shortest = Some(list);
+            }
+        }
+        shortest
+            .unwrap_or(&[])
+            .iter()
+            .copied()
+            .filter(|&id| {
+                let labels = &self.workload(id).workload.labels;
+                selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+            })
+            .collect()
     }
 
     pub fn workload(&self, id: WorkloadId) -> &WorkloadEntry {
@@ -150,5 +209,59 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
             None => ip,
         },
         v4 => v4,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control_plane::config::load;
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn selectors_find_workloads_by_every_label_in_their_scope() {
+        let config = load(
+            "version: 1\nnode: {name: n}\nworkloads:\n\
+             - {name: a, namespace: prod, ips: [10.0.0.1], node: m, labels: {app: web, v: '1'}}\n\
+             - {name: b, namespace: prod, ips: [10.0.0.2], node: m, labels: {app: web, v: '2'}}\n\
+             - {name: c, namespace: dev, ips: [10.0.0.3], node: m, labels: {app: web, v: '1'}}\n\
+             - {name: d, namespace: prod, ips: [10.0.0.4], node: m, labels: {app: db}}\n\
+             - {name: e, namespace: prod, ips: [10.0.0.5], node: m}\n",
+        )
+        .expect("valid");
+        let reg = Registry::new(&config);
+        let ids = |v: &[u32]| v.iter().map(|&i| WorkloadId(i)).collect::<Vec<_>>();
+        let prod = SelectorScope::Namespace("prod");
+        assert_eq!(reg.select(prod, &labels(&[("app", "web")])), ids(&[0, 1]));
+        assert_eq!(
+            reg.select(prod, &labels(&[("app", "web"), ("v", "1")])),
+            ids(&[0])
+        );
+        assert_eq!(
+            reg.select(
+                SelectorScope::AllNamespaces,
+                &labels(&[("v", "1"), ("app", "web")])
+            ),
+            ids(&[0, 2])
+        );
+        assert_eq!(
+            reg.select(SelectorScope::Namespace("dev"), &labels(&[("app", "db")])),
+            ids(&[])
+        );
+        assert_eq!(
+            reg.select(prod, &labels(&[("app", "web"), ("zone", "x")])),
+            ids(&[])
+        );
+        assert_eq!(
+            reg.select(prod, &labels(&[])),
+            ids(&[]),
+            "empty selects nothing"
+        );
     }
 }

@@ -223,6 +223,7 @@ pub(crate) mod tests {
         NodeConfig {
             name: "node-a".into(),
             trust_domain: "cluster.local".into(),
+            root_namespace: "istio-system".into(),
             reactors: None,
             pin_reactors: true,
             driver: DriverChoice::Auto,
@@ -263,6 +264,7 @@ pub(crate) mod tests {
             protocol,
             netns: None,
             healthy: true,
+            labels: Default::default(),
         }
     }
 
@@ -293,6 +295,7 @@ pub(crate) mod tests {
                     })
                     .collect(),
             }],
+            policies: Vec::new(),
         }
     }
 

@@ -333,6 +333,7 @@ mod tests {
                     name: "remote".into(),
                 }],
             }],
+            policies: Vec::new(),
         }
     }
 

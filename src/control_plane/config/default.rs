@@ -1,7 +1,8 @@
 //! The commented example configuration `ringtun print-default-config` prints: every node key with
 //! its default value and what it is for, plus a small mesh (a host-mode HBONE workload on this
-//! node, a plain-TCP workload on another node, and a service in front of it). Its tests keep it
-//! loadable and in step with the defaults the validator applies.
+//! node, a plain-TCP workload on another node, and a service in front of it) and a commented
+//! authorization policy. Its tests keep it loadable and in step with the defaults the validator
+//! applies.
 
 /// A complete, valid configuration; each node key shows its default.
 pub const DEFAULT_CONFIG_YAML: &str = r#"# ringtun node configuration. Check a file with `ringtun check-config <file>`.
@@ -10,6 +11,7 @@ version: 1                        # required; the only version this ringtun read
 node:
   name: node-a                    # required; workloads whose `node` equals it are served here
   trust_domain: cluster.local     # SPIFFE trust domain of mesh identities
+  root_namespace: istio-system    # a policy here applies mesh-wide (with a selector: in every namespace)
   reactors: auto                  # reactor threads: `auto` (one per core) or 1..=256
   pin_reactors: true              # pin reactor N to CPU N (off when nodes share a machine)
   driver: auto                    # auto (io_uring, else epoll) | io_uring | epoll
@@ -54,6 +56,7 @@ workloads:
     node: node-a                  # this node: served by this process
     protocol: HBONE               # HBONE (mTLS tunnel, the default) | TCP
     healthy: true                 # unhealthy workloads are never chosen as endpoints
+    labels: {app: client}         # Kubernetes labels, for policy selectors
   # A workload on another node that accepts only plain TCP.
   - name: echo-1
     namespace: default
@@ -68,13 +71,33 @@ services:
     ports:
       - {port: 80, target_port: 8080}
     endpoints: [default/echo-1]   # `namespace/name`, or `name` in the service's namespace
+
+# Authorization policies: Istio's AuthorizationPolicy (name, namespace and the spec's fields,
+# keys in snake_case), as a node proxy reads it: L4 fields only. Checked by `check-config`;
+# the data path does not enforce them yet. Uncomment to try:
+# policies:
+#   - name: allow-client-peers
+#     namespace: default
+#     selector: {match_labels: {app: client}}  # none: the whole namespace (root namespace: the mesh)
+#     action: ALLOW                 # ALLOW (the default) | DENY | AUDIT (log only); once an ALLOW
+#                                   # applies to a workload, connections no ALLOW matches are denied
+#     rules:                        # any rule; within a rule every part; within a part any entry
+#       - from: [{source: {principals: [cluster.local/ns/default/sa/echo-*]}}]
+#         to: [{operation: {ports: [8080]}}]
+#       # also: namespaces, service_accounts, ip_blocks and not_* of each; `when` on source.ip,
+#       # source.namespace, source.principal, destination.ip, destination.port. HTTP fields
+#       # (methods, paths, headers…) cannot be seen here: such a rule matches nothing in an
+#       # ALLOW policy and everything in a DENY one (check-config warns).
+#       - from: [{source: {ip_blocks: [10.1.0.0/16]}}]
+#         when: [{key: destination.port, values: ["9090"]}]
 "#;
 
 #[cfg(test)]
 mod tests {
     use super::super::validate::{
         DEFAULT_ADMIN, DEFAULT_LIMITS, DEFAULT_METRICS, DEFAULT_PORTS, DEFAULT_READINESS,
-        DEFAULT_SOCKET_MARK, DEFAULT_SPLICE, DEFAULT_TIMEOUTS, DEFAULT_TRUST_DOMAIN,
+        DEFAULT_ROOT_NAMESPACE, DEFAULT_SOCKET_MARK, DEFAULT_SPLICE, DEFAULT_TIMEOUTS,
+        DEFAULT_TRUST_DOMAIN,
     };
     use super::super::{load, DriverChoice, Protocol};
     use super::DEFAULT_CONFIG_YAML;
@@ -102,6 +125,7 @@ mod tests {
         };
         let n = &cfg.node;
         assert_eq!(n.trust_domain, DEFAULT_TRUST_DOMAIN);
+        assert_eq!(n.root_namespace, DEFAULT_ROOT_NAMESPACE);
         assert_eq!(n.reactors, None);
         assert_eq!(n.driver, DriverChoice::Auto);
         assert_eq!(n.socket_mark, DEFAULT_SOCKET_MARK);
@@ -141,10 +165,41 @@ mod tests {
     }
 
     #[test]
+    fn commented_policy_example_loads_once_uncommented() {
+        let (head, example) = DEFAULT_CONFIG_YAML
+            .split_once("# policies:")
+            .expect("the default config has a policy example");
+        let uncommented: String = format!("# policies:{example}")
+            .lines()
+            .map(|l| l.strip_prefix("# ").unwrap_or(l))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let checked = match super::super::check(&format!("{head}{uncommented}")) {
+            Ok(c) => c,
+            Err(e) => panic!("uncommented policy example has errors:\n{e}"),
+        };
+        assert!(checked.warnings.is_empty(), "{:?}", checked.warnings);
+        let p = &checked.config.policies[0];
+        assert_eq!(
+            (p.namespace.as_str(), p.name.as_str()),
+            ("default", "allow-client-peers")
+        );
+        assert_eq!(p.rules.len(), 2);
+        assert_eq!(
+            checked.config.workloads[0]
+                .labels
+                .get("app")
+                .map(String::as_str),
+            Some("client")
+        );
+    }
+
+    #[test]
     fn default_config_shows_every_node_key_with_a_comment() {
         for key in [
             "name:",
             "trust_domain:",
+            "root_namespace:",
             "reactors:",
             "pin_reactors:",
             "driver:",

@@ -7,13 +7,16 @@
 
 mod default;
 mod parse;
+mod policies;
 mod validate;
 
 pub use default::DEFAULT_CONFIG_YAML;
-pub use validate::load;
+pub use policies::{AuthorizationPolicy, Condition, Operation, PolicyRule, Source};
 pub(crate) use validate::parse_duration;
 pub use validate::DEFAULT_HBONE;
+pub use validate::{check, load};
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -56,12 +59,41 @@ impl std::fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
+/// Something valid that will not do what it seems to say, with its place (as [`ConfigError`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigWarning {
+    pub line: usize,
+    pub column: usize,
+    pub path: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for ConfigWarning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}:{}: {}: warning: {}",
+            self.line, self.column, self.path, self.message
+        )
+    }
+}
+
+/// A valid configuration and its warnings, in file order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checked {
+    pub config: Config,
+    pub warnings: Vec<ConfigWarning>,
+}
+
 /// The validated configuration of one node. Cheap to clone behind an `Arc`; immutable once built.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Config {
     pub node: NodeConfig,
     pub workloads: Vec<Workload>,
     pub services: Vec<Service>,
+    /// Authorization policies, in file order (the order that names the policy that decided
+    /// when several match).
+    pub policies: Vec<AuthorizationPolicy>,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -69,6 +101,9 @@ pub struct NodeConfig {
     /// This node's name; workloads whose `node` equals it are local (served by this process).
     pub name: String,
     pub trust_domain: String,
+    /// Istio's root namespace: a policy there without selector applies to the whole mesh, one
+    /// with a selector to matching workloads in every namespace.
+    pub root_namespace: String,
     /// Number of reactor threads; `None` = one per available core.
     pub reactors: Option<usize>,
     /// Pin reactor N to CPU N (when there are at most as many reactors as CPUs).
@@ -214,6 +249,8 @@ pub struct Workload {
     pub netns: Option<PathBuf>,
     /// Unhealthy workloads are never chosen as service endpoints.
     pub healthy: bool,
+    /// Kubernetes labels, matched by authorization policies' selectors.
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]

@@ -7,25 +7,27 @@
 //! error, not a cascade. A [`Config`] is returned only when the error list is empty.
 
 use crate::control_plane::identity::{is_dns_label, is_dns_name};
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use super::parse::{self, Entry, Node, Pos, Value, DOCUMENT_PATH};
+use super::policies::check_policies;
 use super::{
-    CipherChoice, Config, ConfigError, ConfigErrors, DriverChoice, HboneSettings, KtlsChoice,
-    Limits, NodeConfig, Ports, Protocol, Service, ServicePort, SpliceSettings, Timeouts,
-    TlsSettings, Workload, WorkloadRef,
+    Checked, CipherChoice, Config, ConfigError, ConfigErrors, ConfigWarning, DriverChoice,
+    HboneSettings, KtlsChoice, Limits, NodeConfig, Ports, Protocol, Service, ServicePort,
+    SpliceSettings, Timeouts, TlsSettings, Workload, WorkloadRef,
 };
 
 /// Where a bare `netns` name is looked up, as `ip netns add` creates them.
 const NETNS_DIR: &str = "/var/run/netns";
 
-const ROOT_KEYS: &[&str] = &["version", "node", "workloads", "services"];
+const ROOT_KEYS: &[&str] = &["version", "node", "workloads", "services", "policies"];
 const NODE_KEYS: &[&str] = &[
     "name",
     "trust_domain",
+    "root_namespace",
     "reactors",
     "pin_reactors",
     "driver",
@@ -62,12 +64,15 @@ const WORKLOAD_KEYS: &[&str] = &[
     "protocol",
     "netns",
     "healthy",
+    "labels",
 ];
 const SERVICE_KEYS: &[&str] = &["name", "namespace", "vips", "ports", "endpoints"];
 const SERVICE_PORT_KEYS: &[&str] = &["port", "target_port"];
 
 /// Defaults, shared with the commented default config (its test checks they agree).
 pub(super) const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+/// Istio's default root namespace: its policies without selector apply to the whole mesh.
+pub(super) const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
 pub(super) const DEFAULT_SOCKET_MARK: u32 = 0x539;
 pub(super) const DEFAULT_PORTS: Ports = Ports {
     outbound: 15001,
@@ -106,11 +111,26 @@ const DEFAULT_SERVICE_ACCOUNT: &str = "default";
 /// # Errors
 /// Every problem in the file, in file order (never an empty list).
 pub fn load(text: &str) -> Result<Config, ConfigErrors> {
+    check(text).map(|checked| checked.config)
+}
+
+/// [`load`], keeping the warnings: what is valid but will not do what it seems to say (an
+/// authorization rule naming HTTP attributes a node proxy cannot see), in file order.
+///
+/// # Errors
+/// Every problem in the file, in file order (never an empty list).
+pub fn check(text: &str) -> Result<Checked, ConfigErrors> {
     let root = parse::parse(text).map_err(|e| ConfigErrors(vec![e]))?;
     let mut c = Checker::default();
     let config = check_document(&mut c, &root);
     match config {
-        Some(config) if c.errors.is_empty() => Ok(config),
+        Some(config) if c.errors.is_empty() => {
+            c.warnings.sort_by_key(|w| (w.line, w.column));
+            Ok(Checked {
+                config,
+                warnings: c.warnings,
+            })
+        }
         _ => {
             if c.errors.is_empty() {
                 // Every path that yields no config records why; this only guards that promise.
@@ -128,12 +148,13 @@ pub fn load(text: &str) -> Result<Config, ConfigErrors> {
 }
 
 #[derive(Default)]
-struct Checker {
+pub(super) struct Checker {
     errors: Vec<ConfigError>,
+    warnings: Vec<ConfigWarning>,
 }
 
 impl Checker {
-    fn error(&mut self, pos: Pos, path: &str, message: impl Into<String>) {
+    pub(super) fn error(&mut self, pos: Pos, path: &str, message: impl Into<String>) {
         self.errors.push(ConfigError {
             line: pos.line,
             column: pos.column,
@@ -142,7 +163,16 @@ impl Checker {
         });
     }
 
-    fn wrong_type(&mut self, node: &Node, path: &str, expected: &str) {
+    pub(super) fn warning(&mut self, pos: Pos, path: &str, message: impl Into<String>) {
+        self.warnings.push(ConfigWarning {
+            line: pos.line,
+            column: pos.column,
+            path: path.to_string(),
+            message: message.into(),
+        });
+    }
+
+    pub(super) fn wrong_type(&mut self, node: &Node, path: &str, expected: &str) {
         self.error(
             node.pos,
             path,
@@ -151,7 +181,7 @@ impl Checker {
     }
 }
 
-fn join(parent: &str, key: &str) -> String {
+pub(super) fn join(parent: &str, key: &str) -> String {
     if parent.is_empty() {
         key.to_string()
     } else {
@@ -159,19 +189,21 @@ fn join(parent: &str, key: &str) -> String {
     }
 }
 
-fn item(parent: &str, index: usize) -> String {
+pub(super) fn item(parent: &str, index: usize) -> String {
     format!("{parent}[{index}]")
 }
 
 /// The known keys of one mapping; unknown keys have already been reported.
-struct Fields<'a> {
-    pos: Pos,
+pub(super) struct Fields<'a> {
+    pub(super) pos: Pos,
     path: String,
     entries: Vec<(String, &'a Entry)>,
+    /// Accepted keys written in camelCase (already reported): not "missing" as well.
+    misspelled: Vec<String>,
 }
 
 /// Opens `node` as a mapping whose keys must be among `accepted`.
-fn fields<'a>(
+pub(super) fn fields<'a>(
     c: &mut Checker,
     node: &'a Node,
     path: &str,
@@ -182,6 +214,7 @@ fn fields<'a>(
         return None;
     };
     let mut known = Vec::with_capacity(entries.len());
+    let mut misspelled = Vec::new();
     for entry in entries {
         match entry.key.value.key_text() {
             None => c.error(
@@ -192,11 +225,16 @@ fn fields<'a>(
             Some(k) if accepted.contains(&k.as_str()) => known.push((k, entry)),
             Some(k) => {
                 let key_path = join(path, &k);
-                c.error(
-                    entry.key.pos,
-                    &key_path,
-                    format!("unknown key `{k}`; accepted keys: {}", accepted.join(", ")),
-                )
+                // Istio's own YAML is camelCase; this file spells the same keys in snake_case.
+                let snake = snake_case(&k);
+                let message = if snake != k && accepted.contains(&snake.as_str()) {
+                    let message = format!("unknown key `{k}`; keys here are snake_case: `{snake}`");
+                    misspelled.push(snake);
+                    message
+                } else {
+                    format!("unknown key `{k}`; accepted keys: {}", accepted.join(", "))
+                };
+                c.error(entry.key.pos, &key_path, message)
             }
         }
     }
@@ -204,11 +242,26 @@ fn fields<'a>(
         pos: node.pos,
         path: path.to_string(),
         entries: known,
+        misspelled,
     })
 }
 
+/// `ipBlocks` → `ip_blocks`, `matchLabels` → `match_labels`.
+fn snake_case(key: &str) -> String {
+    let mut out = String::with_capacity(key.len() + 4);
+    for ch in key.chars() {
+        if ch.is_ascii_uppercase() {
+            out.push('_');
+            out.push(ch.to_ascii_lowercase());
+        } else {
+            out.push(ch);
+        }
+    }
+    out
+}
+
 impl<'a> Fields<'a> {
-    fn path(&self, key: &str) -> String {
+    pub(super) fn path(&self, key: &str) -> String {
         join(&self.path, key)
     }
 
@@ -217,15 +270,16 @@ impl<'a> Fields<'a> {
     }
 
     /// An optional key's value; `key:` with nothing after it counts as absent (the default).
-    fn get(&self, key: &str) -> Option<&'a Node> {
+    pub(super) fn get(&self, key: &str) -> Option<&'a Node> {
         self.entry(key)
             .map(|e| &e.value)
             .filter(|v| v.value != Value::Null)
     }
 
     /// A required key's value; a missing key is reported at the enclosing mapping.
-    fn require(&self, c: &mut Checker, key: &str) -> Option<&'a Node> {
+    pub(super) fn require(&self, c: &mut Checker, key: &str) -> Option<&'a Node> {
         match self.entry(key) {
+            None if self.misspelled.iter().any(|k| k == key) => None,
             None => {
                 c.error(
                     self.pos,
@@ -243,7 +297,7 @@ impl<'a> Fields<'a> {
     }
 
     /// An optional key read with `read`, or `default` when absent. `None` = invalid (reported).
-    fn or_default<T>(
+    pub(super) fn or_default<T>(
         &self,
         c: &mut Checker,
         key: &str,
@@ -259,7 +313,7 @@ impl<'a> Fields<'a> {
 
 // ---- scalar readers: each reports its own problem and returns None on any ----
 
-fn string<'a>(c: &mut Checker, node: &'a Node, path: &str) -> Option<&'a str> {
+pub(super) fn string<'a>(c: &mut Checker, node: &'a Node, path: &str) -> Option<&'a str> {
     match &node.value {
         Value::Str(s) => Some(s),
         _ => {
@@ -289,11 +343,11 @@ fn usize_in(c: &mut Checker, node: &Node, path: &str, min: usize, max: usize) ->
     integer(c, node, path, lo, hi).and_then(|i| usize::try_from(i).ok())
 }
 
-fn port(c: &mut Checker, node: &Node, path: &str) -> Option<u16> {
+pub(super) fn port(c: &mut Checker, node: &Node, path: &str) -> Option<u16> {
     integer(c, node, path, 1, 65535).and_then(|i| u16::try_from(i).ok())
 }
 
-fn boolean(c: &mut Checker, node: &Node, path: &str) -> Option<bool> {
+pub(super) fn boolean(c: &mut Checker, node: &Node, path: &str) -> Option<bool> {
     match node.value {
         Value::Bool(b) => Some(b),
         _ => {
@@ -303,7 +357,7 @@ fn boolean(c: &mut Checker, node: &Node, path: &str) -> Option<bool> {
     }
 }
 
-fn list<'a>(c: &mut Checker, node: &'a Node, path: &str) -> Option<&'a [Node]> {
+pub(super) fn list<'a>(c: &mut Checker, node: &'a Node, path: &str) -> Option<&'a [Node]> {
     match &node.value {
         Value::Seq(items) => Some(items),
         _ => {
@@ -339,7 +393,7 @@ fn ip(c: &mut Checker, node: &Node, path: &str) -> Option<IpAddr> {
 }
 
 /// A Kubernetes-style name (workload, namespace, service).
-fn dns_label(c: &mut Checker, node: &Node, path: &str) -> Option<String> {
+pub(super) fn dns_label(c: &mut Checker, node: &Node, path: &str) -> Option<String> {
     let s = string(c, node, path)?;
     if is_dns_label(s) {
         Some(s.to_string())
@@ -356,7 +410,7 @@ fn dns_label(c: &mut Checker, node: &Node, path: &str) -> Option<String> {
     }
 }
 
-fn dns_name(c: &mut Checker, node: &Node, path: &str) -> Option<String> {
+pub(super) fn dns_name(c: &mut Checker, node: &Node, path: &str) -> Option<String> {
     let s = string(c, node, path)?;
     if is_dns_name(s) {
         Some(s.to_string())
@@ -371,6 +425,104 @@ fn dns_name(c: &mut Checker, node: &Node, path: &str) -> Option<String> {
         );
         None
     }
+}
+
+/// Where a label map is read: a workload's own labels may be empty; a selector's may not (an
+/// empty selector would select everything: omit `selector` for that).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum LabelMapUse {
+    Workload,
+    Selector,
+}
+
+/// A mapping of Kubernetes labels: keys `[prefix/]name`, string values.
+pub(super) fn label_map(
+    c: &mut Checker,
+    node: &Node,
+    path: &str,
+    usage: LabelMapUse,
+) -> Option<BTreeMap<String, String>> {
+    let Value::Map(entries) = &node.value else {
+        c.wrong_type(node, path, "a mapping of label names to values");
+        return None;
+    };
+    if entries.is_empty() && usage == LabelMapUse::Selector {
+        c.error(
+            node.pos,
+            path,
+            "an empty selector would select every workload; omit `selector` for a policy on the \
+             whole namespace",
+        );
+        return None;
+    }
+    let mut labels = BTreeMap::new();
+    let mut ok = true;
+    for entry in entries {
+        let Some(key) = entry.key.value.key_text() else {
+            c.error(entry.key.pos, path, "a label name must be a plain string");
+            ok = false;
+            continue;
+        };
+        let key_path = join(path, &key);
+        if let Err(why) = label_key(&key) {
+            c.error(entry.key.pos, &key_path, format!("label `{key}` {why}"));
+            ok = false;
+        }
+        let value = match &entry.value.value {
+            Value::Str(s) => s.as_str(),
+            // `app:` with nothing after it: the empty value Kubernetes allows.
+            Value::Null => "",
+            _ => {
+                c.wrong_type(&entry.value, &key_path, "a string (quote numbers: \"1\")");
+                ok = false;
+                continue;
+            }
+        };
+        if !is_label_value(value) {
+            c.error(
+                entry.value.pos,
+                &key_path,
+                format!(
+                    "label value `{value}` is invalid: at most 63 letters, digits, '-', '_' or \
+                     '.', starting and ending with a letter or digit (or empty)"
+                ),
+            );
+            ok = false;
+        }
+        labels.insert(key, value.to_string());
+    }
+    ok.then_some(labels)
+}
+
+/// Kubernetes label key: an optional DNS-subdomain prefix and `/`, then a name.
+fn label_key(key: &str) -> Result<(), &'static str> {
+    let (prefix, name) = match key.split_once('/') {
+        Some((prefix, name)) => (Some(prefix), name),
+        None => (None, key),
+    };
+    if let Some(prefix) = prefix {
+        if !is_dns_name(prefix) {
+            return Err("has a prefix that is not a DNS subdomain (lowercase, dot-separated)");
+        }
+    }
+    if name.is_empty() || !is_label_value(name) {
+        return Err(
+            "is invalid: a name of 1 to 63 letters, digits, '-', '_' or '.', starting \
+             and ending with a letter or digit, optionally after a DNS prefix and '/'",
+        );
+    }
+    Ok(())
+}
+
+/// A label value (or the name part of a key, when non-empty).
+fn is_label_value(s: &str) -> bool {
+    let alnum = |b: u8| b.is_ascii_alphanumeric();
+    s.is_empty()
+        || (s.len() <= 63
+            && s.bytes()
+                .all(|b| alnum(b) || b == b'-' || b == b'_' || b == b'.')
+            && s.bytes().next().is_some_and(alnum)
+            && s.bytes().last().is_some_and(alnum))
 }
 
 /// A node name as the cluster spells it; compared verbatim with each workload's `node`.
@@ -551,6 +703,10 @@ fn check_document(c: &mut Checker, root: &Node) -> Option<Config> {
             check_services(c, items, "services", drafts)
         }),
     };
+    let policies = match f.get("policies") {
+        None => Some(Vec::new()),
+        Some(n) => list(c, n, "policies").and_then(|items| check_policies(c, items, "policies")),
+    };
 
     if !version_ok {
         return None;
@@ -564,6 +720,7 @@ fn check_document(c: &mut Checker, root: &Node) -> Option<Config> {
         node: node?,
         workloads,
         services,
+        policies: policies?,
     })
 }
 
@@ -581,6 +738,12 @@ fn check_node(c: &mut Checker, n: &Node) -> (Option<String>, Option<NodeConfig>)
         "trust_domain",
         DEFAULT_TRUST_DOMAIN.to_string(),
         dns_name,
+    );
+    let root_namespace = f.or_default(
+        c,
+        "root_namespace",
+        DEFAULT_ROOT_NAMESPACE.to_string(),
+        dns_label,
     );
     let reactors = f.or_default(c, "reactors", None, |c, v, path| match v.value {
         Value::Str(ref s) if s == "auto" => Some(None),
@@ -738,6 +901,7 @@ fn check_node(c: &mut Checker, n: &Node) -> (Option<String>, Option<NodeConfig>)
         Some(NodeConfig {
             name: name.clone()?,
             trust_domain: trust_domain?,
+            root_namespace: root_namespace?,
             reactors: reactors?,
             pin_reactors: pin_reactors?,
             driver: driver?,
@@ -891,6 +1055,9 @@ fn check_workloads(
         let netns_node = f.get("netns");
         let netns = f.or_default(c, "netns", None, |c, v, p| netns_path(c, v, p).map(Some));
         let healthy = f.or_default(c, "healthy", true, boolean);
+        let labels = f.or_default(c, "labels", BTreeMap::new(), |c, v, p| {
+            label_map(c, v, p, LabelMapUse::Workload)
+        });
 
         // Cross-checks against earlier workloads, on valid values only.
         let id = match (&namespace, &name) {
@@ -977,6 +1144,7 @@ fn check_workloads(
                 protocol: protocol?,
                 netns: netns?,
                 healthy: healthy?,
+                labels: labels?,
             })
         })();
         drafts.push(WorkloadDraft {
@@ -1260,10 +1428,12 @@ fn endpoint_ref(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
+    use crate::control_plane::config::{AuthorizationPolicy, Operation, PolicyRule, Source};
+    use crate::control_plane::policy::Action;
 
-    fn errors(text: &str) -> Vec<ConfigError> {
+    pub(in crate::control_plane::config) fn errors(text: &str) -> Vec<ConfigError> {
         match load(text) {
             Ok(cfg) => panic!("expected errors, got {cfg:?}"),
             Err(ConfigErrors(errs)) => errs,
@@ -1278,7 +1448,9 @@ mod tests {
     }
 
     /// (line, column, path) of each error, for compact assertions.
-    fn places(errs: &[ConfigError]) -> Vec<(usize, usize, &str)> {
+    pub(in crate::control_plane::config) fn places(
+        errs: &[ConfigError],
+    ) -> Vec<(usize, usize, &str)> {
         errs.iter()
             .map(|e| (e.line, e.column, e.path.as_str()))
             .collect()
@@ -1297,6 +1469,7 @@ version: 1
 node:
   name: node-a
   trust_domain: example.org
+  root_namespace: mesh-config
   reactors: 4
   pin_reactors: false
   driver: epoll
@@ -1318,6 +1491,7 @@ workloads:
     ips: [10.1.1.2, "fd00:1::2"]
     node: node-a
     netns: pod-a
+    labels: {app: client, example.com/tier: "", version: "v1.2_b"}
   - name: server
     namespace: prod
     service_account: server-sa
@@ -1342,11 +1516,24 @@ services:
       - {port: 80, target_port: 8080}
       - port: 443
     endpoints: [server, default/client, prod/remote]
+policies:
+  - name: allow-client
+    namespace: prod
+    selector: {match_labels: {app: server}}
+    rules:
+      - from: [{source: {principals: [example.org/ns/default/sa/default]}}]
+        to: [{operation: {ports: [8080]}}]
+  - name: deny-plaintext
+    namespace: mesh-config
+    action: DENY
+    dry_run: true
+    rules: [{from: [{source: {not_principals: ["*"]}}]}]
 "#;
         let expected = Config {
             node: NodeConfig {
                 name: "node-a".into(),
                 trust_domain: "example.org".into(),
+                root_namespace: "mesh-config".into(),
                 reactors: Some(4),
                 pin_reactors: false,
                 driver: DriverChoice::Epoll,
@@ -1395,6 +1582,14 @@ services:
                     protocol: Protocol::Hbone,
                     netns: Some(PathBuf::from("/var/run/netns/pod-a")),
                     healthy: true,
+                    labels: [
+                        ("app", "client"),
+                        ("example.com/tier", ""),
+                        ("version", "v1.2_b"),
+                    ]
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
                 },
                 Workload {
                     name: "server".into(),
@@ -1405,6 +1600,7 @@ services:
                     protocol: Protocol::Tcp,
                     netns: Some(PathBuf::from("/run/netns/pod-b")),
                     healthy: false,
+                    labels: BTreeMap::new(),
                 },
                 Workload {
                     name: "host".into(),
@@ -1415,6 +1611,7 @@ services:
                     protocol: Protocol::Hbone,
                     netns: None,
                     healthy: true,
+                    labels: BTreeMap::new(),
                 },
                 Workload {
                     name: "remote".into(),
@@ -1425,6 +1622,7 @@ services:
                     protocol: Protocol::Hbone,
                     netns: None,
                     healthy: true,
+                    labels: BTreeMap::new(),
                 },
             ],
             services: vec![Service {
@@ -1456,6 +1654,45 @@ services:
                     },
                 ],
             }],
+            policies: vec![
+                AuthorizationPolicy {
+                    name: "allow-client".into(),
+                    namespace: "prod".into(),
+                    selector: Some(
+                        [("app".to_string(), "server".to_string())]
+                            .into_iter()
+                            .collect(),
+                    ),
+                    action: Action::Allow,
+                    dry_run: false,
+                    rules: vec![PolicyRule {
+                        from: vec![Source {
+                            principals: vec!["example.org/ns/default/sa/default".into()],
+                            ..Source::default()
+                        }],
+                        to: vec![Operation {
+                            ports: vec![8080],
+                            not_ports: vec![],
+                        }],
+                        when: vec![],
+                        l7_attributes: vec![],
+                    }],
+                },
+                AuthorizationPolicy {
+                    name: "deny-plaintext".into(),
+                    namespace: "mesh-config".into(),
+                    selector: None,
+                    action: Action::Deny,
+                    dry_run: true,
+                    rules: vec![PolicyRule {
+                        from: vec![Source {
+                            not_principals: vec!["*".into()],
+                            ..Source::default()
+                        }],
+                        ..PolicyRule::default()
+                    }],
+                },
+            ],
         };
         assert_eq!(ok(text), expected);
     }
