@@ -9,3 +9,4 @@ pub mod listeners;
 pub mod reactor;
 pub mod socket;
 pub mod splice;
+pub mod timer;

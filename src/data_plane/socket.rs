@@ -202,6 +202,61 @@ pub fn send_nonblocking(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     }
 }
 
+/// One non-blocking `recv`, retrying EINTR; `Ok(0)` is EOF, `WouldBlock` when nothing waits.
+pub fn recv_nonblocking(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: `buf` is a live writable slice; the kernel writes at most `buf.len()` bytes.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// One non-blocking `send`, with `MSG_MORE` when `more` (the caller sends the rest of the
+/// record right after: a frame header and its spliced payload share records).
+pub fn send_more(fd: RawFd, buf: &[u8], more: bool) -> io::Result<usize> {
+    let flags = libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT | if more { libc::MSG_MORE } else { 0 };
+    loop {
+        // SAFETY: `buf` is a live slice; the kernel reads at most `buf.len()` bytes from it.
+        let n = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), flags) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// `shutdown(SHUT_WR)`: our sending side ends with a FIN. Errors (a socket already reset)
+/// change nothing for the caller, which learns of them at its next read or write.
+pub fn shutdown_write(fd: RawFd) {
+    // SAFETY: plain syscall on a descriptor the caller owns.
+    unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+}
+
+/// `readv(2)` into `iov`, retrying EINTR; `WouldBlock` when nothing waits.
+pub fn readv(fd: RawFd, iov: &mut [io::IoSliceMut<'_>]) -> io::Result<usize> {
+    loop {
+        // SAFETY: `IoSliceMut` is ABI-compatible with `struct iovec`; every slice is live and
+        // writable for the call, and the kernel writes at most each one's length.
+        let n = unsafe { libc::readv(fd, iov.as_ptr().cast(), iov.len() as libc::c_int) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
 /// Bytes in a TCP socket's receive queue not yet read (`SIOCINQ`) and in its send queue not
 /// yet acknowledged (`SIOCOUTQ`); `None` where the ioctl fails. For logs about stalls.
 pub fn queued_bytes(fd: RawFd) -> (Option<i32>, Option<i32>) {

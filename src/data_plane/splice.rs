@@ -174,6 +174,19 @@ pub(crate) fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     }
 }
 
+/// True if the pipe has at least one free slot (POLLOUT): a splice into it that returned
+/// EAGAIN was then waiting on its source, not on the pipe.
+pub(crate) fn pipe_writable(write_fd: RawFd) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: write_fd,
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, timeout 0: never blocks.
+    let rc = unsafe { libc::poll(&mut pfd, 1, 0) };
+    rc > 0 && pfd.revents & libc::POLLOUT != 0
+}
+
 /// What a pump needs before it can make progress again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PumpStatus {

@@ -1,50 +1,73 @@
-//! One HBONE tunnel connection as the reactor drives it: a non-blocking TCP socket, its TLS
-//! (a rustls handshake, then records in the kernel — kTLS — or in user space with the same keys,
-//! [`record_layer`]), and the HTTP/2 [`Session`] on top. The tunnel knows nothing of flows or
-//! drivers; it moves plaintext between the socket and two buffers and says what it waits for:
+//! One HBONE tunnel: the object that owns everything a tunnel is — its socket, its TLS (the
+//! handshake, then records in the kernel or in user space: [`Transport`]), its `hbone-proto`
+//! [`Session`], its streams and their local sockets ([`Stream`]), the writer that serialises
+//! DATA frames on the socket — and that alone changes any of it.
 //!
-//! - `out`: HTTP/2 bytes queued for the peer — the session's frames (`poll_transmit`) and the
-//!   DATA frames streams append with [`Tunnel::append_data_from`], which reads a stream's
-//!   socket straight into the buffer behind a 9-byte header it fills in afterwards. (kTLS
-//!   streams instead splice their payload with `tunnel_io`; see `reactor::hbone`.)
-//! - `input`: plaintext read from the peer and not yet handed to the session or to a stream.
+//! The split is quinn-proto's connection/endpoint one. The reactor owns the driver and routes
+//! by key: it calls a tunnel with an event (its socket is ready, a stream's socket is ready, a
+//! connect finished, a timer fired, a decision on a CONNECT) and then applies the
+//! [`Action`]s the tunnel queued: arm a socket, set a timer, run the tunnel again, a CONNECT
+//! to decide, a stream that ended (its socket, record and reason), the pool news of a client
+//! tunnel, the tunnel's own end. Nothing here touches the ring or the epoll set, the registry
+//! or the pool, so two tunnels can be joined over a socket pair and tested without a reactor
+//! (see `tests`).
 //!
-//! Either way non-data records are judged by `ktls::control_record`: NewSessionTicket is
-//! dropped, close_notify is EOF, KeyUpdate — which extracted keys cannot follow — and alerts
-//! end the tunnel with a clear reason. Records sent are counted against the retirement budget
-//! so a tunnel is replaced long before the AES-GCM record limit.
+//! **Receiving has one path.** Bytes are read only as the session asks for them: at most
+//! [`Session::input_wanted`] on a zero-copy kTLS socket, so payload never lands in user space
+//! by accident. When the session announces a DATA payload, the tunnel moves exactly those
+//! bytes into the stream's one [`Sink`](super::sink::Sink) — spliced off the socket when it
+//! can be, copied when it cannot — and reports them with [`Session::data_consumed`]. There is
+//! one frame parser (the session's), one queue per stream and one place that delivers; the
+//! order of a stream's bytes cannot depend on which way each frame came.
 //!
-//! The handshake reads record by record ([`RecordReader`]) so that nothing after the last
-//! handshake record is pulled into user space before the keys may move to the kernel.
-//! Closing politely ([`Phase::Closing`]): flush, close_notify, FIN, then read until the peer's
-//! FIN — closing with unread bytes would make the kernel send a reset.
+//! **Sending**: the session's frames go into the transport's output; a stream's bytes are read
+//! straight into that output behind a DATA header (copy), or, on kTLS with zero copy, a
+//! stream's [`FrameSender`](super::frames::FrameSender) writes its header and splices its
+//! payload onto the socket itself — while it is mid-frame it owns the socket and everything
+//! else waits. Streams that wait for room or for credit sit in queues the tunnel wakes.
+//!
+//! Closing politely ([`Phase::Closing`]): GOAWAY, everything queued written, close_notify,
+//! FIN, then the socket is read until the peer's FIN — closing with unread bytes would make the
+//! kernel send a reset that can destroy data still in flight to the peer. Bounded by a linger
+//! timer.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use hbone_proto::frame::FRAME_HEADER_LEN;
-use hbone_proto::{Session, StreamId};
-use rustls::Connection;
+use hbone_proto::{ConnectRequest, ErrorCode, Event, Input, Session, Settings, StreamId};
+use rustls::client::UnbufferedClientConnection;
+use rustls::server::UnbufferedServerConnection;
 
-use super::io::FrameReceiver;
+use super::error::{errno, Labelled, TunnelError};
+use super::frames::{DataFrameHeaders, SendError, SendStatus};
 use super::pool::TunnelId;
+use super::sink::{SinkError, SpliceIn};
+use super::streams::{EndedStream, Outgoing, Stream, StreamEnd, StreamPhase, StreamSetup};
+use super::transport::{Fill, Transport, INPUT_CHUNK};
 use crate::control_plane::identity::SpiffeId;
 use crate::control_plane::workload_registry::WorkloadId;
-use crate::data_plane::driver::FlowKey;
-use crate::data_plane::socket::send_nonblocking as send;
+use crate::data_plane::driver::{FlowKey, Interest, Side};
+use crate::data_plane::socket;
+use crate::data_plane::splice::PipePool;
+use crate::data_plane::timer::TimerKind;
 use crate::kernel_features::KtlsSupport;
+use crate::observability::hbone_metrics::{
+    CipherLabel, HboneMetrics, PayloadDirection, PayloadPath, Role as RoleLabel, TlsLabel,
+    TunnelClose,
+};
+use crate::observability::metrics::{CloseKind, FailureKind};
 use crate::redirection::netns::NetNs;
-use crate::tls;
-use crate::tls::ktls::{self, ControlRecord, Offload, RecordBudget, RecordReader, TunnelTlsMode};
-use crate::tls::record_layer::{self, Opener, RecordWriter, Sealer};
+use crate::tls::handshake::{Handshake, KernelSide, Progress};
+use crate::tls::ktls::{self, RecordBudget, TunnelTlsMode, UserSpaceReason};
 
-/// Plaintext the tunnel queues for the peer before streams must wait (back-pressure).
-pub const OUT_LIMIT: usize = 1024 * 1024;
-/// Plaintext read from the peer per fill.
-const INPUT_CHUNK: usize = 256 * 1024;
+/// How long a politely closing tunnel may take to flush and see the peer's FIN.
+pub const CLOSE_LINGER: Duration = Duration::from_secs(5);
+/// A copying stream waits once the tunnel's output has less room than this.
+const MIN_ROOM: usize = 16 * 1024;
 
 /// Which end of the tunnel this node is.
 #[derive(Debug, Clone)]
@@ -68,10 +91,18 @@ pub enum Role {
 }
 
 impl Role {
-    pub fn label(&self) -> &'static str {
+    pub fn label(&self) -> RoleLabel {
         match self {
-            Role::Client { .. } => "client",
-            Role::Server { .. } => "server",
+            Role::Client { .. } => RoleLabel::Client,
+            Role::Server { .. } => RoleLabel::Server,
+        }
+    }
+
+    /// The peer, for logs.
+    pub fn describe(&self) -> String {
+        match self {
+            Role::Client { peer, expected, .. } => format!("{peer} (expecting {expected})"),
+            Role::Server { peer, local, .. } => format!("{peer} → {local}"),
         }
     }
 }
@@ -84,344 +115,1635 @@ pub enum Phase {
     /// TLS done; the session runs.
     Open,
     /// GOAWAY sent; writing what is queued, then close_notify and FIN, then waiting for the
-    /// peer's FIN. No stream is attached any more.
+    /// peer's FIN. Streams that had finished both ways may still deliver their tail.
     Closing,
+    /// Gone: the reactor removes it.
+    Closed,
 }
 
-enum Tls {
-    Handshaking {
-        conn: Box<Connection>,
-        reader: RecordReader<FdIo>,
-    },
-    /// Records sealed and opened in user space with the extracted keys ([`record_layer`]).
-    User(Box<SoftTls>),
-    Kernel,
-    /// Between states (only while a method swaps them).
-    Gone,
-}
-
-/// The user-space record layer's state: keys, raw bytes read from the socket and not yet
-/// opened, sealed bytes not yet written.
-struct SoftTls {
-    opener: Opener,
-    raw: Vec<u8>,
-    raw_pos: usize,
-    raw_len: usize,
-    /// Plaintext of opened application-data records, in place in `raw` (`start..end`), not
-    /// yet consumed: the session reads it where it was decrypted, with no copy.
-    plain: VecDeque<(usize, usize)>,
-    /// Outgoing records, sealed in place (frames are written into their records directly).
-    writer: RecordWriter,
-    /// Records sealed and already charged to the record budget.
-    charged: u64,
-    /// close_notify seen: EOF once the plaintext before it is consumed.
-    closed: bool,
-}
-
-/// Raw TLS bytes read per `recv` in user-space mode.
-const RAW_CHUNK: usize = 256 * 1024;
-
-/// A raw non-blocking socket as `Read + Write` for rustls.
-pub struct FdIo(pub RawFd);
-
-impl Read for FdIo {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        loop {
-            // SAFETY: `buf` is a live writable slice of `buf.len()` bytes.
-            let n = unsafe { libc::recv(self.0, buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n >= 0 {
-                return Ok(n as usize);
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
-            }
-        }
-    }
-}
-
-impl Write for FdIo {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        send(self.0, buf)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Why a tunnel ends badly; the text goes to the log, the label to metrics.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TunnelError {
-    pub label: &'static str,
-    pub detail: String,
-}
-
-impl TunnelError {
-    pub fn new(label: &'static str, detail: impl Into<String>) -> Self {
-        TunnelError {
-            label,
-            detail: detail.into(),
-        }
-    }
-}
-
-impl std::fmt::Display for TunnelError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} ({})", self.detail, self.label)
-    }
-}
-
-/// What one handshake step needs next.
-#[derive(Debug)]
-pub enum Handshake {
-    WantRead,
-    WantWrite,
-    Done,
-}
-
-/// What reading from the peer produced.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fill {
-    /// Bytes were added to the input.
-    Got(usize),
-    WouldBlock,
-    /// The peer closed its sending side (close_notify or TCP FIN between records).
-    Eof,
-}
-
-pub struct Tunnel {
-    pub key: FlowKey,
-    pub fd: OwnedFd,
-    pub role: Role,
-    pub phase: Phase,
-    tls: Tls,
-    pub session: Option<Session>,
-    /// Streams on this tunnel and the flows that carry them.
-    pub streams: HashMap<StreamId, FlowKey>,
-    out: Vec<u8>,
-    out_pos: usize,
-    input: Vec<u8>,
-    input_pos: usize,
-    pub peer_eof: bool,
-    /// Readiness requests the driver holds (bits from `armed_bit`, side Upstream).
-    pub armed: u8,
-    /// Flows that wait for the socket: room in `out`, or a zero-copy frame in flight.
-    /// Woken when a flush makes room.
-    pub blocked: Vec<FlowKey>,
-    /// Flows that wait for flow-control credit: woken only by the peer's WINDOW_UPDATE or
-    /// SETTINGS (`SendCapacity`). Waking them on every flush made an idle sender spin
-    /// through the run queue until the credit came (seen in perf as clock_gettime).
-    pub waiting_credit: Vec<FlowKey>,
-    pub mode: Option<TunnelTlsMode>,
-    pub peer_identity: Option<SpiffeId>,
-    /// The negotiated AEAD (set by `establish`).
-    pub cipher: Option<crate::kernel_features::KtlsCipher>,
-    pub budget: RecordBudget,
-    /// The session timer currently in the reactor's heap.
-    pub timer_at: Option<Instant>,
-    pub started: Instant,
-    /// Draining: GOAWAY received or the record budget reached; no new streams.
-    pub retiring: bool,
-    /// Queued to run again without waiting (it used its read budget).
-    pub queued: bool,
-    /// Closing: close_notify and FIN went out.
-    pub fin_sent: bool,
-    /// kTLS with `node.hbone.zero_copy`: streams splice their payload (set at `establish`).
+/// Per-reactor settings every tunnel reads.
+#[derive(Debug, Clone)]
+pub struct TunnelEnv {
+    pub reactor: usize,
+    pub ktls: KtlsSupport,
+    /// `node.hbone.ktls: auto`.
+    pub allow_ktls: bool,
+    /// `node.hbone.zero_copy` (takes effect on kTLS tunnels).
     pub zero_copy: bool,
-    /// kTLS only: the stream flow whose DATA frame is partly written. Nothing else may write
-    /// to the socket until that frame is complete (`tunnel_io`'s rule).
-    pub writer: Option<FlowKey>,
-    /// The session drained (GOAWAY, no streams left) while `writer` was mid-frame: the
-    /// stream's last frame (often its END_STREAM, which is what emptied the session) is
-    /// committed but not yet on the wire. The tunnel closes once it is written.
-    pub close_when_written: bool,
-    /// Server tunnels: since when no stream has been open (checked at each session timer).
-    pub idle_since: Option<Instant>,
-    /// kTLS only: frames read with payloads spliced into the streams' pipes. Taken over from
-    /// the copying reader once the session is between frames.
-    pub receiver: Option<FrameReceiver>,
+    /// `node.hbone.ktls_record_budget` (capped by the suite's confidentiality limit).
+    pub record_budget: u64,
+    pub max_bytes_per_wakeup: usize,
+    /// Connect + TLS handshake deadline.
+    pub connect_timeout: Duration,
+    /// A stream without a byte either way for this long is cut.
+    pub idle_timeout: Duration,
+    /// A server tunnel without streams for this long is closed.
+    pub server_idle: Duration,
+}
+
+/// What a call gets to work with besides the tunnel.
+pub struct Ctx<'a> {
+    pub env: &'a TunnelEnv,
+    pub pipes: &'a mut PipePool,
+    pub metrics: &'a HboneMetrics,
+    pub now: Instant,
+}
+
+/// What the reactor must do after a call (see the module docs).
+#[derive(Debug)]
+pub enum Action {
+    /// Ask the driver for one readiness event on `fd` (the tunnel's own socket when `key` is
+    /// the tunnel's, else a stream's local socket).
+    Arm {
+        key: FlowKey,
+        fd: RawFd,
+        side: Side,
+        interest: Interest,
+    },
+    Timer {
+        key: FlowKey,
+        at: Instant,
+        kind: TimerKind,
+    },
+    /// Call [`Tunnel::run`] again before waiting (a budget ran out).
+    Queue,
+    /// The handshake is done (a client tunnel's waiting streams may be granted now).
+    Established,
+    /// Server: a CONNECT to decide ([`Tunnel::accept_stream`] / [`Tunnel::refuse_stream`]).
+    Request {
+        id: StreamId,
+        request: ConnectRequest,
+    },
+    StreamEnded(Box<EndedStream>),
+    /// Client: the peer sent GOAWAY; the pool must stop granting streams here.
+    GoAway,
+    /// Client: the record budget is reached; the pool retires this tunnel.
+    Retire,
+    /// The tunnel takes no new streams any more (it began closing).
+    Closing,
+    /// The tunnel is over: release the driver's requests (a connect may still be in flight
+    /// when `connecting`) and close the socket (with a reset when `reset`).
+    Closed {
+        reset: bool,
+        connecting: bool,
+    },
+}
+
+/// A stream the tunnel could not open: the socket comes back with the reason.
+#[derive(Debug)]
+pub struct OpenRefused {
+    pub setup: StreamSetup,
+    pub why: String,
+}
+
+/// What the receive loop stopped on.
+enum Recv {
+    WantRead,
+    Yield,
+    Eof,
+    /// The tunnel is no longer open (it failed or closed while receiving).
+    Stopped,
+}
+
+/// See the module docs.
+pub struct Tunnel {
+    key: FlowKey,
+    fd: OwnedFd,
+    role: Role,
+    phase: Phase,
+    handshake: Option<Box<Handshake>>,
+    transport: Option<Transport>,
+    /// rustls's state after the handover (derives the keys of a TLS 1.3 KeyUpdate).
+    kernel_tls: Option<KernelSide>,
+    session: Option<Session>,
+    streams: HashMap<StreamId, Stream>,
+    mode: Option<TunnelTlsMode>,
+    peer_identity: Option<SpiffeId>,
+    /// kTLS with `node.hbone.zero_copy`: payload is spliced both ways.
+    zero_copy: bool,
+    /// The stream whose zero-copy DATA frame is partly written: the socket is its until the
+    /// frame is complete.
+    writer: Option<StreamId>,
+    /// Streams waiting for the socket (room in the output, or the writer to finish).
+    blocked: Vec<StreamId>,
+    /// Streams waiting for flow-control credit (woken by the peer's WINDOW_UPDATE/SETTINGS
+    /// only: waking them on every flush made an idle sender spin).
+    waiting_credit: Vec<StreamId>,
+    /// Streams to run now.
+    runnable: VecDeque<StreamId>,
+    /// The session drained while `writer` was mid-frame: close once the frame is written.
+    close_when_written: bool,
+    /// No new streams (GOAWAY received, or the record budget reached).
+    retiring: bool,
+    /// Closing: close_notify and FIN went out.
+    fin_sent: bool,
+    /// Closing: the peer's FIN was read (or the linger ran out); only streams remain.
+    socket_done: bool,
+    queued: bool,
+    timer_at: Option<Instant>,
+    idle_since: Option<Instant>,
+    actions: VecDeque<Action>,
+    /// Frames polled from the session, reused.
+    frames: Vec<u8>,
+}
+
+impl std::fmt::Debug for Tunnel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tunnel")
+            .field("key", &self.key)
+            .field("role", &self.role)
+            .field("phase", &self.phase)
+            .field("streams", &self.streams.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The zero-copy sender's view of the session for one stream. Called only between frames, so
+/// the session's own frames are written first, right here; if the socket cannot take them the
+/// header is refused and the sender waits for the socket.
+struct FrameHeaders<'a> {
+    session: &'a mut Session,
+    transport: &'a mut Transport,
+    frames: &'a mut Vec<u8>,
+    fd: RawFd,
+    stream: StreamId,
+}
+
+impl DataFrameHeaders for FrameHeaders<'_> {
+    fn credit(&mut self) -> usize {
+        self.session.send_capacity(self.stream)
+    }
+
+    fn max_frame_size(&mut self) -> usize {
+        self.session.peer_max_frame_size() as usize
+    }
+
+    fn data_frame_header(
+        &mut self,
+        len: usize,
+        end_stream: bool,
+    ) -> Option<[u8; FRAME_HEADER_LEN]> {
+        self.frames.clear();
+        self.session.poll_transmit(self.frames);
+        self.transport.queue(self.frames);
+        if !matches!(self.transport.flush(self.fd), Ok(true)) {
+            return None;
+        }
+        let header = self
+            .session
+            .data_frame_header(self.stream, len, end_stream)
+            .ok()?;
+        self.transport.charge_written(FRAME_HEADER_LEN);
+        Some(header)
+    }
 }
 
 impl Tunnel {
-    /// A tunnel whose socket is connecting (client) or accepted (server); the TLS handshake
-    /// starts with `conn`.
-    pub fn new(
+    /// A client tunnel whose socket is connecting to `peer` (the reactor started the connect).
+    pub fn client(
         key: FlowKey,
         fd: OwnedFd,
         role: Role,
-        conn: Connection,
-        record_budget: u64,
-        now: Instant,
+        conn: UnbufferedClientConnection,
+        ctx: &mut Ctx<'_>,
     ) -> Tunnel {
-        let phase = match role {
-            Role::Client { .. } => Phase::Connecting,
-            Role::Server { .. } => Phase::Handshaking,
-        };
-        let raw = fd.as_raw_fd();
+        ctx.metrics.handshake_started(RoleLabel::Client);
+        let mut t = Tunnel::new(key, fd, role, Handshake::client(conn), Phase::Connecting);
+        t.push_timer(key, ctx.now + ctx.env.connect_timeout, TimerKind::Connect);
+        t
+    }
+
+    /// A server tunnel on an accepted socket: call [`drive`](Self::run) to start the handshake.
+    pub fn server(
+        key: FlowKey,
+        fd: OwnedFd,
+        role: Role,
+        conn: UnbufferedServerConnection,
+        ctx: &mut Ctx<'_>,
+    ) -> Tunnel {
+        ctx.metrics.handshake_started(RoleLabel::Server);
+        let mut t = Tunnel::new(key, fd, role, Handshake::server(conn), Phase::Handshaking);
+        t.push_timer(key, ctx.now + ctx.env.connect_timeout, TimerKind::Connect);
+        t
+    }
+
+    fn new(key: FlowKey, fd: OwnedFd, role: Role, handshake: Handshake, phase: Phase) -> Tunnel {
         Tunnel {
             key,
             fd,
             role,
             phase,
-            tls: Tls::Handshaking {
-                conn: Box::new(conn),
-                reader: RecordReader::new(FdIo(raw)),
-            },
+            handshake: Some(Box::new(handshake)),
+            transport: None,
+            kernel_tls: None,
             session: None,
             streams: HashMap::new(),
-            out: Vec::new(),
-            out_pos: 0,
-            input: Vec::new(),
-            input_pos: 0,
-            peer_eof: false,
-            armed: 0,
-            blocked: Vec::new(),
-            waiting_credit: Vec::new(),
             mode: None,
             peer_identity: None,
-            cipher: None,
-            budget: RecordBudget::new(record_budget),
-            timer_at: None,
-            started: now,
-            retiring: false,
-            queued: false,
-            fin_sent: false,
             zero_copy: false,
             writer: None,
+            blocked: Vec::new(),
+            waiting_credit: Vec::new(),
+            runnable: VecDeque::new(),
             close_when_written: false,
+            retiring: false,
+            fin_sent: false,
+            socket_done: false,
+            queued: false,
+            timer_at: None,
             idle_since: None,
-            receiver: None,
+            actions: VecDeque::new(),
+            frames: Vec::new(),
         }
+    }
+
+    // ------------------------------------------------------------------------- accessors
+
+    pub fn key(&self) -> FlowKey {
+        self.key
     }
 
     pub fn raw(&self) -> RawFd {
         self.fd.as_raw_fd()
     }
 
-    /// Advances the TLS handshake as far as the socket allows.
-    pub fn handshake(&mut self) -> Result<Handshake, TunnelError> {
-        let Tls::Handshaking { conn, reader } = &mut self.tls else {
-            return Ok(Handshake::Done);
-        };
-        match ktls::complete_handshake(conn, reader) {
-            Ok(()) => Ok(Handshake::Done),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(if conn.wants_write() {
-                Handshake::WantWrite
-            } else {
-                Handshake::WantRead
-            }),
-            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
-                Err(TunnelError::new("tls_handshake", e.to_string()))
-            }
-            Err(e) => Err(TunnelError::new("tls_io", e.to_string())),
-        }
+    pub fn role(&self) -> &Role {
+        &self.role
     }
 
-    /// After the handshake: checks what was negotiated (TLS 1.3, h2, the peer's identity), then
-    /// moves the keys to the kernel when `support` allows and `allow_ktls` says so, and starts
-    /// the HTTP/2 session.
-    pub fn establish(
-        &mut self,
-        support: &KtlsSupport,
-        allow_ktls: bool,
-        zero_copy: bool,
-        now: Instant,
-    ) -> Result<(), TunnelError> {
-        let Tls::Handshaking { conn, .. } = std::mem::replace(&mut self.tls, Tls::Gone) else {
-            return Err(TunnelError::new(
-                "internal",
-                "establish outside the handshake",
-            ));
-        };
-        let negotiated = tls::negotiated(&conn)
-            .map_err(|e| TunnelError::new("tls_negotiation", e.to_string()))?;
-        self.peer_identity = Some(negotiated.peer);
-        self.cipher = Some(negotiated.cipher);
-        let offload = if allow_ktls {
-            ktls::offload(&self.fd, *conn, support)
-                .map_err(|e| TunnelError::new("ktls_install", e.to_string()))?
-        } else {
-            Offload::UserSpace {
-                conn,
-                reason: ktls::UserSpaceReason::NoKtls(
-                    "kTLS turned off by node.hbone.ktls".to_string(),
-                ),
-            }
-        };
-        self.mode = Some(offload.mode());
-        match offload {
-            Offload::Kernel { received, .. } => {
-                self.input.extend_from_slice(&received);
-                self.tls = Tls::Kernel;
-                self.zero_copy = zero_copy;
-            }
-            Offload::UserSpace { mut conn, .. } => {
-                // Plaintext rustls already holds goes first, then its keys move here.
-                let mut chunk = [0u8; 4096];
-                loop {
-                    match conn.reader().read(&mut chunk) {
-                        Ok(0) => break,
-                        Ok(n) => self.input.extend_from_slice(&chunk[..n]),
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                        Err(e) => return Err(TunnelError::new("tls_read", e.to_string())),
-                    }
-                }
-                let secrets = conn
-                    .dangerous_extract_secrets()
-                    .map_err(|e| TunnelError::new("tls_secrets", e.to_string()))?;
-                let rec =
-                    |e: record_layer::RecordError| TunnelError::new("tls_keys", e.to_string());
-                self.tls = Tls::User(Box::new(SoftTls {
-                    writer: RecordWriter::new(
-                        Sealer::new(&secrets.tx.1, secrets.tx.0).map_err(rec)?,
-                    ),
-                    charged: 0,
-                    opener: Opener::new(&secrets.rx.1, secrets.rx.0).map_err(rec)?,
-                    raw: Vec::new(),
-                    raw_pos: 0,
-                    raw_len: 0,
-                    plain: VecDeque::new(),
-                    closed: false,
-                }));
-            }
-        }
-        let settings = hbone_proto::Settings::default();
-        let mut session = match self.role {
-            Role::Client { .. } => Session::client(settings, now),
-            Role::Server { .. } => Session::server(settings, now),
-        };
-        session.poll_transmit(&mut self.out);
-        self.session = Some(session);
-        self.phase = Phase::Open;
-        Ok(())
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    pub fn peer_identity(&self) -> Option<&SpiffeId> {
+        self.peer_identity.as_ref()
+    }
+
+    pub fn mode(&self) -> Option<&TunnelTlsMode> {
+        self.mode.as_ref()
     }
 
     pub fn is_kernel_tls(&self) -> bool {
-        matches!(self.tls, Tls::Kernel)
+        self.transport.as_ref().is_some_and(Transport::is_kernel)
     }
 
-    /// kTLS: the zero-copy receiver may take over reading (nothing buffered, the session
-    /// between frames, past the preface).
-    pub fn zero_copy_rx_ready(&self) -> bool {
+    pub fn zero_copy(&self) -> bool {
         self.zero_copy
-            && self.is_kernel_tls()
-            && self.input_pos == self.input.len()
-            && self.session.as_ref().is_some_and(|s| s.at_frame_boundary())
     }
 
-    /// The tunnel's IO state in one line, for the log when it fails: whether bytes sat
-    /// unread in the socket, what the reader waited for, what the writer held, and the
-    /// flow-control windows. Enough to tell a missed wakeup from a peer that stopped.
-    pub fn describe_io(&self) -> String {
-        let (unread, unacked) = crate::data_plane::socket::queued_bytes(self.raw());
-        let show = |n: Option<i32>| n.map_or("?".into(), |n| n.to_string());
-        let reader = match &self.receiver {
-            Some(r) => format!("zero-copy receiver at {}", r.describe()),
-            None => format!(
-                "{} bytes of input unparsed",
-                self.input.len() - self.input_pos
-            ),
+    pub fn stream_count(&self) -> usize {
+        self.streams.len()
+    }
+
+    /// The stream's local socket and the side it is registered as.
+    pub fn stream_socket(&self, id: StreamId) -> Option<(RawFd, Side)> {
+        let s = self.streams.get(&id)?;
+        Some((s.local_fd()?, s.side))
+    }
+
+    /// Client tunnels: may a new stream be opened here now?
+    pub fn takes_streams(&self) -> bool {
+        self.phase == Phase::Open
+            && !self.retiring
+            && self.session.as_ref().is_some_and(|s| s.can_open_stream())
+    }
+
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// Streams that have not exchanged both END_STREAMs.
+    pub fn unfinished_streams(&self) -> usize {
+        self.streams
+            .values()
+            .filter(|s| !(s.remote_eof && s.local_eof))
+            .count()
+    }
+
+    /// Takes the socket once the tunnel reported [`Action::Closed`].
+    pub fn into_fd(self) -> OwnedFd {
+        self.fd
+    }
+
+    // ---------------------------------------------------------------------------- events
+
+    /// Client: the TCP connect finished.
+    pub fn connected(&mut self, result: Result<(), i32>, ctx: &mut Ctx<'_>) {
+        if self.phase != Phase::Connecting {
+            return;
+        }
+        match result {
+            Ok(()) => {
+                self.phase = Phase::Handshaking;
+                self.run(ctx);
+            }
+            Err(errno) => self.fail(TunnelError::Connect(errno), ctx),
+        }
+    }
+
+    /// The tunnel socket is ready for `interest`.
+    pub fn ready(&mut self, interest: Interest, ctx: &mut Ctx<'_>) {
+        if interest == Interest::Write && self.phase == Phase::Open {
+            // Room again: the mid-frame writer and the streams waiting for room go on.
+            self.wake_blocked();
+        }
+        self.run(ctx);
+    }
+
+    /// Handshake, then receiving, session events, the streams' sending and writing, as far
+    /// as the socket and the budgets allow.
+    pub fn run(&mut self, ctx: &mut Ctx<'_>) {
+        self.queued = false;
+        match self.phase {
+            Phase::Connecting | Phase::Closed => return,
+            Phase::Handshaking => {
+                if !self.advance_handshake(ctx) {
+                    return;
+                }
+            }
+            Phase::Open => {}
+            Phase::Closing => return self.continue_close(ctx),
+        }
+        match self.receive(ctx) {
+            Ok(Recv::WantRead) => self.arm_socket(Interest::Read),
+            Ok(Recv::Yield) => self.queue(),
+            Ok(Recv::Stopped) => return,
+            Ok(Recv::Eof) => return self.peer_closed(ctx),
+            Err(e) => return self.fail(e, ctx),
+        }
+        self.run_streams(ctx);
+        self.flush(ctx);
+        self.schedule_session_timer();
+    }
+
+    /// A timer this tunnel set for itself fired.
+    pub fn timer(&mut self, kind: TimerKind, at: Instant, ctx: &mut Ctx<'_>) {
+        match kind {
+            TimerKind::Connect if matches!(self.phase, Phase::Connecting | Phase::Handshaking) => {
+                self.fail(TunnelError::HandshakeTimeout, ctx)
+            }
+            TimerKind::Linger if self.phase == Phase::Closing => {
+                // The peer did not finish closing in time.
+                self.socket_done = true;
+                self.close_socket(true, ctx);
+            }
+            TimerKind::Session if self.timer_at == Some(at) && self.phase == Phase::Open => {
+                self.timer_at = None;
+                let Some(s) = self.session.as_mut() else {
+                    return;
+                };
+                s.handle_timeout(ctx.now);
+                if s.is_closed() {
+                    return self.fail(TunnelError::Keepalive, ctx);
+                }
+                if let Err(e) = self.process_events(ctx) {
+                    return self.fail(e, ctx);
+                }
+                if self.phase != Phase::Open {
+                    return;
+                }
+                if self.server_idle_expired(ctx) {
+                    return self.close(TunnelClose::Idle, ctx);
+                }
+                self.flush(ctx);
+                self.schedule_session_timer();
+            }
+            _ => {}
+        }
+    }
+
+    /// A stream's local socket is ready for `interest`.
+    pub fn stream_ready(&mut self, id: StreamId, interest: Interest, ctx: &mut Ctx<'_>) {
+        let Some(s) = self.streams.get(&id) else {
+            return;
         };
+        if s.phase != StreamPhase::Open {
+            return;
+        }
+        match interest {
+            Interest::Write => self.flush_sink(id, ctx),
+            Interest::Read => self.send_stream(id, ctx),
+        }
+        if self.phase == Phase::Open {
+            self.flush(ctx);
+        }
+    }
+
+    /// A timer of one of this tunnel's streams fired.
+    pub fn stream_timer(&mut self, id: StreamId, kind: TimerKind, ctx: &mut Ctx<'_>) {
+        let Some(s) = self.streams.get(&id) else {
+            return;
+        };
+        match (kind, s.phase) {
+            (TimerKind::Connect, StreamPhase::Connecting) => {
+                self.stream_connected(id, Err(libc::ETIMEDOUT), ctx)
+            }
+            (TimerKind::Connect, StreamPhase::AwaitingResponse) => self.end_stream(
+                id,
+                StreamEnd::TunnelBroken {
+                    kind: FailureKind::UpstreamConnectTimeout,
+                },
+                ctx,
+            ),
+            (TimerKind::Idle, _) => {
+                let due = s.last_active + ctx.env.idle_timeout;
+                if due <= ctx.now {
+                    self.end_stream(id, StreamEnd::Cut(CloseKind::IdleTimeout), ctx);
+                } else {
+                    let key = s.key;
+                    self.push_timer(key, due, TimerKind::Idle);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    // --------------------------------------------------------------------- the handshake
+
+    /// Drives the handshake; true once the tunnel is open.
+    fn advance_handshake(&mut self, ctx: &mut Ctx<'_>) -> bool {
+        let fd = self.raw();
+        let Some(hs) = self.handshake.as_mut() else {
+            return self.phase == Phase::Open;
+        };
+        match hs.advance(fd) {
+            Ok(Progress::WantRead) => {
+                self.arm_socket(Interest::Read);
+                false
+            }
+            Ok(Progress::WantWrite) => {
+                self.arm_socket(Interest::Write);
+                false
+            }
+            Ok(Progress::Done) => match self.establish(ctx) {
+                Ok(()) => true,
+                Err(e) => {
+                    self.fail(e, ctx);
+                    false
+                }
+            },
+            Err(e) => {
+                self.fail(e.into(), ctx);
+                false
+            }
+        }
+    }
+
+    /// After the handshake: the keys go to the kernel when it can take them (else the
+    /// user-space record layer gets them), and the HTTP/2 session starts.
+    fn establish(&mut self, ctx: &mut Ctx<'_>) -> Result<(), TunnelError> {
+        let hs = self.handshake.take().expect("handshaking");
+        let est = hs.finish()?;
+        let limit = ktls::record_limit(est.negotiated.suite, ctx.env.record_budget);
+        let budget = RecordBudget::new(limit);
+        let mode = if ctx.env.allow_ktls {
+            ktls::offload(self.raw(), &est.negotiated, &est.secrets, &ctx.env.ktls)?
+        } else {
+            TunnelTlsMode::UserSpace {
+                reason: UserSpaceReason::NoKtls("kTLS turned off by node.hbone.ktls".into()),
+            }
+        };
+        let transport = match mode {
+            TunnelTlsMode::Kernel { .. } => Transport::kernel(est.plaintext, budget),
+            TunnelTlsMode::UserSpace { .. } => {
+                Transport::user_space(&est.secrets, est.plaintext, budget)?
+            }
+        };
+        self.zero_copy = transport.is_kernel() && ctx.env.zero_copy;
+        self.transport = Some(transport);
+        self.kernel_tls = Some(est.kernel);
+        self.peer_identity = Some(est.negotiated.peer.clone());
+        let settings = Settings::default();
+        let mut session = match self.role {
+            Role::Client { .. } => Session::client(settings, ctx.now),
+            Role::Server { .. } => Session::server(settings, ctx.now),
+        };
+        self.frames.clear();
+        session.poll_transmit(&mut self.frames);
+        self.transport
+            .as_mut()
+            .expect("just set")
+            .queue(&self.frames);
+        self.session = Some(session);
+        self.phase = Phase::Open;
+        let role = self.role.label();
+        let (tls, path) = match (&mode, self.zero_copy) {
+            (TunnelTlsMode::Kernel { .. }, true) => (TlsLabel::Kernel, ", payload spliced"),
+            (TunnelTlsMode::Kernel { .. }, false) => (
+                TlsLabel::Kernel,
+                ", payload copied (node.hbone.zero_copy is off)",
+            ),
+            (TunnelTlsMode::UserSpace { .. }, _) => (TlsLabel::UserSpace, ""),
+        };
+        ctx.metrics
+            .established(role, tls, CipherLabel::from(Some(est.negotiated.cipher)));
+        log::info!(
+            "reactor {}: {} tunnel with {} ({}) established: {mode}{path}",
+            ctx.env.reactor,
+            role.label(),
+            self.role.describe(),
+            est.negotiated.peer.to_uri(),
+        );
+        self.mode = Some(mode);
+        self.actions.push_back(Action::Established);
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------------------- receive
+
+    /// Reads what the session asks for and hands DATA payload to the streams' sinks, until the
+    /// socket is empty, the budget is spent or the tunnel stops.
+    fn receive(&mut self, ctx: &mut Ctx<'_>) -> Result<Recv, TunnelError> {
+        let budget = ctx.env.max_bytes_per_wakeup;
+        let fd = self.raw();
+        let mut moved = 0usize;
+        loop {
+            self.process_events(ctx)?;
+            if self.phase != Phase::Open {
+                return Ok(Recv::Stopped);
+            }
+            if moved >= budget {
+                return Ok(Recv::Yield);
+            }
+            let session = self.session.as_mut().expect("open tunnel");
+            if session.is_closed() {
+                return Err(TunnelError::Http2("session closed".into()));
+            }
+            if let Some((id, remaining)) = session.pending_payload() {
+                match self.move_payload(id, remaining, ctx)? {
+                    Some(n) => moved += n,
+                    None => return Ok(Recv::WantRead),
+                }
+                continue;
+            }
+            let transport = self.transport.as_mut().expect("open tunnel");
+            let buffered = transport.buffered();
+            if !buffered.is_empty() {
+                let n = match session.handle_input(buffered, ctx.now) {
+                    Input::Consumed(n) => n,
+                    Input::DataPayload { consumed, .. } => consumed,
+                };
+                transport.consume(n);
+                moved += n;
+                continue;
+            }
+            // A zero-copy reader reads no further than the session wants, so no payload lands
+            // in user space by accident.
+            let want = if self.zero_copy {
+                session.input_wanted().clamp(1, INPUT_CHUNK)
+            } else {
+                INPUT_CHUNK
+            };
+            match transport.fill(fd, want, ctx.metrics)? {
+                Fill::Got(_) => {}
+                Fill::WouldBlock => return Ok(Recv::WantRead),
+                Fill::Eof if session.at_frame_boundary() => return Ok(Recv::Eof),
+                Fill::Eof => return Err(TunnelError::PeerClosedInsideFrame),
+            }
+        }
+    }
+
+    /// Moves some of the announced payload of stream `id` (`remaining` bytes left) into its
+    /// sink: what is already in user space first, then spliced off the socket where that
+    /// works, else read through user space. `None` when the socket has nothing now.
+    fn move_payload(
+        &mut self,
+        id: StreamId,
+        remaining: usize,
+        ctx: &mut Ctx<'_>,
+    ) -> Result<Option<usize>, TunnelError> {
+        let fd = self.raw();
+        let transport = self.transport.as_mut().expect("open tunnel");
+        let session = self.session.as_mut().expect("open tunnel");
+        let buffered = transport.buffered();
+        if !buffered.is_empty() {
+            let n = remaining.min(buffered.len());
+            match self.streams.get_mut(&id) {
+                Some(s) => {
+                    s.last_active = ctx.now;
+                    let dst = s.writable_local();
+                    if let Err(SinkError::Overrun) = s.sink.deliver(&buffered[..n], dst) {
+                        return Err(TunnelError::Http2(format!(
+                            "peer overran stream {id:?}'s window"
+                        )));
+                    }
+                }
+                // No stream to take it (it ended on our side): drop it, credit goes back.
+                None => {
+                    let _ = session.release_capacity(id, n);
+                }
+            }
+            transport.consume(n);
+            session
+                .data_consumed(id, n)
+                .map_err(|_| TunnelError::Internal("payload accounting"))?;
+            ctx.metrics
+                .payload(PayloadDirection::Received, PayloadPath::Copied, n as u64);
+            self.after_delivery(id, ctx);
+            return Ok(Some(n));
+        }
+        if self.zero_copy && transport.can_splice() {
+            if let Some(s) = self.streams.get_mut(&id) {
+                let dst = s.writable_local();
+                match s.sink.splice_in(fd, remaining, dst, ctx.pipes) {
+                    Ok(SpliceIn::Moved(n)) => {
+                        s.last_active = ctx.now;
+                        session
+                            .data_consumed(id, n)
+                            .map_err(|_| TunnelError::Internal("payload accounting"))?;
+                        ctx.metrics.payload(
+                            PayloadDirection::Received,
+                            PayloadPath::Spliced,
+                            n as u64,
+                        );
+                        self.after_delivery(id, ctx);
+                        return Ok(Some(n));
+                    }
+                    Ok(SpliceIn::WouldBlock) => return Ok(None),
+                    Ok(SpliceIn::Eof) => return Err(TunnelError::PeerClosedInsideFrame),
+                    Ok(SpliceIn::Copy) => {}
+                    Err(super::sink::SpliceInError::Pipe(e)) => return Err(TunnelError::Pipe(e)),
+                    Err(super::sink::SpliceInError::Source(e)) => return Err(TunnelError::Read(e)),
+                }
+            }
+        }
+        match transport.fill(fd, remaining.min(INPUT_CHUNK), ctx.metrics)? {
+            Fill::Got(_) => Ok(Some(0)),
+            Fill::WouldBlock => Ok(None),
+            Fill::Eof => Err(TunnelError::PeerClosedInsideFrame),
+        }
+    }
+
+    /// After bytes reached a stream's sink or left it: count what reached the socket, give the
+    /// peer credit for it, wait for the socket if bytes are left, deliver the EOF once
+    /// everything is out, end the stream when its socket failed or it is complete.
+    fn after_delivery(&mut self, id: StreamId, ctx: &mut Ctx<'_>) {
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        let credit = s.sink.take_delivered();
+        if s.count_delivered() > 0 {
+            s.last_active = ctx.now;
+        }
+        if credit > 0 {
+            if let Some(session) = self.session.as_mut() {
+                let _ = session.release_capacity(id, credit);
+            }
+        }
+        if let Some(errno) = s.sink.failed() {
+            let end = s.local_broken(errno);
+            return self.end_stream(id, end, ctx);
+        }
+        if s.writable_local().is_none() {
+            return;
+        }
+        if s.sink.buffered() > 0 {
+            let (key, fd, side) = (s.key, s.local_fd().expect("writable"), s.side);
+            self.actions.push_back(Action::Arm {
+                key,
+                fd,
+                side,
+                interest: Interest::Write,
+            });
+        } else if s.remote_eof && !s.local_shut {
+            // Everything arrived and left: deliver the EOF.
+            s.local_shut = true;
+            socket::shutdown_write(s.local_fd().expect("writable"));
+            log::debug!(
+                "reactor {}: stream {id:?} delivered its EOF to fd {}",
+                ctx.env.reactor,
+                s.local_fd().unwrap_or(-1)
+            );
+        }
+        if s.is_complete() {
+            self.end_stream(id, StreamEnd::Clean, ctx);
+        }
+    }
+
+    /// The local socket is writable: the sink goes on.
+    fn flush_sink(&mut self, id: StreamId, ctx: &mut Ctx<'_>) {
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        let Some(dst) = s.writable_local() else {
+            return;
+        };
+        if let Err(SinkError::Local(errno)) = s.sink.flush(dst) {
+            let end = s.local_broken(errno);
+            return self.end_stream(id, end, ctx);
+        }
+        self.after_delivery(id, ctx);
+    }
+
+    // ---------------------------------------------------------------------- session events
+
+    fn process_events(&mut self, ctx: &mut Ctx<'_>) -> Result<(), TunnelError> {
+        loop {
+            let Some(ev) = self.session.as_mut().and_then(Session::poll_event) else {
+                return Ok(());
+            };
+            match ev {
+                Event::Request { stream, request } => {
+                    let window = Settings::default().initial_stream_window as usize;
+                    self.streams.insert(
+                        stream,
+                        Stream::requested(stream, FlowKey::NONE, window, ctx.now),
+                    );
+                    self.idle_since = None;
+                    self.actions.push_back(Action::Request {
+                        id: stream,
+                        request,
+                    });
+                }
+                Event::InvalidRequest { stream, error } => {
+                    log::debug!(
+                        "reactor {}: malformed CONNECT from {}: {error}",
+                        ctx.env.reactor,
+                        self.role.describe()
+                    );
+                    self.answer_and_reset(stream, error.status(), ctx);
+                }
+                Event::Response { stream, response } => {
+                    ctx.metrics
+                        .stream_answered(RoleLabel::Client, response.status);
+                    self.response(stream, response.status, ctx);
+                }
+                Event::Data { stream, data } => {
+                    // Only payload fed through `handle_input` comes back like this, and the
+                    // receive path never feeds it; deliver it the same way all the same.
+                    if let Some(s) = self.streams.get_mut(&stream) {
+                        let dst = s.writable_local();
+                        if let Err(SinkError::Overrun) = s.sink.deliver(&data, dst) {
+                            return Err(TunnelError::Http2(format!(
+                                "peer overran stream {stream:?}'s window"
+                            )));
+                        }
+                        self.after_delivery(stream, ctx);
+                    }
+                }
+                Event::StreamEnd { stream } => {
+                    if let Some(s) = self.streams.get_mut(&stream) {
+                        s.remote_eof = true;
+                        self.after_delivery(stream, ctx);
+                    }
+                }
+                Event::Reset { stream, code, .. } => {
+                    let Some(s) = self.streams.get_mut(&stream) else {
+                        continue;
+                    };
+                    s.stream_gone = true;
+                    if code.is_eof() {
+                        s.remote_eof = true;
+                        // We can no longer send: the local socket's input is moot.
+                        s.local_eof = true;
+                        self.after_delivery(stream, ctx);
+                    } else {
+                        log::debug!(
+                            "reactor {}: stream {stream:?} reset by the peer ({code:?})",
+                            ctx.env.reactor
+                        );
+                        self.end_stream(
+                            stream,
+                            StreamEnd::TunnelBroken {
+                                kind: FailureKind::StreamReset,
+                            },
+                            ctx,
+                        );
+                    }
+                }
+                Event::SendCapacity { .. } => {
+                    let waiting = std::mem::take(&mut self.waiting_credit);
+                    for id in waiting {
+                        self.make_runnable(id);
+                    }
+                    self.wake_blocked();
+                }
+                Event::GoAway { .. } => {
+                    if matches!(self.role, Role::Client { .. }) && !self.retiring {
+                        self.retiring = true;
+                        self.actions.push_back(Action::GoAway);
+                    }
+                }
+                Event::Drained => {
+                    if self.writer.is_some() {
+                        // Closing now would cut the frame in flight (the kernel matrix saw a
+                        // stream lose its last 81 bytes and END_STREAM that way).
+                        self.close_when_written = true;
+                        continue;
+                    }
+                    self.close(TunnelClose::Closed, ctx);
+                    return Ok(());
+                }
+                Event::ConnectionError(e) => return Err(TunnelError::Http2(e.to_string())),
+            }
+        }
+    }
+
+    /// Client: the answer to a stream's CONNECT.
+    fn response(&mut self, id: StreamId, status: u16, ctx: &mut Ctx<'_>) {
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        if status != 200 {
+            log::debug!(
+                "reactor {}: CONNECT answered {status}; client reset",
+                ctx.env.reactor
+            );
+            return self.end_stream(
+                id,
+                StreamEnd::TunnelBroken {
+                    kind: FailureKind::ConnectRejected,
+                },
+                ctx,
+            );
+        }
+        s.phase = StreamPhase::Open;
+        s.last_active = ctx.now;
+        s.counters
+            .opened
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let key = s.key;
+        self.push_timer(key, ctx.now + ctx.env.idle_timeout, TimerKind::Idle);
+        self.make_runnable(id);
+        // Payload that arrived with the answer may wait in the sink.
+        self.flush_sink(id, ctx);
+    }
+
+    // -------------------------------------------------------------------------- streams
+
+    /// Client: opens a CONNECT stream carrying `setup`'s socket. The socket comes back when
+    /// the tunnel cannot take it.
+    pub fn open_stream(
+        &mut self,
+        setup: StreamSetup,
+        request: &ConnectRequest,
+        ctx: &mut Ctx<'_>,
+    ) -> Result<StreamId, Box<OpenRefused>> {
+        if self.phase != Phase::Open {
+            let why = format!("tunnel is {:?}", self.phase);
+            return Err(Box::new(OpenRefused { setup, why }));
+        }
+        let session = self.session.as_mut().expect("open tunnel");
+        let id = match session.open_stream(request) {
+            Ok(id) => id,
+            Err(e) => {
+                let why = e.to_string();
+                return Err(Box::new(OpenRefused { setup, why }));
+            }
+        };
+        let window = Settings::default().initial_stream_window as usize;
+        let stream = Stream::new(
+            id,
+            setup,
+            Side::Downstream,
+            StreamPhase::AwaitingResponse,
+            window,
+            self.zero_copy,
+        );
+        self.streams.insert(id, stream);
+        self.flush(ctx);
+        Ok(id)
+    }
+
+    /// Server: the reactor accepted the CONNECT on `id` and started connecting `setup`'s
+    /// socket to the destination; the answer goes out when [`stream_connected`] says how it
+    /// went.
+    ///
+    /// [`stream_connected`]: Self::stream_connected
+    pub fn accept_stream(&mut self, id: StreamId, setup: StreamSetup) -> bool {
+        let Some(s) = self.streams.get_mut(&id) else {
+            return false;
+        };
+        if s.phase != StreamPhase::Requested {
+            return false;
+        }
+        let sink = std::mem::replace(&mut s.sink, super::sink::Sink::new(0));
+        let window = Settings::default().initial_stream_window as usize;
+        let mut stream = Stream::new(
+            id,
+            setup,
+            Side::Upstream,
+            StreamPhase::Connecting,
+            window,
+            self.zero_copy,
+        );
+        // Payload that followed the CONNECT waits in its sink, in order.
+        stream.sink = sink;
+        stream.remote_eof = s.remote_eof;
+        stream.stream_gone = s.stream_gone;
+        *s = stream;
+        true
+    }
+
+    /// Server: the CONNECT on `id` is refused with `status`; the stream is reset.
+    pub fn refuse_stream(&mut self, id: StreamId, status: u16, ctx: &mut Ctx<'_>) {
+        if let Some(mut s) = self.streams.remove(&id) {
+            s.sink.release(ctx.pipes);
+            self.forget_queued(id);
+        }
+        self.answer_and_reset(id, status, ctx);
+        self.check_socket_done(ctx);
+    }
+
+    /// Server: the destination connect of stream `id` finished.
+    pub fn stream_connected(&mut self, id: StreamId, result: Result<(), i32>, ctx: &mut Ctx<'_>) {
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        if s.phase != StreamPhase::Connecting {
+            return;
+        }
+        match result {
+            Ok(()) => {
+                let answered = self
+                    .session
+                    .as_mut()
+                    .is_some_and(|session| session.send_response(id, 200, false).is_ok());
+                if !answered {
+                    return self.end_stream(
+                        id,
+                        StreamEnd::TunnelBroken {
+                            kind: FailureKind::StreamReset,
+                        },
+                        ctx,
+                    );
+                }
+                ctx.metrics.stream_answered(RoleLabel::Server, 200);
+                s.phase = StreamPhase::Open;
+                s.last_active = ctx.now;
+                s.counters
+                    .opened
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let key = s.key;
+                self.push_timer(key, ctx.now + ctx.env.idle_timeout, TimerKind::Idle);
+                self.make_runnable(id);
+                self.flush_sink(id, ctx);
+                self.flush(ctx);
+            }
+            Err(errno) => {
+                // 503, and the flow never opened.
+                s.stream_gone = true;
+                self.answer_and_reset(id, 503, ctx);
+                self.end_stream(
+                    id,
+                    StreamEnd::LocalBroken {
+                        kind: FailureKind::from_connect_errno(errno),
+                        errno,
+                    },
+                    ctx,
+                );
+            }
+        }
+    }
+
+    /// Ends a stream now (idle, drain deadline, a policy that no longer allows it).
+    pub fn cut_stream(&mut self, id: StreamId, how: CloseKind, ctx: &mut Ctx<'_>) {
+        self.end_stream(id, StreamEnd::Cut(how), ctx);
+        if self.phase == Phase::Open {
+            self.flush(ctx);
+        }
+    }
+
+    /// Cuts every stream (the drain deadline).
+    pub fn cut_streams(&mut self, how: CloseKind, ctx: &mut Ctx<'_>) {
+        let ids: Vec<StreamId> = self.streams.keys().copied().collect();
+        for id in ids {
+            self.end_stream(id, StreamEnd::Cut(how), ctx);
+        }
+        if self.phase == Phase::Open {
+            self.flush(ctx);
+        }
+    }
+
+    /// Answers a CONNECT that will not be served (400/503 …) and resets its stream (the
+    /// client may still be sending: NO_ERROR tells it to stop, RFC 9113 §8.1).
+    fn answer_and_reset(&mut self, id: StreamId, status: u16, ctx: &mut Ctx<'_>) {
+        ctx.metrics.stream_answered(RoleLabel::Server, status);
+        if let Some(s) = self.session.as_mut() {
+            let _ = s.send_response(id, status, true);
+            let _ = s.reset(id, ErrorCode::NO_ERROR);
+        }
+        if self.phase == Phase::Open {
+            self.flush(ctx);
+        }
+    }
+
+    /// Moves a stream's local bytes into the tunnel, copied or spliced.
+    fn send_stream(&mut self, id: StreamId, ctx: &mut Ctx<'_>) {
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        s.queued = false;
+        if s.phase != StreamPhase::Open || s.local_eof || s.stream_gone || s.blocked {
+            return self.maybe_complete(id, ctx);
+        }
+        match s.outgoing {
+            Outgoing::Copy => self.send_copied(id, ctx),
+            Outgoing::Splice(_) => self.send_spliced(id, ctx),
+        }
+        self.maybe_complete(id, ctx);
+    }
+
+    fn send_copied(&mut self, id: StreamId, ctx: &mut Ctx<'_>) {
+        let budget = ctx.env.max_bytes_per_wakeup;
+        let mut moved = 0usize;
+        let (Some(session), Some(transport)) = (self.session.as_mut(), self.transport.as_mut())
+        else {
+            return;
+        };
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        let local = s.local_fd().expect("open stream has a socket");
+        loop {
+            let credit = session.send_capacity(id);
+            let room = transport.out_room();
+            if credit == 0 {
+                s.blocked = true;
+                self.waiting_credit.push(id);
+                break;
+            }
+            if room < MIN_ROOM {
+                s.blocked = true;
+                self.blocked.push(id);
+                break;
+            }
+            if moved >= budget {
+                if !s.queued {
+                    s.queued = true;
+                    self.runnable.push_back(id);
+                    self.queue();
+                }
+                break;
+            }
+            // The session's frames go first: a DATA header needs an empty transmit queue.
+            self.frames.clear();
+            session.poll_transmit(&mut self.frames);
+            transport.queue(&self.frames);
+            let r = transport.read_data_frame(local, credit.min(room), |n| {
+                session
+                    .data_frame_header(id, n, false)
+                    .map_err(|e| io::Error::other(e.to_string()))
+            });
+            match r {
+                Ok(0) => {
+                    let _ = session.finish(id);
+                    s.local_eof = true;
+                    break;
+                }
+                Ok(n) => {
+                    moved += n;
+                    s.count_from_local(n);
+                    s.last_active = ctx.now;
+                    ctx.metrics
+                        .payload(PayloadDirection::Sent, PayloadPath::Copied, n as u64);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.actions.push_back(Action::Arm {
+                        key: s.key,
+                        fd: local,
+                        side: s.side,
+                        interest: Interest::Read,
+                    });
+                    break;
+                }
+                Err(e) => {
+                    let end = s.local_broken(errno(&e));
+                    return self.end_stream(id, end, ctx);
+                }
+            }
+        }
+    }
+
+    /// kTLS zero copy: local socket → pipe → DATA frames spliced into the tunnel. One stream
+    /// at a time owns the socket mid-frame.
+    fn send_spliced(&mut self, id: StreamId, ctx: &mut Ctx<'_>) {
+        let fd = self.raw();
+        if self.writer.is_some_and(|w| w != id) {
+            // Another stream is mid-frame; it wakes us when done.
+            if let Some(s) = self.streams.get_mut(&id) {
+                s.blocked = true;
+                self.blocked.push(id);
+            }
+            return;
+        }
+        let (Some(session), Some(transport)) = (self.session.as_mut(), self.transport.as_mut())
+        else {
+            return;
+        };
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        let Outgoing::Splice(sender) = &mut s.outgoing else {
+            return;
+        };
+        let local = s
+            .local
+            .as_ref()
+            .expect("open stream has a socket")
+            .as_raw_fd();
+        let bytes_before = sender.stats.payload_bytes;
+        let r = sender.send(
+            local,
+            fd,
+            ctx.pipes,
+            &mut FrameHeaders {
+                session,
+                transport,
+                frames: &mut self.frames,
+                fd,
+                stream: id,
+            },
+            ctx.env.max_bytes_per_wakeup,
+        );
+        let sent = (sender.stats.payload_bytes - bytes_before) as usize;
+        let mid_frame = sender.mid_frame();
+        transport.charge_written(sent);
+        self.writer = mid_frame.then_some(id);
+        if sent > 0 {
+            s.count_from_local(sent);
+            s.last_active = ctx.now;
+            ctx.metrics
+                .payload(PayloadDirection::Sent, PayloadPath::Spliced, sent as u64);
+        }
+        let queued_out = transport.out_pending() > 0;
+        match r {
+            Ok(SendStatus::WantRead) => self.actions.push_back(Action::Arm {
+                key: s.key,
+                fd: local,
+                side: s.side,
+                interest: Interest::Read,
+            }),
+            Ok(SendStatus::WantWrite) => {
+                s.blocked = true;
+                self.blocked.push(id);
+                self.arm_socket(Interest::Write);
+            }
+            Ok(SendStatus::WantCredit) => {
+                s.blocked = true;
+                self.waiting_credit.push(id);
+            }
+            Ok(SendStatus::Yield) => {
+                if !s.queued {
+                    s.queued = true;
+                    self.runnable.push_back(id);
+                    self.queue();
+                }
+            }
+            Ok(SendStatus::Done) => s.local_eof = true,
+            // The session's own frames could not all be written first: wait for the socket.
+            Err(SendError::HeaderRefused) if queued_out => {
+                s.blocked = true;
+                self.blocked.push(id);
+                self.arm_socket(Interest::Write);
+            }
+            Err(SendError::HeaderRefused) => {
+                return self.end_stream(
+                    id,
+                    StreamEnd::TunnelBroken {
+                        kind: FailureKind::StreamReset,
+                    },
+                    ctx,
+                )
+            }
+            Err(SendError::Source(errno)) => {
+                let end = s.local_broken(errno);
+                return self.end_stream(id, end, ctx);
+            }
+            Err(SendError::Pipe(errno)) => {
+                return self.end_stream(
+                    id,
+                    StreamEnd::LocalBroken {
+                        kind: FailureKind::PipeUnavailable,
+                        errno,
+                    },
+                    ctx,
+                )
+            }
+            Err(SendError::Tunnel(errno)) => return self.fail(TunnelError::Write(errno), ctx),
+        }
+        if !mid_frame && self.close_when_written {
+            self.close_when_written = false;
+            self.close(TunnelClose::Closed, ctx);
+        }
+    }
+
+    fn maybe_complete(&mut self, id: StreamId, ctx: &mut Ctx<'_>) {
+        if self.streams.get(&id).is_some_and(Stream::is_complete) {
+            self.end_stream(id, StreamEnd::Clean, ctx);
+        }
+    }
+
+    /// Runs the streams woken since the last call, each within its budget.
+    fn run_streams(&mut self, ctx: &mut Ctx<'_>) {
+        for _ in 0..self.runnable.len() {
+            let Some(id) = self.runnable.pop_front() else {
+                break;
+            };
+            if let Some(s) = self.streams.get_mut(&id) {
+                s.queued = false;
+            }
+            self.send_stream(id, ctx);
+            if !matches!(self.phase, Phase::Open | Phase::Closing) {
+                return;
+            }
+        }
+    }
+
+    fn make_runnable(&mut self, id: StreamId) {
+        if let Some(s) = self.streams.get_mut(&id) {
+            s.blocked = false;
+            if !s.queued {
+                s.queued = true;
+                self.runnable.push_back(id);
+            }
+        }
+    }
+
+    fn wake_blocked(&mut self) {
+        let blocked = std::mem::take(&mut self.blocked);
+        for id in blocked {
+            self.make_runnable(id);
+        }
+        if !self.runnable.is_empty() {
+            self.queue();
+        }
+    }
+
+    fn forget_queued(&mut self, id: StreamId) {
+        self.blocked.retain(|s| *s != id);
+        self.waiting_credit.retain(|s| *s != id);
+        self.runnable.retain(|s| *s != id);
+    }
+
+    /// Removes a stream: resets it in the session unless it ended cleanly, hands its socket
+    /// and record to the reactor.
+    fn end_stream(&mut self, id: StreamId, end: StreamEnd, ctx: &mut Ctx<'_>) {
+        let Some(s) = self.streams.remove(&id) else {
+            return;
+        };
+        log::debug!(
+            "reactor {}: stream {id:?} (fd {}) ends: {end:?}",
+            ctx.env.reactor,
+            s.local_fd().unwrap_or(-1)
+        );
+        self.forget_queued(id);
+        if !s.stream_gone && end != StreamEnd::Clean {
+            let code = match end {
+                StreamEnd::LocalBroken { .. } => ErrorCode::CONNECT_ERROR,
+                _ => ErrorCode::CANCEL,
+            };
+            if let Some(session) = self.session.as_mut() {
+                let _ = session.reset(id, code);
+            }
+        }
+        let was_requested = s.phase == StreamPhase::Requested;
+        let ended = s.end(end, ctx.pipes);
+        if !was_requested {
+            self.actions.push_back(Action::StreamEnded(Box::new(ended)));
+        }
+        if self.writer == Some(id) {
+            // A half-written DATA frame cannot be finished: the tunnel is unusable.
+            self.writer = None;
+            return self.fail(TunnelError::StreamEndedMidFrame, ctx);
+        }
+        self.check_socket_done(ctx);
+    }
+
+    // ---------------------------------------------------------------------------- writing
+
+    /// Writes what the tunnel holds; wakes streams waiting for room; retires a tunnel past its
+    /// record budget.
+    fn flush(&mut self, ctx: &mut Ctx<'_>) {
+        if self.phase != Phase::Open {
+            return;
+        }
+        if self.writer.is_some() {
+            // A zero-copy frame is half written: its stream finishes it first.
+            self.arm_socket(Interest::Write);
+            return;
+        }
+        let fd = self.raw();
+        let (Some(session), Some(transport)) = (self.session.as_mut(), self.transport.as_mut())
+        else {
+            return;
+        };
+        self.frames.clear();
+        session.poll_transmit(&mut self.frames);
+        transport.queue(&self.frames);
+        match transport.flush(fd) {
+            Ok(true) => {
+                if self.close_when_written {
+                    self.close_when_written = false;
+                    return self.close(TunnelClose::Closed, ctx);
+                }
+                if !self.blocked.is_empty() {
+                    self.wake_blocked();
+                }
+            }
+            Ok(false) => self.arm_socket(Interest::Write),
+            Err(e) => return self.fail(e, ctx),
+        }
+        let transport = self.transport.as_ref().expect("open");
+        if transport.budget().should_retire() && !self.retiring {
+            self.retiring = true;
+            let role = self.role.label();
+            log::info!(
+                "reactor {}: {} tunnel sent {} TLS records (budget reached); retiring it",
+                ctx.env.reactor,
+                role.label(),
+                transport.budget().records_sent()
+            );
+            ctx.metrics.closed(role, TunnelClose::RecordBudget);
+            match self.role {
+                Role::Client { .. } => self.actions.push_back(Action::Retire),
+                Role::Server { .. } => self.goaway(ctx),
+            }
+        }
+    }
+
+    /// Server: no new streams (the node drains, or the tunnel retires); GOAWAY goes out.
+    pub fn goaway(&mut self, ctx: &mut Ctx<'_>) {
+        if self.phase != Phase::Open {
+            return;
+        }
+        if let Some(s) = self.session.as_mut() {
+            s.goaway();
+        }
+        self.flush(ctx);
+        // With no stream left the session reports Drained.
+        if let Err(e) = self.process_events(ctx) {
+            self.fail(e, ctx);
+        }
+    }
+
+    // ----------------------------------------------------------------------------- closing
+
+    /// The peer will send nothing more. Streams that already got everything both ways finish
+    /// delivering their tail; any other stream is cut off and reset (counted).
+    fn peer_closed(&mut self, ctx: &mut Ctx<'_>) {
+        let unfinished = self.unfinished_streams();
+        if unfinished > 0 {
+            log::info!(
+                "reactor {}: peer closed a {} tunnel with {unfinished} unfinished streams; \
+                 resetting them",
+                ctx.env.reactor,
+                self.role.label().label()
+            );
+            ctx.metrics.failed(
+                self.role.label(),
+                crate::observability::hbone_metrics::TunnelFailure::PeerClosed,
+            );
+        }
+        self.close(TunnelClose::PeerClosed, ctx);
+    }
+
+    /// Closes the tunnel politely (see the module docs): streams that finished both ways may
+    /// still deliver their tail; the others are reset.
+    pub fn close(&mut self, reason: TunnelClose, ctx: &mut Ctx<'_>) {
+        match self.phase {
+            Phase::Closing | Phase::Closed => return,
+            Phase::Connecting | Phase::Handshaking => {
+                // Nothing was said over it yet: it just ends.
+                ctx.metrics.closed(self.role.label(), reason);
+                self.end_streams(
+                    |_| true,
+                    StreamEnd::TunnelBroken {
+                        kind: FailureKind::TunnelFailed,
+                    },
+                    ctx,
+                );
+                let connecting = self.phase == Phase::Connecting;
+                self.phase = Phase::Closed;
+                self.actions.push_back(Action::Closed {
+                    reset: false,
+                    connecting,
+                });
+                return;
+            }
+            Phase::Open => {}
+        }
+        if self.writer.is_some() {
+            // A frame is half written: no polite end is possible.
+            return self.fail(TunnelError::StreamEndedMidFrame, ctx);
+        }
+        log::debug!(
+            "reactor {}: closing {} tunnel ({}, {} bytes queued)",
+            ctx.env.reactor,
+            self.role.label().label(),
+            reason.label(),
+            self.transport.as_ref().map_or(0, Transport::out_pending)
+        );
+        let role = self.role.label();
+        ctx.metrics.open_ended(role);
+        ctx.metrics.closed(role, reason);
+        self.phase = Phase::Closing;
+        self.actions.push_back(Action::Closing);
+        self.end_streams(
+            |s| !(s.phase == StreamPhase::Open && s.remote_eof && s.local_eof),
+            StreamEnd::TunnelBroken {
+                kind: FailureKind::TunnelFailed,
+            },
+            ctx,
+        );
+        if let Some(s) = self.session.as_mut() {
+            s.goaway();
+            self.frames.clear();
+            s.poll_transmit(&mut self.frames);
+        }
+        if let Some(t) = self.transport.as_mut() {
+            t.queue(&self.frames);
+        }
+        let key = self.key;
+        self.push_timer(key, ctx.now + CLOSE_LINGER, TimerKind::Linger);
+        self.continue_close(ctx);
+    }
+
+    /// Closing: flush, then close_notify and FIN once, then discard input until EOF.
+    fn continue_close(&mut self, ctx: &mut Ctx<'_>) {
+        if self.socket_done {
+            return self.check_socket_done(ctx);
+        }
+        let fd = self.raw();
+        let Some(transport) = self.transport.as_mut() else {
+            return self.close_socket(true, ctx);
+        };
+        if !self.fin_sent {
+            match transport.flush(fd) {
+                Ok(true) => {}
+                Ok(false) => return self.arm_socket(Interest::Write),
+                Err(e) => {
+                    log::debug!("reactor {}: closing tunnel: {e}", ctx.env.reactor);
+                    return self.close_socket(true, ctx);
+                }
+            }
+            self.fin_sent = true;
+            transport.send_close_notify(fd);
+            socket::shutdown_write(fd);
+        }
+        let mut scratch = [0u8; 16 * 1024];
+        loop {
+            match ktls::recv_record(fd, &mut scratch, libc::MSG_DONTWAIT) {
+                Ok(r) if r.len == 0 && r.record_type == ktls::CONTENT_APPLICATION_DATA => {
+                    return self.close_socket(false, ctx)
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return self.arm_socket(Interest::Read)
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::debug!("reactor {}: closing tunnel: {e}", ctx.env.reactor);
+                    return self.close_socket(false, ctx);
+                }
+            }
+        }
+    }
+
+    /// The socket's part is over; the tunnel ends once no stream is left delivering.
+    fn close_socket(&mut self, reset: bool, ctx: &mut Ctx<'_>) {
+        self.socket_done = true;
+        if reset {
+            // Streams cannot finish without the socket being closed cleanly anyway.
+            self.end_streams(
+                |_| true,
+                StreamEnd::TunnelBroken {
+                    kind: FailureKind::TunnelFailed,
+                },
+                ctx,
+            );
+        }
+        if self.streams.is_empty() && self.phase != Phase::Closed {
+            self.phase = Phase::Closed;
+            self.actions.push_back(Action::Closed {
+                reset,
+                connecting: false,
+            });
+        }
+    }
+
+    fn check_socket_done(&mut self, ctx: &mut Ctx<'_>) {
+        if self.phase == Phase::Closing && self.socket_done {
+            self.close_socket(false, ctx);
+        }
+    }
+
+    /// The tunnel failed: log, count, reset its streams, end it with a reset.
+    pub fn fail(&mut self, e: TunnelError, ctx: &mut Ctx<'_>) {
+        if self.phase == Phase::Closed {
+            return;
+        }
+        let role = self.role.label();
+        let level = if self.phase == Phase::Open {
+            log::Level::Info
+        } else {
+            log::Level::Warn
+        };
+        log::log!(
+            level,
+            "reactor {}: {} tunnel {} failed: {} ({})",
+            ctx.env.reactor,
+            role.label(),
+            self.role.describe(),
+            Labelled(&e),
+            self.describe_io()
+        );
+        ctx.metrics.failed(role, e.failure());
+        if self.phase == Phase::Open {
+            ctx.metrics.open_ended(role);
+        }
+        if self.phase != Phase::Closing {
+            ctx.metrics.closed_failed(role, e.failure());
+        }
+        self.writer = None;
+        let connecting = self.phase == Phase::Connecting;
+        // Closed first: the streams' endings below must not start another ending.
+        self.phase = Phase::Closed;
+        self.end_streams(
+            |_| true,
+            StreamEnd::TunnelBroken {
+                kind: FailureKind::TunnelFailed,
+            },
+            ctx,
+        );
+        self.actions.push_back(Action::Closed {
+            reset: true,
+            connecting,
+        });
+    }
+
+    fn end_streams(&mut self, which: impl Fn(&Stream) -> bool, end: StreamEnd, ctx: &mut Ctx<'_>) {
+        let ids: Vec<StreamId> = self
+            .streams
+            .values()
+            .filter(|s| which(s))
+            .map(|s| s.id)
+            .collect();
+        let writer = self.writer.take();
+        for id in ids {
+            self.end_stream(id, end, ctx);
+        }
+        if writer.is_some_and(|w| self.streams.contains_key(&w)) {
+            self.writer = writer;
+        }
+    }
+
+    // ----------------------------------------------------------------------------- timers
+
+    fn schedule_session_timer(&mut self) {
+        let next = self.session.as_ref().and_then(Session::poll_timeout);
+        if let Some(at) = next {
+            if self.timer_at != Some(at) {
+                self.timer_at = Some(at);
+                let key = self.key;
+                self.push_timer(key, at, TimerKind::Session);
+            }
+        }
+    }
+
+    /// Server tunnels close after `server_idle` without streams (the keepalive timer, every
+    /// 10 s, is the clock): the client's pool normally closes its end first, but a peer that
+    /// never does must not hold a tunnel slot on 15008 for ever.
+    fn server_idle_expired(&mut self, ctx: &Ctx<'_>) -> bool {
+        if !matches!(self.role, Role::Server { .. }) || self.phase != Phase::Open {
+            return false;
+        }
+        if !self.streams.is_empty() {
+            self.idle_since = None;
+            return false;
+        }
+        let since = *self.idle_since.get_or_insert(ctx.now);
+        ctx.now.duration_since(since) >= ctx.env.server_idle
+    }
+
+    // ----------------------------------------------------------------------------- helpers
+
+    fn push_timer(&mut self, key: FlowKey, at: Instant, kind: TimerKind) {
+        self.actions.push_back(Action::Timer { key, at, kind });
+    }
+
+    fn arm_socket(&mut self, interest: Interest) {
+        self.actions.push_back(Action::Arm {
+            key: self.key,
+            fd: self.raw(),
+            side: Side::Upstream,
+            interest,
+        });
+    }
+
+    fn queue(&mut self) {
+        if !self.queued {
+            self.queued = true;
+            self.actions.push_back(Action::Queue);
+        }
+    }
+
+    /// The tunnel's IO state in one line, for the log when it fails: whether bytes sat unread
+    /// in the socket, what the writer held, which streams waited, and the flow-control
+    /// windows. Enough to tell a missed wakeup from a peer that stopped.
+    pub fn describe_io(&self) -> String {
+        let (unread, unacked) = socket::queued_bytes(self.raw());
+        let show = |n: Option<i32>| n.map_or("?".into(), |n| n.to_string());
         let windows = self.session.as_ref().map_or(String::new(), |s| {
             let streams: Vec<String> = self
                 .streams
@@ -435,450 +1757,32 @@ impl Tunnel {
                 })
                 .collect();
             format!(
-                "; windows: connection send {} recv {}; {}",
+                "; windows: connection send {} recv {}; {}; session wants {} bytes{}",
                 s.connection_send_window(),
                 s.connection_recv_window(),
-                streams.join(", ")
+                streams.join(", "),
+                s.input_wanted(),
+                s.pending_payload().map_or(String::new(), |(id, n)| format!(
+                    ", {n} payload bytes of {id:?} due"
+                ))
             )
         });
         format!(
-            "socket: {} bytes unread, {} unacknowledged; {reader}; {} bytes queued to write; \
-             mid-frame writer: {}; {} streams, {} waiting for the socket, {} for credit; \
-             armed {:#b}, queued {}, retiring {}, peer EOF {}{windows}",
+            "socket: {} bytes unread, {} unacknowledged; {} bytes of input unparsed; {} bytes \
+             queued to write; mid-frame writer: {:?}; {} streams, {} waiting for the socket, \
+             {} for credit, {} runnable; queued {}, retiring {}, phase {:?}{windows}",
             show(unread),
             show(unacked),
-            self.out_pending(),
-            self.writer.is_some(),
+            self.transport.as_ref().map_or(0, |t| t.buffered().len()),
+            self.transport.as_ref().map_or(0, Transport::out_pending),
+            self.writer,
             self.streams.len(),
             self.blocked.len(),
             self.waiting_credit.len(),
-            self.armed,
+            self.runnable.len(),
             self.queued,
             self.retiring,
-            self.peer_eof,
+            self.phase,
         )
-    }
-
-    /// Charges bytes written around `flush` (zero-copy frames) to the record budget.
-    pub fn charge_written(&mut self, n: usize) {
-        self.budget.charge_send(n);
-    }
-
-    /// Plaintext queued for the peer and not yet written.
-    pub fn out_pending(&self) -> usize {
-        let records = match &self.tls {
-            Tls::User(st) => st.writer.pending(),
-            _ => 0,
-        };
-        self.out.len() - self.out_pos + records
-    }
-
-    /// Room for more DATA frames before the writer must wait.
-    pub fn out_room(&self) -> usize {
-        OUT_LIMIT.saturating_sub(self.out_pending())
-    }
-
-    /// Moves the session's queued frames into `out` (they must precede any DATA frame).
-    pub fn take_transmit(&mut self) {
-        if let Some(s) = self.session.as_mut() {
-            s.poll_transmit(&mut self.out);
-        }
-        self.move_out_to_records();
-    }
-
-    /// User-space TLS: plaintext queued in `out` (the session's frames) goes into the open
-    /// record, behind everything before it. `out` is only a staging area in that mode.
-    fn move_out_to_records(&mut self) {
-        if let Tls::User(st) = &mut self.tls {
-            if self.out_pos < self.out.len() {
-                // Sealing only fails when the sequence number is exhausted, far past the
-                // record budget; the next flush reports it then.
-                if st.writer.append(&self.out[self.out_pos..]).is_ok() {
-                    self.out.clear();
-                    self.out_pos = 0;
-                }
-            }
-        }
-    }
-
-    /// Reads up to `max` bytes from `src` as the payload of one DATA frame of `stream`:
-    /// straight into `out` behind the frame header (kTLS), or straight into the records it
-    /// will be sealed in (user-space TLS: no copy before encryption). Returns the bytes read;
-    /// 0 means EOF. `WouldBlock` adds nothing.
-    pub fn append_data_from(
-        &mut self,
-        src: RawFd,
-        stream: StreamId,
-        max: usize,
-    ) -> io::Result<usize> {
-        self.take_transmit();
-        if let Tls::User(st) = &mut self.tls {
-            let session = self.session.as_mut().expect("open tunnel");
-            return st.writer.read_frame::<FRAME_HEADER_LEN>(
-                max,
-                |iov| readv(src, iov),
-                |n| {
-                    session
-                        .data_frame_header(stream, n, false)
-                        .map_err(|e| io::Error::other(e.to_string()))
-                },
-            );
-        }
-        let start = self.out.len();
-        self.out.reserve(FRAME_HEADER_LEN + max);
-        let n = loop {
-            // SAFETY: `reserve` guarantees `max` bytes of spare capacity after the header; the
-            // kernel writes at most `max` bytes there and we only expose what it wrote.
-            let n = unsafe {
-                libc::read(
-                    src,
-                    self.out.as_mut_ptr().add(start + FRAME_HEADER_LEN).cast(),
-                    max,
-                )
-            };
-            if n >= 0 {
-                break n as usize;
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
-            }
-        };
-        if n == 0 {
-            return Ok(0);
-        }
-        let session = self.session.as_mut().expect("open tunnel");
-        let header = session
-            .data_frame_header(stream, n, false)
-            .map_err(|e| io::Error::other(e.to_string()))?;
-        // SAFETY: the header bytes are written below before anyone reads them, and the `n`
-        // payload bytes after them were initialised by `read`.
-        unsafe { self.out.set_len(start + FRAME_HEADER_LEN + n) };
-        self.out[start..start + FRAME_HEADER_LEN].copy_from_slice(&header);
-        Ok(n)
-    }
-
-    /// Writes queued plaintext until the socket would block. `Ok(true)` when everything left.
-    pub fn flush(&mut self) -> Result<bool, TunnelError> {
-        if self.writer.is_some() {
-            // A zero-copy frame is half written: its sender finishes it first.
-            return Ok(
-                self.out_pending() == 0 && !self.session.as_ref().is_some_and(|s| s.has_transmit())
-            );
-        }
-        self.take_transmit();
-        let fd = self.fd.as_raw_fd();
-        let io_err = |e: io::Error| TunnelError::new("write", e.to_string());
-        match &mut self.tls {
-            Tls::User(st) => {
-                if self.out_pos < self.out.len() {
-                    st.writer
-                        .append(&self.out[self.out_pos..])
-                        .map_err(|e| TunnelError::new("tls_seal", e.to_string()))?;
-                    self.out.clear();
-                    self.out_pos = 0;
-                }
-                st.writer
-                    .seal_open()
-                    .map_err(|e| TunnelError::new("tls_seal", e.to_string()))?;
-                let sealed = st.writer.records_sealed();
-                self.budget.charge_records(sealed - st.charged);
-                st.charged = sealed;
-                while !st.writer.sealed_bytes().is_empty() {
-                    match send(fd, st.writer.sealed_bytes()) {
-                        Ok(n) => st.writer.consume(n),
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                        Err(e) => return Err(io_err(e)),
-                    }
-                }
-                Ok(true)
-            }
-            Tls::Kernel => {
-                while self.out_pos < self.out.len() {
-                    match send(fd, &self.out[self.out_pos..]) {
-                        Ok(n) => {
-                            self.budget.charge_send(n);
-                            self.out_pos += n;
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            self.compact_out();
-                            return Ok(false);
-                        }
-                        Err(e) => return Err(io_err(e)),
-                    }
-                }
-                self.out.clear();
-                self.out_pos = 0;
-                Ok(true)
-            }
-            Tls::Handshaking { .. } | Tls::Gone => Ok(self.out_pos == self.out.len()),
-        }
-    }
-
-    fn compact_out(&mut self) {
-        if self.out_pos > OUT_LIMIT {
-            self.out.drain(..self.out_pos);
-            self.out_pos = 0;
-        }
-    }
-
-    /// Plaintext received and not yet consumed, in order: bytes in the input buffer (kTLS
-    /// reads, and what the handshake left), then user-space TLS records decrypted in place,
-    /// one record at a time. Empty when nothing waits.
-    pub fn input(&self) -> &[u8] {
-        if self.input_pos < self.input.len() {
-            return &self.input[self.input_pos..];
-        }
-        match &self.tls {
-            Tls::User(st) => st.plain.front().map_or(&[][..], |&(a, b)| &st.raw[a..b]),
-            _ => &[],
-        }
-    }
-
-    /// The session, the unconsumed input and the stream map together (disjoint borrows).
-    #[allow(clippy::type_complexity)]
-    pub fn session_input(&mut self) -> Option<(&mut Session, &[u8], &HashMap<StreamId, FlowKey>)> {
-        let input = if self.input_pos < self.input.len() {
-            &self.input[self.input_pos..]
-        } else {
-            match &self.tls {
-                Tls::User(st) => st.plain.front().map_or(&[][..], |&(a, b)| &st.raw[a..b]),
-                _ => &[],
-            }
-        };
-        let streams = &self.streams;
-        self.session.as_mut().map(|s| (s, input, streams))
-    }
-
-    /// Marks `n` bytes of [`input`](Self::input) consumed.
-    pub fn consume_input(&mut self, n: usize) {
-        if self.input_pos < self.input.len() {
-            self.input_pos += n;
-            if self.input_pos == self.input.len() {
-                self.input.clear();
-                self.input_pos = 0;
-            }
-            return;
-        }
-        if let Tls::User(st) = &mut self.tls {
-            if let Some(front) = st.plain.front_mut() {
-                front.0 += n;
-                debug_assert!(front.0 <= front.1);
-                if front.0 >= front.1 {
-                    st.plain.pop_front();
-                }
-            }
-        }
-    }
-
-    /// Reads more plaintext from the peer into the input buffer. `records` counts the non-data
-    /// records a kTLS socket handed up (for metrics).
-    pub fn fill(&mut self, records: &mut Vec<&'static str>) -> Result<Fill, TunnelError> {
-        // A kTLS tunnel about to hand reading to the zero-copy receiver reads no further than
-        // the session wants, so no DATA payload lands in user space by accident.
-        let max = if self.zero_copy && self.is_kernel_tls() {
-            self.session
-                .as_ref()
-                .map_or(INPUT_CHUNK, |s| s.input_wanted().clamp(1, INPUT_CHUNK))
-        } else {
-            INPUT_CHUNK
-        };
-        if self.input_pos > 0 {
-            self.input.drain(..self.input_pos);
-            self.input_pos = 0;
-        }
-        let fd = self.fd.as_raw_fd();
-        if let Tls::User(st) = &mut self.tls {
-            return soft_fill(st, fd, records);
-        }
-        let start = self.input.len();
-        self.input.resize(start + max, 0);
-        let r = self.fill_into(start, records);
-        let got = match r {
-            Ok(Fill::Got(n)) => n,
-            _ => 0,
-        };
-        self.input.truncate(start + got);
-        r
-    }
-
-    fn fill_into(
-        &mut self,
-        start: usize,
-        records: &mut Vec<&'static str>,
-    ) -> Result<Fill, TunnelError> {
-        let fd = self.fd.as_raw_fd();
-        let buf = &mut self.input[start..];
-        match &mut self.tls {
-            Tls::User(_) => Ok(Fill::WouldBlock),
-            Tls::Kernel => loop {
-                match ktls::recv_record(fd, buf, libc::MSG_DONTWAIT) {
-                    Ok(r) if r.record_type == ktls::CONTENT_APPLICATION_DATA => {
-                        return Ok(if r.len == 0 {
-                            Fill::Eof
-                        } else {
-                            Fill::Got(r.len)
-                        })
-                    }
-                    Ok(r) => match ktls::control_record(r.record_type, &buf[..r.len]) {
-                        ControlRecord::Ignore => records.push("new_session_ticket"),
-                        ControlRecord::PeerClosed => {
-                            records.push("close_notify");
-                            return Ok(Fill::Eof);
-                        }
-                        ControlRecord::Retire(why) => {
-                            records.push("key_update");
-                            return Err(TunnelError::new("ktls_key_update", why));
-                        }
-                        ControlRecord::Fatal(why) => {
-                            records.push("alert");
-                            return Err(TunnelError::new("tls_alert", why));
-                        }
-                    },
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Fill::WouldBlock),
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(TunnelError::new("ktls_read", e.to_string())),
-                }
-            },
-            Tls::Handshaking { .. } | Tls::Gone => Ok(Fill::WouldBlock),
-        }
-    }
-
-    /// Ends our sending side politely: close_notify (user space via rustls, kTLS via an alert
-    /// record), best effort.
-    pub fn send_close_notify(&mut self) {
-        let fd = self.fd.as_raw_fd();
-        match &mut self.tls {
-            Tls::User(st) => {
-                // Only after a complete flush: nothing else is queued ahead of the alert.
-                if st.writer.close_notify().is_ok() {
-                    if let Ok(n) = send(fd, st.writer.sealed_bytes()) {
-                        st.writer.consume(n);
-                    }
-                }
-            }
-            Tls::Kernel => {
-                let _ = ktls::send_close_notify(fd);
-            }
-            Tls::Handshaking { .. } | Tls::Gone => {}
-        }
-    }
-
-    /// The rustls connection's wish to write during the handshake.
-    pub fn handshake_wants_write(&self) -> bool {
-        match &self.tls {
-            Tls::Handshaking { conn, .. } => conn.wants_write(),
-            _ => false,
-        }
-    }
-}
-
-/// `readv(2)` into `iov`, retrying EINTR.
-fn readv(fd: RawFd, iov: &mut [io::IoSliceMut<'_>]) -> io::Result<usize> {
-    loop {
-        // SAFETY: `IoSliceMut` is ABI-compatible with `struct iovec`; every slice is live and
-        // writable for the call, and the kernel writes at most each one's length.
-        let n = unsafe { libc::readv(fd, iov.as_ptr().cast(), iov.len() as libc::c_int) };
-        if n >= 0 {
-            return Ok(n as usize);
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
-}
-
-/// User-space mode: opens every complete record already read, in place, queueing their
-/// plaintext ranges for [`Tunnel::input`]; reads more from the socket only when none is
-/// complete and every opened byte was consumed (reading may move the buffer's contents).
-fn soft_fill(
-    st: &mut SoftTls,
-    fd: RawFd,
-    records: &mut Vec<&'static str>,
-) -> Result<Fill, TunnelError> {
-    loop {
-        let mut got = 0;
-        while !st.closed {
-            let opened = st
-                .opener
-                .open_first(&mut st.raw[st.raw_pos..st.raw_len])
-                .map_err(|e| TunnelError::new("tls_record", e.to_string()))?;
-            let Some(r) = opened else { break };
-            let (a, b) = (st.raw_pos + r.start, st.raw_pos + r.end);
-            st.raw_pos += r.consumed;
-            if r.content_type == ktls::CONTENT_APPLICATION_DATA {
-                if b > a {
-                    st.plain.push_back((a, b));
-                    got += b - a;
-                }
-                continue;
-            }
-            match ktls::control_record(r.content_type, &st.raw[a..b]) {
-                ControlRecord::Ignore => records.push("new_session_ticket"),
-                ControlRecord::PeerClosed => {
-                    records.push("close_notify");
-                    st.closed = true;
-                }
-                ControlRecord::Retire(_) => {
-                    records.push("key_update");
-                    return Err(TunnelError::new(
-                        "key_update",
-                        "peer sent KeyUpdate; extracted keys cannot follow it",
-                    ));
-                }
-                ControlRecord::Fatal(why) => {
-                    records.push("alert");
-                    return Err(TunnelError::new("tls_alert", why));
-                }
-            }
-        }
-        if got > 0 {
-            return Ok(Fill::Got(got));
-        }
-        if !st.plain.is_empty() {
-            // The caller reads more only after consuming its input; anything else would
-            // spin here, so say so instead.
-            return Err(TunnelError::new(
-                "internal",
-                "read asked for while decrypted input is unconsumed",
-            ));
-        }
-        if st.closed {
-            return Ok(Fill::Eof);
-        }
-        if st.raw_pos > 0 {
-            st.raw.copy_within(st.raw_pos..st.raw_len, 0);
-            st.raw_len -= st.raw_pos;
-            st.raw_pos = 0;
-        }
-        if st.raw.len() < RAW_CHUNK + 2 * (record_layer::MAX_PLAINTEXT + 512) {
-            // Allocated once, zeroed once: reads land in it without clearing.
-            st.raw
-                .resize(RAW_CHUNK + 2 * (record_layer::MAX_PLAINTEXT + 512), 0);
-        }
-        let room = &mut st.raw[st.raw_len..];
-        // SAFETY: `room` is a live, initialised, writable slice.
-        let n = unsafe { libc::recv(fd, room.as_mut_ptr().cast(), room.len(), libc::MSG_DONTWAIT) };
-        if n > 0 {
-            st.raw_len += n as usize;
-            continue;
-        }
-        if n == 0 {
-            return Err(TunnelError::new(
-                "peer_closed",
-                if st.raw_len > 0 {
-                    "peer closed TCP inside a TLS record"
-                } else {
-                    "peer closed TCP without close_notify"
-                },
-            ));
-        }
-        let e = io::Error::last_os_error();
-        match e.kind() {
-            io::ErrorKind::WouldBlock => return Ok(Fill::WouldBlock),
-            io::ErrorKind::Interrupted => continue,
-            _ => return Err(TunnelError::new("read", e.to_string())),
-        }
     }
 }

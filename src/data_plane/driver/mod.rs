@@ -25,6 +25,14 @@ pub struct FlowKey {
     pub generation: u32,
 }
 
+impl FlowKey {
+    /// A key no slab entry ever has (generations start at 1): "not registered yet".
+    pub const NONE: FlowKey = FlowKey {
+        index: u32::MAX,
+        generation: 0,
+    };
+}
+
 /// Which socket of a flow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {

@@ -4,9 +4,9 @@
 //! splices. Nothing here is shared with other reactors except the read-only [`State`] and the
 //! atomics other threads read.
 
-mod hbone;
+mod tunnels;
 
-pub use hbone::{HboneState, TunnelCredentials};
+pub use tunnels::{HboneState, TunnelCredentials};
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -26,13 +26,13 @@ use super::flow::{Directions, End, Flow, Phase, Step};
 use super::listeners::Listener;
 use super::socket;
 use super::splice::{PipePool, Pump};
+use super::timer::{Timer, TimerKind};
 use crate::control_plane::state::State;
 use crate::observability::access_log::{self, FlowRecord, Observer};
 use crate::observability::metrics::{CloseKind, FailureKind, ReactorMetrics, TcpLabels};
 use crate::redirection::netns::in_netns;
 use crate::redirection::original_dst::original_dst;
-use crate::tunnel::connection::Tunnel;
-use crate::tunnel::stream_flow::StreamFlow;
+use tunnels::{StreamEntry, TunnelEntry};
 
 /// Ring entries: room for accepts, connects and two polls per busy flow per wakeup.
 const RING_ENTRIES: u32 = 4096;
@@ -97,15 +97,6 @@ impl ReactorControl {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum TimerKind {
-    /// Connect deadline (flows, inbound stream connects, tunnel connect + handshake).
-    Connect,
-    Idle,
-    /// A tunnel session's keepalive deadline.
-    Session,
-}
-
 /// What a key's slot belongs to. Keys carry it in the top bits of their index, so one token
 /// format serves plain flows, tunnel-carried flows and tunnels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,18 +123,6 @@ trait Keyed {
 }
 
 impl Keyed for Flow {
-    fn key(&self) -> FlowKey {
-        self.key
-    }
-}
-
-impl Keyed for StreamFlow {
-    fn key(&self) -> FlowKey {
-        self.key
-    }
-}
-
-impl Keyed for Tunnel {
     fn key(&self) -> FlowKey {
         self.key
     }
@@ -176,14 +155,6 @@ fn make_key(kind: Kind, slot: usize, generation: u32) -> FlowKey {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-struct Timer {
-    at: Instant,
-    index: u32,
-    generation: u32,
-    kind: TimerKind,
-}
-
 pub struct ReactorSpec {
     pub id: usize,
     pub state: Arc<State>,
@@ -206,9 +177,10 @@ pub struct Reactor {
     driver: Box<dyn Driver>,
     listeners: Vec<Option<Listener>>,
     flows: Slab<Flow>,
-    /// Flows carried by tunnel streams.
-    streams: Slab<StreamFlow>,
-    tunnels: Slab<Tunnel>,
+    /// Connections carried by tunnel streams (routing entries; the tunnel owns the socket
+    /// once the stream exists).
+    streams: Slab<StreamEntry>,
+    tunnels: Slab<TunnelEntry>,
     hbone: Option<HboneState>,
     pool: PipePool,
     timers: BinaryHeap<Reverse<Timer>>,
@@ -252,7 +224,7 @@ impl Reactor {
             tunnels: Slab::new(),
             hbone: spec
                 .tunnels
-                .map(|c| HboneState::new(c, &spec.state.config.node)),
+                .map(|c| HboneState::new(spec.id, c, &spec.state.config.node)),
             pool: PipePool::new(splice.pipe_size, splice.pipe_pool_size),
             timers: BinaryHeap::new(),
             runnable: Vec::new(),
@@ -316,7 +288,7 @@ impl Reactor {
                 .timers_queued
                 .store(self.timers.len() as u64, Relaxed);
             if self.control.stop.load(SeqCst) {
-                self.close_all(CloseKind::Drained);
+                self.close_all(CloseKind::Drained, now);
                 return Ok(());
             }
             if self.control.draining.load(SeqCst) && self.drain_deadline.is_none() {
@@ -330,7 +302,7 @@ impl Reactor {
                     // socket and reset the peer mid-stream.
                     if !self.tunnels_closing {
                         self.tunnels_closing = true;
-                        self.close_tunnels();
+                        self.close_tunnels(now);
                     }
                     if self.tunnels.is_empty() {
                         log::info!("reactor {}: drained", self.id);
@@ -343,7 +315,7 @@ impl Reactor {
                         self.id,
                         self.flows.len() + self.streams.len()
                     );
-                    self.close_all(CloseKind::Drained);
+                    self.close_all(CloseKind::Drained, now);
                     return Ok(());
                 }
             }
@@ -359,18 +331,7 @@ impl Reactor {
             }
         }
         // Peers opening streams on our server tunnels should go elsewhere now.
-        let server_tunnels: Vec<FlowKey> = self
-            .tunnels
-            .iter()
-            .filter(|(_, t)| matches!(t.role, crate::tunnel::connection::Role::Server { .. }))
-            .map(|(_, t)| t.key)
-            .collect();
-        for tkey in server_tunnels {
-            if let Some(s) = self.tunnel_mut(tkey).and_then(|t| t.session.as_mut()) {
-                s.goaway();
-            }
-            self.flush_tunnel(tkey, now);
-        }
+        self.goaway_server_tunnels(now);
         log::info!(
             "reactor {}: draining {} flows",
             self.id,
@@ -378,25 +339,14 @@ impl Reactor {
         );
     }
 
-    fn close_all(&mut self, how: CloseKind) {
+    fn close_all(&mut self, how: CloseKind, now: Instant) {
         let keys: Vec<usize> = self.flows.iter().map(|(k, _)| k).collect();
         for k in keys {
             let key = self.flows[k].key;
             self.finish(key, End::Cut(how));
         }
-        let keys: Vec<FlowKey> = self.streams.iter().map(|(_, f)| f.key).collect();
-        for key in keys {
-            self.finish_stream(key, hbone::StreamEnd::Cut(how));
-        }
-        self.close_tunnels();
-    }
-
-    /// Closes every tunnel (their flows are gone): GOAWAY and close_notify.
-    fn close_tunnels(&mut self) {
-        let keys: Vec<FlowKey> = self.tunnels.iter().map(|(_, t)| t.key).collect();
-        for key in keys {
-            self.close_tunnel(key, Some("shutdown"));
-        }
+        self.cut_streams(how, now);
+        self.close_tunnels(now);
     }
 
     fn handle(&mut self, ev: Event, now: Instant) {
@@ -591,12 +541,11 @@ impl Reactor {
                 },
             );
         }
-        self.timers.push(Reverse(Timer {
-            at: now + self.state.config.node.timeouts.connect,
-            index: key.index,
-            generation,
-            kind: TimerKind::Connect,
-        }));
+        self.push_timer(
+            key,
+            now + self.state.config.node.timeouts.connect,
+            TimerKind::Connect,
+        );
     }
 
     /// Resets a connection that will not be proxied, and records why.
@@ -626,12 +575,7 @@ impl Reactor {
                 f.phase = Phase::Open;
                 f.counters.opened.fetch_add(1, Relaxed);
                 f.last_active = now;
-                self.timers.push(Reverse(Timer {
-                    at: now + idle,
-                    index: key.index,
-                    generation: key.generation,
-                    kind: TimerKind::Idle,
-                }));
+                self.push_timer(key, now + idle, TimerKind::Idle);
                 self.drive(key, Directions::BOTH, now);
             }
             Err(errno) => {
@@ -696,8 +640,9 @@ impl Reactor {
                         self.drive(key, Directions::BOTH, now);
                     }
                 }
-                Kind::Stream => self.drive_stream(key, now),
-                Kind::Tunnel => self.drive_tunnel(key, now),
+                // A tunnel queues its own streams; only tunnels are queued here.
+                Kind::Stream => {}
+                Kind::Tunnel => self.run_tunnel(key, now),
             }
         }
     }
@@ -722,8 +667,8 @@ impl Reactor {
                 };
                 match kind_of(key) {
                     Kind::Direct => self.flows.get(slot(key)).is_some_and(|f| f.key == key),
-                    Kind::Stream => self.streams.get(slot(key)).is_some_and(|f| f.key == key),
-                    Kind::Tunnel => self.tunnels.get(slot(key)).is_some_and(|t| t.key == key),
+                    Kind::Stream => entry(&self.streams, key).is_some(),
+                    Kind::Tunnel => entry(&self.tunnels, key).is_some(),
                 }
             })
             .collect();
@@ -778,7 +723,7 @@ impl Reactor {
                         },
                     );
                 }
-                TimerKind::Connect | TimerKind::Session => {}
+                TimerKind::Connect | TimerKind::Session | TimerKind::Linger => {}
                 TimerKind::Idle => {
                     let due = f.last_active + idle;
                     if due <= now {
