@@ -226,9 +226,19 @@ impl HboneMetrics {
         }
     }
 
-    /// Open tunnels now (for tests and the demo).
+    /// Open tunnels now.
     pub fn open(&self, role: Role) -> i64 {
         self.tunnels_open[role.index()].load(Relaxed)
+    }
+
+    /// Payload bytes counted so far.
+    pub fn payload_bytes(&self, direction: PayloadDirection, path: PayloadPath) -> u64 {
+        self.payload[direction.index()][path.index()].load(Relaxed)
+    }
+
+    /// Tunnels closed for `why` so far.
+    pub fn closed_count(&self, role: Role, why: TunnelClose) -> u64 {
+        self.closed[role.index()][why.index()].load(Relaxed)
     }
 }
 

@@ -17,3 +17,6 @@ pub mod pool;
 pub mod sink;
 pub mod streams;
 pub mod transport;
+
+#[cfg(test)]
+mod tests;

@@ -58,6 +58,14 @@ pub enum StreamEnd {
     Cut(CloseKind),
 }
 
+impl StreamEnd {
+    /// Whether the local socket is closed with a reset (the other side broke, or ringtun cut
+    /// the flow: a FIN would let the application take a cut-off stream for a complete one).
+    pub fn resets_local(self) -> bool {
+        matches!(self, StreamEnd::Cut(_) | StreamEnd::TunnelBroken { .. })
+    }
+}
+
 /// What the reactor gets back when a stream ends: it releases the driver's requests for
 /// `key`, closes `local` as `end` says, counts and logs the flow.
 #[derive(Debug)]
@@ -71,6 +79,17 @@ pub struct EndedStream {
     pub started: Instant,
     pub counters: Arc<TcpCounters>,
     pub record: FlowRecord,
+}
+
+impl EndedStream {
+    /// Closes the local socket as the end says (a reset, or as it is).
+    pub fn close_local(&mut self) {
+        if let Some(fd) = self.local.take() {
+            if self.end.resets_local() {
+                crate::data_plane::socket::close_with_reset(fd);
+            }
+        }
+    }
 }
 
 /// What the reactor hands a tunnel to carry a new stream.

@@ -870,15 +870,15 @@ impl Reactor {
 
     /// A stream a tunnel carried ended: the driver lets go of its socket, the pool of its
     /// reservation; the flow is counted and logged.
-    fn stream_ended(&mut self, ended: EndedStream, pool_id: Option<TunnelId>, now: Instant) {
+    fn stream_ended(&mut self, mut ended: EndedStream, pool_id: Option<TunnelId>, now: Instant) {
         let armed = self.remove_stream_entry(ended.key).unwrap_or(0);
         self.driver.release(ended.key, armed, ended.connecting);
         if let Some(tid) = pool_id {
             let _ = self.hbone_state().pool.stream_closed(tid, now);
             self.process_pool_events(now);
         }
+        ended.close_local();
         self.finish_flow(
-            ended.local,
             ended.end,
             ended.was_open,
             ended.started,
@@ -911,13 +911,23 @@ impl Reactor {
             }
             self.process_pool_events(now);
         }
-        self.finish_flow(Some(p.fd), end, false, p.started, &p.counters, p.record);
+        let mut ended = EndedStream {
+            key: skey,
+            local: Some(p.fd),
+            connecting: false,
+            end,
+            was_open: false,
+            started: p.started,
+            counters: p.counters,
+            record: p.record,
+        };
+        ended.close_local();
+        self.finish_flow(end, false, ended.started, &ended.counters, ended.record);
     }
 
-    /// Closes a tunnel-carried connection's socket as `end` says; counts and logs it.
+    /// Counts and logs a tunnel-carried connection that ended (its socket is closed).
     fn finish_flow(
         &mut self,
-        local: Option<OwnedFd>,
         end: StreamEnd,
         was_open: bool,
         started: Instant,
@@ -927,26 +937,10 @@ impl Reactor {
         if was_open {
             counters.closed.fetch_add(1, Relaxed);
         }
-        let close_local = |fd: Option<OwnedFd>, reset: bool| {
-            if let Some(fd) = fd {
-                if reset {
-                    socket::close_with_reset(fd)
-                } else {
-                    drop(fd)
-                }
-            }
-        };
         let (close, failure, errno) = match end {
-            StreamEnd::Clean => {
-                close_local(local, false);
-                (CloseKind::Clean, None, None)
-            }
-            StreamEnd::Cut(kind) => {
-                close_local(local, true);
-                (kind, None, None)
-            }
+            StreamEnd::Clean => (CloseKind::Clean, None, None),
+            StreamEnd::Cut(kind) => (kind, None, None),
             StreamEnd::LocalBroken { kind, errno } => {
-                close_local(local, false);
                 self.metrics.failure(kind);
                 (
                     CloseKind::broken(was_open),
@@ -955,7 +949,6 @@ impl Reactor {
                 )
             }
             StreamEnd::TunnelBroken { kind } => {
-                close_local(local, true);
                 self.metrics.failure(kind);
                 (CloseKind::broken(was_open), Some(kind), None)
             }

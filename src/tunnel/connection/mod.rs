@@ -267,7 +267,13 @@ impl Tunnel {
         ctx: &mut Ctx<'_>,
     ) -> Tunnel {
         ctx.metrics.handshake_started(RoleLabel::Client);
-        let mut t = Tunnel::new(key, fd, role, Handshake::client(conn), Phase::Connecting);
+        let mut t = Tunnel::new(
+            key,
+            fd,
+            role,
+            Some(Handshake::client(conn)),
+            Phase::Connecting,
+        );
         t.push_timer(key, ctx.now + ctx.env.connect_timeout, TimerKind::Connect);
         t
     }
@@ -281,18 +287,30 @@ impl Tunnel {
         ctx: &mut Ctx<'_>,
     ) -> Tunnel {
         ctx.metrics.handshake_started(RoleLabel::Server);
-        let mut t = Tunnel::new(key, fd, role, Handshake::server(conn), Phase::Handshaking);
+        let mut t = Tunnel::new(
+            key,
+            fd,
+            role,
+            Some(Handshake::server(conn)),
+            Phase::Handshaking,
+        );
         t.push_timer(key, ctx.now + ctx.env.connect_timeout, TimerKind::Connect);
         t
     }
 
-    fn new(key: FlowKey, fd: OwnedFd, role: Role, handshake: Handshake, phase: Phase) -> Tunnel {
+    fn new(
+        key: FlowKey,
+        fd: OwnedFd,
+        role: Role,
+        handshake: Option<Handshake>,
+        phase: Phase,
+    ) -> Tunnel {
         Tunnel {
             key,
             fd,
             role,
             phase,
-            handshake: Some(Box::new(handshake)),
+            handshake: handshake.map(Box::new),
             transport: None,
             kernel_tls: None,
             session: None,
@@ -562,23 +580,9 @@ impl Tunnel {
                 Transport::user_space(&est.secrets, est.plaintext, budget)?
             }
         };
-        self.zero_copy = transport.is_kernel() && ctx.env.zero_copy;
-        self.transport = Some(transport);
         self.kernel_tls = Some(est.kernel);
         self.peer_identity = Some(est.negotiated.peer.clone());
-        let settings = Settings::default();
-        let mut session = match self.role {
-            Role::Client { .. } => Session::client(settings, ctx.now),
-            Role::Server { .. } => Session::server(settings, ctx.now),
-        };
-        self.frames.clear();
-        session.poll_transmit(&mut self.frames);
-        self.transport
-            .as_mut()
-            .expect("just set")
-            .queue(&self.frames);
-        self.session = Some(session);
-        self.phase = Phase::Open;
+        self.start_session(transport, ctx);
         let role = self.role.label();
         let (tls, path) = match (&mode, self.zero_copy) {
             (TunnelTlsMode::Kernel { .. }, true) => (TlsLabel::Kernel, ", payload spliced"),
@@ -600,6 +604,45 @@ impl Tunnel {
         self.mode = Some(mode);
         self.actions.push_back(Action::Established);
         Ok(())
+    }
+
+    /// The HTTP/2 session starts over `transport` (its preface and SETTINGS queued first).
+    fn start_session(&mut self, transport: Transport, ctx: &Ctx<'_>) {
+        self.zero_copy = transport.is_kernel() && ctx.env.zero_copy;
+        self.transport = Some(transport);
+        let settings = Settings::default();
+        let mut session = match self.role {
+            Role::Client { .. } => Session::client(settings, ctx.now),
+            Role::Server { .. } => Session::server(settings, ctx.now),
+        };
+        self.frames.clear();
+        session.poll_transmit(&mut self.frames);
+        self.transport
+            .as_mut()
+            .expect("just set")
+            .queue(&self.frames);
+        self.session = Some(session);
+        self.phase = Phase::Open;
+    }
+
+    /// A tunnel that starts open on a plaintext socket, which it treats as a kTLS socket:
+    /// to the data path that is exactly what kTLS is (the socket carries HTTP/2 bytes and
+    /// payload can be spliced through it). The tests run the kTLS data path this way on a
+    /// kernel without kTLS; TLS itself is tested with real handshakes.
+    #[cfg(test)]
+    pub(crate) fn open_plaintext(
+        key: FlowKey,
+        fd: OwnedFd,
+        role: Role,
+        ctx: &mut Ctx<'_>,
+    ) -> Tunnel {
+        let mut t = Tunnel::new(key, fd, role, None, Phase::Open);
+        let budget = RecordBudget::new(ctx.env.record_budget);
+        t.start_session(Transport::kernel(Vec::new(), budget), ctx);
+        t.mode = Some(TunnelTlsMode::Kernel {
+            cipher: crate::kernel_features::KtlsCipher::Aes128Gcm,
+        });
+        t
     }
 
     /// Client: opens a CONNECT stream carrying `setup`'s socket. The socket comes back when

@@ -280,12 +280,16 @@ impl Tunnel {
         }
     }
 
+    /// Puts a stream in the run queue, and the tunnel in the reactor's: a stream woken
+    /// outside a socket event (its CONNECT answered, credit arrived) must not wait for the
+    /// tunnel's next read to run.
     pub(super) fn make_runnable(&mut self, id: StreamId) {
         if let Some(s) = self.streams.get_mut(&id) {
             s.blocked = false;
             if !s.queued {
                 s.queued = true;
                 self.runnable.push_back(id);
+                self.queue();
             }
         }
     }
@@ -294,9 +298,6 @@ impl Tunnel {
         let blocked = std::mem::take(&mut self.blocked);
         for id in blocked {
             self.make_runnable(id);
-        }
-        if !self.runnable.is_empty() {
-            self.queue();
         }
     }
 
