@@ -419,7 +419,7 @@ impl Harness {
             }
         }
         // One-shot: a fired request is gone (remove from the back so indices stay valid).
-        gone.sort_by(|a, b| b.1.cmp(&a.1));
+        gone.sort_by_key(|g| std::cmp::Reverse(g.1));
         for (server, i) in gone {
             self.node(server).armed.remove(i);
         }
