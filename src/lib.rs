@@ -8,14 +8,14 @@
 
 pub mod admin;
 pub mod app;
-pub mod cli;
 pub mod control_plane;
 pub mod data_plane;
-pub mod demo;
+pub mod exit_code;
 pub mod kernel_features;
 pub mod lifecycle;
 pub mod observability;
 pub mod redirection;
+#[doc(hidden)]
 pub mod testbed;
 pub mod tls;
 pub mod tunnel;

@@ -1,7 +1,12 @@
-//! A small mesh in network namespaces, for the demo, the root tests and `perf/`: a node
+//! A small mesh in network namespaces, for `ringtun demo` and the root tests: a node
 //! namespace routing between pod namespaces (a client pod, two mesh pods behind a service VIP)
 //! and a server outside the mesh, joined by veth pairs (this machine has no `dummy` links).
 //! Everything it creates is named with a unique prefix and removed when it is dropped.
+//!
+//! Test support, not part of ringtun's API: hidden from the documentation and free to change
+//! with the tests that use it. It stays in the library, not behind a cargo feature, because the
+//! demo — a command of every build — runs on it too, and `tests/*.rs` can only reach the
+//! library.
 //!
 //! ```text
 //!            client 10.77.1.2 fd77:1::2 ─┐
