@@ -10,8 +10,9 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use super::backoff::AcceptBackoff;
+use super::interface::{Driver, DriverKind, Event, FlowKey, Interest, Side};
 use super::token::{self, Op};
-use super::{sockaddr, Driver, DriverKind, Event, FlowKey, Interest, Side};
+use crate::data_plane::socket::sockaddr;
 
 /// Accepts per listener per wakeup, so one busy listener cannot starve established flows.
 const ACCEPT_BATCH: usize = 64;

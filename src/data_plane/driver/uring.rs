@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 use super::backoff::AcceptBackoff;
+use super::interface::{armed_bit, Driver, DriverKind, Event, FlowKey, Interest, Side};
 use super::token::{self, Op};
-use super::{armed_bit, sockaddr, Driver, DriverKind, Event, FlowKey, Interest, Side};
+use crate::data_plane::socket::sockaddr;
 
 pub struct UringDriver {
     ring: IoUring,
