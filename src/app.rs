@@ -47,10 +47,10 @@ pub struct App {
 
 /// The open-file limit: raised to the hard limit when allowed, then reported.
 fn open_files_limit() -> (u64, u64) {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    match getrlimit(Resource::RLIMIT_NOFILE) {
+    use crate::sys::process::{open_files_limit, set_open_files_limit};
+    match open_files_limit() {
         Ok((soft, hard)) => {
-            if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+            if soft < hard && set_open_files_limit(hard, hard).is_ok() {
                 return (hard, hard);
             }
             (soft, hard)

@@ -2,6 +2,8 @@
 //! starts first (in `cli`); the proxy itself lives in the library, so the tests drive the same
 //! code the binary runs.
 
+#![forbid(unsafe_code)]
+
 mod cli;
 mod demo;
 

@@ -106,7 +106,7 @@ pub struct Testbed {
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 pub fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
+    crate::sys::process::is_root()
 }
 
 /// For root tests: true when running as root; otherwise prints `SKIPPED (needs root)` and
@@ -575,8 +575,7 @@ impl RingtunProcess {
                 .and_then(|v| v.parse::<f64>().ok())
                 .ok_or_else(|| io::Error::other("unexpected /proc/<pid>/stat"))
         };
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        let hz = crate::sys::process::clock_ticks_per_second() as f64;
         Ok((ticks(11)? + ticks(12)?) / hz)
     }
 
@@ -623,10 +622,7 @@ impl RingtunProcess {
 
     /// SIGTERM, then wait for exit; returns the exit code.
     pub fn terminate(mut self) -> io::Result<i32> {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.pid() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
+        let _ = crate::sys::signal::terminate(self.pid());
         let start = Instant::now();
         loop {
             if let Some(st) = self.child.try_wait()? {
@@ -772,20 +768,7 @@ pub fn is_reset(e: &io::Error) -> bool {
 
 /// SO_LINGER 0: closing the socket then sends a RST instead of a FIN.
 pub fn set_linger_zero(s: &TcpStream) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: a valid socket and a linger struct of the right size.
-    unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(s),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            &linger as *const _ as *const libc::c_void,
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
+    let _ = crate::sys::socket::set_linger_zero(std::os::fd::AsRawFd::as_raw_fd(s));
 }
 
 /// Accepts `count` connections on `listener`, answering each with [`exchange`] of `bytes`.

@@ -6,6 +6,9 @@ pub mod driver;
 pub mod first_connection;
 pub mod flow;
 pub mod listeners;
+// Not yet behind `sys`: its eventfd waker, shutdowns and CPU pinning move to `sys` (the
+// `eventfd` waker is there already) with the tunnel-owner rewrite (issue 9).
+#[allow(unsafe_code)]
 pub mod reactor;
 pub mod socket;
 pub mod splice;

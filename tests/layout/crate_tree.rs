@@ -12,6 +12,9 @@ pub struct Module {
     pub file: PathBuf,
     /// Names of the modules declared directly in it.
     pub children: Vec<String>,
+    /// Carries `#[allow(unsafe_code)]` (on its `mod` item or as an inner attribute): the crate
+    /// denies `unsafe` everywhere else.
+    pub allows_unsafe: bool,
 }
 
 /// One crate: its modules by path, and every file parsed, by path relative to the repository.
@@ -28,7 +31,7 @@ impl CrateTree {
             files: BTreeMap::new(),
         };
         let dir = root.parent().unwrap_or(Path::new("")).to_path_buf();
-        tree.load_file(repo, root, Vec::new(), dir)?;
+        tree.load_file(repo, root, Vec::new(), dir, false)?;
         Ok(tree)
     }
 
@@ -48,6 +51,7 @@ impl CrateTree {
         file: &Path,
         path: Vec<String>,
         child_dir: PathBuf,
+        declared_allowed: bool,
     ) -> Result<(), String> {
         let text = std::fs::read_to_string(repo.join(file))
             .map_err(|e| format!("{}: {e}", file.display()))?;
@@ -55,7 +59,8 @@ impl CrateTree {
             let at = e.span().start();
             format!("{}:{}:{}: {e}", file.display(), at.line, at.column + 1)
         })?;
-        self.add_items(repo, file, &path, &child_dir, &ast.items)?;
+        let allowed = declared_allowed || allows_unsafe(&ast.attrs);
+        self.add_items(repo, file, &path, &child_dir, &ast.items, allowed)?;
         self.files.insert(file.to_path_buf(), ast);
         Ok(())
     }
@@ -67,6 +72,7 @@ impl CrateTree {
         path: &[String],
         child_dir: &Path,
         items: &[syn::Item],
+        allowed: bool,
     ) -> Result<(), String> {
         let mut children = Vec::new();
         // External child modules, loaded once this module is recorded.
@@ -81,11 +87,12 @@ impl CrateTree {
                 Some((_, inner)) => {
                     // An inline module: its items are in this file, its own children one
                     // directory further down.
-                    self.add_items(repo, file, &child, &child_dir.join(&name), inner)?;
+                    let allowed = allows_unsafe(&m.attrs);
+                    self.add_items(repo, file, &child, &child_dir.join(&name), inner, allowed)?;
                 }
                 None => {
                     let (child_file, grandchild_dir) = locate(repo, file, child_dir, m)?;
-                    declared.push((child, child_file, grandchild_dir));
+                    declared.push((child, child_file, grandchild_dir, allows_unsafe(&m.attrs)));
                 }
             }
         }
@@ -94,10 +101,11 @@ impl CrateTree {
             Module {
                 file: file.to_path_buf(),
                 children,
+                allows_unsafe: allowed,
             },
         );
-        for (child, child_file, grandchild_dir) in declared {
-            self.load_file(repo, &child_file, child, grandchild_dir)?;
+        for (child, child_file, grandchild_dir, allowed) in declared {
+            self.load_file(repo, &child_file, child, grandchild_dir, allowed)?;
         }
         Ok(())
     }
@@ -164,4 +172,15 @@ pub fn rust_files(repo: &Path, dir: &Path) -> Vec<PathBuf> {
     }
     out.sort();
     out
+}
+
+/// `#[allow(unsafe_code)]` among `attrs` (outer or inner).
+fn allows_unsafe(attrs: &[syn::Attribute]) -> bool {
+    attrs.iter().any(|a| {
+        a.path().is_ident("allow")
+            && a.parse_args_with(
+                syn::punctuated::Punctuated::<syn::Path, syn::Token![,]>::parse_terminated,
+            )
+            .is_ok_and(|lints| lints.iter().any(|l| l.is_ident("unsafe_code")))
+    })
 }

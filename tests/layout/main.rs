@@ -1,10 +1,12 @@
 //! Layout rules the compiler does not check, over the sources of `src/` (the library and the
-//! binary): every file is compiled, and no file imports itself back through others (no import
-//! cycle).
+//! binary): every file is compiled; no file imports itself back through others (no import
+//! cycle); and calls into the OS below std (`libc::f(..)`, any `nix::` path) appear only in
+//! modules allowed `unsafe` — `sys`, and the few `lib.rs` lists as not yet migrated.
 //!
 //! The graph is built from the Rust syntax tree (`syn`), not from text: every `use` and every
-//! path in code, types and macro bodies, resolved to the file of the module it names (see
-//! `references`). Run with `--nocapture` to see the graph's size and every cycle.
+//! path in code, types and macro bodies, resolved through re-exports to the file that defines
+//! what it names (see `references`). Run with `--nocapture` to see the graph's size and every
+//! cycle.
 
 mod crate_tree;
 mod cycles;
@@ -14,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use crate_tree::CrateTree;
-use references::Reference;
+use references::{OsCall, Reference};
 
 /// The roots of the crates built from `src/`: the library and the `ringtun` binary.
 const CRATE_ROOTS: [&str; 2] = ["src/lib.rs", "src/main.rs"];
@@ -51,7 +53,7 @@ fn file_graph(trees: &[CrateTree]) -> (BTreeMap<PathBuf, BTreeSet<PathBuf>>, Sit
         for file in tree.files.keys() {
             edges.entry(file.clone()).or_default();
         }
-        let refs = references::collect(tree);
+        let (refs, _) = references::collect(tree);
         for Reference {
             file,
             line,
@@ -133,5 +135,31 @@ fn src_has_no_import_cycle() {
         failures.is_empty(),
         "import cycles in src/ (each file of a cycle depends on every other):\n{}",
         failures.join("\n")
+    );
+}
+
+#[test]
+fn os_calls_stay_in_modules_allowed_unsafe() {
+    let trees = crates();
+    let mut outside = Vec::new();
+    for tree in &trees {
+        let (_, calls) = references::collect(tree);
+        for OsCall {
+            file,
+            module,
+            line,
+            written,
+        } in calls
+        {
+            let allowed = (0..=module.len()).any(|n| tree.modules[&module[..n]].allows_unsafe);
+            if !allowed {
+                outside.push(format!("{}:{line}: {written}", file.display()));
+            }
+        }
+    }
+    assert!(
+        outside.is_empty(),
+        "calls into the OS outside `sys` (add a safe wrapper in src/sys/ and call that):\n{}",
+        outside.join("\n")
     );
 }

@@ -10,11 +10,13 @@
 //! imports from, which can only add edges, never hide one. Visibility restrictions
 //! (`pub(in crate::x)`), attributes and doc comments name modules without depending on them
 //! and are skipped.
+//!
+//! Also collected: calls into the OS below std (`libc::f(..)`, any `nix::` path).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
-use proc_macro2::{TokenStream, TokenTree};
+use proc_macro2::{Delimiter, TokenStream, TokenTree};
 use syn::visit::{self, Visit};
 
 use crate::crate_tree::CrateTree;
@@ -28,6 +30,16 @@ pub struct Reference {
     pub written: String,
     /// The file that defines what it names.
     pub to: PathBuf,
+}
+
+/// A call into the OS that bypasses std: `libc::name(..)` or any use of `nix`.
+#[derive(Debug, Clone)]
+pub struct OsCall {
+    pub file: PathBuf,
+    /// The module the call is in (crate-relative path).
+    pub module: Vec<String>,
+    pub line: usize,
+    pub written: String,
 }
 
 /// A path as written, before resolution.
@@ -47,13 +59,14 @@ struct Names {
     globs: Vec<Vec<String>>,
 }
 
-/// Every reference between files of `tree` that stays inside the crate.
-pub fn collect(tree: &CrateTree) -> Vec<Reference> {
+/// Every reference between files of `tree` that stays inside the crate, and every OS call.
+pub fn collect(tree: &CrateTree) -> (Vec<Reference>, Vec<OsCall>) {
     let mut c = Collector {
         file: PathBuf::new(),
         scope: Vec::new(),
         written: Vec::new(),
         names: BTreeMap::new(),
+        os_calls: Vec::new(),
     };
     for (file, ast) in &tree.files {
         // The module the file is (the shortest path: the others are its inline modules).
@@ -72,7 +85,8 @@ pub fn collect(tree: &CrateTree) -> Vec<Reference> {
         tree,
         names: &c.names,
     };
-    c.written
+    let refs = c
+        .written
         .iter()
         .filter_map(|w| {
             let absolute = resolver.absolute(&w.scope, &w.segments)?;
@@ -83,7 +97,8 @@ pub fn collect(tree: &CrateTree) -> Vec<Reference> {
                 to: resolver.defining_file(&absolute, 0),
             })
         })
-        .collect()
+        .collect();
+    (refs, c.os_calls)
 }
 
 struct Resolver<'a> {
@@ -198,6 +213,7 @@ struct Collector {
     scope: Vec<String>,
     written: Vec<Written>,
     names: BTreeMap<Vec<String>, Names>,
+    os_calls: Vec<OsCall>,
 }
 
 /// The leaves of a `use` tree: each full path, and the name it binds (`None` for a glob).
@@ -276,6 +292,9 @@ impl Collector {
     }
 
     fn push(&mut self, segments: Vec<String>, line: usize) {
+        if segments.first().is_some_and(|s| s == "nix") {
+            self.os_call(line, segments.join("::"));
+        }
         if !segments.is_empty() {
             self.written.push(Written {
                 file: self.file.clone(),
@@ -284,6 +303,15 @@ impl Collector {
                 segments,
             });
         }
+    }
+
+    fn os_call(&mut self, line: usize, written: String) {
+        self.os_calls.push(OsCall {
+            file: self.file.clone(),
+            module: self.scope.clone(),
+            line,
+            written,
+        });
     }
 
     /// Paths inside a macro invocation: `a::b::c` runs of tokens, at any depth.
@@ -313,6 +341,11 @@ impl Collector {
                         j += 3;
                     }
                     if segments.len() >= 2 {
+                        let called = matches!(tts.get(j),
+                            Some(TokenTree::Group(g)) if g.delimiter() == Delimiter::Parenthesis);
+                        if segments[0] == "libc" && called {
+                            self.os_call(line, segments.join("::"));
+                        }
                         self.push(segments, line);
                     }
                     i = j;
@@ -358,6 +391,17 @@ impl<'ast> Visit<'ast> for Collector {
             self.push(segments_of(p), line);
         }
         visit::visit_path(self, p);
+    }
+
+    fn visit_expr_call(&mut self, call: &'ast syn::ExprCall) {
+        if let syn::Expr::Path(f) = &*call.func {
+            let segs = segments_of(&f.path);
+            if segs.len() >= 2 && segs[0] == "libc" {
+                let line = f.path.segments[0].ident.span().start().line;
+                self.os_call(line, segs.join("::"));
+            }
+        }
+        visit::visit_expr_call(self, call);
     }
 
     fn visit_macro(&mut self, m: &'ast syn::Macro) {
