@@ -17,7 +17,10 @@ use std::fmt;
 use std::io;
 use std::os::fd::RawFd;
 
-use nix::errno::Errno;
+use crate::sys::Errno;
+
+pub use crate::sys::tls::{parse_record_type, recv_record, Received};
+use crate::sys::tls::{set_crypto_info, set_ulp_tls};
 use rustls::{ConnectionTrafficSecrets, ExtractedSecrets, SupportedCipherSuite};
 
 use super::Negotiated;
@@ -27,10 +30,6 @@ use crate::kernel_features::ktls::{
     TLS_CIPHER_AES_GCM_256, TLS_CIPHER_CHACHA20_POLY1305, TLS_RX, TLS_TX,
 };
 use crate::kernel_features::{KtlsCipher, KtlsSupport};
-
-/// `TLS_SET_RECORD_TYPE` / `TLS_GET_RECORD_TYPE` cmsg types at `SOL_TLS` (linux/tls.h).
-pub const TLS_SET_RECORD_TYPE: libc::c_int = 1;
-pub const TLS_GET_RECORD_TYPE: libc::c_int = 2;
 
 /// Largest plaintext in one TLS record (RFC 8446 §5.1); kTLS splits writes at this size.
 pub const MAX_RECORD_PAYLOAD: usize = 16384;
@@ -166,7 +165,7 @@ pub fn offload(
         return Ok(TunnelTlsMode::UserSpace { reason });
     }
     // The ULP can be refused per socket (e.g. not ESTABLISHED); nothing is changed then.
-    if let Err(errno) = setsockopt(sock, libc::SOL_TCP, libc::TCP_ULP, b"tls") {
+    if let Err(errno) = set_ulp_tls(sock) {
         return Ok(TunnelTlsMode::UserSpace {
             reason: UserSpaceReason::UlpRefused(errno),
         });
@@ -175,8 +174,8 @@ pub fn offload(
     let (rx_seq, rx) = &secrets.rx;
     let mut tx_info = crypto_info(tx, *tx_seq);
     let mut rx_info = crypto_info(rx, *rx_seq);
-    let tx_result = setsockopt(sock, libc::SOL_TLS, TLS_TX, &tx_info);
-    let rx_result = tx_result.and_then(|()| setsockopt(sock, libc::SOL_TLS, TLS_RX, &rx_info));
+    let tx_result = set_crypto_info(sock, TLS_TX, &tx_info);
+    let rx_result = tx_result.and_then(|()| set_crypto_info(sock, TLS_RX, &rx_info));
     wipe(&mut tx_info);
     wipe(&mut rx_info);
     tx_result.map_err(|errno| KtlsError::Kernel {
@@ -275,18 +274,6 @@ pub(crate) fn crypto_info(secrets: &ConnectionTrafficSecrets, seq: u64) -> Vec<u
     }
 }
 
-fn setsockopt(fd: RawFd, level: libc::c_int, name: libc::c_int, value: &[u8]) -> Result<(), Errno> {
-    let len = libc::socklen_t::try_from(value.len()).map_err(|_| Errno::EINVAL)?;
-    // SAFETY: `value` is a live, initialised buffer of `len` bytes for the whole call and the
-    // kernel only reads it; a bad fd or option gives an errno, not undefined behaviour.
-    let rc = unsafe { libc::setsockopt(fd, level, name, value.as_ptr().cast(), len) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(Errno::last())
-    }
-}
-
 /// Counts records a tunnel sends under one key and says when to retire it.
 #[derive(Debug, Clone, Copy)]
 pub struct RecordBudget {
@@ -326,72 +313,6 @@ impl RecordBudget {
     pub fn should_retire(&self) -> bool {
         self.sent >= self.limit
     }
-}
-
-/// One `recvmsg` on a kTLS socket: how many bytes, and the record type they came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Received {
-    pub len: usize,
-    pub record_type: u8,
-}
-
-/// CMSG_SPACE(1), as a buffer aligned for `cmsghdr`.
-#[repr(C, align(8))]
-struct ControlBuf([u8; 32]);
-
-/// Receives on a kTLS socket with a control buffer, so non-data records come back as data with
-/// their content type instead of failing with EIO. The kernel never mixes record types in one
-/// call. On a socket without kTLS there is no control message and the type is application data.
-pub fn recv_record(fd: RawFd, buf: &mut [u8], flags: libc::c_int) -> io::Result<Received> {
-    let mut control = ControlBuf([0; 32]);
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    // SAFETY: an all-zero msghdr is a valid "no name, no iov, no control" header.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.0.as_mut_ptr().cast();
-    msg.msg_controllen = control.0.len() as _;
-    // SAFETY: `msg` points at `iov` (which covers `buf`) and `control`, all live and writable
-    // for the whole call; the kernel writes at most their lengths.
-    let n = unsafe { libc::recvmsg(fd, &mut msg, flags) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let control_len = (msg.msg_controllen as usize).min(control.0.len());
-    let record_type =
-        parse_record_type(&control.0[..control_len]).unwrap_or(CONTENT_APPLICATION_DATA);
-    Ok(Received {
-        len: n as usize,
-        record_type,
-    })
-}
-
-/// Finds the `SOL_TLS`/`TLS_GET_RECORD_TYPE` control message in a `recvmsg` control buffer and
-/// returns its one-byte record type. Walks the buffer as `CMSG_NXTHDR` does, without pointers.
-pub fn parse_record_type(control: &[u8]) -> Option<u8> {
-    // struct cmsghdr { size_t cmsg_len; int cmsg_level; int cmsg_type; } then data, each
-    // header and data start aligned to size_t.
-    const W: usize = std::mem::size_of::<usize>();
-    const HDR: usize = std::mem::size_of::<libc::cmsghdr>();
-    let align = |len: usize| len.div_ceil(W) * W;
-    let mut offset = 0;
-    while offset + HDR <= control.len() {
-        let at = &control[offset..];
-        let len = usize::from_ne_bytes(at[..W].try_into().ok()?);
-        let level = i32::from_ne_bytes(at[W..W + 4].try_into().ok()?);
-        let kind = i32::from_ne_bytes(at[W + 4..W + 8].try_into().ok()?);
-        if len < HDR || offset + len > control.len() {
-            return None;
-        }
-        if level == libc::SOL_TLS && kind == TLS_GET_RECORD_TYPE && len > HDR {
-            return Some(control[offset + align(HDR)]);
-        }
-        offset += align(len);
-    }
-    None
 }
 
 /// What the tunnel does with a non-application-data record read from a kTLS socket.
@@ -451,36 +372,9 @@ pub fn control_record(record_type: u8, payload: &[u8]) -> ControlRecord {
     }
 }
 
-/// Sends a close_notify alert on a kTLS socket (an alert record via `TLS_SET_RECORD_TYPE`).
+/// Sends a close_notify alert on a kTLS socket (an alert record, warning level).
 pub fn send_close_notify(fd: RawFd) -> io::Result<()> {
-    let mut payload = [1u8, 0u8]; // warning, close_notify
-    let mut control = ControlBuf([0; 32]);
-    let mut iov = libc::iovec {
-        iov_base: payload.as_mut_ptr().cast(),
-        iov_len: payload.len(),
-    };
-    // SAFETY: an all-zero msghdr is a valid empty header.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.0.as_mut_ptr().cast();
-    // SAFETY: CMSG_SPACE only computes a size.
-    msg.msg_controllen = unsafe { libc::CMSG_SPACE(1) } as _;
-    // SAFETY: msg_control points at `control`, which is aligned for cmsghdr and at least
-    // CMSG_SPACE(1) bytes, so the first header and its one data byte lie inside it.
-    unsafe {
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        (*cmsg).cmsg_level = libc::SOL_TLS;
-        (*cmsg).cmsg_type = TLS_SET_RECORD_TYPE;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(1) as _;
-        *libc::CMSG_DATA(cmsg) = CONTENT_ALERT;
-    }
-    // SAFETY: every pointer in `msg` refers to live buffers of the stated lengths.
-    let n = unsafe { libc::sendmsg(fd, &msg, 0) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    crate::sys::tls::send_record(fd, CONTENT_ALERT, &[1, 0]).map(drop)
 }
 
 #[cfg(test)]
@@ -494,8 +388,8 @@ pub(crate) mod tests {
 
     use super::*;
     use crate::kernel_features::{ktls_support, Rekey};
+    use crate::tls::fixtures::handshake_pair;
     use crate::tls::fixtures::*;
-    use crate::tls::handshake::tests::handshake_pair;
     use crate::tls::handshake::Established;
 
     fn support(tx: &[KtlsCipher], rx: &[KtlsCipher], reason: Option<&str>) -> KtlsSupport {
@@ -552,49 +446,6 @@ pub(crate) mod tests {
         assert!(!d.should_retire());
         d.charge_send(4 * MAX_RECORD_PAYLOAD);
         assert!(d.should_retire());
-    }
-
-    #[test]
-    fn record_type_is_read_from_a_constructed_cmsg_buffer() {
-        // Two control messages, as recvmsg could return them: an unrelated one first.
-        let mut buf = ControlBuf([0; 32]);
-        let mut big = [0u64; 8];
-        // SAFETY: CMSG_* only compute sizes; the msghdr points at `big`, which is aligned for
-        // cmsghdr and large enough for both headers written below.
-        unsafe {
-            let mut msg: libc::msghdr = std::mem::zeroed();
-            msg.msg_control = big.as_mut_ptr().cast();
-            msg.msg_controllen = std::mem::size_of_val(&big) as _;
-            let first = libc::CMSG_FIRSTHDR(&msg);
-            (*first).cmsg_level = libc::SOL_SOCKET;
-            (*first).cmsg_type = libc::SCM_RIGHTS;
-            (*first).cmsg_len = libc::CMSG_LEN(4) as _;
-            let second = libc::CMSG_NXTHDR(&msg, first);
-            (*second).cmsg_level = libc::SOL_TLS;
-            (*second).cmsg_type = TLS_GET_RECORD_TYPE;
-            (*second).cmsg_len = libc::CMSG_LEN(1) as _;
-            *libc::CMSG_DATA(second) = CONTENT_HANDSHAKE;
-            let used = libc::CMSG_SPACE(4) as usize + libc::CMSG_SPACE(1) as usize;
-            let bytes = std::slice::from_raw_parts(big.as_ptr().cast::<u8>(), used);
-            assert_eq!(parse_record_type(bytes), Some(CONTENT_HANDSHAKE));
-            // Only the unrelated message: no record type.
-            let only_first =
-                std::slice::from_raw_parts(big.as_ptr().cast::<u8>(), libc::CMSG_SPACE(4) as usize);
-            assert_eq!(parse_record_type(only_first), None);
-            // The one-message buffer the receive path uses.
-            let one = libc::CMSG_SPACE(1) as usize;
-            std::ptr::copy_nonoverlapping(
-                (second as *const libc::cmsghdr).cast::<u8>(),
-                buf.0.as_mut_ptr(),
-                one,
-            );
-            assert_eq!(parse_record_type(&buf.0[..one]), Some(CONTENT_HANDSHAKE));
-        }
-        assert_eq!(parse_record_type(&[]), None);
-        // A header whose length runs past the buffer is refused, not read past.
-        let mut bad = buf.0;
-        bad[..8].copy_from_slice(&1000usize.to_ne_bytes());
-        assert_eq!(parse_record_type(&bad), None);
     }
 
     #[test]

@@ -26,7 +26,6 @@ use std::os::fd::RawFd;
 
 use hbone_proto::frame::{FRAME_HEADER_LEN, MAX_MAX_FRAME_SIZE};
 
-use crate::data_plane::socket;
 use crate::data_plane::splice::{PipeSupply, SplicePipe};
 use crate::tls::ktls;
 
@@ -212,7 +211,7 @@ impl<P: SplicePipe> FrameSender<P> {
                     payload,
                     end,
                 } => {
-                    match socket::send_more(tunnel, &bytes[written..], payload > 0) {
+                    match crate::sys::socket::send_more(tunnel, &bytes[written..], payload > 0) {
                         Ok(n) => {
                             let written = written + n;
                             self.frame = if written < FRAME_HEADER_LEN {

@@ -190,7 +190,7 @@ impl<P: SplicePipe> Sink<P> {
             }
             Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
                 // EAGAIN is the source's or the pipe's (full by slots before bytes).
-                if self.in_pipe == 0 || splice::pipe_writable(pipe_w) {
+                if self.in_pipe == 0 || crate::sys::pipe::pipe_has_room(pipe_w) {
                     Ok(SpliceIn::WouldBlock)
                 } else {
                     Ok(SpliceIn::Copy)

@@ -271,12 +271,12 @@ impl Transport {
         if let Mode::User(st) = &mut self.mode {
             return st.writer.read_frame::<FRAME_HEADER_LEN>(
                 max,
-                |iov| socket::readv(src, iov),
+                |iov| crate::sys::socket::readv(src, iov),
                 header,
             );
         }
         let room = self.out.spare(FRAME_HEADER_LEN + max);
-        let n = socket::recv_nonblocking(src, &mut room[FRAME_HEADER_LEN..])?;
+        let n = crate::sys::socket::recv_nonblocking(src, &mut room[FRAME_HEADER_LEN..])?;
         if n == 0 {
             return Ok(0);
         }
@@ -479,7 +479,7 @@ fn user_fill(st: &mut UserTls, fd: RawFd, metrics: &HboneMetrics) -> Result<Fill
             // Allocated once, zeroed once: reads land in it without clearing.
             st.raw.resize(size, 0);
         }
-        match socket::recv_nonblocking(fd, &mut st.raw[st.raw_len..]) {
+        match crate::sys::socket::recv_nonblocking(fd, &mut st.raw[st.raw_len..]) {
             Ok(0) if st.raw_len > 0 => return Err(TunnelError::PeerClosedInsideRecord),
             Ok(0) => return Err(TunnelError::PeerClosedWithoutCloseNotify),
             Ok(n) => st.raw_len += n,

@@ -22,7 +22,10 @@ use rustls::client::UnbufferedClientConnection;
 use rustls::server::UnbufferedServerConnection;
 use rustls::{ClientConfig, ServerConfig};
 
-use super::{entry_mut, make_key, slot, Keyed, Kind, Reactor};
+use slab::Slab;
+
+use super::keys::{entry, entry_mut, make_key, slot, Keyed, Kind};
+use super::shared::{self, Shared};
 use crate::control_plane::config::KtlsChoice;
 use crate::control_plane::identity::SpiffeId;
 use crate::control_plane::workload_registry::WorkloadId;
@@ -54,27 +57,32 @@ pub struct TunnelCredentials {
     pub ktls: KtlsSupport,
 }
 
-/// One reactor's tunnel state.
-pub struct HboneState {
+/// The reactor's HBONE half: its tunnels, the connections they carry, the per-reactor pool
+/// and what building tunnels needs. Every call gets the reactor's [`Shared`] context.
+pub(super) struct Tunnels {
     creds: Arc<TunnelCredentials>,
-    pub pool: TunnelPool<FlowKey>,
+    pool: TunnelPool<FlowKey>,
     /// Pool ids of client tunnels → their keys.
     by_pool_id: HashMap<TunnelId, FlowKey>,
     /// Client configs per (source, expected server identity).
     client_configs: HashMap<(SpiffeId, SpiffeId), Arc<ClientConfig>>,
     rules: InboundRules,
-    pub env: TunnelEnv,
+    env: TunnelEnv,
     /// Mode lines already logged (one per role, mode and reason per reactor).
     logged_modes: HashSet<String>,
+    tunnels: Slab<TunnelEntry>,
+    /// Connections carried by tunnel streams (routing entries; the tunnel owns the socket
+    /// once the stream exists).
+    streams: Slab<StreamEntry>,
 }
 
-impl HboneState {
+impl Tunnels {
     pub fn new(
         reactor: usize,
         creds: Arc<TunnelCredentials>,
         node: &crate::control_plane::config::NodeConfig,
     ) -> Self {
-        HboneState {
+        Tunnels {
             pool: TunnelPool::new(PoolConfig {
                 max_streams_per_tunnel: node.hbone.max_streams_per_tunnel,
                 idle_timeout: node.hbone.pool_idle_timeout,
@@ -96,6 +104,40 @@ impl HboneState {
             },
             creds,
             logged_modes: HashSet::new(),
+            tunnels: Slab::new(),
+            streams: Slab::new(),
+        }
+    }
+
+    /// Tunnels and tunnel-carried connections: what counts against the flow budget.
+    pub fn entries(&self) -> usize {
+        self.tunnels.len() + self.streams.len()
+    }
+
+    /// Tunnel-carried connections, open or waiting for a stream.
+    pub fn flow_count(&self) -> usize {
+        self.streams.len()
+    }
+
+    pub fn tunnel_count(&self) -> usize {
+        self.tunnels.len()
+    }
+
+    /// Whether `key` names a live tunnel or tunnel-carried connection.
+    pub fn holds(&self, key: FlowKey) -> bool {
+        entry(&self.tunnels, key).is_some() || entry(&self.streams, key).is_some()
+    }
+
+    /// When the pool next needs [`pool_timers`](Self::pool_timers).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.pool.poll_timeout()
+    }
+
+    /// The pool's idle timers: tunnels it lets go are closed.
+    pub fn pool_timers(&mut self, io: &mut Shared<'_>, now: Instant) {
+        if self.pool.poll_timeout().is_some_and(|at| at <= now) {
+            self.pool.handle_timeout(now);
+            self.process_pool_events(io, now);
         }
     }
 }
@@ -148,33 +190,29 @@ impl Keyed for StreamEntry {
     }
 }
 
-impl Reactor {
-    fn hbone_state(&mut self) -> &mut HboneState {
-        self.hbone.as_mut().expect("hbone configured")
-    }
-
+impl Tunnels {
     /// Calls `f` on the tunnel `tkey` with its context, then acts on what it asked for.
     pub(super) fn with_tunnel<R>(
         &mut self,
+        io: &mut Shared<'_>,
         tkey: FlowKey,
         now: Instant,
         f: impl FnOnce(&mut Tunnel, &mut Ctx<'_>) -> R,
     ) -> Option<R> {
-        let h = self.hbone.as_ref()?;
         let e = entry_mut(&mut self.tunnels, tkey)?;
         let mut ctx = Ctx {
-            env: &h.env,
-            pipes: &mut self.pool,
-            metrics: &self.metrics.hbone,
+            env: &self.env,
+            pipes: &mut *io.pipes,
+            metrics: &io.metrics.hbone,
             now,
         };
         let r = f(&mut e.tunnel, &mut ctx);
-        self.apply_actions(tkey, now);
+        self.apply_actions(io, tkey, now);
         Some(r)
     }
 
     /// Acts on every action the tunnel queued (acting may queue more: they are taken too).
-    fn apply_actions(&mut self, tkey: FlowKey, now: Instant) {
+    fn apply_actions(&mut self, io: &mut Shared<'_>, tkey: FlowKey, now: Instant) {
         loop {
             let Some(e) = entry_mut(&mut self.tunnels, tkey) else {
                 return;
@@ -196,48 +234,46 @@ impl Reactor {
                         entry_mut(&mut self.streams, key).map(|s| &mut s.armed)
                     };
                     if let Some(armed) = armed {
-                        if *armed & bit == 0 && self.driver.arm(key, side, interest, fd) {
+                        if *armed & bit == 0 && io.driver.arm(key, side, interest, fd) {
                             *armed |= bit;
                         }
                     }
                 }
-                Action::Timer { key, at, kind } => self
-                    .timers
-                    .push(std::cmp::Reverse(Timer::new(key, at, kind))),
-                Action::Queue => self.runnable.push(tkey),
-                Action::Established => self.tunnel_established(tkey, now),
-                Action::Request { id, request } => self.inbound_request(tkey, id, request, now),
+                Action::Timer { key, at, kind } => io.push_timer(key, at, kind),
+                Action::Queue => io.queue(tkey),
+                Action::Established => self.tunnel_established(io, tkey, now),
+                Action::Request { id, request } => self.inbound_request(io, tkey, id, request, now),
                 Action::StreamEnded(ended) => {
                     let pool_id = match e.tunnel.role() {
                         Role::Client { pool_id, .. } => Some(*pool_id),
                         Role::Server { .. } => None,
                     };
-                    self.stream_ended(*ended, pool_id, now);
+                    self.stream_ended(io, *ended, pool_id, now);
                 }
                 Action::GoAway => {
                     if let Role::Client { pool_id, .. } = e.tunnel.role() {
                         let pool_id = *pool_id;
-                        let retry = self.hbone_state().pool.goaway_received(pool_id);
+                        let retry = self.pool.goaway_received(pool_id);
                         for w in retry.unwrap_or_default() {
-                            self.retry_checkout(w, now);
+                            self.retry_checkout(io, w, now);
                         }
-                        self.process_pool_events(now);
+                        self.process_pool_events(io, now);
                     }
                 }
                 Action::Retire => {
                     if let Role::Client { pool_id, .. } = e.tunnel.role() {
                         let pool_id = *pool_id;
-                        let retry = self.hbone_state().pool.retire(pool_id);
+                        let retry = self.pool.retire(pool_id);
                         for w in retry.unwrap_or_default() {
-                            self.retry_checkout(w, now);
+                            self.retry_checkout(io, w, now);
                         }
-                        self.process_pool_events(now);
+                        self.process_pool_events(io, now);
                     }
                 }
-                Action::Closing => self.leave_pool(tkey, now),
+                Action::Closing => self.leave_pool(io, tkey, now),
                 Action::Closed { reset, connecting } => {
-                    self.leave_pool(tkey, now);
-                    self.remove_tunnel(tkey, reset, connecting);
+                    self.leave_pool(io, tkey, now);
+                    self.remove_tunnel(io, tkey, reset, connecting);
                     return;
                 }
             }
@@ -246,33 +282,47 @@ impl Reactor {
 
     // ------------------------------------------------------------------------- events
 
-    pub(super) fn tunnel_ready(&mut self, tkey: FlowKey, interest: Interest, now: Instant) {
+    pub(super) fn tunnel_ready(
+        &mut self,
+        io: &mut Shared<'_>,
+        tkey: FlowKey,
+        interest: Interest,
+        now: Instant,
+    ) {
         if let Some(e) = entry_mut(&mut self.tunnels, tkey) {
             e.armed &= !driver::armed_bit(Side::Upstream, interest);
         }
-        self.with_tunnel(tkey, now, |t, ctx| t.ready(interest, ctx));
+        self.with_tunnel(io, tkey, now, |t, ctx| t.ready(interest, ctx));
     }
 
     pub(super) fn tunnel_connected(
         &mut self,
+        io: &mut Shared<'_>,
         tkey: FlowKey,
         result: Result<(), i32>,
         now: Instant,
     ) {
-        self.with_tunnel(tkey, now, |t, ctx| t.connected(result, ctx));
+        self.with_tunnel(io, tkey, now, |t, ctx| t.connected(result, ctx));
     }
 
-    pub(super) fn run_tunnel(&mut self, tkey: FlowKey, now: Instant) {
-        self.with_tunnel(tkey, now, |t, ctx| t.run(ctx));
+    pub(super) fn run_tunnel(&mut self, io: &mut Shared<'_>, tkey: FlowKey, now: Instant) {
+        self.with_tunnel(io, tkey, now, |t, ctx| t.run(ctx));
     }
 
-    pub(super) fn tunnel_timer(&mut self, tkey: FlowKey, timer: Timer, now: Instant) {
-        self.with_tunnel(tkey, now, |t, ctx| t.timer(timer.kind, timer.at, ctx));
+    pub(super) fn tunnel_timer(
+        &mut self,
+        io: &mut Shared<'_>,
+        tkey: FlowKey,
+        timer: Timer,
+        now: Instant,
+    ) {
+        self.with_tunnel(io, tkey, now, |t, ctx| t.timer(timer.kind, timer.at, ctx));
     }
 
     /// Readiness of a tunnel-carried connection's local socket.
     pub(super) fn stream_ready(
         &mut self,
+        io: &mut Shared<'_>,
         skey: FlowKey,
         side: Side,
         interest: Interest,
@@ -283,13 +333,14 @@ impl Reactor {
         };
         e.armed &= !driver::armed_bit(side, interest);
         if let StreamSlot::OnTunnel { tunnel, id } = e.slot {
-            self.with_tunnel(tunnel, now, |t, ctx| t.stream_ready(id, interest, ctx));
+            self.with_tunnel(io, tunnel, now, |t, ctx| t.stream_ready(id, interest, ctx));
         }
     }
 
     /// An inbound stream's destination connect finished.
     pub(super) fn stream_connected(
         &mut self,
+        io: &mut Shared<'_>,
         skey: FlowKey,
         result: Result<(), i32>,
         now: Instant,
@@ -298,19 +349,30 @@ impl Reactor {
             return;
         };
         if let StreamSlot::OnTunnel { tunnel, id } = e.slot {
-            self.with_tunnel(tunnel, now, |t, ctx| t.stream_connected(id, result, ctx));
+            self.with_tunnel(io, tunnel, now, |t, ctx| {
+                t.stream_connected(id, result, ctx)
+            });
         }
     }
 
-    pub(super) fn stream_timer(&mut self, skey: FlowKey, timer: Timer, now: Instant) {
+    pub(super) fn stream_timer(
+        &mut self,
+        io: &mut Shared<'_>,
+        skey: FlowKey,
+        timer: Timer,
+        now: Instant,
+    ) {
         let Some(e) = entry_mut(&mut self.streams, skey) else {
             return;
         };
         match e.slot {
             StreamSlot::OnTunnel { tunnel, id } => {
-                self.with_tunnel(tunnel, now, |t, ctx| t.stream_timer(id, timer.kind, ctx));
+                self.with_tunnel(io, tunnel, now, |t, ctx| {
+                    t.stream_timer(id, timer.kind, ctx)
+                });
             }
             StreamSlot::Waiting(_) if timer.kind == TimerKind::Connect => self.finish_pending(
+                io,
                 skey,
                 StreamEnd::TunnelBroken {
                     kind: FailureKind::UpstreamConnectTimeout,
@@ -326,6 +388,7 @@ impl Reactor {
     /// A connection accepted on a 15008 listener: start the TLS server handshake.
     pub(super) fn accept_tunnel(
         &mut self,
+        io: &mut Shared<'_>,
         fd: OwnedFd,
         workload: WorkloadId,
         netns: Option<NetNs>,
@@ -336,32 +399,29 @@ impl Reactor {
             (Ok(l), Ok(p)) => (l, p),
             _ => return socket::close_with_reset(fd),
         };
-        let Some(h) = self.hbone.as_ref() else {
-            return socket::close_with_reset(fd);
-        };
-        let entry = self.state.registry.workload(workload);
+        let entry = io.state.registry.workload(workload);
         let config = SpiffeId::parse(&entry.identity)
             .ok()
-            .and_then(|id| h.creds.server.get(&id).cloned());
+            .and_then(|id| self.creds.server.get(&id).cloned());
         let Some(config) = config else {
             log::warn!(
                 "reactor {}: tunnel to {local} refused: no server certificate for {}",
-                self.id,
+                io.id,
                 entry.identity
             );
-            self.metrics
+            io.metrics
                 .hbone
                 .failed(RoleLabel::Server, TunnelFailure::NoCertificate);
             return socket::close_with_reset(fd);
         };
-        if self.at_flow_limit() {
-            self.metrics.failure(FailureKind::FlowLimit);
+        if self.at_flow_limit(io) {
+            io.metrics.failure(FailureKind::FlowLimit);
             return socket::close_with_reset(fd);
         }
         let conn = match UnbufferedServerConnection::new(config) {
             Ok(c) => c,
             Err(e) => {
-                log::warn!("reactor {}: TLS server setup failed: {e}", self.id);
+                log::warn!("reactor {}: TLS server setup failed: {e}", io.id);
                 return socket::close_with_reset(fd);
             }
         };
@@ -373,23 +433,24 @@ impl Reactor {
             netns,
         };
         let Some(tkey) =
-            self.insert_tunnel(now, |key, ctx| Tunnel::server(key, fd, role, conn, ctx))
+            self.insert_tunnel(io, now, |key, ctx| Tunnel::server(key, fd, role, conn, ctx))
         else {
             return;
         };
-        if let Err(e) = self.driver.register(tkey, Side::Upstream, raw) {
+        if let Err(e) = io.driver.register(tkey, Side::Upstream, raw) {
             let errno = crate::tunnel::error::errno(&e);
-            self.with_tunnel(tkey, now, |t, ctx| {
+            self.with_tunnel(io, tkey, now, |t, ctx| {
                 t.fail(crate::tunnel::error::TunnelError::Register(errno), ctx)
             });
             return;
         }
-        self.run_tunnel(tkey, now);
+        self.run_tunnel(io, tkey, now);
     }
 
     /// A CONNECT arrived on a server tunnel: check it, then connect to the destination.
     fn inbound_request(
         &mut self,
+        io: &mut Shared<'_>,
         tkey: FlowKey,
         id: StreamId,
         request: ConnectRequest,
@@ -409,33 +470,32 @@ impl Reactor {
         };
         let netns = netns.clone();
         let peer_identity = e.tunnel.peer_identity().cloned();
-        let h = self.hbone.as_ref().expect("hbone configured");
-        let (workload, upstream) = match h.rules.check(&self.state.registry, &request, local) {
+        let (workload, upstream) = match self.rules.check(&io.state.registry, &request, local) {
             InboundDecision::Accept { workload, upstream } => (workload, upstream),
             InboundDecision::Reject { status, reason } => {
                 log::debug!(
                     "reactor {}: CONNECT {} from {peer} refused with {status}: {}",
-                    self.id,
+                    io.id,
                     request.authority,
                     reason.label()
                 );
-                self.with_tunnel(tkey, now, |t, ctx| t.refuse_stream(id, status, ctx));
+                self.with_tunnel(io, tkey, now, |t, ctx| t.refuse_stream(id, status, ctx));
                 return;
             }
         };
-        let mark = self.state.config.node.socket_mark;
+        let mark = io.state.config.node.socket_mark;
         let fd = match in_netns(netns.as_ref(), || socket::outbound_socket(&upstream, mark)) {
             Ok(Ok(fd)) => fd,
             Ok(Err(e)) | Err(e) => {
                 log::warn!(
                     "reactor {}: cannot make a socket for {upstream}: {e}",
-                    self.id
+                    io.id
                 );
-                self.with_tunnel(tkey, now, |t, ctx| t.refuse_stream(id, 503, ctx));
+                self.with_tunnel(io, tkey, now, |t, ctx| t.refuse_stream(id, 503, ctx));
                 return;
             }
         };
-        let w = &self.state.registry.workload(workload).workload;
+        let w = &io.state.registry.workload(workload).workload;
         let labels = TcpLabels {
             reporter: "destination",
             source_workload: "unknown".into(),
@@ -447,7 +507,7 @@ impl Reactor {
             destination_workload_namespace: w.namespace.clone(),
             destination_service: "unknown".into(),
         };
-        let mut record = FlowRecord::new(self.id, "inbound_hbone");
+        let mut record = FlowRecord::new(io.id, "inbound_hbone");
         record.source_workload = peer_identity
             .as_ref()
             .map(|p| p.to_uri())
@@ -457,10 +517,10 @@ impl Reactor {
         record.destination = format!("workload:{}/{}", w.namespace, w.name);
         record.route = "hbone";
         record.upstream = upstream;
-        record.destination_identity = Some(self.state.registry.workload(workload).identity.clone());
-        let counters = self.metrics.tcp_counters(labels);
+        record.destination_identity = Some(io.state.registry.workload(workload).identity.clone());
+        let counters = io.metrics.tcp_counters(labels);
         let raw = fd.as_raw_fd();
-        let skey = self.insert_stream(StreamSlot::OnTunnel { tunnel: tkey, id });
+        let skey = self.insert_stream(io, StreamSlot::OnTunnel { tunnel: tkey, id });
         let setup = StreamSetup {
             key: skey,
             local: fd,
@@ -468,25 +528,27 @@ impl Reactor {
             counters,
             record,
         };
-        let accepted = self.with_tunnel(tkey, now, |t, _| t.accept_stream(id, setup));
+        let accepted = self.with_tunnel(io, tkey, now, |t, _| t.accept_stream(id, setup));
         if accepted != Some(true) {
             // The stream or the tunnel went away meanwhile; the socket went with the setup.
-            self.remove_stream_entry(skey);
+            self.remove_stream_entry(io, skey);
             return;
         }
-        let started = self
+        let started = io
             .driver
             .connect(skey, raw, upstream)
-            .and_then(|_| self.driver.register(skey, Side::Upstream, raw));
+            .and_then(|_| io.driver.register(skey, Side::Upstream, raw));
         if let Err(e) = started {
-            log::warn!("reactor {}: cannot connect to {upstream}: {e}", self.id);
+            log::warn!("reactor {}: cannot connect to {upstream}: {e}", io.id);
             let errno = e.raw_os_error().unwrap_or(libc::EIO);
-            self.with_tunnel(tkey, now, |t, ctx| t.stream_connected(id, Err(errno), ctx));
+            self.with_tunnel(io, tkey, now, |t, ctx| {
+                t.stream_connected(id, Err(errno), ctx)
+            });
             return;
         }
-        self.push_timer(
+        io.push_timer(
             skey,
-            now + self.state.config.node.timeouts.connect,
+            now + io.state.config.node.timeouts.connect,
             TimerKind::Connect,
         );
     }
@@ -496,50 +558,37 @@ impl Reactor {
     /// A captured connection whose route is an HBONE tunnel: queue it on the pool.
     pub(super) fn start_outbound_stream(
         &mut self,
+        io: &mut Shared<'_>,
         fd: OwnedFd,
         res: Resolution,
         mut record: FlowRecord,
         netns: Option<NetNs>,
         now: Instant,
     ) {
-        let Some(h) = self.hbone.as_ref() else {
-            if !self.warned_tunnel {
-                self.warned_tunnel = true;
-                log::warn!(
-                    "reactor {}: {} needs an HBONE tunnel but node.tls is not configured; such \
-                     connections are refused (hbone_tunnel_unavailable)",
-                    self.id,
-                    record.destination
-                );
-            }
-            return self.refuse(fd, FailureKind::TunnelUnavailable, None, record, now);
-        };
-        let oc = match outbound_connect(&self.state.registry, &res, record.client) {
+        let oc = match outbound_connect(&io.state.registry, &res, record.client) {
             Ok(oc) => oc,
             Err(e) => {
                 log::warn!(
                     "reactor {}: no CONNECT for {}: {e}",
-                    self.id,
+                    io.id,
                     record.destination
                 );
-                return self.refuse(fd, FailureKind::TunnelUnavailable, None, record, now);
+                return io.refuse(fd, FailureKind::TunnelUnavailable, None, record, now);
             }
         };
-        if !h.creds.client.contains_key(&oc.source_identity) {
+        if !self.creds.client.contains_key(&oc.source_identity) {
             log::warn!(
                 "reactor {}: no certificate for {} (source of {}); refused",
-                self.id,
+                io.id,
                 oc.source_identity,
                 record.destination
             );
-            return self.refuse(fd, FailureKind::TunnelUnavailable, None, record, now);
+            return io.refuse(fd, FailureKind::TunnelUnavailable, None, record, now);
         }
         record.upstream = res.upstream;
         let raw = fd.as_raw_fd();
         let _ = socket::set_nodelay(raw);
-        let counters = self
-            .metrics
-            .tcp_counters(super::tcp_labels(&res, &self.state));
+        let counters = io.metrics.tcp_counters(shared::tcp_labels(&res, io.state));
         let target = TunnelTarget {
             peer: oc.peer,
             source: res.source.expect("outbound_connect checked the source"),
@@ -547,19 +596,23 @@ impl Reactor {
             expected: oc.expected_identity.clone(),
             netns,
         };
-        let skey = self.insert_stream(StreamSlot::Waiting(Box::new(PendingStream {
-            fd,
-            record,
-            counters,
-            request: oc.request.clone(),
-            target,
-            pool_id: None,
-            reserved: false,
-            started: now,
-        })));
-        if let Err(e) = self.driver.register(skey, Side::Downstream, raw) {
-            log::warn!("reactor {}: cannot watch a captured socket: {e}", self.id);
+        let skey = self.insert_stream(
+            io,
+            StreamSlot::Waiting(Box::new(PendingStream {
+                fd,
+                record,
+                counters,
+                request: oc.request.clone(),
+                target,
+                pool_id: None,
+                reserved: false,
+                started: now,
+            })),
+        );
+        if let Err(e) = io.driver.register(skey, Side::Downstream, raw) {
+            log::warn!("reactor {}: cannot watch a captured socket: {e}", io.id);
             return self.finish_pending(
+                io,
                 skey,
                 StreamEnd::TunnelBroken {
                     kind: FailureKind::SocketSetup,
@@ -567,32 +620,32 @@ impl Reactor {
                 now,
             );
         }
-        self.push_timer(
+        io.push_timer(
             skey,
-            now + self.state.config.node.timeouts.connect,
+            now + io.state.config.node.timeouts.connect,
             TimerKind::Connect,
         );
-        self.checkout(skey, &oc.pool_key(), now);
+        self.checkout(io, skey, &oc.pool_key(), now);
     }
 
     /// Takes a stream for the connection from the pool: on an open tunnel now, on a
     /// connecting one later, or on a new tunnel to its target.
-    fn checkout(&mut self, skey: FlowKey, pool_key: &PoolKey, now: Instant) {
-        let checkout = self.hbone_state().pool.checkout(pool_key, skey, now);
+    fn checkout(&mut self, io: &mut Shared<'_>, skey: FlowKey, pool_key: &PoolKey, now: Instant) {
+        let checkout = self.pool.checkout(pool_key, skey, now);
         let outcome = match checkout {
             Checkout::Reuse(_) => PoolOutcome::Reuse,
             Checkout::Open(_) => PoolOutcome::Open,
             Checkout::Wait(_) => PoolOutcome::Wait,
             Checkout::Refuse(_) => PoolOutcome::Refuse,
         };
-        self.metrics.hbone.pool(outcome);
+        io.metrics.hbone.pool(outcome);
         let broken = |kind| StreamEnd::TunnelBroken { kind };
         match checkout {
             Checkout::Reuse(tid) => {
                 self.set_pool(skey, tid, true);
-                match self.hbone_state().by_pool_id.get(&tid).copied() {
-                    Some(tkey) => self.open_on(skey, tkey, now),
-                    None => self.finish_pending(skey, broken(FailureKind::TunnelFailed), now),
+                match self.by_pool_id.get(&tid).copied() {
+                    Some(tkey) => self.open_on(io, skey, tkey, now),
+                    None => self.finish_pending(io, skey, broken(FailureKind::TunnelFailed), now),
                 }
             }
             Checkout::Wait(tid) => self.set_pool(skey, tid, false),
@@ -600,21 +653,21 @@ impl Reactor {
                 self.set_pool(skey, tid, false);
                 let target = match entry_mut(&mut self.streams, skey).map(|e| &e.slot) {
                     Some(StreamSlot::Waiting(p)) => p.target.clone(),
-                    _ => return self.pool_tunnel_failed(tid, now),
+                    _ => return self.pool_tunnel_failed(io, tid, now),
                 };
                 let peer = target.peer;
-                if let Err(e) = self.start_client_tunnel(tid, target, now) {
-                    log::warn!("reactor {}: cannot open a tunnel to {peer}: {e}", self.id);
-                    self.pool_tunnel_failed(tid, now);
+                if let Err(e) = self.start_client_tunnel(io, tid, target, now) {
+                    log::warn!("reactor {}: cannot open a tunnel to {peer}: {e}", io.id);
+                    self.pool_tunnel_failed(io, tid, now);
                 }
             }
             Checkout::Refuse(r) => {
                 log::warn!(
                     "reactor {}: tunnel pool refused a flow: {}",
-                    self.id,
+                    io.id,
                     r.label()
                 );
-                self.finish_pending(skey, broken(FailureKind::TunnelPoolFull), now);
+                self.finish_pending(io, skey, broken(FailureKind::TunnelPoolFull), now);
             }
         }
     }
@@ -630,6 +683,7 @@ impl Reactor {
 
     fn start_client_tunnel(
         &mut self,
+        io: &mut Shared<'_>,
         tid: TunnelId,
         target: TunnelTarget,
         now: Instant,
@@ -641,7 +695,7 @@ impl Reactor {
             expected,
             netns,
         } = target;
-        let h = self.hbone.as_mut().expect("hbone configured");
+        let h = &mut *self;
         let cfg = match h.client_configs.get(&(source_id.clone(), expected.clone())) {
             Some(c) => Arc::clone(c),
             None => {
@@ -658,7 +712,7 @@ impl Reactor {
         };
         let conn = UnbufferedClientConnection::new(cfg, tls::server_name(peer.ip()))
             .map_err(io::Error::other)?;
-        let mark = self.state.config.node.socket_mark;
+        let mark = io.state.config.node.socket_mark;
         let fd = in_netns(netns.as_ref(), || socket::outbound_socket(&peer, mark))??;
         let raw = fd.as_raw_fd();
         let role = Role::Client {
@@ -668,26 +722,27 @@ impl Reactor {
             source,
         };
         let tkey = self
-            .insert_tunnel(now, |key, ctx| Tunnel::client(key, fd, role, conn, ctx))
+            .insert_tunnel(io, now, |key, ctx| Tunnel::client(key, fd, role, conn, ctx))
             .ok_or_else(|| io::Error::other("tunnels are off"))?;
-        self.hbone_state().by_pool_id.insert(tid, tkey);
-        let started = self
+        self.by_pool_id.insert(tid, tkey);
+        let started = io
             .driver
             .connect(tkey, raw, peer)
-            .and_then(|_| self.driver.register(tkey, Side::Upstream, raw));
+            .and_then(|_| io.driver.register(tkey, Side::Upstream, raw));
         if let Err(e) = started {
             let errno = crate::tunnel::error::errno(&e);
-            self.with_tunnel(tkey, now, |t, ctx| t.connected(Err(errno), ctx));
+            self.with_tunnel(io, tkey, now, |t, ctx| t.connected(Err(errno), ctx));
         }
         Ok(())
     }
 
     /// The pool gave up on a tunnel that never got a slab entry: reset its waiters.
-    fn pool_tunnel_failed(&mut self, tid: TunnelId, now: Instant) {
-        let failed = self.hbone_state().pool.tunnel_failed(tid);
+    fn pool_tunnel_failed(&mut self, io: &mut Shared<'_>, tid: TunnelId, now: Instant) {
+        let failed = self.pool.tunnel_failed(tid);
         if let Ok(failed) = failed {
             for w in failed.waiters {
                 self.finish_pending(
+                    io,
                     w,
                     StreamEnd::TunnelBroken {
                         kind: FailureKind::TunnelFailed,
@@ -700,7 +755,7 @@ impl Reactor {
 
     /// Opens the waiting connection's CONNECT stream on tunnel `tkey` (a stream is reserved
     /// for it there).
-    fn open_on(&mut self, skey: FlowKey, tkey: FlowKey, now: Instant) {
+    fn open_on(&mut self, io: &mut Shared<'_>, skey: FlowKey, tkey: FlowKey, now: Instant) {
         let Some(e) = entry_mut(&mut self.streams, skey) else {
             return;
         };
@@ -724,7 +779,7 @@ impl Reactor {
             counters,
             record,
         };
-        let opened = self.with_tunnel(tkey, now, |t, ctx| t.open_stream(setup, &request, ctx));
+        let opened = self.with_tunnel(io, tkey, now, |t, ctx| t.open_stream(setup, &request, ctx));
         match opened {
             Some(Ok(id)) => {
                 if let Some(e) = entry_mut(&mut self.streams, skey) {
@@ -733,7 +788,7 @@ impl Reactor {
             }
             Some(Err(refused)) => {
                 let OpenRefused { setup, why } = *refused;
-                log::warn!("reactor {}: cannot open a stream: {why}", self.id);
+                log::warn!("reactor {}: cannot open a stream: {why}", io.id);
                 if let Some(e) = entry_mut(&mut self.streams, skey) {
                     e.slot = StreamSlot::Waiting(Box::new(PendingStream {
                         fd: setup.local,
@@ -747,6 +802,7 @@ impl Reactor {
                     }));
                 }
                 self.finish_pending(
+                    io,
                     skey,
                     StreamEnd::TunnelBroken {
                         kind: FailureKind::TunnelFailed,
@@ -756,10 +812,10 @@ impl Reactor {
             }
             // The tunnel is gone; the socket went with it.
             None => {
-                self.remove_stream_entry(skey);
+                self.remove_stream_entry(io, skey);
                 if reserved {
                     if let Some(tid) = pool_id {
-                        let _ = self.hbone_state().pool.stream_closed(tid, now);
+                        let _ = self.pool.stream_closed(tid, now);
                     }
                 }
             }
@@ -768,7 +824,7 @@ impl Reactor {
 
     /// Checks a waiting connection out of the pool again (its tunnel drained or allowed
     /// fewer streams).
-    fn retry_checkout(&mut self, skey: FlowKey, now: Instant) {
+    fn retry_checkout(&mut self, io: &mut Shared<'_>, skey: FlowKey, now: Instant) {
         let target = match entry_mut(&mut self.streams, skey).map(|e| &e.slot) {
             Some(StreamSlot::Waiting(p)) => p.target.clone(),
             _ => return,
@@ -778,12 +834,12 @@ impl Reactor {
             peer: target.peer,
             expected: target.expected,
         };
-        self.checkout(skey, &pool_key, now);
+        self.checkout(io, skey, &pool_key, now);
     }
 
     /// A tunnel finished its handshake: log its mode once per reactor; a client tunnel's
     /// waiting connections get their streams.
-    fn tunnel_established(&mut self, tkey: FlowKey, now: Instant) {
+    fn tunnel_established(&mut self, io: &mut Shared<'_>, tkey: FlowKey, now: Instant) {
         let Some(e) = entry_mut(&mut self.tunnels, tkey) else {
             return;
         };
@@ -794,15 +850,15 @@ impl Reactor {
         };
         if let Some(mode) = e.tunnel.mode() {
             let line = format!("{} tunnels use {mode}", role.label());
-            let id = self.id;
-            if self.hbone_state().logged_modes.insert(line.clone()) {
+            let id = io.id;
+            if self.logged_modes.insert(line.clone()) {
                 log::info!("reactor {id}: {line}");
             }
         }
         let Some(tid) = pool_id else {
             return;
         };
-        let ready = self.hbone_state().pool.tunnel_ready(tid, u32::MAX, now);
+        let ready = self.pool.tunnel_ready(tid, u32::MAX, now);
         if let Ok(ready) = ready {
             for w in ready.granted {
                 if let Some(StreamSlot::Waiting(p)) =
@@ -810,13 +866,14 @@ impl Reactor {
                 {
                     p.reserved = true;
                 }
-                self.open_on(w, tkey, now);
+                self.open_on(io, w, tkey, now);
             }
             for w in ready.retry {
-                self.retry_checkout(w, now);
+                self.retry_checkout(io, w, now);
             }
             for w in ready.refused {
                 self.finish_pending(
+                    io,
                     w,
                     StreamEnd::TunnelBroken {
                         kind: FailureKind::TunnelFailed,
@@ -825,13 +882,13 @@ impl Reactor {
                 );
             }
         }
-        self.process_pool_events(now);
+        self.process_pool_events(io, now);
     }
 
     /// Acts on the pool's decisions: tunnels it let go are closed.
-    pub(super) fn process_pool_events(&mut self, now: Instant) {
+    pub(super) fn process_pool_events(&mut self, io: &mut Shared<'_>, now: Instant) {
         loop {
-            let Some(h) = self.hbone.as_mut() else { return };
+            let h = &mut *self;
             let Some(PoolEvent::Close { tunnel, reason }) = h.pool.poll_event() else {
                 return;
             };
@@ -843,13 +900,13 @@ impl Reactor {
                 CloseReason::Drained => TunnelClose::Drained,
                 CloseReason::NoStreams => TunnelClose::NoStreams,
             };
-            self.with_tunnel(tkey, now, |t, ctx| t.close(reason, ctx));
+            self.with_tunnel(io, tkey, now, |t, ctx| t.close(reason, ctx));
         }
     }
 
     /// A client tunnel stops taking streams (closing or gone): the pool forgets it and the
     /// connections still waiting on it are reset.
-    fn leave_pool(&mut self, tkey: FlowKey, now: Instant) {
+    fn leave_pool(&mut self, io: &mut Shared<'_>, tkey: FlowKey, now: Instant) {
         let Some(e) = entry_mut(&mut self.tunnels, tkey) else {
             return;
         };
@@ -857,12 +914,12 @@ impl Reactor {
             return;
         };
         let pool_id = *pool_id;
-        let h = self.hbone_state();
+        let h = &mut *self;
         if h.by_pool_id.get(&pool_id) == Some(&tkey) {
             h.by_pool_id.remove(&pool_id);
         }
         if h.pool.state(pool_id) != crate::tunnel::pool::TunnelState::Closed {
-            self.pool_tunnel_failed(pool_id, now);
+            self.pool_tunnel_failed(io, pool_id, now);
         }
     }
 
@@ -870,15 +927,22 @@ impl Reactor {
 
     /// A stream a tunnel carried ended: the driver lets go of its socket, the pool of its
     /// reservation; the flow is counted and logged.
-    fn stream_ended(&mut self, mut ended: EndedStream, pool_id: Option<TunnelId>, now: Instant) {
-        let armed = self.remove_stream_entry(ended.key).unwrap_or(0);
-        self.driver.release(ended.key, armed, ended.connecting);
+    fn stream_ended(
+        &mut self,
+        io: &mut Shared<'_>,
+        mut ended: EndedStream,
+        pool_id: Option<TunnelId>,
+        now: Instant,
+    ) {
+        let armed = self.remove_stream_entry(io, ended.key).unwrap_or(0);
+        io.driver.release(ended.key, armed, ended.connecting);
         if let Some(tid) = pool_id {
-            let _ = self.hbone_state().pool.stream_closed(tid, now);
-            self.process_pool_events(now);
+            let _ = self.pool.stream_closed(tid, now);
+            self.process_pool_events(io, now);
         }
         ended.close_local();
         self.finish_flow(
+            io,
             ended.end,
             ended.was_open,
             ended.started,
@@ -888,7 +952,7 @@ impl Reactor {
     }
 
     /// Ends a connection that never got its stream.
-    fn finish_pending(&mut self, skey: FlowKey, end: StreamEnd, now: Instant) {
+    fn finish_pending(&mut self, io: &mut Shared<'_>, skey: FlowKey, end: StreamEnd, now: Instant) {
         let Some(e) = entry_mut(&mut self.streams, skey) else {
             return;
         };
@@ -900,16 +964,16 @@ impl Reactor {
         let StreamSlot::Waiting(p) = e.slot else {
             unreachable!("checked above")
         };
-        self.metrics.flows_open.fetch_sub(1, Relaxed);
-        self.driver.release(skey, armed, false);
+        io.metrics.flows_open.fetch_sub(1, Relaxed);
+        io.driver.release(skey, armed, false);
         if let Some(tid) = p.pool_id {
-            let h = self.hbone_state();
+            let h = &mut *self;
             if p.reserved {
                 let _ = h.pool.stream_closed(tid, now);
             } else {
                 h.pool.cancel_wait(tid, &skey);
             }
-            self.process_pool_events(now);
+            self.process_pool_events(io, now);
         }
         let mut ended = EndedStream {
             key: skey,
@@ -922,12 +986,13 @@ impl Reactor {
             record: p.record,
         };
         ended.close_local();
-        self.finish_flow(end, false, ended.started, &ended.counters, ended.record);
+        self.finish_flow(io, end, false, ended.started, &ended.counters, ended.record);
     }
 
     /// Counts and logs a tunnel-carried connection that ended (its socket is closed).
     fn finish_flow(
         &mut self,
+        io: &mut Shared<'_>,
         end: StreamEnd,
         was_open: bool,
         started: Instant,
@@ -941,7 +1006,7 @@ impl Reactor {
             StreamEnd::Clean => (CloseKind::Clean, None, None),
             StreamEnd::Cut(kind) => (kind, None, None),
             StreamEnd::LocalBroken { kind, errno } => {
-                self.metrics.failure(kind);
+                io.metrics.failure(kind);
                 (
                     CloseKind::broken(was_open),
                     Some(kind),
@@ -949,28 +1014,28 @@ impl Reactor {
                 )
             }
             StreamEnd::TunnelBroken { kind } => {
-                self.metrics.failure(kind);
+                io.metrics.failure(kind);
                 (CloseKind::broken(was_open), Some(kind), None)
             }
         };
-        self.metrics.closed(close);
+        io.metrics.closed(close);
         record.set_end(close, failure, errno, started.elapsed());
-        access_log::emit(&record, self.observer.as_ref());
+        access_log::emit(&record, io.observer);
     }
 
     /// Takes the tunnel out of the slab and closes its socket (with a reset when it failed).
-    fn remove_tunnel(&mut self, tkey: FlowKey, reset: bool, connecting: bool) {
+    fn remove_tunnel(&mut self, io: &mut Shared<'_>, tkey: FlowKey, reset: bool, connecting: bool) {
         if entry_mut(&mut self.tunnels, tkey).is_none() {
             return;
         }
         let e = self.tunnels.remove(slot(tkey));
         log::debug!(
             "reactor {}: {} tunnel fd {} removed (reset: {reset})",
-            self.id,
+            io.id,
             e.tunnel.role().label().label(),
             e.tunnel.raw()
         );
-        self.driver.release(tkey, e.armed, connecting);
+        io.driver.release(tkey, e.armed, connecting);
         let fd = e.tunnel.into_fd();
         if reset {
             socket::close_with_reset(fd);
@@ -980,15 +1045,15 @@ impl Reactor {
     }
 
     /// Closes every tunnel politely (GOAWAY, close_notify) — their connections are done.
-    pub(super) fn close_tunnels(&mut self, now: Instant) {
+    pub(super) fn close_tunnels(&mut self, io: &mut Shared<'_>, now: Instant) {
         let keys: Vec<FlowKey> = self.tunnels.iter().map(|(_, e)| e.key()).collect();
         for key in keys {
-            self.with_tunnel(key, now, |t, ctx| t.close(TunnelClose::Shutdown, ctx));
+            self.with_tunnel(io, key, now, |t, ctx| t.close(TunnelClose::Shutdown, ctx));
         }
     }
 
     /// Cuts every tunnel-carried connection (the drain deadline, or a stop).
-    pub(super) fn cut_streams(&mut self, how: CloseKind, now: Instant) {
+    pub(super) fn cut_streams(&mut self, io: &mut Shared<'_>, how: CloseKind, now: Instant) {
         let pending: Vec<FlowKey> = self
             .streams
             .iter()
@@ -996,16 +1061,16 @@ impl Reactor {
             .map(|(_, e)| e.key)
             .collect();
         for key in pending {
-            self.finish_pending(key, StreamEnd::Cut(how), now);
+            self.finish_pending(io, key, StreamEnd::Cut(how), now);
         }
         let tunnels: Vec<FlowKey> = self.tunnels.iter().map(|(_, e)| e.key()).collect();
         for key in tunnels {
-            self.with_tunnel(key, now, |t, ctx| t.cut_streams(how, ctx));
+            self.with_tunnel(io, key, now, |t, ctx| t.cut_streams(how, ctx));
         }
     }
 
     /// Drain: server tunnels send GOAWAY so peers open new streams elsewhere.
-    pub(super) fn goaway_server_tunnels(&mut self, now: Instant) {
+    pub(super) fn goaway_server_tunnels(&mut self, io: &mut Shared<'_>, now: Instant) {
         let keys: Vec<FlowKey> = self
             .tunnels
             .iter()
@@ -1013,7 +1078,7 @@ impl Reactor {
             .map(|(_, e)| e.key())
             .collect();
         for key in keys {
-            self.with_tunnel(key, now, |t, ctx| t.goaway(ctx));
+            self.with_tunnel(io, key, now, |t, ctx| t.goaway(ctx));
         }
     }
 
@@ -1021,27 +1086,27 @@ impl Reactor {
 
     fn insert_tunnel(
         &mut self,
+        io: &mut Shared<'_>,
         now: Instant,
         make: impl FnOnce(FlowKey, &mut Ctx<'_>) -> Tunnel,
     ) -> Option<FlowKey> {
-        let generation = self.next_gen();
-        let h = self.hbone.as_ref()?;
+        let generation = io.next_gen();
         let entry = self.tunnels.vacant_entry();
         let key = make_key(Kind::Tunnel, entry.key(), generation);
         let mut ctx = Ctx {
-            env: &h.env,
-            pipes: &mut self.pool,
-            metrics: &self.metrics.hbone,
+            env: &self.env,
+            pipes: &mut *io.pipes,
+            metrics: &io.metrics.hbone,
             now,
         };
         let tunnel = make(key, &mut ctx);
         entry.insert(TunnelEntry { tunnel, armed: 0 });
-        self.apply_actions(key, now);
+        self.apply_actions(io, key, now);
         Some(key)
     }
 
-    fn insert_stream(&mut self, slot: StreamSlot) -> FlowKey {
-        let generation = self.next_gen();
+    fn insert_stream(&mut self, io: &mut Shared<'_>, slot: StreamSlot) -> FlowKey {
+        let generation = io.next_gen();
         let entry = self.streams.vacant_entry();
         let key = make_key(Kind::Stream, entry.key(), generation);
         entry.insert(StreamEntry {
@@ -1049,25 +1114,20 @@ impl Reactor {
             armed: 0,
             slot,
         });
-        self.metrics.flows_open.fetch_add(1, Relaxed);
+        io.metrics.flows_open.fetch_add(1, Relaxed);
         key
     }
 
     /// Removes a stream's routing entry; its armed bits, if it was there.
-    fn remove_stream_entry(&mut self, skey: FlowKey) -> Option<u8> {
+    fn remove_stream_entry(&mut self, io: &mut Shared<'_>, skey: FlowKey) -> Option<u8> {
         entry_mut(&mut self.streams, skey)?;
         let e = self.streams.remove(slot(skey));
-        self.metrics.flows_open.fetch_sub(1, Relaxed);
+        io.metrics.flows_open.fetch_sub(1, Relaxed);
         Some(e.armed)
     }
 
-    pub(super) fn push_timer(&mut self, key: FlowKey, at: Instant, kind: TimerKind) {
-        self.timers
-            .push(std::cmp::Reverse(Timer::new(key, at, kind)));
-    }
-
     /// Tunnels, their connections and plain flows share one per-reactor budget.
-    pub(super) fn at_flow_limit(&self) -> bool {
-        self.flows.len() + self.streams.len() + self.tunnels.len() >= self.max_flows
+    fn at_flow_limit(&self, io: &Shared<'_>) -> bool {
+        io.plain_flows + self.streams.len() + self.tunnels.len() >= io.max_flows
     }
 }

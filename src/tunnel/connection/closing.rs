@@ -8,7 +8,6 @@ use hbone_proto::StreamId;
 
 use super::{Action, Ctx, Phase, Tunnel, CLOSE_LINGER};
 use crate::data_plane::driver::Interest;
-use crate::data_plane::socket;
 use crate::data_plane::timer::TimerKind;
 use crate::observability::hbone_metrics::{TunnelClose, TunnelFailure};
 use crate::observability::metrics::FailureKind;
@@ -116,7 +115,7 @@ impl Tunnel {
             }
             self.fin_sent = true;
             transport.send_close_notify(fd);
-            socket::shutdown_write(fd);
+            let _ = crate::sys::socket::shutdown_write(fd);
         }
         let mut scratch = [0u8; 16 * 1024];
         loop {

@@ -6,7 +6,6 @@ use hbone_proto::{Event, Input, Session, Settings, StreamId};
 
 use super::{Action, Ctx, Phase, Recv, Role, Tunnel};
 use crate::data_plane::driver::{FlowKey, Interest};
-use crate::data_plane::socket;
 use crate::data_plane::timer::TimerKind;
 use crate::observability::hbone_metrics::{
     PayloadDirection, PayloadPath, Role as RoleLabel, TunnelClose,
@@ -175,7 +174,7 @@ impl Tunnel {
         } else if s.remote_eof && !s.local_shut {
             // Everything arrived and left: deliver the EOF.
             s.local_shut = true;
-            socket::shutdown_write(s.local_fd().expect("writable"));
+            let _ = crate::sys::socket::shutdown_write(s.local_fd().expect("writable"));
             log::debug!(
                 "reactor {}: stream {id:?} delivered its EOF to fd {}",
                 ctx.env.reactor,

@@ -406,9 +406,7 @@ impl Harness {
         }
         let busy = self.client.queued || self.server.queued;
         let wait = if busy { 0 } else { 10 };
-        // SAFETY: `fds` is a live array of `fds.len()` pollfds for the whole call.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, wait) };
-        assert!(n >= 0, "poll: {}", std::io::Error::last_os_error());
+        crate::sys::socket::poll(&mut fds, wait).expect("poll");
         let mut fired: Vec<(bool, FlowKey, Interest)> = Vec::new();
         let mut gone: Vec<(bool, usize)> = Vec::new();
         for (pfd, (server, i)) in fds.iter().zip(owners) {
