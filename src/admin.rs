@@ -17,6 +17,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::observability::metrics::Metrics;
+use crate::sys;
 
 /// Requests larger than this are refused: nothing we serve needs more.
 const MAX_REQUEST: usize = 8192;
@@ -60,13 +61,7 @@ pub fn serve(endpoint: Endpoint, addr: SocketAddr, state: Arc<AdminState>) -> io
             while !state.stop.load(SeqCst) {
                 // Sleep in poll(2) until a client comes (or a second passes, to notice `stop`),
                 // so an idle node's endpoint threads cost nothing.
-                let mut pfd = libc::pollfd {
-                    fd: listener.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                };
-                // SAFETY: one valid pollfd for the duration of the call.
-                unsafe { libc::poll(&mut pfd, 1, 1000) };
+                let _ = sys::socket::wait_readable(listener.as_raw_fd(), Duration::from_secs(1));
                 match listener.accept() {
                     Ok((stream, _)) => {
                         if let Err(e) = handle(stream, endpoint, &state) {

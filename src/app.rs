@@ -12,17 +12,15 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::admin::{self, AdminState, Endpoint};
-use crate::cli::{EXIT_CONFIG, EXIT_FAILURE, EXIT_OK};
-use crate::control_plane::config::{Config, DriverChoice};
+use crate::control_plane::config::{self, Config, DriverChoice};
 use crate::control_plane::state::State;
-use crate::data_plane::listeners;
 use crate::data_plane::reactor::{Reactor, ReactorControl, ReactorSpec, TunnelCredentials};
+use crate::data_plane::{listeners, FDS_PER_FLOW};
+use crate::exit_code;
 use crate::lifecycle::{self, Received};
 use crate::observability::access_log::Observer;
 use crate::observability::metrics::{Metrics, ProcessFacts};
 
-/// Descriptors one flow can hold: two sockets and two pipes (two fds each).
-pub const FDS_PER_FLOW: u64 = 6;
 /// Descriptors kept back for listeners, the rings, logging and the admin endpoints.
 const FD_RESERVE: u64 = 128;
 
@@ -49,10 +47,10 @@ pub struct App {
 
 /// The open-file limit: raised to the hard limit when allowed, then reported.
 fn open_files_limit() -> (u64, u64) {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    match getrlimit(Resource::RLIMIT_NOFILE) {
+    use crate::sys::process::{open_files_limit, set_open_files_limit};
+    match open_files_limit() {
         Ok((soft, hard)) => {
-            if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+            if soft < hard && set_open_files_limit(hard, hard).is_ok() {
                 return (hard, hard);
             }
             (soft, hard)
@@ -313,23 +311,20 @@ impl App {
 
 /// `ringtun run`: load, start, wait for SIGTERM, drain, exit 0.
 pub fn run_from_file(path: &Path, driver: Option<DriverChoice>, reactors: Option<usize>) -> i32 {
-    let config = match crate::cli::load_config_file(path) {
+    let config = match config::load_file(path) {
         Ok(c) => c,
-        Err(errors) => {
-            for e in &errors {
-                eprintln!("{e}");
+        Err(e) => {
+            let lines = e.lines();
+            for line in &lines {
+                eprintln!("{line}");
             }
-            eprintln!(
-                "{}: {} error(s); not starting",
-                path.display(),
-                errors.len()
-            );
-            return EXIT_CONFIG;
+            eprintln!("{}: {} error(s); not starting", path.display(), lines.len());
+            return exit_code::CONFIG;
         }
     };
     if let Err(e) = lifecycle::block_signals() {
         log::error!("cannot block signals: {e}");
-        return EXIT_FAILURE;
+        return exit_code::FAILURE;
     }
     let drain_timeout = config.node.timeouts.drain;
     let app = match App::start(
@@ -344,7 +339,7 @@ pub fn run_from_file(path: &Path, driver: Option<DriverChoice>, reactors: Option
         Ok(a) => a,
         Err(e) => {
             log::error!("cannot start: {e}");
-            return EXIT_FAILURE;
+            return exit_code::FAILURE;
         }
     };
     let mut drain_started: Option<Instant> = None;
@@ -381,11 +376,11 @@ pub fn run_from_file(path: &Path, driver: Option<DriverChoice>, reactors: Option
     match app.wait() {
         Ok(()) => {
             log::info!("stopped");
-            EXIT_OK
+            exit_code::OK
         }
         Err(e) => {
             log::error!("{e}");
-            EXIT_FAILURE
+            exit_code::FAILURE
         }
     }
 }

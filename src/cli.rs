@@ -1,19 +1,15 @@
-//! Command line: parses arguments and hands each subcommand to the module that does the work.
-//! Exit codes follow sysexits: 64 bad configuration or usage, 69 a required facility is
-//! unavailable, 77 not permitted (needs root), 1 anything else.
+//! Command line: parses arguments and hands each subcommand to the module that does the work
+//! (the library's, or the binary's own `demo`). Exit codes are the library's
+//! [`exit_code`](ringtun::exit_code)s: 64 bad configuration or usage, 77 not permitted (needs
+//! root), 1 anything else.
 
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::control_plane::config::{self, DriverChoice};
-use crate::observability::logging;
-
-pub const EXIT_OK: i32 = 0;
-pub const EXIT_FAILURE: i32 = 1;
-pub const EXIT_CONFIG: i32 = 64;
-pub const EXIT_UNAVAILABLE: i32 = 69;
-pub const EXIT_NOPERM: i32 = 77;
+use ringtun::control_plane::config::{self, DriverChoice};
+use ringtun::exit_code;
+use ringtun::observability::logging;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -67,7 +63,7 @@ pub enum Command {
     /// Install, remove or show the capture rules of a network namespace.
     Redirect {
         #[command(subcommand)]
-        action: crate::redirection::cli::RedirectAction,
+        action: ringtun::redirection::cli::RedirectAction,
     },
     /// Build a small mesh in network namespaces, send traffic through ringtun, report, clean up.
     Demo {
@@ -100,7 +96,11 @@ pub fn main() -> i32 {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
-            let code = if e.use_stderr() { EXIT_CONFIG } else { EXIT_OK };
+            let code = if e.use_stderr() {
+                exit_code::CONFIG
+            } else {
+                exit_code::OK
+            };
             let _ = e.print();
             return code;
         }
@@ -113,46 +113,34 @@ pub fn main() -> i32 {
             config,
             driver,
             reactors,
-        } => crate::app::run_from_file(&config, driver.map(Into::into), reactors),
+        } => ringtun::app::run_from_file(&config, driver.map(Into::into), reactors),
         Command::CheckConfig { file } => check_config(&file),
         Command::PrintDefaultConfig => {
             print!("{}", config::DEFAULT_CONFIG_YAML);
-            EXIT_OK
+            exit_code::OK
         }
         Command::Certs {
             config,
             out,
             validity,
         } => certs(&config, out, &validity),
-        Command::Probe { json } => crate::kernel_features::print_report(json),
-        Command::Redirect { action } => crate::redirection::cli::run(action),
+        Command::Probe { json } => ringtun::kernel_features::print_report(json),
+        Command::Redirect { action } => ringtun::redirection::cli::run(action),
         Command::Demo { driver, bytes } => crate::demo::run(driver.into(), bytes),
     }
 }
 
-/// Reads and validates `file`; on error prints every problem as `file:line:col: path: message`.
-/// Warnings are logged.
-pub fn load_config_file(file: &std::path::Path) -> Result<config::Config, Vec<String>> {
-    let (cfg, warnings) = check_config_file(file)?;
-    for w in warnings {
-        log::warn!("{w}");
+/// Prints every problem of a config file that cannot be used, then how many there were.
+fn print_config_errors(e: &config::FileError) {
+    let lines = e.lines();
+    for line in &lines {
+        eprintln!("{line}");
     }
-    Ok(cfg)
-}
-
-/// [`load_config_file`] with the warnings, as `file:line:col: path: warning: message`.
-fn check_config_file(file: &std::path::Path) -> Result<(config::Config, Vec<String>), Vec<String>> {
-    let text = std::fs::read_to_string(file)
-        .map_err(|e| vec![format!("{}: cannot read: {e}", file.display())])?;
-    let at = |e: &dyn std::fmt::Display| format!("{}:{e}", file.display());
-    match config::check(&text) {
-        Ok(c) => Ok((c.config, c.warnings.iter().map(|w| at(w)).collect())),
-        Err(errs) => Err(errs.0.iter().map(|e| at(e)).collect()),
-    }
+    eprintln!("{}: {} error(s)", e.path().display(), lines.len());
 }
 
 fn check_config(file: &std::path::Path) -> i32 {
-    match check_config_file(file) {
+    match config::check_file(file) {
         Ok((cfg, warnings)) => {
             for w in &warnings {
                 eprintln!("{w}");
@@ -166,35 +154,29 @@ fn check_config(file: &std::path::Path) -> i32 {
                 cfg.policies.len(),
                 warnings.len()
             );
-            EXIT_OK
+            exit_code::OK
         }
-        Err(errors) => {
-            for e in &errors {
-                eprintln!("{e}");
-            }
-            eprintln!("{}: {} error(s)", file.display(), errors.len());
-            EXIT_CONFIG
+        Err(e) => {
+            print_config_errors(&e);
+            exit_code::CONFIG
         }
     }
 }
 
 fn certs(file: &std::path::Path, out: Option<PathBuf>, validity: &str) -> i32 {
-    use crate::control_plane::certs::{self, CertsLayout, CA_CERT_FILE};
+    use ringtun::control_plane::certs::{self, CertsLayout, CA_CERT_FILE};
     let validity = match config::parse_duration(validity) {
         Ok(d) => d,
         Err(why) => {
             eprintln!("--validity `{validity}` {why}");
-            return EXIT_CONFIG;
+            return exit_code::CONFIG;
         }
     };
-    let cfg = match load_config_file(file) {
+    let cfg = match config::load_file(file) {
         Ok(cfg) => cfg,
-        Err(errors) => {
-            for e in &errors {
-                eprintln!("{e}");
-            }
-            eprintln!("{}: {} error(s)", file.display(), errors.len());
-            return EXIT_CONFIG;
+        Err(e) => {
+            print_config_errors(&e);
+            return exit_code::CONFIG;
         }
     };
     let layout = match (out, &cfg.node.tls) {
@@ -211,7 +193,7 @@ fn certs(file: &std::path::Path, out: Option<PathBuf>, validity: &str) -> i32 {
                 "{}: no node.tls section says where certificates go; add one or pass --out DIR",
                 file.display()
             );
-            return EXIT_CONFIG;
+            return exit_code::CONFIG;
         }
     };
     match certs::write_dev_certificates(&cfg, &layout, std::time::SystemTime::now(), validity) {
@@ -219,15 +201,15 @@ fn certs(file: &std::path::Path, out: Option<PathBuf>, validity: &str) -> i32 {
             for line in &report.lines {
                 println!("{line}");
             }
-            EXIT_OK
+            exit_code::OK
         }
         Err(e @ certs::CertError::Identity { .. }) => {
             eprintln!("{}: {e}", file.display());
-            EXIT_CONFIG
+            exit_code::CONFIG
         }
         Err(e) => {
             eprintln!("ringtun certs: {e}");
-            EXIT_FAILURE
+            exit_code::FAILURE
         }
     }
 }

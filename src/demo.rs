@@ -1,5 +1,5 @@
 //! `ringtun demo`: a self-contained tour of the mesh on one machine. It builds the
-//! [`testbed`](crate::testbed) topology, installs the capture rules in the pods, starts a node
+//! [`testbed`](ringtun::testbed) topology, installs the capture rules in the pods, starts a node
 //! in-process (pod mode), sends real traffic through it — out of the mesh, to a service VIP, to a
 //! workload by IP, over IPv6 — prints what each first connection resolved to and what moved,
 //! then removes everything it created. Exit 0 only if every byte arrived intact.
@@ -8,26 +8,26 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::app::{App, Options};
-use crate::cli::{EXIT_FAILURE, EXIT_NOPERM, EXIT_OK};
-use crate::control_plane::config::{self, DriverChoice};
-use crate::observability::access_log::{FlowRecord, Observer};
-use crate::redirection::rules::{self, RedirectSettings};
-use crate::testbed::{self, connect_in, listen_in, serve_exchanges, Pod, Testbed};
+use ringtun::app::{App, Options};
+use ringtun::control_plane::config::{self, DriverChoice};
+use ringtun::exit_code;
+use ringtun::observability::access_log::{FlowRecord, Observer};
+use ringtun::redirection::rules::{self, RedirectSettings};
+use ringtun::testbed::{self, connect_in, listen_in, serve_exchanges, Pod, Testbed};
 
 const EXT_PORT: u16 = 9000;
 
 pub fn run(driver: DriverChoice, bytes: u64) -> i32 {
     if !testbed::is_root() {
         eprintln!("ringtun demo needs root: it creates network namespaces and iptables rules (try: sudo ringtun demo)");
-        return EXIT_NOPERM;
+        return exit_code::NOPERM;
     }
     match run_inner(driver, bytes) {
-        Ok(true) => EXIT_OK,
-        Ok(false) => EXIT_FAILURE,
+        Ok(true) => exit_code::OK,
+        Ok(false) => exit_code::FAILURE,
         Err(e) => {
             eprintln!("demo failed: {e}");
-            EXIT_FAILURE
+            exit_code::FAILURE
         }
     }
 }
@@ -213,8 +213,8 @@ fn run_two_nodes(
     small: u64,
     records: &Arc<Mutex<Vec<FlowRecord>>>,
 ) -> Result<bool, String> {
-    use crate::control_plane::certs::{write_dev_certificates, CertsLayout};
-    use crate::testbed::MeshNode;
+    use ringtun::control_plane::certs::{write_dev_certificates, CertsLayout};
+    use ringtun::testbed::MeshNode;
     let dir = std::env::temp_dir().join(format!("{}-certs", tb.prefix));
     let _cleanup = RemoveDir(dir.clone());
     let yaml = |n| tb.two_node_config(n, 2, &dir, "");
@@ -259,7 +259,7 @@ fn run_two_nodes(
         ok &= run_transfer(tb, t, records)?;
     }
     ok &= run_vip(tb, small, records, "inbound_hbone")?;
-    let support = crate::kernel_features::ktls_support();
+    let support = ringtun::kernel_features::ktls_support();
     for (name, app) in [("node A", &a), ("node B", &b)] {
         let text = app.metrics.render();
         for line in text
@@ -277,7 +277,8 @@ fn run_two_nodes(
         .iter()
         .map(|(n, app)| {
             let text = app.metrics.render();
-            let sum: f64 = crate::testbed::metric_sum(&text, "ringtun_hbone_handshakes_total", &[]);
+            let sum: f64 =
+                ringtun::testbed::metric_sum(&text, "ringtun_hbone_handshakes_total", &[]);
             format!("node {n} {sum}")
         })
         .collect();

@@ -1,9 +1,15 @@
-//! The `ringtun` binary: logging first, then the command line; everything else lives in the
-//! library so tests and the demo drive the same code.
+//! The `ringtun` binary: the command line and the demo, over the library's public API. Logging
+//! starts first (in `cli`); the proxy itself lives in the library, so the tests drive the same
+//! code the binary runs.
+
+#![forbid(unsafe_code)]
+
+mod cli;
+mod demo;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
-    std::process::exit(ringtun::cli::main());
+    std::process::exit(cli::main());
 }

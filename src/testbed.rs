@@ -1,7 +1,12 @@
-//! A small mesh in network namespaces, for the demo, the root tests and `perf/`: a node
+//! A small mesh in network namespaces, for `ringtun demo` and the root tests: a node
 //! namespace routing between pod namespaces (a client pod, two mesh pods behind a service VIP)
 //! and a server outside the mesh, joined by veth pairs (this machine has no `dummy` links).
 //! Everything it creates is named with a unique prefix and removed when it is dropped.
+//!
+//! Test support, not part of ringtun's API: hidden from the documentation and free to change
+//! with the tests that use it. It stays in the library, not behind a cargo feature, because the
+//! demo — a command of every build — runs on it too, and `tests/*.rs` can only reach the
+//! library.
 //!
 //! ```text
 //!            client 10.77.1.2 fd77:1::2 ─┐
@@ -101,7 +106,7 @@ pub struct Testbed {
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 pub fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
+    crate::sys::process::is_root()
 }
 
 /// For root tests: true when running as root; otherwise prints `SKIPPED (needs root)` and
@@ -570,8 +575,7 @@ impl RingtunProcess {
                 .and_then(|v| v.parse::<f64>().ok())
                 .ok_or_else(|| io::Error::other("unexpected /proc/<pid>/stat"))
         };
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        let hz = crate::sys::process::clock_ticks_per_second() as f64;
         Ok((ticks(11)? + ticks(12)?) / hz)
     }
 
@@ -618,10 +622,7 @@ impl RingtunProcess {
 
     /// SIGTERM, then wait for exit; returns the exit code.
     pub fn terminate(mut self) -> io::Result<i32> {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.pid() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
+        let _ = crate::sys::signal::terminate(self.pid());
         let start = Instant::now();
         loop {
             if let Some(st) = self.child.try_wait()? {
@@ -767,20 +768,7 @@ pub fn is_reset(e: &io::Error) -> bool {
 
 /// SO_LINGER 0: closing the socket then sends a RST instead of a FIN.
 pub fn set_linger_zero(s: &TcpStream) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: a valid socket and a linger struct of the right size.
-    unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(s),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            &linger as *const _ as *const libc::c_void,
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
+    let _ = crate::sys::socket::set_linger_zero(std::os::fd::AsRawFd::as_raw_fd(s));
 }
 
 /// Accepts `count` connections on `listener`, answering each with [`exchange`] of `bytes`.

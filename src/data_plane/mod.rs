@@ -9,3 +9,9 @@ pub mod listeners;
 pub mod reactor;
 pub mod socket;
 pub mod splice;
+pub mod timer;
+
+/// Descriptors one flow holds at most: two sockets and two pipes (two descriptors each). The
+/// reactors' flow limit is the open-file limit divided by this, and `ringtun probe` reports
+/// the same arithmetic.
+pub const FDS_PER_FLOW: u64 = 6;

@@ -8,7 +8,13 @@
 //! in its pipe, whose size bounds what a flow can buffer.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
+use crate::sys;
+
+/// One non-blocking `splice(2)` between a socket and a pipe (the tunnel's framing splices
+/// through the same call).
+pub(crate) use crate::sys::pipe::splice;
 
 /// A pipe with both ends non-blocking, and the capacity the kernel actually granted.
 #[derive(Debug)]
@@ -23,23 +29,12 @@ impl Pipe {
     /// `pipe-max-size`, or the per-user `pipe-user-pages-soft` budget without CAP_SYS_RESOURCE);
     /// the pipe is then kept at its default size and `resized` says so.
     pub fn new(size: usize) -> io::Result<(Pipe, bool)> {
-        let mut fds = [0 as libc::c_int; 2];
-        // SAFETY: `fds` has room for the two descriptors pipe2 writes.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: pipe2 succeeded, so both are fresh descriptors we now own.
-        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        // SAFETY: F_SETPIPE_SZ / F_GETPIPE_SZ on a pipe fd we own.
-        let set =
-            unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, size as libc::c_int) };
-        let resized = set >= 0;
-        // SAFETY: as above.
-        let capacity = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ) };
-        let capacity = if capacity > 0 {
-            capacity as usize
-        } else {
-            65536
+        let (read, write) = sys::pipe::pipe()?;
+        let resized = sys::pipe::set_pipe_size(write.as_raw_fd(), size).is_ok();
+        // The kernel's default (16 pages) if it will not even say.
+        let capacity = match sys::pipe::pipe_size(write.as_raw_fd()) {
+            Ok(n) if n > 0 => n,
+            _ => 65536,
         };
         Ok((
             Pipe {
@@ -148,29 +143,6 @@ impl PipePool {
 
     pub fn idle(&self) -> usize {
         self.free.len()
-    }
-}
-
-const SPLICE_FLAGS: libc::c_uint = libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE;
-
-/// One non-blocking `splice(2)` between a socket and a pipe (`SPLICE_F_NONBLOCK | SPLICE_F_MOVE`).
-pub(crate) fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
-    // SAFETY: plain syscall on descriptors owned by the caller; null offsets (sockets and pipes
-    // have no file position).
-    let n = unsafe {
-        libc::splice(
-            from,
-            std::ptr::null_mut(),
-            to,
-            std::ptr::null_mut(),
-            len,
-            SPLICE_FLAGS,
-        )
-    };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
     }
 }
 
@@ -308,9 +280,7 @@ impl Pump {
             if self.src_eof {
                 // Everything read was delivered: pass the half-close on, keep the other
                 // direction flowing.
-                // SAFETY: shutdown on a socket fd the caller owns.
-                if unsafe { libc::shutdown(dst, libc::SHUT_WR) } != 0 {
-                    let e = io::Error::last_os_error();
+                if let Err(e) = sys::socket::shutdown_write(dst) {
                     if e.raw_os_error() != Some(libc::ENOTCONN) {
                         return Err(PumpError::Destination(errno(&e)));
                     }

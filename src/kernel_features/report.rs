@@ -229,7 +229,7 @@ impl KernelReport {
         row("kernel release", self.kernel_release.clone(), Status::Ok);
         let nofile = self.open_files_limit;
         // What the data path spends per flow: two sockets and a pipe per direction.
-        let per_flow = crate::app::FDS_PER_FLOW;
+        let per_flow = crate::data_plane::FDS_PER_FLOW;
         row(
             "open files (RLIMIT_NOFILE)",
             format!(

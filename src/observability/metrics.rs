@@ -10,6 +10,8 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
+use super::hbone_metrics::HboneMetrics;
+
 /// Why a connection failed. Each kind has a class (whose fault) and a short reason label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailureKind {
@@ -205,9 +207,9 @@ pub struct ReactorMetrics {
     failures: [AtomicU64; FailureKind::ALL.len()],
     closed: [AtomicU64; CloseKind::ALL.len()],
     tcp: Mutex<HashMap<TcpLabels, Arc<TcpCounters>>>,
-    /// HBONE tunnel counters and gauges, keyed by `(metric name, label text)`. Touched once per
-    /// tunnel or stream event, never per byte.
-    hbone: Mutex<HashMap<(&'static str, String), i64>>,
+    /// HBONE tunnel counters: enum-indexed atomics, touched once per tunnel or stream event
+    /// (payload bytes once per receive or send call), never under a lock.
+    pub hbone: HboneMetrics,
 }
 
 impl ReactorMetrics {
@@ -226,15 +228,8 @@ impl ReactorMetrics {
             failures: Default::default(),
             closed: Default::default(),
             tcp: Mutex::new(HashMap::new()),
-            hbone: Mutex::new(HashMap::new()),
+            hbone: HboneMetrics::default(),
         }
-    }
-
-    /// Adds `delta` to the HBONE series `name{labels}` (`labels` is Prometheus label text,
-    /// e.g. `role="client",mode="ktls"`; values come from code, never from a peer).
-    pub fn hbone(&self, name: &'static str, labels: &str, delta: i64) {
-        let mut m = self.hbone.lock().unwrap_or_else(|p| p.into_inner());
-        *m.entry((name, labels.to_string())).or_insert(0) += delta;
     }
 
     pub fn failure(&self, kind: FailureKind) {
@@ -480,21 +475,8 @@ impl Metrics {
             "# HELP ringtun_max_flows_per_reactor Flow limit per reactor after the fd budget.\n# TYPE ringtun_max_flows_per_reactor gauge\nringtun_max_flows_per_reactor {}",
             self.facts.max_flows_per_reactor
         );
-        let mut hbone: std::collections::BTreeMap<(&'static str, String), i64> = Default::default();
-        for r in &self.reactors {
-            for (k, v) in r.hbone.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-                *hbone.entry(k.clone()).or_insert(0) += v;
-            }
-        }
-        let mut last = "";
-        for ((name, labels), v) in &hbone {
-            if *name != last {
-                let (kind, help) = hbone_help(name);
-                let _ = writeln!(out, "# HELP {name} {help}.\n# TYPE {name} {kind}");
-                last = name;
-            }
-            let _ = writeln!(out, "{name}{{{labels}}} {v}");
-        }
+        let shards: Vec<&HboneMetrics> = self.reactors.iter().map(|r| &r.hbone).collect();
+        super::hbone_metrics::render(&mut out, &shards);
         let fds = std::fs::read_dir("/proc/self/fd")
             .map(|d| d.count() as u64)
             .unwrap_or(0);
@@ -510,41 +492,6 @@ type PerReactorMetric = (
     &'static str,
     fn(&ReactorMetrics) -> u64,
 );
-
-/// Type and help of the HBONE series (see `ReactorMetrics::hbone`).
-fn hbone_help(name: &str) -> (&'static str, &'static str) {
-    match name {
-        "ringtun_hbone_tunnels_open" => ("gauge", "HBONE tunnels open now, by role"),
-        "ringtun_hbone_tunnels_total" => (
-            "counter",
-            "HBONE tunnels established (TLS handshake done), by role and TLS mode",
-        ),
-        "ringtun_hbone_handshakes_total" => ("counter", "TLS handshakes started, by role"),
-        "ringtun_hbone_tunnel_failures_total" => {
-            ("counter", "HBONE tunnels that failed, by role and reason")
-        }
-        "ringtun_hbone_tunnels_closed_total" => {
-            ("counter", "HBONE tunnels closed, by role and reason")
-        }
-        "ringtun_hbone_streams_total" => (
-            "counter",
-            "CONNECT streams answered, by role and HTTP status",
-        ),
-        "ringtun_hbone_pool_total" => (
-            "counter",
-            "Outbound tunnel checkouts, by outcome (reuse, wait, open, refuse)",
-        ),
-        "ringtun_hbone_tls_records_total" => (
-            "counter",
-            "Non-data TLS records a kTLS tunnel received, by kind",
-        ),
-        "ringtun_hbone_payload_bytes_total" => (
-            "counter",
-            "DATA payload bytes through tunnels, by direction and path (spliced: never in user space; copied: through user space)",
-        ),
-        _ => ("counter", "HBONE tunnel events"),
-    }
-}
 
 fn esc(s: &str) -> String {
     s.replace('\\', "\\\\")

@@ -2,5 +2,6 @@
 //! served on the metrics port.
 
 pub mod access_log;
+pub mod hbone_metrics;
 pub mod logging;
 pub mod metrics;

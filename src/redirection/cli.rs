@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Subcommand, ValueEnum};
 
 use super::rules::{self, InstallState, IptablesBackend, RedirectError, RedirectSettings};
-use crate::cli::{EXIT_CONFIG, EXIT_FAILURE, EXIT_NOPERM, EXIT_OK};
+use crate::control_plane::config;
+use crate::exit_code;
 
 #[derive(Subcommand, Debug)]
 pub enum RedirectAction {
@@ -90,7 +91,9 @@ impl RedirectArgs {
     /// file, every error in it.
     pub fn settings(&self) -> Result<RedirectSettings, Vec<String>> {
         let mut s = match &self.config {
-            Some(file) => RedirectSettings::from_node(&crate::cli::load_config_file(file)?.node),
+            Some(file) => {
+                RedirectSettings::from_node(&config::load_file(file).map_err(|e| e.lines())?.node)
+            }
             None => RedirectSettings::default(),
         };
         if let Some(p) = self.outbound_port {
@@ -147,20 +150,20 @@ pub fn run(action: RedirectAction) -> i32 {
                 "ringtun redirect {verb}: the configuration has {} error(s)",
                 errors.len()
             );
-            return EXIT_CONFIG;
+            return exit_code::CONFIG;
         }
     };
     if let Err(errors) = settings.validate() {
         for e in &errors {
             eprintln!("ringtun redirect {verb}: {e}");
         }
-        return EXIT_CONFIG;
+        return exit_code::CONFIG;
     }
     let netns = match args.netns_path() {
         Ok(n) => n,
         Err(e) => {
             eprintln!("ringtun redirect {verb}: {e}");
-            return EXIT_CONFIG;
+            return exit_code::CONFIG;
         }
     };
     let netns = netns.as_deref();
@@ -181,10 +184,10 @@ pub fn run(action: RedirectAction) -> i32 {
         _ => show(&plan, netns, show_remove),
     };
     match outcome {
-        Ok(()) => EXIT_OK,
+        Ok(()) => exit_code::OK,
         Err(e) => {
             eprintln!("ringtun redirect {verb}: {e}");
-            if verb == "install" && exit_code(&e) == EXIT_FAILURE {
+            if verb == "install" && exit_code(&e) == exit_code::FAILURE {
                 // Install stops at the first failure; what ran before it is still in place.
                 eprintln!(
                     "ringtun redirect install: rules may be partly installed; \
@@ -245,10 +248,12 @@ fn say(text: &str) {
 
 fn exit_code(e: &RedirectError) -> i32 {
     match e {
-        RedirectError::NotRoot => EXIT_NOPERM,
+        RedirectError::NotRoot => exit_code::NOPERM,
         // The namespace argument names nothing: a usage error, like a bad flag.
-        RedirectError::InvalidSettings(_) | RedirectError::NetnsNotFound { .. } => EXIT_CONFIG,
-        RedirectError::Spawn { .. } | RedirectError::CommandFailed { .. } => EXIT_FAILURE,
+        RedirectError::InvalidSettings(_) | RedirectError::NetnsNotFound { .. } => {
+            exit_code::CONFIG
+        }
+        RedirectError::Spawn { .. } | RedirectError::CommandFailed { .. } => exit_code::FAILURE,
     }
 }
 

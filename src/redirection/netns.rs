@@ -10,7 +10,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use nix::sched::{setns, CloneFlags};
+use crate::sys;
 
 /// An open handle on a network namespace. Holding the fd keeps the namespace alive even if
 /// its bind-mount is removed, so sockets can still be made while ringtun drains.
@@ -68,9 +68,9 @@ impl NetNs {
     /// namespace before returning, whatever `f` did.
     pub fn enter_for<T>(&self, f: impl FnOnce() -> T) -> io::Result<T> {
         prepare_thread()?;
-        setns(self.fd.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|e| {
+        sys::netns::enter(self.fd.as_fd()).map_err(|e| {
             io::Error::new(
-                io::Error::from(e).kind(),
+                e.kind(),
                 format!("entering network namespace {}: {e}", self.path.display()),
             )
         })?;
@@ -80,7 +80,7 @@ impl NetNs {
             let fd = home.as_ref().expect("opened above");
             // Failing to return would leave the reactor making sockets in a pod's namespace:
             // that is unrecoverable for this thread, so it is a fatal error.
-            if let Err(e) = setns(fd.as_fd(), CloneFlags::CLONE_NEWNET) {
+            if let Err(e) = sys::netns::enter(fd.as_fd()) {
                 panic!(
                     "cannot return to the original network namespace (fd {}): {e}",
                     fd.as_raw_fd()
@@ -109,9 +109,9 @@ pub fn on_helper_thread<T: Send + 'static>(
         .name("netns-helper".into())
         .spawn(move || match &netns {
             Some(ns) => {
-                setns(ns.fd.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|e| {
+                sys::netns::enter(ns.fd.as_fd()).map_err(|e| {
                     io::Error::new(
-                        io::Error::from(e).kind(),
+                        e.kind(),
                         format!("entering network namespace {}: {e}", ns.path.display()),
                     )
                 })?;

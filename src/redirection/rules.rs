@@ -931,7 +931,7 @@ fn preflight(plan: &RulePlan, netns: Option<&Path>) -> Result<(), RedirectError>
     plan.settings
         .validate()
         .map_err(RedirectError::InvalidSettings)?;
-    if !nix::unistd::geteuid().is_root() {
+    if !crate::sys::process::is_root() {
         return Err(RedirectError::NotRoot);
     }
     if let Some(path) = netns {

@@ -493,42 +493,65 @@ mod tests {
         assert_eq!(o2.open_first(&mut w), Err(RecordError::BadRecordMac));
     }
 
-    /// The wire format is rustls's: after a real handshake, one side switches to this record
-    /// layer and the other keeps rustls; bytes cross both ways intact.
+    /// The wire format is rustls's: after a real handshake, our side hands over to this record
+    /// layer and the peer keeps rustls's own; bytes cross both ways intact.
     #[test]
     fn records_interoperate_with_rustls() {
+        use crate::tls::fixtures::*;
+        use crate::tls::handshake::{Handshake, Progress};
         use std::io::{Read, Write};
-        let ((c, mut c_sock), (mut s, mut s_sock)) = crate::tls::ktls::tests::loopback_handshake();
-        let secrets = c.dangerous_extract_secrets().expect("client secrets");
-        let mut sealer = Sealer::new(&secrets.tx.1, secrets.tx.0).unwrap();
-        let mut opener = Opener::new(&secrets.rx.1, secrets.rx.0).unwrap();
-        // Ours → rustls.
+        use std::os::fd::AsRawFd;
+        let pki = Pki::new("cluster.local");
+        let (cc, sc) = configs(&pki, &pki.creds(CLIENT), &pki.creds(SERVER), SERVER);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
         let data: Vec<u8> = (0..50_000u32).map(|i| (i % 253) as u8).collect();
+        let echo = data.clone();
+        // rustls's own buffered server: reads the data, then sends it back.
+        let server = std::thread::spawn(move || {
+            let (mut sock, _) = listener.accept().unwrap();
+            let mut s = rustls::ServerConnection::new(sc).unwrap();
+            let mut got = Vec::new();
+            while got.len() < echo.len() {
+                s.complete_io(&mut sock)
+                    .expect("rustls accepts our records");
+                let mut buf = [0u8; 65536];
+                match s.reader().read(&mut buf) {
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            assert_eq!(got, echo);
+            s.writer().write_all(&got).unwrap();
+            while s.wants_write() {
+                s.write_tls(&mut sock).unwrap();
+            }
+            sock
+        });
+        let mut sock = std::net::TcpStream::connect(addr).unwrap();
+        sock.set_nonblocking(true).unwrap();
+        let mut hs = Handshake::client(
+            rustls::client::UnbufferedClientConnection::new(cc, crate::tls::server_name(addr.ip()))
+                .unwrap(),
+        );
+        while hs.advance(sock.as_raw_fd()).expect("handshake") != Progress::Done {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let est = hs.finish().expect("handover");
+        sock.set_nonblocking(false).unwrap();
+        let mut sealer = Sealer::new(&est.secrets.tx.1, est.secrets.tx.0).unwrap();
+        let mut opener = Opener::new(&est.secrets.rx.1, est.secrets.rx.0).unwrap();
+        // Ours → rustls.
         let mut wire = Vec::new();
         sealer.seal(&data, &mut wire).unwrap();
-        c_sock.write_all(&wire).unwrap();
-        let mut got = Vec::new();
-        while got.len() < data.len() {
-            s.read_tls(&mut s_sock).expect("read_tls");
-            s.process_new_packets().expect("rustls accepts our records");
-            let mut buf = [0u8; 65536];
-            match s.reader().read(&mut buf) {
-                Ok(n) => got.extend_from_slice(&buf[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => panic!("{e}"),
-            }
-        }
-        assert_eq!(got, data);
+        sock.write_all(&wire).unwrap();
         // rustls → ours.
-        s.writer().write_all(&data).unwrap();
-        while s.wants_write() {
-            s.write_tls(&mut s_sock).unwrap();
-        }
         let mut raw = Vec::new();
         let mut plain = Vec::new();
         let mut buf = [0u8; 65536];
         while plain.len() < data.len() {
-            let n = c_sock.read(&mut buf).unwrap();
+            let n = sock.read(&mut buf).unwrap();
             assert!(n > 0, "eof");
             raw.extend_from_slice(&buf[..n]);
             while let Some(r) = opener.open_first(&mut raw).unwrap() {
@@ -539,6 +562,7 @@ mod tests {
             }
         }
         assert_eq!(plain, data);
+        drop(server.join().unwrap());
     }
 
     /// Opens every record in `wire`, returning the application data and the record count.

@@ -6,83 +6,57 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
 
 use super::backoff::AcceptBackoff;
+use super::interface::{Driver, DriverKind, Event, FlowKey, Interest, Side};
 use super::token::{self, Op};
-use super::{sockaddr, Driver, DriverKind, Event, FlowKey, Interest, Side};
+use crate::sys::epoll::{Epoll, EpollEvent};
+use crate::sys::socket;
 
 /// Accepts per listener per wakeup, so one busy listener cannot starve established flows.
 const ACCEPT_BATCH: usize = 64;
 
 pub struct EpollDriver {
-    epfd: OwnedFd,
+    epoll: Epoll,
     listeners: Vec<Option<RawFd>>,
     backoff: AcceptBackoff,
     /// Flows whose connect is in progress, with the upstream fd to read `SO_ERROR` from.
     connecting: HashMap<FlowKey, RawFd>,
     /// Completions known before waiting (a connect that finished at once).
     ready: Vec<Event>,
-    buf: Vec<libc::epoll_event>,
+    buf: Vec<EpollEvent>,
 }
 
 impl EpollDriver {
     pub fn new() -> io::Result<Self> {
-        // SAFETY: plain syscall; the result is checked before use.
-        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
         Ok(EpollDriver {
-            // SAFETY: epoll_create1 returned a fresh descriptor we own.
-            epfd: unsafe { OwnedFd::from_raw_fd(fd) },
+            epoll: Epoll::new()?,
             listeners: Vec::new(),
             backoff: AcceptBackoff::default(),
             connecting: HashMap::new(),
             ready: Vec::new(),
-            buf: vec![libc::epoll_event { events: 0, u64: 0 }; 256],
+            buf: vec![EpollEvent { events: 0, u64: 0 }; 256],
         })
-    }
-
-    fn ctl(&self, op: libc::c_int, fd: RawFd, events: u32, data: u64) -> io::Result<()> {
-        let mut ev = libc::epoll_event { events, u64: data };
-        // SAFETY: `ev` is a valid epoll_event for the duration of the call.
-        if unsafe { libc::epoll_ctl(self.epfd.as_raw_fd(), op, fd, &mut ev) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
     }
 
     fn accept_batch(&mut self, listener: usize, fd: RawFd, events: &mut Vec<Event>) {
         for _ in 0..ACCEPT_BATCH {
-            // SAFETY: accept4 on a listening socket we own; no address buffer requested.
-            let s = unsafe {
-                libc::accept4(
-                    fd,
-                    std::ptr::null_mut(),
-                    std::ptr::null_mut(),
-                    libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                )
+            let e = match socket::accept(fd) {
+                Ok(s) => {
+                    events.push(Event::Accepted { listener, fd: s });
+                    continue;
+                }
+                Err(e) => e.raw_os_error().unwrap_or(libc::EIO),
             };
-            if s >= 0 {
-                // SAFETY: accept4 returned a new descriptor we now own.
-                events.push(Event::Accepted {
-                    listener,
-                    fd: unsafe { OwnedFd::from_raw_fd(s) },
-                });
-                continue;
-            }
-            let e = io::Error::last_os_error()
-                .raw_os_error()
-                .unwrap_or(libc::EIO);
             match e {
                 libc::EAGAIN => return,
                 libc::EINTR | libc::ECONNABORTED => continue,
                 _ => {
                     events.push(Event::AcceptFailed { listener, errno: e });
                     // Level-triggered: stop watching for a moment instead of spinning.
-                    let _ = self.ctl(libc::EPOLL_CTL_DEL, fd, 0, 0);
+                    let _ = self.epoll.delete(fd);
                     self.backoff.rest(listener, Instant::now());
                     return;
                 }
@@ -101,8 +75,7 @@ impl Driver for EpollDriver {
             self.listeners.resize(listener + 1, None);
         }
         self.listeners[listener] = Some(fd);
-        self.ctl(
-            libc::EPOLL_CTL_ADD,
+        self.epoll.add(
             fd,
             libc::EPOLLIN as u32,
             token::simple(Op::Accept, listener as u32),
@@ -114,22 +87,17 @@ impl Driver for EpollDriver {
             *slot = None;
         }
         self.backoff.forget(listener);
-        let _ = self.ctl(libc::EPOLL_CTL_DEL, fd, 0, 0);
+        let _ = self.epoll.delete(fd);
     }
 
     fn watch_waker(&mut self, fd: RawFd) -> io::Result<()> {
-        self.ctl(
-            libc::EPOLL_CTL_ADD,
-            fd,
-            libc::EPOLLIN as u32,
-            token::simple(Op::Waker, 0),
-        )
+        self.epoll
+            .add(fd, libc::EPOLLIN as u32, token::simple(Op::Waker, 0))
     }
 
     fn register(&mut self, flow: FlowKey, side: Side, fd: RawFd) -> io::Result<()> {
         let events = (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
-        self.ctl(
-            libc::EPOLL_CTL_ADD,
+        self.epoll.add(
             fd,
             events,
             token::flow(Op::Poll, flow, side, Interest::Read),
@@ -137,19 +105,16 @@ impl Driver for EpollDriver {
     }
 
     fn connect(&mut self, flow: FlowKey, fd: RawFd, addr: SocketAddr) -> io::Result<()> {
-        let (storage, len) = sockaddr(addr);
-        // SAFETY: `storage` holds a valid sockaddr of `len` bytes.
-        let rc = unsafe { libc::connect(fd, &storage as *const _ as *const libc::sockaddr, len) };
-        if rc == 0 {
-            self.ready.push(Event::Connected {
-                flow,
-                result: Ok(()),
-            });
-            return Ok(());
-        }
-        let e = io::Error::last_os_error()
-            .raw_os_error()
-            .unwrap_or(libc::EIO);
+        let e = match socket::connect(fd, addr) {
+            Ok(()) => {
+                self.ready.push(Event::Connected {
+                    flow,
+                    result: Ok(()),
+                });
+                return Ok(());
+            }
+            Err(e) => e.raw_os_error().unwrap_or(libc::EIO),
+        };
         if e == libc::EINPROGRESS {
             self.connecting.insert(flow, fd);
         } else {
@@ -180,8 +145,7 @@ impl Driver for EpollDriver {
         let mut timeout = timeout;
         for l in self.backoff.due(now, &mut timeout) {
             if let Some(Some(fd)) = self.listeners.get(l).copied() {
-                let _ = self.ctl(
-                    libc::EPOLL_CTL_ADD,
+                let _ = self.epoll.add(
                     fd,
                     libc::EPOLLIN as u32,
                     token::simple(Op::Accept, l as u32),
@@ -196,24 +160,9 @@ impl Driver for EpollDriver {
             // Round up so a 0.3 ms deadline does not become a busy loop of zero-timeout waits.
             Some(t) => t.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32,
         };
-        // SAFETY: `buf` has room for `buf.len()` events.
-        let n = unsafe {
-            libc::epoll_wait(
-                self.epfd.as_raw_fd(),
-                self.buf.as_mut_ptr(),
-                self.buf.len() as i32,
-                ms,
-            )
-        };
+        let n = self.epoll.wait(&mut self.buf, ms);
         events.append(&mut self.ready);
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EINTR) {
-                return Ok(());
-            }
-            return Err(e);
-        }
-        for k in 0..n as usize {
+        for k in 0..n? {
             let ev = self.buf[k];
             let (bits, data) = (ev.events, ev.u64);
             let d = token::decode(data);
@@ -260,25 +209,8 @@ impl Driver for EpollDriver {
     }
 }
 
-/// `SO_ERROR` of a socket: 0 when its connect succeeded.
+/// `SO_ERROR` of a socket: 0 when its connect succeeded, else its errno (or the errno of
+/// asking).
 pub fn take_socket_error(fd: RawFd) -> i32 {
-    let mut err: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: valid fd; `err`/`len` describe a c_int buffer.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_ERROR,
-            &mut err as *mut _ as *mut libc::c_void,
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        io::Error::last_os_error()
-            .raw_os_error()
-            .unwrap_or(libc::EIO)
-    } else {
-        err
-    }
+    socket::take_error(fd).unwrap_or_else(|e| e.raw_os_error().unwrap_or(libc::EIO))
 }

@@ -4,7 +4,7 @@
 //! Layout: bits 0..4 operation, 4..6 side and interest, 6..30 slab index (24 bits), 32..64
 //! generation.
 
-use super::{FlowKey, Interest, Side};
+use super::interface::{FlowKey, Interest, Side};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {

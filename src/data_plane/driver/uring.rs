@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 use super::backoff::AcceptBackoff;
+use super::interface::{armed_bit, Driver, DriverKind, Event, FlowKey, Interest, Side};
 use super::token::{self, Op};
-use super::{armed_bit, sockaddr, Driver, DriverKind, Event, FlowKey, Interest, Side};
+use crate::sys::socket::SockAddr;
 
 pub struct UringDriver {
     ring: IoUring,
@@ -23,7 +24,7 @@ pub struct UringDriver {
     backoff: AcceptBackoff,
     waker: Option<RawFd>,
     /// Connect addresses live here until their completion: the kernel reads them asynchronously.
-    connect_addrs: HashMap<u64, Box<(libc::sockaddr_storage, libc::socklen_t)>>,
+    connect_addrs: HashMap<u64, Box<SockAddr>>,
     /// Timespecs of in-flight wakeup timers (the kernel reads them at submission).
     timer: Box<types::Timespec>,
     timer_in_flight: Option<Instant>,
@@ -56,10 +57,19 @@ impl UringDriver {
         })
     }
 
+    /// Queues one request. The one `unsafe` call of the driver's submissions: the ring reads
+    /// what an entry points to after this returns, so every pointer must stay valid until the
+    /// kernel is done with it. The driver keeps that promise by construction — connect
+    /// addresses live in `connect_addrs` until their completion, the wakeup timespec in
+    /// `self.timer`, the quiesce deadline on `quiesce`'s frame across the submit that reads it
+    /// — not by anything a wrapper could check, so the allowance stays here, on this function
+    /// alone (ARCHITECTURE.md, "unsafe").
+    #[allow(unsafe_code)]
     fn push(&mut self, entry: squeue::Entry) {
         loop {
             // SAFETY: every pointer an entry carries (sockaddr, timespec) lives in `self` until
-            // the request completes (`connect_addrs`, `timer`).
+            // the request completes (`connect_addrs`, `timer`), or, for `quiesce`'s deadline,
+            // on its frame until after the submit that hands it to the kernel.
             if unsafe { self.ring.submission().push(&entry) }.is_ok() {
                 self.in_flight += 1;
                 return;
@@ -195,14 +205,10 @@ impl Driver for UringDriver {
 
     fn connect(&mut self, flow: FlowKey, fd: RawFd, addr: SocketAddr) -> io::Result<()> {
         let ud = token::flow(Op::Connect, flow, Side::Upstream, Interest::Write);
-        let boxed = Box::new(sockaddr(addr));
-        let e = opcode::Connect::new(
-            types::Fd(fd),
-            &boxed.0 as *const _ as *const libc::sockaddr,
-            boxed.1,
-        )
-        .build()
-        .user_data(ud);
+        let boxed = Box::new(SockAddr::new(addr));
+        let e = opcode::Connect::new(types::Fd(fd), boxed.as_ptr(), boxed.byte_len())
+            .build()
+            .user_data(ud);
         self.connect_addrs.insert(ud, boxed);
         self.push(e);
         Ok(())
@@ -298,11 +304,15 @@ impl Driver for UringDriver {
                 Some(Op::Accept) => {
                     let l = d.index as usize;
                     if res >= 0 {
-                        // SAFETY: a successful accept completion hands us a new descriptor.
-                        events.push(Event::Accepted {
-                            listener: l,
-                            fd: unsafe { OwnedFd::from_raw_fd(res) },
-                        });
+                        // The ring's second promise: an accept completion's result is a new
+                        // descriptor no one else owns. Only the ring knows that, so the
+                        // adoption stays here rather than behind a safe function anyone could
+                        // call with any number.
+                        // SAFETY: a successful accept completion hands us a new descriptor;
+                        // the OwnedFd becomes its only owner.
+                        #[allow(unsafe_code)]
+                        let fd = unsafe { OwnedFd::from_raw_fd(res) };
+                        events.push(Event::Accepted { listener: l, fd });
                     } else if res != -libc::ECANCELED {
                         events.push(Event::AcceptFailed {
                             listener: l,

@@ -4,16 +4,24 @@
 //! splices. Nothing here is shared with other reactors except the read-only [`State`] and the
 //! atomics other threads read.
 
-mod hbone;
+mod keys;
+mod shared;
+mod tunnels;
 
-pub use hbone::{HboneState, TunnelCredentials};
+pub use tunnels::TunnelCredentials;
+
+use keys::{entry, entry_mut, kind_of, Keyed, Kind, SLOT_MASK};
+use shared::Shared;
+use tunnels::Tunnels;
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::Arc;
+
+use crate::sys::eventfd::Waker;
 use std::time::{Duration, Instant};
 
 use slab::Slab;
@@ -26,13 +34,12 @@ use super::flow::{Directions, End, Flow, Phase, Step};
 use super::listeners::Listener;
 use super::socket;
 use super::splice::{PipePool, Pump};
+use super::timer::{Timer, TimerKind};
 use crate::control_plane::state::State;
 use crate::observability::access_log::{self, FlowRecord, Observer};
-use crate::observability::metrics::{CloseKind, FailureKind, ReactorMetrics, TcpLabels};
+use crate::observability::metrics::{CloseKind, FailureKind, ReactorMetrics};
 use crate::redirection::netns::in_netns;
 use crate::redirection::original_dst::original_dst;
-use crate::tunnel::connection::Tunnel;
-use crate::tunnel::stream_flow::StreamFlow;
 
 /// Ring entries: room for accepts, connects and two polls per busy flow per wakeup.
 const RING_ENTRIES: u32 = 4096;
@@ -40,21 +47,15 @@ const RING_ENTRIES: u32 = 4096;
 /// How other threads talk to a reactor: flags plus an eventfd that wakes its driver.
 #[derive(Debug)]
 pub struct ReactorControl {
-    waker: OwnedFd,
+    waker: Waker,
     draining: AtomicBool,
     stop: AtomicBool,
 }
 
 impl ReactorControl {
     pub fn new() -> io::Result<Arc<Self>> {
-        // SAFETY: plain syscall; the result is checked.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
         Ok(Arc::new(ReactorControl {
-            // SAFETY: eventfd returned a fresh descriptor we own.
-            waker: unsafe { OwnedFd::from_raw_fd(fd) },
+            waker: Waker::new()?,
             draining: AtomicBool::new(false),
             stop: AtomicBool::new(false),
         }))
@@ -63,125 +64,20 @@ impl ReactorControl {
     /// Stop accepting; let open flows finish until the drain timeout.
     pub fn drain(&self) {
         self.draining.store(true, SeqCst);
-        self.wake();
+        self.waker.wake();
     }
 
     /// Close every flow now and exit.
     pub fn stop(&self) {
         self.stop.store(true, SeqCst);
-        self.wake();
+        self.waker.wake();
     }
-
-    fn wake(&self) {
-        let one: u64 = 1;
-        // SAFETY: writing 8 bytes from a u64 to our eventfd.
-        unsafe {
-            libc::write(
-                self.waker.as_raw_fd(),
-                &one as *const u64 as *const libc::c_void,
-                8,
-            )
-        };
-    }
-
-    fn drain_waker(&self) {
-        let mut v: u64 = 0;
-        // SAFETY: reading 8 bytes into a u64 from our non-blocking eventfd.
-        unsafe {
-            libc::read(
-                self.waker.as_raw_fd(),
-                &mut v as *mut u64 as *mut libc::c_void,
-                8,
-            )
-        };
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum TimerKind {
-    /// Connect deadline (flows, inbound stream connects, tunnel connect + handshake).
-    Connect,
-    Idle,
-    /// A tunnel session's keepalive deadline.
-    Session,
-}
-
-/// What a key's slot belongs to. Keys carry it in the top bits of their index, so one token
-/// format serves plain flows, tunnel-carried flows and tunnels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Direct,
-    Stream,
-    Tunnel,
-}
-
-const KIND_SHIFT: u32 = 22;
-const SLOT_MASK: u32 = (1 << KIND_SHIFT) - 1;
-
-fn kind_of(key: FlowKey) -> Kind {
-    match key.index >> KIND_SHIFT {
-        0 => Kind::Direct,
-        1 => Kind::Stream,
-        _ => Kind::Tunnel,
-    }
-}
-
-/// What the reactor keeps in a slab under a `FlowKey`: plain flows, flows on streams, tunnels.
-trait Keyed {
-    fn key(&self) -> FlowKey;
 }
 
 impl Keyed for Flow {
     fn key(&self) -> FlowKey {
         self.key
     }
-}
-
-impl Keyed for StreamFlow {
-    fn key(&self) -> FlowKey {
-        self.key
-    }
-}
-
-impl Keyed for Tunnel {
-    fn key(&self) -> FlowKey {
-        self.key
-    }
-}
-
-/// The entry `key` names: its slot, and only while the generation matches (a reused slot
-/// holds another flow, and a late event for the old one must not reach it).
-fn entry<T: Keyed>(slab: &Slab<T>, key: FlowKey) -> Option<&T> {
-    slab.get(slot(key)).filter(|e| e.key() == key)
-}
-
-/// [`entry`], mutable.
-fn entry_mut<T: Keyed>(slab: &mut Slab<T>, key: FlowKey) -> Option<&mut T> {
-    slab.get_mut(slot(key)).filter(|e| e.key() == key)
-}
-
-fn slot(key: FlowKey) -> usize {
-    (key.index & SLOT_MASK) as usize
-}
-
-fn make_key(kind: Kind, slot: usize, generation: u32) -> FlowKey {
-    let tag = match kind {
-        Kind::Direct => 0,
-        Kind::Stream => 1,
-        Kind::Tunnel => 2,
-    };
-    FlowKey {
-        index: (tag << KIND_SHIFT) | (slot as u32 & SLOT_MASK),
-        generation,
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-struct Timer {
-    at: Instant,
-    index: u32,
-    generation: u32,
-    kind: TimerKind,
 }
 
 pub struct ReactorSpec {
@@ -206,10 +102,8 @@ pub struct Reactor {
     driver: Box<dyn Driver>,
     listeners: Vec<Option<Listener>>,
     flows: Slab<Flow>,
-    /// Flows carried by tunnel streams.
-    streams: Slab<StreamFlow>,
-    tunnels: Slab<Tunnel>,
-    hbone: Option<HboneState>,
+    /// Tunnels and the connections they carry; `None` without `node.tls`.
+    hbone: Option<Tunnels>,
     pool: PipePool,
     timers: BinaryHeap<Reverse<Timer>>,
     runnable: Vec<FlowKey>,
@@ -248,11 +142,9 @@ impl Reactor {
             driver,
             listeners: spec.listeners.into_iter().map(Some).collect(),
             flows: Slab::new(),
-            streams: Slab::new(),
-            tunnels: Slab::new(),
             hbone: spec
                 .tunnels
-                .map(|c| HboneState::new(c, &spec.state.config.node)),
+                .map(|c| Tunnels::new(spec.id, c, &spec.state.config.node)),
             pool: PipePool::new(splice.pipe_size, splice.pipe_pool_size),
             timers: BinaryHeap::new(),
             runnable: Vec::new(),
@@ -267,7 +159,7 @@ impl Reactor {
             warned_tunnel: false,
             state: spec.state,
         };
-        r.driver.watch_waker(r.control.waker.as_raw_fd())?;
+        r.driver.watch_waker(r.control.waker.raw_fd())?;
         for i in 0..r.listeners.len() {
             let fd = r.listeners[i]
                 .as_ref()
@@ -291,7 +183,7 @@ impl Reactor {
                 Some(Duration::ZERO)
             } else {
                 let next = self.timers.peek().map(|t| t.0.at);
-                let pool = self.hbone.as_ref().and_then(|h| h.pool.poll_timeout());
+                let pool = self.hbone.as_ref().and_then(Tunnels::poll_timeout);
                 let next = match (next, pool) {
                     (Some(a), Some(b)) => Some(a.min(b)),
                     (a, b) => a.or(b),
@@ -316,23 +208,23 @@ impl Reactor {
                 .timers_queued
                 .store(self.timers.len() as u64, Relaxed);
             if self.control.stop.load(SeqCst) {
-                self.close_all(CloseKind::Drained);
+                self.close_all(CloseKind::Drained, now);
                 return Ok(());
             }
             if self.control.draining.load(SeqCst) && self.drain_deadline.is_none() {
                 self.start_drain(now);
             }
             if let Some(deadline) = self.drain_deadline {
-                if self.flows.is_empty() && self.streams.is_empty() {
+                if self.flows.is_empty() && self.tunnelled_flows() == 0 {
                     // Tunnels close politely: what their streams handed over is written first,
                     // then close_notify and FIN, then they wait for the peer's EOF (bounded by
                     // the close linger). Returning before that would drop queued bytes with the
                     // socket and reset the peer mid-stream.
                     if !self.tunnels_closing {
                         self.tunnels_closing = true;
-                        self.close_tunnels();
+                        self.with_hbone(|h, io| h.close_tunnels(io, now));
                     }
-                    if self.tunnels.is_empty() {
+                    if self.hbone.as_ref().is_none_or(|h| h.tunnel_count() == 0) {
                         log::info!("reactor {}: drained", self.id);
                         return Ok(());
                     }
@@ -341,9 +233,9 @@ impl Reactor {
                     log::warn!(
                         "reactor {}: drain deadline passed; resetting {} open flows",
                         self.id,
-                        self.flows.len() + self.streams.len()
+                        self.flows.len() + self.tunnelled_flows()
                     );
-                    self.close_all(CloseKind::Drained);
+                    self.close_all(CloseKind::Drained, now);
                     return Ok(());
                 }
             }
@@ -359,44 +251,55 @@ impl Reactor {
             }
         }
         // Peers opening streams on our server tunnels should go elsewhere now.
-        let server_tunnels: Vec<FlowKey> = self
-            .tunnels
-            .iter()
-            .filter(|(_, t)| matches!(t.role, crate::tunnel::connection::Role::Server { .. }))
-            .map(|(_, t)| t.key)
-            .collect();
-        for tkey in server_tunnels {
-            if let Some(s) = self.tunnel_mut(tkey).and_then(|t| t.session.as_mut()) {
-                s.goaway();
-            }
-            self.flush_tunnel(tkey, now);
-        }
+        self.with_hbone(|h, io| h.goaway_server_tunnels(io, now));
         log::info!(
             "reactor {}: draining {} flows",
             self.id,
-            self.flows.len() + self.streams.len()
+            self.flows.len() + self.tunnelled_flows()
         );
     }
 
-    fn close_all(&mut self, how: CloseKind) {
+    fn close_all(&mut self, how: CloseKind, now: Instant) {
         let keys: Vec<usize> = self.flows.iter().map(|(k, _)| k).collect();
         for k in keys {
             let key = self.flows[k].key;
             self.finish(key, End::Cut(how));
         }
-        let keys: Vec<FlowKey> = self.streams.iter().map(|(_, f)| f.key).collect();
-        for key in keys {
-            self.finish_stream(key, hbone::StreamEnd::Cut(how));
-        }
-        self.close_tunnels();
+        self.with_hbone(|h, io| {
+            h.cut_streams(io, how, now);
+            h.close_tunnels(io, now);
+        });
     }
 
-    /// Closes every tunnel (their flows are gone): GOAWAY and close_notify.
-    fn close_tunnels(&mut self) {
-        let keys: Vec<FlowKey> = self.tunnels.iter().map(|(_, t)| t.key).collect();
-        for key in keys {
-            self.close_tunnel(key, Some("shutdown"));
+    /// Lends the HBONE half the reactor's context for one call (nothing without `node.tls`).
+    fn with_hbone(&mut self, f: impl FnOnce(&mut Tunnels, &mut Shared<'_>)) {
+        let (hbone, mut io) = self.split();
+        if let Some(h) = hbone {
+            f(h, &mut io);
         }
+    }
+
+    /// The HBONE half and the context it works through, borrowed side by side.
+    fn split(&mut self) -> (Option<&mut Tunnels>, Shared<'_>) {
+        let io = Shared::new(
+            self.id,
+            &self.state,
+            &mut *self.driver,
+            &mut self.timers,
+            &mut self.runnable,
+            &mut self.pool,
+            &self.metrics,
+            self.observer.as_ref(),
+            &mut self.next_generation,
+            self.flows.len(),
+            self.max_flows,
+        );
+        (self.hbone.as_mut(), io)
+    }
+
+    /// Connections carried by tunnels, open or waiting for one.
+    fn tunnelled_flows(&self) -> usize {
+        self.hbone.as_ref().map_or(0, Tunnels::flow_count)
     }
 
     fn handle(&mut self, ev: Event, now: Instant) {
@@ -410,7 +313,11 @@ impl Reactor {
                 match hbone {
                     Some((true, workload, netns)) => {
                         self.metrics.accepted.fetch_add(1, Relaxed);
-                        self.accept_tunnel(fd, workload, netns, now)
+                        let (hbone, mut io) = self.split();
+                        match hbone {
+                            Some(h) => h.accept_tunnel(&mut io, fd, workload, netns, now),
+                            None => socket::close_with_reset(fd),
+                        }
                     }
                     _ => self.accept(listener, fd, now),
                 }
@@ -425,16 +332,18 @@ impl Reactor {
             }
             Event::Connected { flow, result } => match kind_of(flow) {
                 Kind::Direct => self.connected(flow, result, now),
-                Kind::Stream => self.stream_connected(flow, result, now),
-                Kind::Tunnel => self.tunnel_connected(flow, result, now),
+                Kind::Stream => self.with_hbone(|h, io| h.stream_connected(io, flow, result, now)),
+                Kind::Tunnel => self.with_hbone(|h, io| h.tunnel_connected(io, flow, result, now)),
             },
             Event::Ready {
                 flow,
                 side,
                 interest,
-            } if kind_of(flow) == Kind::Stream => self.stream_ready(flow, side, interest, now),
+            } if kind_of(flow) == Kind::Stream => {
+                self.with_hbone(|h, io| h.stream_ready(io, flow, side, interest, now))
+            }
             Event::Ready { flow, interest, .. } if kind_of(flow) == Kind::Tunnel => {
-                self.tunnel_ready(flow, interest, now)
+                self.with_hbone(|h, io| h.tunnel_ready(io, flow, interest, now))
             }
             Event::Ready {
                 flow,
@@ -447,14 +356,10 @@ impl Reactor {
                     self.drive(flow, Directions::for_event(side, interest), now);
                 }
             }
-            Event::Woken => self.control.drain_waker(),
+            Event::Woken => {
+                self.control.waker.drain();
+            }
         }
-    }
-
-    fn next_gen(&mut self) -> u32 {
-        let g = self.next_generation;
-        self.next_generation = self.next_generation.wrapping_add(1).max(1);
-        g
     }
 
     fn flow_mut(&mut self, key: FlowKey) -> Option<&mut Flow> {
@@ -499,7 +404,7 @@ impl Reactor {
         };
         record.original_dst = orig;
         record.upstream = orig;
-        if self.flows.len() + self.streams.len() + self.tunnels.len() >= self.max_flows {
+        if self.flows.len() + self.hbone.as_ref().map_or(0, Tunnels::entries) >= self.max_flows {
             return self.refuse(fd, FailureKind::FlowLimit, None, record, now);
         }
         let accepted = Accepted {
@@ -522,8 +427,22 @@ impl Reactor {
             Route::Refuse(RefuseReason::NotForThisWorkload) => {
                 Some(FailureKind::NotForThisWorkload)
             }
+            Route::HboneTunnel { .. } if self.hbone.is_some() => {
+                let (hbone, mut io) = self.split();
+                let h = hbone.expect("checked");
+                return h.start_outbound_stream(&mut io, fd, res, record, netns, now);
+            }
             Route::HboneTunnel { .. } => {
-                return self.start_outbound_stream(fd, res, record, netns, now);
+                if !self.warned_tunnel {
+                    self.warned_tunnel = true;
+                    log::warn!(
+                        "reactor {}: {} needs an HBONE tunnel but node.tls is not configured; \
+                         such connections are refused (hbone_tunnel_unavailable)",
+                        self.id,
+                        record.destination
+                    );
+                }
+                Some(FailureKind::TunnelUnavailable)
             }
         };
         if let Some(kind) = kind {
@@ -544,9 +463,9 @@ impl Reactor {
             }
         };
         let _ = socket::set_nodelay(raw);
-        let labels = tcp_labels(&res, &self.state);
+        let labels = shared::tcp_labels(&res, &self.state);
         let counters = self.metrics.tcp_counters(labels);
-        let generation = self.next_gen();
+        let generation = self.split().1.next_gen();
         let entry = self.flows.vacant_entry();
         let key = FlowKey {
             index: entry.key() as u32,
@@ -591,12 +510,8 @@ impl Reactor {
                 },
             );
         }
-        self.timers.push(Reverse(Timer {
-            at: now + self.state.config.node.timeouts.connect,
-            index: key.index,
-            generation,
-            kind: TimerKind::Connect,
-        }));
+        let deadline = now + self.state.config.node.timeouts.connect;
+        self.split().1.push_timer(key, deadline, TimerKind::Connect);
     }
 
     /// Resets a connection that will not be proxied, and records why.
@@ -605,14 +520,10 @@ impl Reactor {
         fd: OwnedFd,
         kind: FailureKind,
         errno: Option<i32>,
-        mut record: FlowRecord,
+        record: FlowRecord,
         now: Instant,
     ) {
-        self.metrics.failure(kind);
-        self.metrics.closed(CloseKind::Failed);
-        socket::close_with_reset(fd);
-        record.set_end(CloseKind::Failed, Some(kind), errno, now.elapsed());
-        access_log::emit(&record, self.observer.as_ref());
+        self.split().1.refuse(fd, kind, errno, record, now);
     }
 
     fn connected(&mut self, key: FlowKey, result: Result<(), i32>, now: Instant) {
@@ -626,12 +537,7 @@ impl Reactor {
                 f.phase = Phase::Open;
                 f.counters.opened.fetch_add(1, Relaxed);
                 f.last_active = now;
-                self.timers.push(Reverse(Timer {
-                    at: now + idle,
-                    index: key.index,
-                    generation: key.generation,
-                    kind: TimerKind::Idle,
-                }));
+                self.split().1.push_timer(key, now + idle, TimerKind::Idle);
                 self.drive(key, Directions::BOTH, now);
             }
             Err(errno) => {
@@ -696,8 +602,9 @@ impl Reactor {
                         self.drive(key, Directions::BOTH, now);
                     }
                 }
-                Kind::Stream => self.drive_stream(key, now),
-                Kind::Tunnel => self.drive_tunnel(key, now),
+                // A tunnel queues its own streams; only tunnels are queued here.
+                Kind::Stream => {}
+                Kind::Tunnel => self.with_hbone(|h, io| h.run_tunnel(io, key, now)),
             }
         }
     }
@@ -707,7 +614,7 @@ impl Reactor {
     /// connections per second. When the heap holds far more timers than live owners could
     /// need, it is rebuilt with only the timers whose owner still exists.
     fn compact_timers(&mut self) {
-        let live = self.flows.len() + self.streams.len() + self.tunnels.len();
+        let live = self.flows.len() + self.hbone.as_ref().map_or(0, Tunnels::entries);
         if self.timers.len() <= 4 * live + 256 {
             return;
         }
@@ -721,9 +628,10 @@ impl Reactor {
                     generation: t.generation,
                 };
                 match kind_of(key) {
-                    Kind::Direct => self.flows.get(slot(key)).is_some_and(|f| f.key == key),
-                    Kind::Stream => self.streams.get(slot(key)).is_some_and(|f| f.key == key),
-                    Kind::Tunnel => self.tunnels.get(slot(key)).is_some_and(|t| t.key == key),
+                    Kind::Direct => entry(&self.flows, key).is_some(),
+                    Kind::Stream | Kind::Tunnel => {
+                        self.hbone.as_ref().is_some_and(|h| h.holds(key))
+                    }
                 }
             })
             .collect();
@@ -738,12 +646,7 @@ impl Reactor {
     fn fire_timers(&mut self, now: Instant) {
         let idle = self.state.config.node.timeouts.idle;
         self.compact_timers();
-        if let Some(h) = self.hbone.as_mut() {
-            if h.pool.poll_timeout().is_some_and(|at| at <= now) {
-                h.pool.handle_timeout(now);
-                self.process_pool_events(now);
-            }
-        }
+        self.with_hbone(|h, io| h.pool_timers(io, now));
         while let Some(Reverse(t)) = self.timers.peek().copied() {
             if t.at > now {
                 break;
@@ -756,11 +659,11 @@ impl Reactor {
             match kind_of(key) {
                 Kind::Direct => {}
                 Kind::Stream => {
-                    self.stream_timer(key, t, now);
+                    self.with_hbone(|h, io| h.stream_timer(io, key, t, now));
                     continue;
                 }
                 Kind::Tunnel => {
-                    self.tunnel_timer(key, t, now);
+                    self.with_hbone(|h, io| h.tunnel_timer(io, key, t, now));
                     continue;
                 }
             }
@@ -778,7 +681,7 @@ impl Reactor {
                         },
                     );
                 }
-                TimerKind::Connect | TimerKind::Session => {}
+                TimerKind::Connect | TimerKind::Session | TimerKind::Linger => {}
                 TimerKind::Idle => {
                     let due = f.last_active + idle;
                     if due <= now {
@@ -884,39 +787,8 @@ fn describe(record: &mut FlowRecord, res: &Resolution, state: &State) {
     record.destination_identity = res.destination_identity(reg).map(str::to_owned);
 }
 
-fn tcp_labels(res: &Resolution, state: &State) -> TcpLabels {
-    let reg = &state.registry;
-    let name_ns = |w: Option<crate::control_plane::workload_registry::WorkloadId>| match w {
-        Some(w) => {
-            let w = &reg.workload(w).workload;
-            (w.name.clone(), w.namespace.clone())
-        }
-        None => ("unknown".to_string(), "unknown".to_string()),
-    };
-    let (sw, sns) = name_ns(res.source);
-    let (dw, dns) = name_ns(res.destination_workload());
-    let service = match res.destination {
-        Destination::Service { service, .. } => reg.service(service).hostname.clone(),
-        _ => "unknown".into(),
-    };
-    TcpLabels {
-        reporter: match res.direction {
-            Direction::Outbound => "source",
-            Direction::InboundPlaintext => "destination",
-        },
-        source_workload: sw,
-        source_workload_namespace: sns,
-        destination_workload: dw,
-        destination_workload_namespace: dns,
-        destination_service: service,
-    }
-}
-
 fn pin_to(cpu: usize) {
-    let mut set = nix::sched::CpuSet::new();
-    if set.set(cpu).is_ok() {
-        if let Err(e) = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set) {
-            log::warn!("cannot pin reactor thread to CPU {cpu}: {e}");
-        }
+    if let Err(e) = crate::sys::process::pin_to_cpu(cpu) {
+        log::warn!("cannot pin reactor thread to CPU {cpu}: {e}");
     }
 }

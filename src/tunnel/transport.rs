@@ -1,0 +1,511 @@
+//! A tunnel's byte stream once TLS is established: HTTP/2 plaintext in and out, with records
+//! sealed and opened by the kernel (kTLS: the socket itself carries plaintext) or in user space
+//! with the same keys ([`record_layer`]).
+//!
+//! Reading: [`Transport::fill`] adds received plaintext to a buffer that [`buffered`] shows
+//! and [`consume`] shortens; in kTLS mode the tunnel may instead splice DATA payload straight
+//! off the socket ([`Transport::can_splice`]) whenever nothing is buffered. Non-data records are
+//! judged the same way in both modes ([`ktls::control_record`]): NewSessionTicket is dropped,
+//! close_notify is EOF, KeyUpdate and alerts end the tunnel with their reason.
+//!
+//! Writing: the session's frames are queued with [`queue`], a copied DATA frame is read from a
+//! stream's socket straight into the output behind its header ([`read_data_frame`]: into the
+//! records that will seal it in user-space mode), and [`flush`] writes until the socket is full.
+//! Zero-copy DATA frames go around this queue, onto the socket directly, and only when it is
+//! empty. Every record sent is charged to the [`RecordBudget`].
+//!
+//! [`buffered`]: Transport::buffered
+//! [`consume`]: Transport::consume
+//! [`queue`]: Transport::queue
+//! [`read_data_frame`]: Transport::read_data_frame
+//! [`flush`]: Transport::flush
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::RawFd;
+
+use hbone_proto::frame::FRAME_HEADER_LEN;
+
+use super::error::{errno, TunnelError};
+use crate::data_plane::socket;
+use crate::observability::hbone_metrics::{HboneMetrics, TlsRecordKind};
+use crate::tls::ktls::{self, ControlRecord, RecordBudget};
+use crate::tls::record_layer::{self, Opener, RecordWriter, Sealer};
+
+/// Plaintext queued for the peer before streams must wait (back-pressure).
+pub const OUT_LIMIT: usize = 1024 * 1024;
+/// Plaintext read from the peer per fill in copy mode.
+pub const INPUT_CHUNK: usize = 256 * 1024;
+/// Raw TLS bytes read per `recv` in user-space mode.
+const RAW_CHUNK: usize = 256 * 1024;
+
+/// What reading from the peer produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fill {
+    /// Plaintext was added to the buffer.
+    Got(usize),
+    WouldBlock,
+    /// The peer closed its sending side (close_notify, or TCP FIN between records on kTLS).
+    Eof,
+}
+
+/// A byte buffer that stays initialised: data is `buf[start..end]`, reads land in `spare`.
+#[derive(Debug, Default)]
+struct Bytes {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl Bytes {
+    fn as_slice(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.start += n;
+        debug_assert!(self.start <= self.end);
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// `n` writable bytes after the data (moving the data to the front when that makes room).
+    fn spare(&mut self, n: usize) -> &mut [u8] {
+        if self.start > 0 && self.buf.len() - self.end < n {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.buf.len() < self.end + n {
+            self.buf.resize(self.end + n, 0);
+        }
+        &mut self.buf[self.end..self.end + n]
+    }
+
+    fn commit(&mut self, n: usize) {
+        self.end += n;
+        debug_assert!(self.end <= self.buf.len());
+    }
+
+    fn append(&mut self, bytes: &[u8]) {
+        self.spare(bytes.len()).copy_from_slice(bytes);
+        self.commit(bytes.len());
+    }
+}
+
+/// The user-space record layer's state.
+struct UserTls {
+    opener: Opener,
+    /// Raw TLS bytes read and not yet opened: `raw[raw_pos..raw_len]`.
+    raw: Vec<u8>,
+    raw_pos: usize,
+    raw_len: usize,
+    /// Plaintext of opened records, in place in `raw` (`start..end`), not yet consumed.
+    plain: VecDeque<(usize, usize)>,
+    writer: RecordWriter,
+    /// Records sealed and already charged to the budget.
+    charged: u64,
+    /// close_notify seen: EOF once the plaintext before it is consumed.
+    closed: bool,
+}
+
+enum Mode {
+    Kernel,
+    User(Box<UserTls>),
+}
+
+/// See the module docs.
+pub struct Transport {
+    mode: Mode,
+    /// Plaintext received and not consumed (kTLS reads, and what the handover decrypted).
+    input: Bytes,
+    /// kTLS: plaintext queued for the peer. User-space TLS queues into its records instead.
+    out: Bytes,
+    budget: RecordBudget,
+}
+
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transport")
+            .field("kernel", &self.is_kernel())
+            .field("buffered", &self.buffered().len())
+            .field("out_pending", &self.out_pending())
+            .finish()
+    }
+}
+
+impl Transport {
+    /// The socket does TLS itself (kTLS). `plaintext` is what the handover already decrypted.
+    pub fn kernel(plaintext: Vec<u8>, budget: RecordBudget) -> Transport {
+        let mut t = Transport {
+            mode: Mode::Kernel,
+            input: Bytes::default(),
+            out: Bytes::default(),
+            budget,
+        };
+        t.input.append(&plaintext);
+        t
+    }
+
+    /// Records are sealed and opened here with the handshake's secrets.
+    pub fn user_space(
+        secrets: &rustls::ExtractedSecrets,
+        plaintext: Vec<u8>,
+        budget: RecordBudget,
+    ) -> Result<Transport, TunnelError> {
+        let sealer = Sealer::new(&secrets.tx.1, secrets.tx.0).map_err(TunnelError::TlsKeys)?;
+        let opener = Opener::new(&secrets.rx.1, secrets.rx.0).map_err(TunnelError::TlsKeys)?;
+        let mut t = Transport {
+            mode: Mode::User(Box::new(UserTls {
+                opener,
+                raw: Vec::new(),
+                raw_pos: 0,
+                raw_len: 0,
+                plain: VecDeque::new(),
+                writer: RecordWriter::new(sealer),
+                charged: 0,
+                closed: false,
+            })),
+            input: Bytes::default(),
+            out: Bytes::default(),
+            budget,
+        };
+        t.input.append(&plaintext);
+        Ok(t)
+    }
+
+    pub fn is_kernel(&self) -> bool {
+        matches!(self.mode, Mode::Kernel)
+    }
+
+    // ---------------------------------------------------------------------------- reading
+
+    /// Plaintext received and not yet consumed, in order: the input buffer, then user-space
+    /// records decrypted in place, one record at a time. Empty when nothing waits.
+    pub fn buffered(&self) -> &[u8] {
+        if !self.input.is_empty() {
+            return self.input.as_slice();
+        }
+        match &self.mode {
+            Mode::User(st) => st.plain.front().map_or(&[][..], |&(a, b)| &st.raw[a..b]),
+            Mode::Kernel => &[],
+        }
+    }
+
+    /// Marks `n` bytes of [`buffered`](Self::buffered) consumed.
+    pub fn consume(&mut self, n: usize) {
+        if !self.input.is_empty() {
+            self.input.consume(n);
+            return;
+        }
+        if let Mode::User(st) = &mut self.mode {
+            if let Some(front) = st.plain.front_mut() {
+                front.0 += n;
+                debug_assert!(front.0 <= front.1);
+                if front.0 >= front.1 {
+                    st.plain.pop_front();
+                }
+            }
+        }
+    }
+
+    /// True when the next plaintext byte is still in the socket and the socket is plaintext
+    /// (kTLS): payload may be spliced off it.
+    pub fn can_splice(&self) -> bool {
+        self.is_kernel() && self.input.is_empty()
+    }
+
+    /// Reads more plaintext: at most `max` bytes on kTLS (so a zero-copy reader never pulls
+    /// payload into user space by accident), whole records in user space. Call only when
+    /// [`buffered`](Self::buffered) is empty.
+    pub fn fill(
+        &mut self,
+        fd: RawFd,
+        max: usize,
+        metrics: &HboneMetrics,
+    ) -> Result<Fill, TunnelError> {
+        debug_assert!(self.buffered().is_empty(), "fill with unconsumed plaintext");
+        match &mut self.mode {
+            Mode::User(st) => user_fill(st, fd, metrics),
+            Mode::Kernel => kernel_fill(&mut self.input, fd, max.max(1), metrics),
+        }
+    }
+
+    // ---------------------------------------------------------------------------- writing
+
+    /// Queues the session's frames (they precede any DATA frame written after).
+    pub fn queue(&mut self, frames: &[u8]) {
+        if frames.is_empty() {
+            return;
+        }
+        match &mut self.mode {
+            // Sealing fails only when the sequence number is exhausted, far past the record
+            // budget; `flush` reports the writer's state then.
+            Mode::User(st) => {
+                let _ = st.writer.append(frames);
+            }
+            Mode::Kernel => self.out.append(frames),
+        }
+    }
+
+    /// Reads up to `max` bytes from `src` as the payload of one DATA frame whose header
+    /// `header(n)` gives: straight behind the header in the output (kTLS), or straight into
+    /// the records that will seal it (user space: no copy before encryption). Returns the
+    /// payload length; 0 is EOF (nothing added). `WouldBlock` adds nothing.
+    pub fn read_data_frame(
+        &mut self,
+        src: RawFd,
+        max: usize,
+        header: impl FnOnce(usize) -> io::Result<[u8; FRAME_HEADER_LEN]>,
+    ) -> io::Result<usize> {
+        if let Mode::User(st) = &mut self.mode {
+            return st.writer.read_frame::<FRAME_HEADER_LEN>(
+                max,
+                |iov| crate::sys::socket::readv(src, iov),
+                header,
+            );
+        }
+        let room = self.out.spare(FRAME_HEADER_LEN + max);
+        let n = crate::sys::socket::recv_nonblocking(src, &mut room[FRAME_HEADER_LEN..])?;
+        if n == 0 {
+            return Ok(0);
+        }
+        let h = header(n)?;
+        room[..FRAME_HEADER_LEN].copy_from_slice(&h);
+        self.out.commit(FRAME_HEADER_LEN + n);
+        Ok(n)
+    }
+
+    /// Plaintext queued for the peer and not yet written.
+    pub fn out_pending(&self) -> usize {
+        let records = match &self.mode {
+            Mode::User(st) => st.writer.pending(),
+            Mode::Kernel => 0,
+        };
+        self.out.len() + records
+    }
+
+    /// Room for more DATA frames before writers must wait.
+    pub fn out_room(&self) -> usize {
+        OUT_LIMIT.saturating_sub(self.out_pending())
+    }
+
+    /// Writes queued bytes until the socket would block; `Ok(true)` when everything left.
+    pub fn flush(&mut self, fd: RawFd) -> Result<bool, TunnelError> {
+        match &mut self.mode {
+            Mode::User(st) => {
+                st.writer.seal_open().map_err(TunnelError::TlsRecord)?;
+                let sealed = st.writer.records_sealed();
+                self.budget.charge_records(sealed - st.charged);
+                st.charged = sealed;
+                while !st.writer.sealed_bytes().is_empty() {
+                    match socket::send_nonblocking(fd, st.writer.sealed_bytes()) {
+                        Ok(n) => st.writer.consume(n),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                        Err(e) => return Err(TunnelError::write(&e)),
+                    }
+                }
+                Ok(true)
+            }
+            Mode::Kernel => {
+                while !self.out.is_empty() {
+                    match socket::send_nonblocking(fd, self.out.as_slice()) {
+                        Ok(n) => {
+                            self.budget.charge_send(n);
+                            self.out.consume(n);
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                        Err(e) => return Err(TunnelError::write(&e)),
+                    }
+                }
+                Ok(true)
+            }
+        }
+    }
+
+    /// Charges bytes written around the queue (zero-copy frames) to the record budget.
+    pub fn charge_written(&mut self, n: usize) {
+        self.budget.charge_send(n);
+    }
+
+    pub fn budget(&self) -> &RecordBudget {
+        &self.budget
+    }
+
+    /// Ends our sending side politely with close_notify; best effort, after a complete flush
+    /// (nothing may be queued ahead of the alert).
+    pub fn send_close_notify(&mut self, fd: RawFd) {
+        match &mut self.mode {
+            Mode::User(st) => {
+                if st.writer.close_notify().is_ok() {
+                    if let Ok(n) = socket::send_nonblocking(fd, st.writer.sealed_bytes()) {
+                        st.writer.consume(n);
+                    }
+                }
+            }
+            Mode::Kernel => {
+                let _ = ktls::send_close_notify(fd);
+            }
+        }
+    }
+}
+
+/// Counts a control record and says what it means for the tunnel: `Ok(true)` is EOF.
+fn judge_control(
+    record_type: u8,
+    payload: &[u8],
+    metrics: &HboneMetrics,
+    kernel: bool,
+) -> Result<bool, TunnelError> {
+    match ktls::control_record(record_type, payload) {
+        ControlRecord::Ignore => {
+            metrics.tls_record(TlsRecordKind::NewSessionTicket);
+            Ok(false)
+        }
+        ControlRecord::PeerClosed => {
+            metrics.tls_record(TlsRecordKind::CloseNotify);
+            Ok(true)
+        }
+        ControlRecord::Retire(_) => {
+            metrics.tls_record(TlsRecordKind::KeyUpdate);
+            Err(TunnelError::KeyUpdate(if kernel {
+                "peer sent KeyUpdate; kTLS keys cannot follow"
+            } else {
+                "peer sent KeyUpdate; extracted keys cannot follow it"
+            }))
+        }
+        ControlRecord::Fatal(why) => {
+            metrics.tls_record(TlsRecordKind::Alert);
+            Err(TunnelError::TlsAlert(why))
+        }
+    }
+}
+
+/// kTLS: one `recvmsg` of at most `max` bytes into the input, handling control records (the
+/// kernel returns one record type per call and stops at the end of a control record).
+fn kernel_fill(
+    input: &mut Bytes,
+    fd: RawFd,
+    max: usize,
+    metrics: &HboneMetrics,
+) -> Result<Fill, TunnelError> {
+    loop {
+        let buf = input.spare(max);
+        let r = ktls::recv_record(fd, buf, libc::MSG_DONTWAIT);
+        let got = match r {
+            Ok(got) => got,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Fill::WouldBlock),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(TunnelError::Read(errno(&e))),
+        };
+        if got.record_type == ktls::CONTENT_APPLICATION_DATA {
+            if got.len == 0 {
+                return Ok(Fill::Eof);
+            }
+            input.commit(got.len);
+            return Ok(Fill::Got(got.len));
+        }
+        // If the read filled `max`, the control record may go on: take the rest of it.
+        let mut control = buf[..got.len].to_vec();
+        if got.len == max {
+            let mut rest = vec![0u8; ktls::MAX_RECORD_PAYLOAD];
+            if let Ok(p) = ktls::recv_record(fd, &mut rest, libc::MSG_DONTWAIT | libc::MSG_PEEK) {
+                if p.len > 0 && p.record_type == got.record_type {
+                    let taken = ktls::recv_record(fd, &mut rest[..p.len], libc::MSG_DONTWAIT)
+                        .map_err(|e| TunnelError::Read(errno(&e)))?;
+                    control.extend_from_slice(&rest[..taken.len]);
+                }
+            }
+        }
+        if judge_control(got.record_type, &control, metrics, true)? {
+            return Ok(Fill::Eof);
+        }
+    }
+}
+
+/// User space: opens every complete record already read, in place, queueing their plaintext
+/// ranges; reads more from the socket only when none is complete and every opened byte was
+/// consumed (reading may move the buffer's contents).
+fn user_fill(st: &mut UserTls, fd: RawFd, metrics: &HboneMetrics) -> Result<Fill, TunnelError> {
+    loop {
+        let mut got = 0;
+        while !st.closed {
+            let opened = st
+                .opener
+                .open_first(&mut st.raw[st.raw_pos..st.raw_len])
+                .map_err(TunnelError::TlsRecord)?;
+            let Some(r) = opened else { break };
+            let (a, b) = (st.raw_pos + r.start, st.raw_pos + r.end);
+            st.raw_pos += r.consumed;
+            if r.content_type == ktls::CONTENT_APPLICATION_DATA {
+                if b > a {
+                    st.plain.push_back((a, b));
+                    got += b - a;
+                }
+                continue;
+            }
+            if judge_control(r.content_type, &st.raw[a..b], metrics, false)? {
+                st.closed = true;
+            }
+        }
+        if got > 0 {
+            return Ok(Fill::Got(got));
+        }
+        if !st.plain.is_empty() {
+            return Err(TunnelError::Internal(
+                "read asked for while decrypted input is unconsumed",
+            ));
+        }
+        if st.closed {
+            return Ok(Fill::Eof);
+        }
+        if st.raw_pos > 0 {
+            st.raw.copy_within(st.raw_pos..st.raw_len, 0);
+            st.raw_len -= st.raw_pos;
+            st.raw_pos = 0;
+        }
+        let size = RAW_CHUNK + 2 * (record_layer::MAX_PLAINTEXT + 512);
+        if st.raw.len() < size {
+            // Allocated once, zeroed once: reads land in it without clearing.
+            st.raw.resize(size, 0);
+        }
+        match crate::sys::socket::recv_nonblocking(fd, &mut st.raw[st.raw_len..]) {
+            Ok(0) if st.raw_len > 0 => return Err(TunnelError::PeerClosedInsideRecord),
+            Ok(0) => return Err(TunnelError::PeerClosedWithoutCloseNotify),
+            Ok(n) => st.raw_len += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Fill::WouldBlock),
+            Err(e) => return Err(TunnelError::Read(errno(&e))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_keep_order_across_compaction() {
+        let mut b = Bytes::default();
+        b.append(b"hello ");
+        b.consume(3);
+        b.append(b"world");
+        assert_eq!(b.as_slice(), b"lo world");
+        let spare = b.spare(4);
+        spare.copy_from_slice(b"!!!!");
+        b.commit(2);
+        assert_eq!(b.as_slice(), b"lo world!!");
+        b.consume(b.len());
+        assert!(b.is_empty());
+        assert_eq!((b.start, b.end), (0, 0));
+    }
+}
