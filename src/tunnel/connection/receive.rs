@@ -140,13 +140,20 @@ impl Tunnel {
         }
     }
 
-    /// After bytes reached a stream's sink or left it: count what reached the socket, give the
-    /// peer credit for it, wait for the socket if bytes are left, deliver the EOF once
-    /// everything is out, end the stream when its socket failed or it is complete.
+    /// After bytes reached a stream's sink: push them on toward the local socket as far as
+    /// it takes them now (edge-triggered readiness reports a socket that was writable all
+    /// along never again, so "wait until writable" is only for a socket that said EAGAIN),
+    /// count what reached it and give the peer credit for that, wait for the socket if bytes
+    /// are left, deliver the EOF once everything is out, end the stream when its socket failed
+    /// or it is complete.
     pub(super) fn after_delivery(&mut self, id: StreamId, ctx: &mut Ctx<'_>) {
         let Some(s) = self.streams.get_mut(&id) else {
             return;
         };
+        if let (Some(dst), true) = (s.writable_local(), s.sink.buffered() > 0) {
+            // A failure is the sink's state now; it is handled below with the credit.
+            let _ = s.sink.flush(dst);
+        }
         let credit = s.sink.take_delivered();
         if s.count_delivered() > 0 {
             s.last_active = ctx.now;
@@ -188,16 +195,6 @@ impl Tunnel {
 
     /// The local socket is writable: the sink goes on.
     pub(super) fn flush_sink(&mut self, id: StreamId, ctx: &mut Ctx<'_>) {
-        let Some(s) = self.streams.get_mut(&id) else {
-            return;
-        };
-        let Some(dst) = s.writable_local() else {
-            return;
-        };
-        if let Err(SinkError::Local(errno)) = s.sink.flush(dst) {
-            let end = s.local_broken(errno);
-            return self.end_stream(id, end, ctx);
-        }
         self.after_delivery(id, ctx);
     }
 

@@ -35,6 +35,18 @@ use crate::observability::hbone_metrics::{HboneMetrics, TunnelClose};
 use crate::observability::metrics::TcpCounters;
 use crate::tls::fixtures::{configs, id, Pki, CLIENT, SERVER};
 
+/// How readiness reaches the tunnels, as each driver gives it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Readiness {
+    /// io_uring: one-shot requests, checked against the socket's state when armed.
+    Level,
+    /// epoll: every socket registered once for both directions, edge-triggered; arming does
+    /// nothing, so a tunnel that stops before EAGAIN hears no more.
+    Edge,
+}
+
+pub(super) const READINESS: [Readiness; 2] = [Readiness::Level, Readiness::Edge];
+
 /// A test's overall deadline.
 pub(super) const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -107,11 +119,19 @@ pub(super) struct Harness {
     /// Client: close the tunnel once it retired and its streams are done (the pool's job).
     pub close_retired: bool,
     pub iterations: u64,
+    /// `Readiness::Edge`: the epoll set every socket is registered in.
+    edge: Option<crate::sys::epoll::Epoll>,
 }
 
 impl Harness {
     /// Two tunnels on the two ends of `(client_sock, server_sock)`.
-    pub fn new(tls: Tls, env: TunnelEnv, pipes: PipePool, socks: (TcpStream, TcpStream)) -> Self {
+    pub fn new(
+        tls: Tls,
+        readiness: Readiness,
+        env: TunnelEnv,
+        pipes: PipePool,
+        socks: (TcpStream, TcpStream),
+    ) -> Self {
         let (cs, ss) = socks;
         cs.set_nonblocking(true).unwrap();
         ss.set_nonblocking(true).unwrap();
@@ -147,6 +167,8 @@ impl Harness {
             }),
             close_retired: true,
             iterations: 0,
+            edge: (readiness == Readiness::Edge)
+                .then(|| crate::sys::epoll::Epoll::new().expect("epoll")),
         };
         let ckey = FlowKey {
             index: 1 << 30,
@@ -193,14 +215,36 @@ impl Harness {
                 h.server.t = Some(s);
             }
         }
+        for server in [false, true] {
+            let key = if server { skey } else { ckey };
+            let fd = h.node(server).tunnel().raw();
+            h.watch(server, key, fd);
+        }
         h.apply();
         h
+    }
+
+    /// Edge mode: registers `fd` once for both directions, as the epoll driver does.
+    fn watch(&mut self, server: bool, key: FlowKey, fd: RawFd) {
+        if let Some(ep) = &self.edge {
+            let events = (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
+            let data = (u64::from(server) << 63)
+                | (u64::from(key.index) << 32)
+                | u64::from(key.generation);
+            ep.add(fd, events, data).expect("epoll add");
+        }
     }
 
     /// Only a server tunnel (Plain), on `sock`: the test drives the client side itself.
     pub fn server_only(tls: Tls, env: TunnelEnv, sock: TcpStream) -> Self {
         let (spare, _peer) = tcp_pair();
-        let mut h = Harness::new(tls, env, PipePool::new(256 << 10, 16), (spare, sock));
+        let mut h = Harness::new(
+            tls,
+            Readiness::Level,
+            env,
+            PipePool::new(256 << 10, 16),
+            (spare, sock),
+        );
         h.client.t = None;
         h.client.armed.clear();
         h.client.timers.clear();
@@ -209,8 +253,14 @@ impl Harness {
     }
 
     /// Two tunnels joined directly over a loopback pair.
-    pub fn pair(tls: Tls, env: TunnelEnv) -> Self {
-        Harness::new(tls, env, PipePool::new(256 << 10, 16), tcp_pair())
+    pub fn pair(tls: Tls, readiness: Readiness, env: TunnelEnv) -> Self {
+        Harness::new(
+            tls,
+            readiness,
+            env,
+            PipePool::new(256 << 10, 16),
+            tcp_pair(),
+        )
     }
 
     fn node(&mut self, server: bool) -> &mut Node {
@@ -260,6 +310,7 @@ impl Harness {
         let (app, local) = tcp_pair();
         local.set_nonblocking(true).unwrap();
         let key = self.next_stream_key();
+        self.watch(false, key, local.as_raw_fd());
         let setup = StreamSetup {
             key,
             local: OwnedFd::from(local),
@@ -286,6 +337,7 @@ impl Harness {
 
     /// Plays the reactor for every action both tunnels queued.
     fn apply(&mut self) {
+        let edge = self.edge.is_some();
         for server in [false, true] {
             while let Some(action) = self.node(server).t.as_mut().and_then(Tunnel::poll_action) {
                 if let Action::Request { id, .. } = action {
@@ -295,6 +347,8 @@ impl Harness {
                 }
                 let node = self.node(server);
                 match action {
+                    // Edge mode: arming does nothing, as with epoll.
+                    Action::Arm { .. } if edge => {}
                     Action::Arm {
                         key, fd, interest, ..
                     } => {
@@ -359,6 +413,7 @@ impl Harness {
             let (dst, app) = tcp_pair();
             dst.set_nonblocking(true).unwrap();
             let key = self.next_stream_key();
+            self.watch(true, key, dst.as_raw_fd());
             let setup = StreamSetup {
                 key,
                 local: OwnedFd::from(dst),
@@ -389,6 +444,29 @@ impl Harness {
                 }
             }
         }
+        let busy = self.client.queued || self.server.queued;
+        let fired = match &self.edge {
+            Some(ep) => edge_events(ep, if busy { 0 } else { 10 }),
+            None => self.level_events(busy),
+        };
+        for (server, key, interest) in fired {
+            match self.route(server, key) {
+                Some(None) => self.call(server, |t, ctx| t.ready(interest, ctx)),
+                Some(Some(id)) => self.call(server, |t, ctx| t.stream_ready(id, interest, ctx)),
+                None => None,
+            };
+        }
+        for server in [false, true] {
+            let node = self.node(server);
+            if std::mem::take(&mut node.queued) {
+                self.call(server, |t, ctx| t.run(ctx));
+            }
+        }
+        self.fire_timers();
+    }
+
+    /// Level mode: polls the armed requests (up to 10 ms); each one that fired is gone.
+    fn level_events(&mut self, busy: bool) -> Vec<(bool, FlowKey, Interest)> {
         let mut fds: Vec<libc::pollfd> = Vec::new();
         let mut owners = Vec::new();
         for server in [false, true] {
@@ -404,7 +482,6 @@ impl Harness {
                 owners.push((server, i));
             }
         }
-        let busy = self.client.queued || self.server.queued;
         let wait = if busy { 0 } else { 10 };
         crate::sys::socket::poll(&mut fds, wait).expect("poll");
         let mut fired: Vec<(bool, FlowKey, Interest)> = Vec::new();
@@ -421,19 +498,10 @@ impl Harness {
         for (server, i) in gone {
             self.node(server).armed.remove(i);
         }
-        for (server, key, interest) in fired {
-            match self.route(server, key) {
-                Some(None) => self.call(server, |t, ctx| t.ready(interest, ctx)),
-                Some(Some(id)) => self.call(server, |t, ctx| t.stream_ready(id, interest, ctx)),
-                None => None,
-            };
-        }
-        for server in [false, true] {
-            let node = self.node(server);
-            if std::mem::take(&mut node.queued) {
-                self.call(server, |t, ctx| t.run(ctx));
-            }
-        }
+        fired
+    }
+
+    fn fire_timers(&mut self) {
         let now = Instant::now();
         for server in [false, true] {
             let node = self.node(server);
@@ -465,6 +533,30 @@ impl Harness {
             self.step();
         }
     }
+}
+
+/// Edge mode: what the epoll set reports (up to `wait_ms`), as (side, key, interest) events.
+fn edge_events(ep: &crate::sys::epoll::Epoll, wait_ms: i32) -> Vec<(bool, FlowKey, Interest)> {
+    let mut ready = [crate::sys::epoll::EpollEvent { events: 0, u64: 0 }; 64];
+    let n = ep.wait(&mut ready, wait_ms).expect("epoll wait");
+    let mut out = Vec::new();
+    for ev in &ready[..n] {
+        let data = ev.u64;
+        let server = data >> 63 == 1;
+        let key = FlowKey {
+            index: ((data >> 32) & 0x7fff_ffff) as u32,
+            generation: data as u32,
+        };
+        let read = (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32;
+        let write = (libc::EPOLLOUT | libc::EPOLLHUP | libc::EPOLLERR) as u32;
+        if ev.events & read != 0 {
+            out.push((server, key, Interest::Read));
+        }
+        if ev.events & write != 0 {
+            out.push((server, key, Interest::Write));
+        }
+    }
+    out
 }
 
 /// A server application: reads its stream to EOF, then sends back what it read, then closes.

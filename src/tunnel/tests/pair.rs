@@ -22,7 +22,13 @@ fn all_clean(node: &Node) -> bool {
 /// application reads to EOF and only then sends everything back — so each direction ends on its
 /// own (END_STREAM ↔ FIN) — and the client reads it all back, hashed.
 fn streams_exchange(tls: Tls) {
-    let mut h = Harness::pair(tls, env());
+    for readiness in READINESS {
+        streams_exchange_with(tls, readiness);
+    }
+}
+
+fn streams_exchange_with(tls: Tls, readiness: Readiness) {
+    let mut h = Harness::pair(tls, readiness, env());
     h.wait_established();
     let sizes = [300_000, 1_500_000, 0, 2_500_000];
     let apps: Vec<_> = sizes
@@ -37,11 +43,15 @@ fn streams_exchange(tls: Tls) {
     h.run_until(|h| h.client.ended.len() == sizes.len() && h.server.ended.len() == sizes.len());
     for (app, want) in apps {
         let got = app.join().expect("client app").expect("client app io");
-        assert_eq!(sha(&got), want, "{tls:?}: echoed bytes differ");
+        assert_eq!(
+            sha(&got),
+            want,
+            "{tls:?} {readiness:?}: echoed bytes differ"
+        );
     }
     assert!(
         all_clean(&h.client) && all_clean(&h.server),
-        "{tls:?}: unclean ends"
+        "{tls:?} {readiness:?}: unclean ends"
     );
     let total: u64 = sizes.iter().map(|&n| n as u64).sum();
     for e in h.client.ended.iter().chain(&h.server.ended) {
@@ -51,7 +61,7 @@ fn streams_exchange(tls: Tls) {
     assert_eq!(
         received(PayloadPath::Spliced) + received(PayloadPath::Copied),
         2 * total,
-        "{tls:?}: payload counted once, both ways"
+        "{tls:?} {readiness:?}: payload counted once, both ways"
     );
     match tls {
         Tls::Plain { zero_copy: true } => assert!(received(PayloadPath::Spliced) > total),
@@ -79,8 +89,8 @@ fn streams_cross_intact_with_half_close_user_space_tls() {
 /// reset too (never a clean EOF that would pass a cut-off stream for a complete one).
 #[test]
 fn a_reset_at_one_end_reaches_the_other_as_a_reset() {
-    for tls in PATHS {
-        let mut h = Harness::pair(tls, env());
+    for (tls, readiness) in PATHS.into_iter().flat_map(|t| READINESS.map(|r| (t, r))) {
+        let mut h = Harness::pair(tls, readiness, env());
         h.on_accept = Box::new(|_, mut sock| {
             std::thread::spawn(move || {
                 let mut first = [0u8; 10_000];
@@ -105,16 +115,20 @@ fn a_reset_at_one_end_reaches_the_other_as_a_reset() {
             .join()
             .unwrap()
             .expect_err("the client must see a reset");
-        assert_eq!(err.kind(), ErrorKind::ConnectionReset, "{tls:?}");
+        assert_eq!(
+            err.kind(),
+            ErrorKind::ConnectionReset,
+            "{tls:?} {readiness:?}"
+        );
         writer.join().unwrap();
         assert!(
             matches!(h.server.ended[0].end, StreamEnd::LocalBroken { .. }),
-            "{tls:?}: {:?}",
+            "{tls:?} {readiness:?}: {:?}",
             h.server.ended[0].end
         );
         assert!(
             matches!(h.client.ended[0].end, StreamEnd::TunnelBroken { .. }),
-            "{tls:?}: {:?}",
+            "{tls:?} {readiness:?}: {:?}",
             h.client.ended[0].end
         );
         // The tunnel carries on: another stream crosses after the reset.
@@ -125,7 +139,11 @@ fn a_reset_at_one_end_reaches_the_other_as_a_reset() {
         let want = sha(&payload);
         let app = client_app(h.open(), payload);
         h.run_until(|h| h.client.ended.len() == 2);
-        assert_eq!(sha(&app.join().unwrap().unwrap()), want, "{tls:?}");
+        assert_eq!(
+            sha(&app.join().unwrap().unwrap()),
+            want,
+            "{tls:?} {readiness:?}"
+        );
     }
 }
 
@@ -134,8 +152,8 @@ fn a_reset_at_one_end_reaches_the_other_as_a_reset() {
 /// delivers every byte once its reader resumes.
 #[test]
 fn a_stalled_reader_holds_only_its_own_stream() {
-    for tls in PATHS {
-        let mut h = Harness::pair(tls, env());
+    for (tls, readiness) in PATHS.into_iter().flat_map(|t| READINESS.map(|r| (t, r))) {
+        let mut h = Harness::pair(tls, readiness, env());
         let (resume, wait) = mpsc::channel::<()>();
         let mut wait = Some(wait);
         h.on_accept = Box::new(move |id, sock| {
@@ -161,21 +179,24 @@ fn a_stalled_reader_holds_only_its_own_stream() {
         assert_eq!(
             sha(&quick_app.join().unwrap().unwrap()),
             quick_sum,
-            "{tls:?}"
+            "{tls:?} {readiness:?}"
         );
         assert!(
             !stalled_app.is_finished(),
-            "{tls:?}: the stalled stream cannot be done yet"
+            "{tls:?} {readiness:?}: the stalled stream cannot be done yet"
         );
         resume.send(()).unwrap();
         h.run_until(|_| stalled_app.is_finished());
         assert_eq!(
             sha(&stalled_app.join().unwrap().unwrap()),
             stalled_sum,
-            "{tls:?}"
+            "{tls:?} {readiness:?}"
         );
         h.run_until(|h| h.client.ended.len() == 2 && h.server.ended.len() == 2);
-        assert!(all_clean(&h.client) && all_clean(&h.server), "{tls:?}");
+        assert!(
+            all_clean(&h.client) && all_clean(&h.server),
+            "{tls:?} {readiness:?}"
+        );
     }
 }
 
@@ -184,10 +205,10 @@ fn a_stalled_reader_holds_only_its_own_stream() {
 /// tunnels close politely.
 #[test]
 fn retirement_finishes_open_streams_then_closes_politely() {
-    for tls in PATHS {
+    for (tls, readiness) in PATHS.into_iter().flat_map(|t| READINESS.map(|r| (t, r))) {
         let mut env = env();
         env.record_budget = 64;
-        let mut h = Harness::pair(tls, env);
+        let mut h = Harness::pair(tls, readiness, env);
         h.wait_established();
         let apps: Vec<_> = (0..3)
             .map(|i| {
@@ -198,30 +219,37 @@ fn retirement_finishes_open_streams_then_closes_politely() {
             .collect();
         h.run_until(|h| h.client.closed.is_some() && h.server.closed.is_some());
         for (app, want) in apps {
-            assert_eq!(sha(&app.join().unwrap().unwrap()), want, "{tls:?}");
+            assert_eq!(
+                sha(&app.join().unwrap().unwrap()),
+                want,
+                "{tls:?} {readiness:?}"
+            );
         }
         assert_eq!(
             h.client.closed,
             Some(false),
-            "{tls:?}: client closed with a reset"
+            "{tls:?} {readiness:?}: client closed with a reset"
         );
         assert_eq!(
             h.server.closed,
             Some(false),
-            "{tls:?}: server closed with a reset"
+            "{tls:?} {readiness:?}: server closed with a reset"
         );
-        assert!(all_clean(&h.client) && all_clean(&h.server), "{tls:?}");
+        assert!(
+            all_clean(&h.client) && all_clean(&h.server),
+            "{tls:?} {readiness:?}"
+        );
         assert!(
             h.metrics
                 .closed_count(RoleLabel::Server, TunnelClose::RecordBudget)
                 >= 1,
-            "{tls:?}: the server retired on its budget"
+            "{tls:?} {readiness:?}: the server retired on its budget"
         );
         assert!(
             h.metrics
                 .closed_count(RoleLabel::Client, TunnelClose::RecordBudget)
                 >= 1,
-            "{tls:?}: the client retired on its budget"
+            "{tls:?} {readiness:?}: the client retired on its budget"
         );
     }
 }
@@ -346,8 +374,8 @@ fn raw_client_sends_early(mut sock: TcpStream, payload: &[u8]) {
 /// next event (a keepalive tick, 10 s later).
 #[test]
 fn the_destination_may_speak_first() {
-    for tls in PATHS {
-        let mut h = Harness::pair(tls, env());
+    for (tls, readiness) in PATHS.into_iter().flat_map(|t| READINESS.map(|r| (t, r))) {
+        let mut h = Harness::pair(tls, readiness, env());
         h.on_accept = Box::new(|_, mut sock| {
             std::thread::spawn(move || {
                 let _ = sock.write_all(b"220 ready\r\n");
@@ -366,11 +394,11 @@ fn the_destination_may_speak_first() {
         let (b, app) = banner
             .join()
             .unwrap()
-            .unwrap_or_else(|e| panic!("{tls:?}: no banner within 2 s: {e}"));
+            .unwrap_or_else(|e| panic!("{tls:?} {readiness:?}: no banner within 2 s: {e}"));
         assert_eq!(&b, b"220 ready\r\n");
         assert!(
             start.elapsed() < Duration::from_secs(1),
-            "{tls:?}: {:?}",
+            "{tls:?} {readiness:?}: {:?}",
             start.elapsed()
         );
         app.shutdown(Shutdown::Both).unwrap();

@@ -91,11 +91,12 @@ fn one_run(seed: u64) {
         1 => Tls::Plain { zero_copy: false },
         _ => Tls::Rustls,
     };
+    let readiness = READINESS[rng.below(2) as usize];
     let pipe = [4096, 16_384, 65_536][rng.below(3) as usize];
     let mut env = env();
     env.max_bytes_per_wakeup = [4096, 65_536, 1 << 20][rng.below(3) as usize];
     let socks = relayed(&mut rng);
-    let mut h = Harness::new(tls, env, PipePool::new(pipe, 4), socks);
+    let mut h = Harness::new(tls, readiness, env, PipePool::new(pipe, 4), socks);
     h.accept_after = Duration::from_millis(rng.below(20));
     let app_rng = Arc::new(Mutex::new(Rng(rng.next() | 1)));
     h.on_accept = Box::new(move |_, sock| {
@@ -116,19 +117,18 @@ fn one_run(seed: u64) {
         h.client.ended.len() == streams as usize && h.server.ended.len() == streams as usize
     });
     for (i, (app, want, len)) in apps.into_iter().enumerate() {
-        let got = app
-            .join()
-            .unwrap()
-            .unwrap_or_else(|e| panic!("seed {seed:#x} {tls:?} pipe {pipe}: stream {i}: {e}"));
+        let got = app.join().unwrap().unwrap_or_else(|e| {
+            panic!("seed {seed:#x} {tls:?} {readiness:?} pipe {pipe}: stream {i}: {e}")
+        });
         assert_eq!(
             got.len(),
             len,
-            "seed {seed:#x} {tls:?} pipe {pipe}: stream {i} length"
+            "seed {seed:#x} {tls:?} {readiness:?} pipe {pipe}: stream {i} length"
         );
         assert_eq!(
             sha(&got),
             want,
-            "seed {seed:#x} {tls:?} pipe {pipe}: stream {i} reordered or corrupted"
+            "seed {seed:#x} {tls:?} {readiness:?} pipe {pipe}: stream {i} reordered or corrupted"
         );
     }
     for (side, node) in [("client", &h.client), ("server", &h.server)] {
@@ -144,7 +144,7 @@ fn one_run(seed: u64) {
 
 #[test]
 fn every_stream_arrives_whole_and_in_order_whatever_the_interleaving() {
-    // RINGTUN_TUNNEL_SEEDS=N runs N seeds (default 12); RINGTUN_TUNNEL_SEED=x runs one.
+    // RINGTUN_TUNNEL_SEEDS=N runs N seeds (default 16); RINGTUN_TUNNEL_SEED=x runs one.
     if let Ok(seed) = std::env::var("RINGTUN_TUNNEL_SEED") {
         let seed = u64::from_str_radix(seed.trim_start_matches("0x"), 16).expect("hex seed");
         return one_run(seed);
@@ -152,7 +152,7 @@ fn every_stream_arrives_whole_and_in_order_whatever_the_interleaving() {
     let runs: u64 = std::env::var("RINGTUN_TUNNEL_SEEDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(12);
+        .unwrap_or(16);
     for i in 0..runs {
         one_run(0x5eed_0000 + i * 0x9e37_79b9);
     }
