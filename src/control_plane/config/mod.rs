@@ -6,6 +6,7 @@
 //! [`load`] takes text; [`load_file`] reads a file and puts its name in front of every error
 //! (`ringtun check-config`, `run`, `certs` and `redirect --config` all load through it).
 
+mod checker;
 mod default;
 mod file;
 mod model;
@@ -19,9 +20,8 @@ mod validate;
 pub use default::DEFAULT_CONFIG_YAML;
 pub use file::{check_file, load_file, FileError};
 pub use model::*;
-pub use policies::{AuthorizationPolicy, Condition, Operation, PolicyRule, Source};
-pub use validate::{check, load};
 pub use validate::DEFAULT_HBONE;
+pub use validate::{check, load};
 
 /// `<integer><unit>` (unit ms, s, m or h) greater than zero, or why not: the file's duration
 /// syntax, for command-line flags that take one (`ringtun certs --validity`).

@@ -4,7 +4,8 @@
 
 use std::collections::BTreeMap;
 
-use super::policies::AuthorizationPolicy;
+use crate::control_plane::policy::{Action, IpBlock};
+
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -284,4 +285,102 @@ pub fn format_duration(d: Duration) -> String {
     } else {
         format!("{ms}ms")
     }
+}
+
+// ------------------------------------------------------------------ authorization policies
+
+/// One entry of `policies:` (Istio's AuthorizationPolicy).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AuthorizationPolicy {
+    pub name: String,
+    pub namespace: String,
+    /// `selector.match_labels`: the workloads it applies to — in its namespace, or in every
+    /// namespace when it lives in the root namespace. `None`: the whole namespace (the whole
+    /// mesh in the root namespace).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub selector: Option<BTreeMap<String, String>>,
+    pub action: Action,
+    pub dry_run: bool,
+    /// Any one matching makes the policy match. None: the policy matches nothing (an ALLOW
+    /// policy without rules allows nothing).
+    pub rules: Vec<PolicyRule>,
+}
+
+/// One rule: every part it has must match (each `from` entry, `to` entry and `when` condition
+/// being a clause; within `from` and `to` any one entry is enough).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PolicyRule {
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub from: Vec<Source>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub to: Vec<Operation>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub when: Vec<Condition>,
+    /// Where this rule names attributes L4 cannot see, as paths inside the rule
+    /// (`to[0].operation.methods`, `when[1] request.headers[x-user]`). Non-empty: the rule cannot
+    /// be enforced as written — in an ALLOW policy it matches nothing, otherwise everything.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub l7_attributes: Vec<String>,
+}
+
+/// `from[].source`: the L4 fields. Principals and namespaces are Istio patterns (`*`, `*x`,
+/// `x*` or exact); service accounts are `namespace/name` or a name in the policy's namespace.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Source {
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub principals: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_principals: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_namespaces: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub service_accounts: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_service_accounts: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ip_blocks: Vec<IpBlock>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_ip_blocks: Vec<IpBlock>,
+}
+
+/// `to[].operation`: the destination ports (its HTTP fields are L7).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Operation {
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<u16>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_ports: Vec<u16>,
+}
+
+/// `when[]` with an L4 key: `values` (any matches) and `not_values` (none matches).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "key")]
+pub enum Condition {
+    #[serde(rename = "source.ip")]
+    SourceIp {
+        values: Vec<IpBlock>,
+        not_values: Vec<IpBlock>,
+    },
+    #[serde(rename = "source.namespace")]
+    SourceNamespace {
+        values: Vec<String>,
+        not_values: Vec<String>,
+    },
+    #[serde(rename = "source.principal")]
+    SourcePrincipal {
+        values: Vec<String>,
+        not_values: Vec<String>,
+    },
+    #[serde(rename = "destination.ip")]
+    DestinationIp {
+        values: Vec<IpBlock>,
+        not_values: Vec<IpBlock>,
+    },
+    #[serde(rename = "destination.port")]
+    DestinationPort {
+        values: Vec<u16>,
+        not_values: Vec<u16>,
+    },
 }
