@@ -25,7 +25,11 @@ pub struct UringDriver {
     waker: Option<RawFd>,
     /// Connect addresses live here until their completion: the kernel reads them asynchronously.
     connect_addrs: HashMap<u64, Box<SockAddr>>,
-    /// Timespecs of in-flight wakeup timers (the kernel reads them at submission).
+    /// The wakeup timer's timespec. The kernel copies a timeout's timespec when it consumes the
+    /// entry (the submit after the push), not when the timeout fires, so this one box serves
+    /// every timer: a new deadline overwrites it only in a later `wait`, after the submit that
+    /// handed the previous entry over. (If that submit failed, the still-queued entry reads the
+    /// newer deadline when it is consumed: a valid timespec either way, only the other wait.)
     timer: Box<types::Timespec>,
     timer_in_flight: Option<Instant>,
     /// Kernels before 5.19 have no multishot accept: re-arm a single-shot accept instead.
@@ -59,17 +63,19 @@ impl UringDriver {
 
     /// Queues one request. The one `unsafe` call of the driver's submissions: the ring reads
     /// what an entry points to after this returns, so every pointer must stay valid until the
-    /// kernel is done with it. The driver keeps that promise by construction — connect
-    /// addresses live in `connect_addrs` until their completion, the wakeup timespec in
-    /// `self.timer`, the quiesce deadline on `quiesce`'s frame across the submit that reads it
-    /// — not by anything a wrapper could check, so the allowance stays here, on this function
-    /// alone (ARCHITECTURE.md, "unsafe").
+    /// kernel has read it. The driver keeps that promise by construction — connect addresses
+    /// live in `connect_addrs` until their completion (older kernels read them when the connect
+    /// is issued, possibly from a worker), timespecs (the wakeup timer in `self.timer`, the
+    /// quiesce deadline on `quiesce`'s frame) until the submit that consumes their entry, which
+    /// is when the kernel copies a timespec — not by anything a wrapper could check, so the
+    /// allowance stays here, on this function alone (ARCHITECTURE.md, "unsafe").
     #[allow(unsafe_code)]
     fn push(&mut self, entry: squeue::Entry) {
         loop {
-            // SAFETY: every pointer an entry carries (sockaddr, timespec) lives in `self` until
-            // the request completes (`connect_addrs`, `timer`), or, for `quiesce`'s deadline,
-            // on its frame until after the submit that hands it to the kernel.
+            // SAFETY: every pointer an entry carries stays valid as long as the kernel may read
+            // it: a connect's sockaddr in `connect_addrs` until its completion; a timespec
+            // (`timer`, or `quiesce`'s deadline on its frame) until the submit that consumes
+            // the entry, when the kernel copies it.
             if unsafe { self.ring.submission().push(&entry) }.is_ok() {
                 self.in_flight += 1;
                 return;
