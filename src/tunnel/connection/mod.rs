@@ -743,15 +743,7 @@ impl Tunnel {
                     );
                 }
                 ctx.metrics.stream_answered(RoleLabel::Server, 200);
-                s.phase = StreamPhase::Open;
-                s.last_active = ctx.now;
-                s.counters
-                    .opened
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let key = s.key;
-                self.push_timer(key, ctx.now + ctx.env.idle_timeout, TimerKind::Idle);
-                self.make_runnable(id);
-                self.flush_sink(id, ctx);
+                self.stream_opened(id, ctx);
                 self.flush(ctx);
             }
             Err(errno) => {
@@ -768,6 +760,24 @@ impl Tunnel {
                 );
             }
         }
+    }
+
+    /// A stream's CONNECT was answered 200 (sent, or received): bytes flow both ways now. Its
+    /// idle timer starts, it runs at once (its socket may hold bytes already), and payload that
+    /// came with the answer (or, inbound, ahead of the decision) leaves its sink.
+    fn stream_opened(&mut self, id: StreamId, ctx: &mut Ctx<'_>) {
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        s.phase = StreamPhase::Open;
+        s.last_active = ctx.now;
+        s.counters
+            .opened
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let key = s.key;
+        self.push_timer(key, ctx.now + ctx.env.idle_timeout, TimerKind::Idle);
+        self.make_runnable(id);
+        self.flush_sink(id, ctx);
     }
 
     /// Ends a stream now (idle, drain deadline, a policy that no longer allows it).

@@ -6,14 +6,13 @@ use hbone_proto::{Event, Input, Session, Settings, StreamId};
 
 use super::{Action, Ctx, Phase, Recv, Role, Tunnel};
 use crate::data_plane::driver::{FlowKey, Interest};
-use crate::data_plane::timer::TimerKind;
 use crate::observability::hbone_metrics::{
     PayloadDirection, PayloadPath, Role as RoleLabel, TunnelClose,
 };
 use crate::observability::metrics::FailureKind;
 use crate::tunnel::error::TunnelError;
 use crate::tunnel::sink::{SinkError, SpliceIn, SpliceInError};
-use crate::tunnel::streams::{Stream, StreamEnd, StreamPhase};
+use crate::tunnel::streams::{Stream, StreamEnd};
 use crate::tunnel::transport::{Fill, INPUT_CHUNK};
 
 impl Tunnel {
@@ -302,9 +301,9 @@ impl Tunnel {
 
     /// Client: the answer to a stream's CONNECT.
     pub(super) fn response(&mut self, id: StreamId, status: u16, ctx: &mut Ctx<'_>) {
-        let Some(s) = self.streams.get_mut(&id) else {
+        if !self.streams.contains_key(&id) {
             return;
-        };
+        }
         if status != 200 {
             log::debug!(
                 "reactor {}: CONNECT answered {status}; client reset",
@@ -318,15 +317,6 @@ impl Tunnel {
                 ctx,
             );
         }
-        s.phase = StreamPhase::Open;
-        s.last_active = ctx.now;
-        s.counters
-            .opened
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let key = s.key;
-        self.push_timer(key, ctx.now + ctx.env.idle_timeout, TimerKind::Idle);
-        self.make_runnable(id);
-        // Payload that arrived with the answer may wait in the sink.
-        self.flush_sink(id, ctx);
+        self.stream_opened(id, ctx);
     }
 }
