@@ -298,6 +298,8 @@ impl Driver for UringDriver {
                 Some(Op::Accept) => {
                     let l = d.index as usize;
                     if res >= 0 {
+                        crate::observability::metrics::IO_URING_ACCEPTS
+                            .count(self.multishot_accept);
                         // SAFETY: a successful accept completion hands us a new descriptor.
                         events.push(Event::Accepted {
                             listener: l,
