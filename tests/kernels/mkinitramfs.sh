@@ -10,20 +10,18 @@
 #       the piece every kernel shares: static busybox and its applet links; the host's
 #       iproute2, iptables (nft and legacy, with their xtables extensions), nsenter and sysctl;
 #       ringtun's test binaries and `ringtun` with their shared libraries and loader; /init
-#       (init.sh), its configuration and the test plan. Built once per run.
+#       (init.sh) and its configuration. Built once per run.
+#   mkinitramfs.sh plan <plan-file> <out.cpio.gz>
+#       the test plan one VM runs, as /etc/ringtun-vm.suites (format: init.sh), so kernels can
+#       run different plans with the same shared piece.
 #
 # Environment for `common` (all optional):
-#   VM_SUITES_FILE       the test plan, installed as /etc/ringtun-vm.suites (format: init.sh);
-#                        default: the lib tests filtered by VM_FILTERS, then with io_uring
-#                        disabled the lib tests filtered by VM_NOURING_FILTERS
 #   VM_E2E_BINS          integration test binaries, installed as /bin/<name> (cargo's -<hash>
 #                        suffix removed), e.g. .../deps/hbone_e2e-<hash> as /bin/hbone_e2e
 #   VM_RINGTUN_PATH      the absolute path the integration tests run ringtun from
 #                        (CARGO_BIN_EXE_ringtun); a wrapper that keeps each `ringtun run` log
 #                        goes there
-#   VM_FILTERS           libtest filters for the lib test binary (default plan)
 #   VM_NOURING           1: also run the plan's nouring phase (kernel.io_uring_disabled=2)
-#   VM_NOURING_FILTERS   libtest filters for the io_uring-disabled lib pass (default plan)
 #   VM_TEST_TIMEOUT      seconds per test inside the VM
 #   VM_REPEAT            runs of each test (default 1)
 #   VM_TEST_ENV          "NAME=value ..." exported to every test
@@ -41,8 +39,12 @@ common)
     test_bin=${3:?lib test binary}
     ringtun_bin=${4:?ringtun binary}
     ;;
+plan)
+    plan_file=${2:?plan file}
+    out=${3:?output cpio.gz}
+    ;;
 *)
-    echo "mkinitramfs: unknown piece $mode (modules or common)" >&2
+    echo "mkinitramfs: unknown piece $mode (modules, common or plan)" >&2
     exit 2
     ;;
 esac
@@ -223,22 +225,17 @@ EOF
         echo "VM_TEST_ENV='${VM_TEST_ENV:-}'"
         echo "VM_RINGTUN_PATH='${VM_RINGTUN_PATH:-}'"
     } >"$stage/etc/ringtun-vm.conf"
-    if [ -n "${VM_SUITES_FILE:-}" ]; then
-        cp "$VM_SUITES_FILE" "$stage/etc/ringtun-vm.suites"
-    else
-        {
-            echo "main - /bin/ringtun-lib-tests ${VM_FILTERS:-tls::ktls tls::tests kernel_features}"
-            echo "nouring nouring: /bin/ringtun-lib-tests ${VM_NOURING_FILTERS:-kernel_features}"
-        } >"$stage/etc/ringtun-vm.suites"
-    fi
     install -m 755 "$here/init.sh" "$stage/init"
 }
 
-if [ "$mode" = modules ]; then
-    build_modules
-else
-    build_common
-fi
+case $mode in
+modules) build_modules ;;
+common) build_common ;;
+plan)
+    mkdir -p "$stage/etc"
+    cp "$plan_file" "$stage/etc/ringtun-vm.suites"
+    ;;
+esac
 
 (cd "$stage" && find . -print0 | cpio --null -o -H newc --quiet) | gzip -6 >"$out.tmp"
 mv "$out.tmp" "$out"
