@@ -236,7 +236,7 @@ builder=$(sha256sum "$here/mkinitramfs.sh" | cut -d' ' -f1)
 # One kernel, start to end; its lines go to stdout prefixed with the suite (VMs interleave).
 boot() { # suite release kdir
     local suite=$1 release=$2 kdir=$3
-    local out=$cache/$1 say
+    local out=$cache/$1
     local initrd=$out/initrd.cpio.gz log=$out/console.log
     say() { echo "[$suite] $*"; }
     mkdir -p "$out"
