@@ -355,14 +355,16 @@ fn table_names_ktls_and_its_reason() {
 #[test]
 fn closed_stdout_is_exit_1_not_a_panic() {
     // `ringtun probe | head -c0`: the reader is gone before the report is written. The read
-    // end is dropped right after spawn, long before the probes (milliseconds) finish.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ringtun"))
+    // end is closed before ringtun even starts: dropping it after spawn raced the probe, which
+    // on a busy host could finish and fill the pipe first (exit 0; seen in CI).
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe");
+    drop(read);
+    let child = Command::new(env!("CARGO_BIN_EXE_ringtun"))
         .arg("probe")
-        .stdout(Stdio::piped())
+        .stdout(Stdio::from(write))
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn ringtun");
-    drop(child.stdout.take());
     let out = child.wait_with_output().expect("wait for ringtun");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");

@@ -56,6 +56,17 @@ def vm_seconds(log_path):
         return None
 
 
+def boot_failure(log_path):
+    """Why a first boot died before /init, when run.sh had to boot the kernel again."""
+    try:
+        with open(os.path.join(os.path.dirname(log_path), "boot-failure.log"), "rb") as f:
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+    m = re.search(r"(Oops: [^\r\n]*|Kernel panic[^\r\n]*)", text)
+    return m.group(1).strip() if m else "no panic line"
+
+
 def parse(path):
     try:
         with open(path, "rb") as f:
@@ -78,6 +89,7 @@ def parse(path):
         "done": None,
         "lines": 0,
         "seconds": vm_seconds(path),
+        "boot_failure": boot_failure(path),
     }
     current = None
     for raw in text.splitlines():
@@ -222,7 +234,11 @@ def checks(vm, expect_ktls, require_ciphers=()):
     if "error" in vm:
         return [("vm:log", False, vm["error"])]
     booted = vm["release"] is not None
-    out.append(("vm:booted", booted, "" if booted else f"no RINGTUN-VM-KERNEL marker in {vm['lines']} console lines"))
+    retried = vm.get("boot_failure")
+    out.append(("vm:booted", booted,
+                (f"no RINGTUN-VM-KERNEL marker in {vm['lines']} console lines" if not booted else "")
+                + (f"{'; ' if not booted else ''}the first boot died before /init ({retried}); booted again"
+                   if retried else "")))
     if not booted:
         return out
     done = vm["done"]
@@ -511,6 +527,9 @@ def matrix_md(rows, per_vm, total_seconds=None, note=""):
              table(rows, total_seconds, note)]
     for name, results, facts in per_vm:
         lines.append(f"## {name}\n")
+        for n, _ok, d, _s in results:
+            if n == "vm:booted" and "booted again" in d:
+                lines.append(f"- {d} (qemu's TCG, not ringtun: run.sh boots such a kernel once more)")
         for g, p, n, items in groups(results):
             if g == "lib tests" or g.endswith("lib tests") or g == "runner checks":
                 failed = [i for i in items if not i[1]]
@@ -614,7 +633,7 @@ def main(argv):
                   + (f"; not in this kernel: {', '.join(absent)}" if absent else ""))
         for n, ok, d, s in results:
             secs = f" ({s} s)" if s not in ("-", "?") else ""
-            print(f"   {'ok    ' if ok else 'FAILED'} {n}{secs}" + (f" — {d}" if d and (not ok or n.startswith(('ktls:', 'nouring:'))) else ""))
+            print(f"   {'ok    ' if ok else 'FAILED'} {n}{secs}" + (f" — {d}" if d and (not ok or n.startswith(('ktls:', 'nouring:', 'tls:', 'io_uring:', 'vm:'))) else ""))
         print(f"   {name}: {p} passed, {f} failed")
         row = summary_row(name, vm, p, f)
         row["small_plan"] = name in small_plan
