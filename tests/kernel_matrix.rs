@@ -4,6 +4,8 @@
 //! itself and compare its choice with an oracle that does not ask ringtun:
 //!
 //! - the driver: `io_uring_setup(2)` called here, and `kernel.io_uring_disabled`;
+//! - the io_uring accept path: a multishot `IORING_OP_ACCEPT` submitted here (kernels before
+//!   5.19 refuse it), against ringtun's accepts by mode;
 //! - the tunnel TLS: the kernel's own kTLS counters (`/proc/net/tls_stat`, per network
 //!   namespace) in the namespaces where the tunnel sockets live.
 //!
@@ -66,6 +68,62 @@ fn io_uring_setup_works() -> Result<(), std::io::Error> {
     // SAFETY: a descriptor we just got and own.
     unsafe { libc::close(fd as i32) };
     Ok(())
+}
+
+/// Whether the kernel takes a multishot accept, asked of io_uring directly: one
+/// `IORING_OP_ACCEPT` with `IORING_ACCEPT_MULTISHOT` on a loopback listener must post a
+/// completion per connection and stay armed (`IORING_CQE_F_MORE`); kernels before 5.19 fail the
+/// request with EINVAL (the flag sits in a field they require to be zero).
+fn kernel_takes_multishot_accept() -> Result<bool, String> {
+    use io_uring::{cqueue, opcode, types, IoUring};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    const ACCEPT: u64 = 1;
+    const DEADLINE: u64 = 2;
+    // Declared before the ring, so they outlive it.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let limit = types::Timespec::new().sec(10);
+    let mut ring = IoUring::new(8).map_err(|e| format!("io_uring_setup: {e}"))?;
+    let entries = [
+        opcode::AcceptMulti::new(types::Fd(listener.as_raw_fd()))
+            .build()
+            .user_data(ACCEPT),
+        opcode::Timeout::new(&limit).build().user_data(DEADLINE),
+    ];
+    for e in &entries {
+        // SAFETY: the accept names `listener` and the timeout points at `limit`; both outlive
+        // the ring, which is dropped (cancelling what is left) before them.
+        unsafe { ring.submission().push(e) }.map_err(|_| "submission queue full".to_string())?;
+    }
+    ring.submit().map_err(|e| format!("io_uring_enter: {e}"))?;
+    let clients: Vec<_> = (0..2)
+        .map(|_| std::net::TcpStream::connect(addr))
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("connect: {e}"))?;
+    let mut armed_after = 0;
+    loop {
+        ring.submit_and_wait(1)
+            .map_err(|e| format!("io_uring_enter: {e}"))?;
+        for cqe in ring.completion() {
+            match (cqe.user_data(), cqe.result()) {
+                (DEADLINE, _) => return Err("no accept completion within 10 s".into()),
+                (ACCEPT, r) if r == -libc::EINVAL => return Ok(false),
+                (ACCEPT, r) if r >= 0 => {
+                    // SAFETY: a successful accept completion hands over a new descriptor.
+                    drop(unsafe { OwnedFd::from_raw_fd(r) });
+                    if !cqueue::more(cqe.flags()) {
+                        return Ok(false);
+                    }
+                    armed_after += 1;
+                    if armed_after == clients.len() {
+                        return Ok(true);
+                    }
+                }
+                (ACCEPT, r) => return Err(format!("accept failed: errno {}", -r)),
+                _ => {}
+            }
+        }
+    }
 }
 
 fn io_uring_disabled() -> u64 {
@@ -214,9 +272,59 @@ fn auto_driver_follows_the_kernel_and_serves() {
         );
         fact("driver", expected);
     }
+    // On io_uring, the accept path the kernel allows: every reactor says which it runs.
+    let multishot = if expected == "io_uring" {
+        let multishot = kernel_takes_multishot_accept().expect("multishot accept oracle");
+        let said = if multishot {
+            "io_uring driver: multishot accept"
+        } else {
+            "io_uring driver: single-shot accept"
+        };
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("io_uring driver: "))
+            .collect();
+        assert!(
+            lines.len() == 2 && lines.iter().all(|l| l.contains(said)),
+            "the kernel {} multishot accept; every reactor must say {said:?}:\n{log}",
+            if multishot { "takes" } else { "refuses" }
+        );
+        Some(multishot)
+    } else {
+        None
+    };
 
     // It serves on that driver: 1 MiB each way out of the mesh through the capture.
     exchange_intact(&tb, Pod::Ext, SocketAddr::new(Pod::Ext.v4(), 9000), 1 << 20);
+
+    // And that path carried the connection: ringtun's accepts by mode.
+    let accepts = |mode: &str| {
+        r.metric(
+            "ringtun_io_uring_accepts_total",
+            &[&format!("mode=\"{mode}\"")],
+        )
+        .unwrap()
+    };
+    let (multi, single) = (accepts("multishot"), accepts("single_shot"));
+    let path = match multishot {
+        Some(true) => "multishot",
+        Some(false) => "single_shot",
+        None => "epoll",
+    };
+    fact(
+        "accept-path",
+        &format!("{path}: {multi} multishot and {single} single-shot io_uring accepts"),
+    );
+    let carried = match multishot {
+        Some(true) => multi >= 1.0 && single == 0.0,
+        Some(false) => single >= 1.0 && multi == 0.0,
+        None => multi == 0.0 && single == 0.0,
+    };
+    assert!(
+        carried,
+        "expected the {path} path to carry the connection: {multi} multishot, {single} \
+         single-shot io_uring accepts"
+    );
     finish("node", r);
 }
 

@@ -1,7 +1,12 @@
 //! `ringtun probe` as an operator runs it: the JSON form carries every key with the right
 //! type, agrees with independent sources (`uname -r`, the kernel's ULP list after the probe
-//! tried to load `tls`, getrlimit via /proc), and the table names kTLS with its reason.
+//! tried to load `tls`, kTLS keys installed by this test itself, the kernel's own rekey
+//! counters, getrlimit via /proc), and the table names kTLS with its reason. The kernel matrix
+//! (`tests/kernels/`) runs these on kernels with kTLS and with TLS 1.3 rekey.
 
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
 
 use serde_json::Value;
@@ -88,16 +93,22 @@ fn json_report_has_every_key_with_its_type() {
     let k = &r["ktls"];
     assert!(k["tx"].is_boolean());
     assert!(k["rx"].is_boolean());
-    let ciphers = k["ciphers"].as_array().expect("ktls.ciphers is a list");
-    for c in ciphers {
-        let name = c.as_str().expect("cipher name");
+    for (list, direction) in [("ciphers", "tx"), ("rx_ciphers", "rx")] {
+        let ciphers = k[list].as_array().expect("ktls cipher lists");
+        for c in ciphers {
+            let name = c.as_str().expect("cipher name");
+            assert!(CIPHERS.iter().any(|c| c.name == name), "{name}");
+        }
+        assert_eq!(k[direction].as_bool(), Some(!ciphers.is_empty()), "{k}");
+    }
+    for key in ["rekey", "rekey_tx", "rekey_rx"] {
         assert!(
-            ["aes_128_gcm", "aes_256_gcm", "chacha20_poly1305"].contains(&name),
-            "{name}"
+            ["supported", "unsupported", "unknown"].contains(&k[key].as_str().unwrap_or("")),
+            "ktls.{key}: {k}"
         );
     }
-    assert_eq!(k["tx"].as_bool(), Some(!ciphers.is_empty()));
-    assert!(["supported", "unsupported", "unknown"].contains(&k["rekey"].as_str().unwrap_or("")));
+    assert!(k["rekey_evidence"].is_string(), "{k}");
+    assert!(k["refusals"].is_array(), "{k}");
 
     assert!(r["tproxy"]["available"].is_boolean());
     assert!(r["tproxy"]["ip_transparent"].is_boolean());
@@ -171,6 +182,144 @@ fn ktls_agrees_with_the_kernels_ulp_list() {
     }
 }
 
+/// A TLS 1.3 cipher as linux/tls.h describes it, for this test's own key installs.
+struct Cipher {
+    name: &'static str,
+    /// `TLS_CIPHER_*`.
+    kind: u16,
+    iv: usize,
+    key: usize,
+    salt: usize,
+}
+
+const CIPHERS: [Cipher; 3] = [
+    Cipher {
+        name: "aes_128_gcm",
+        kind: 51,
+        iv: 8,
+        key: 16,
+        salt: 4,
+    },
+    Cipher {
+        name: "aes_256_gcm",
+        kind: 52,
+        iv: 8,
+        key: 32,
+        salt: 4,
+    },
+    Cipher {
+        name: "chacha20_poly1305",
+        kind: 54,
+        iv: 12,
+        key: 32,
+        salt: 0,
+    },
+];
+
+/// `struct tls12_crypto_info_*` for TLS 1.3 (0x0304): the header, then iv, key, salt and an
+/// 8-byte record sequence, all zero.
+fn crypto_info(c: &Cipher) -> Vec<u8> {
+    let mut info = Vec::new();
+    info.extend_from_slice(&0x0304u16.to_ne_bytes());
+    info.extend_from_slice(&c.kind.to_ne_bytes());
+    info.resize(4 + c.iv + c.key + c.salt + 8, 0);
+    info
+}
+
+fn setsockopt(fd: &impl AsRawFd, level: i32, name: i32, value: &[u8]) -> Result<(), i32> {
+    // SAFETY: `value` is a live buffer of exactly the length passed; the kernel only reads it.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            value.as_ptr().cast(),
+            value.len() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    }
+}
+
+/// Whether this kernel takes `c` for `TLS_TX` (1) or `TLS_RX` (2), asked with a key install of
+/// this test's own on a fresh loopback connection.
+fn kernel_takes(c: &Cipher, direction: i32) -> bool {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+    let sock = TcpStream::connect(listener.local_addr().unwrap()).expect("connect");
+    let _peer = listener.accept().expect("accept");
+    setsockopt(&sock, libc::SOL_TCP, libc::TCP_ULP, b"tls").is_ok()
+        && setsockopt(&sock, libc::SOL_TLS, direction, &crypto_info(c)).is_ok()
+}
+
+#[test]
+fn ktls_ciphers_per_direction_match_our_own_key_installs() {
+    // The probe runs first: as root it loads the tls module where the kernel has one.
+    let r = probe_json();
+    for (list, direction) in [("ciphers", 1), ("rx_ciphers", 2)] {
+        let probed: Vec<&str> = r["ktls"][list]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        let ours: Vec<&str> = CIPHERS
+            .iter()
+            .filter(|c| kernel_takes(c, direction))
+            .map(|c| c.name)
+            .collect();
+        assert_eq!(probed, ours, "ktls.{list}: {}", r["ktls"]);
+    }
+}
+
+/// The kernel's kTLS counters in this process's network namespace; `None` without kTLS.
+fn tls_stat() -> Option<BTreeMap<String, u64>> {
+    let text = std::fs::read_to_string("/proc/self/net/tls_stat").ok()?;
+    Some(
+        text.lines()
+            .filter_map(|l| {
+                let mut it = l.split_whitespace();
+                Some((it.next()?.to_owned(), it.next()?.parse().ok()?))
+            })
+            .collect(),
+    )
+}
+
+/// Kernels that can rekey TLS 1.3 (6.14+) count it in `/proc/net/tls_stat` (the rows came with
+/// the feature); the probe, run in this namespace, must say so and its attempt must show in
+/// those counters. Older kernels have no such rows, and the probe must say unsupported.
+#[test]
+fn ktls_rekey_agrees_with_the_kernels_own_counters() {
+    let before = tls_stat();
+    let r = probe_json();
+    let k = &r["ktls"];
+    let said = (
+        k["rekey"].as_str().unwrap_or(""),
+        k["rekey_tx"].as_str().unwrap_or(""),
+        k["rekey_rx"].as_str().unwrap_or(""),
+    );
+    let Some(after) = tls_stat() else {
+        assert_eq!(said, ("unsupported", "unsupported", "unsupported"), "{k}");
+        return;
+    };
+    if after.contains_key("TlsTxRekeyOk") {
+        assert_eq!(said, ("supported", "supported", "supported"), "{k}");
+        let grew = |c: &str| {
+            let was = before.as_ref().and_then(|b| b.get(c)).copied().unwrap_or(0);
+            after.get(c).copied().unwrap_or(0).saturating_sub(was)
+        };
+        for counter in ["TlsTxRekeyOk", "TlsRxRekeyOk", "TlsRxRekeyReceived"] {
+            assert!(grew(counter) >= 1, "{counter} did not grow: {after:?}; {k}");
+        }
+    } else {
+        assert_eq!(said, ("unsupported", "unsupported", "unsupported"), "{k}");
+        let evidence = k["rekey_evidence"].as_str().unwrap_or("");
+        assert!(evidence.contains("EBUSY"), "{evidence}");
+    }
+}
+
 #[test]
 fn table_names_ktls_and_its_reason() {
     let (code, table, stderr) = ringtun(&["probe"]);
@@ -206,14 +355,16 @@ fn table_names_ktls_and_its_reason() {
 #[test]
 fn closed_stdout_is_exit_1_not_a_panic() {
     // `ringtun probe | head -c0`: the reader is gone before the report is written. The read
-    // end is dropped right after spawn, long before the probes (milliseconds) finish.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ringtun"))
+    // end is closed before ringtun even starts: dropping it after spawn raced the probe, which
+    // on a busy host could finish and fill the pipe first (exit 0; seen in CI).
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe");
+    drop(read);
+    let child = Command::new(env!("CARGO_BIN_EXE_ringtun"))
         .arg("probe")
-        .stdout(Stdio::piped())
+        .stdout(Stdio::from(write))
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn ringtun");
-    drop(child.stdout.take());
     let out = child.wait_with_output().expect("wait for ringtun");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");

@@ -16,7 +16,7 @@ mod sys;
 
 use std::io::Write;
 
-pub use ktls::{ktls_support, KtlsCipher, KtlsSupport, Rekey};
+pub use ktls::{ktls_support, KtlsCipher, KtlsReport, KtlsSupport, Rekey};
 pub use report::{
     Availability, Driver, DriverReport, IoUringOpcodes, IoUringReport, KernelReport,
     OpenFilesLimit, OriginalDstReport, Status, TproxyReport, TproxyTarget,
@@ -195,7 +195,7 @@ mod tests {
         let r = probe();
         let table = r.to_table();
         assert!(table.contains("kTLS TX"));
-        if let Some(why) = &r.ktls.reason {
+        if let Some(why) = &r.ktls.support.reason {
             assert!(table.contains(why.as_str()), "{table}");
         }
         assert!(!table.contains("fallback: \n") && !table.contains("unavailable: \n"));

@@ -7,7 +7,7 @@ use std::fmt;
 
 use serde::Serialize;
 
-use super::ktls::KtlsSupport;
+use super::ktls::KtlsReport;
 use super::KtlsCipher;
 
 /// Everything ringtun learned about the kernel it runs on, in one serialisable value.
@@ -25,7 +25,7 @@ pub struct KernelReport {
     pub driver: DriverReport,
     /// Inline `splice(2)` socket → pipe → socket: the data path's fast path.
     pub splice: Availability,
-    pub ktls: KtlsSupport,
+    pub ktls: KtlsReport,
     pub tproxy: TproxyReport,
     pub original_dst: OriginalDstReport,
     /// SO_REUSEPORT, which gives every reactor its own listener on the same port.
@@ -283,11 +283,7 @@ impl KernelReport {
             ),
             ("connect", ops.connect, None),
             ("poll_add", ops.poll_add, None),
-            (
-                "poll_add multishot",
-                ops.poll_add_multishot,
-                Some("one-shot poll re-armed per event"),
-            ),
+            ("poll_add multishot", ops.poll_add_multishot, None),
             ("poll_remove", ops.poll_remove, None),
             ("async_cancel", ops.async_cancel, None),
             ("timeout", ops.timeout, None),
@@ -299,13 +295,17 @@ impl KernelReport {
                 (false, _, _, _) => Status::Unavailable("no io_uring".into()),
                 (true, true, _, _) => Status::Ok,
                 (true, false, Some(how), _) => Status::Fallback(how.into()),
-                (true, false, None, "splice (IORING_OP)") => {
+                (true, false, None, "splice (IORING_OP)" | "poll_add multishot") => {
                     Status::Unavailable("not supported; unused by design".into())
                 }
                 (true, false, None, _) => Status::Unavailable("opcode not supported".into()),
             };
             let detail = if name.starts_with("splice") {
                 "not used: inline splice(2) instead (DESIGN §2)".to_owned()
+            } else if name == "poll_add multishot" {
+                "not used: one-shot PollAdd re-armed per event, by design".to_owned()
+            } else if name == "accept multishot" && supported {
+                "used: one accept request per listener".to_owned()
             } else {
                 String::new()
             };
@@ -332,7 +332,8 @@ impl KernelReport {
             status_of(&self.splice, Some("user-space copy")),
         );
 
-        let k = &self.ktls;
+        let report = &self.ktls;
+        let k = &report.support;
         let user_tls = "user-space TLS (ringtun's record layer)";
         let ktls_status = |ok: bool| match (ok, &k.reason) {
             (true, _) => Status::Ok,
@@ -341,20 +342,42 @@ impl KernelReport {
         };
         row("kTLS TX", "TCP_ULP tls + TLS_TX".into(), ktls_status(k.tx));
         row("kTLS RX", "TLS_RX".into(), ktls_status(k.rx));
-        let ciphers: Vec<&str> = k.ciphers.iter().map(|c| c.name()).collect();
-        row(
-            "kTLS ciphers",
-            if ciphers.is_empty() {
-                "none".into()
+        // Each direction's ciphers, as the kernel answered them one by one.
+        let names = |list: &[KtlsCipher]| {
+            if list.is_empty() {
+                "none".to_owned()
             } else {
-                ciphers.join(", ")
-            },
-            if k.tx {
-                Status::Ok
-            } else {
-                Status::Unavailable("no kTLS".into())
-            },
-        );
+                list.iter().map(|c| c.name()).collect::<Vec<_>>().join(", ")
+            }
+        };
+        for (name, list) in [
+            ("kTLS TX ciphers", &k.ciphers),
+            ("kTLS RX ciphers", &k.rx_ciphers),
+        ] {
+            let refused: Vec<&str> = report
+                .refusals
+                .iter()
+                .filter(|r| {
+                    r.contains(if name.contains("TX") {
+                        " TLS_TX: "
+                    } else {
+                        " TLS_RX: "
+                    })
+                })
+                .map(String::as_str)
+                .collect();
+            row(
+                name,
+                names(list),
+                match (k.tx || k.rx, refused.is_empty()) {
+                    (false, _) => Status::Unavailable("no kTLS".into()),
+                    (true, true) => Status::Ok,
+                    (true, false) => {
+                        Status::Unavailable(format!("refused: {}", refused.join("; ")))
+                    }
+                },
+            );
+        }
         // What an HBONE tunnel gets for each suite it may negotiate.
         let per_cipher: Vec<String> = [KtlsCipher::Aes128Gcm, KtlsCipher::Aes256Gcm]
             .iter()
@@ -379,12 +402,13 @@ impl KernelReport {
         );
         row(
             "kTLS rekey (TLS 1.3 KeyUpdate)",
-            k.rekey.to_string(),
+            format!("TX {}, RX {}", report.rekey_tx, report.rekey_rx),
             match k.rekey {
                 super::ktls::Rekey::Supported => Status::Ok,
                 _ => Status::Fallback("rotate tunnels before the AES-GCM record limit".into()),
             },
         );
+        row("  rekey attempt", report.rekey_evidence.clone(), Status::Ok);
 
         let t = &self.tproxy;
         row(

@@ -173,21 +173,14 @@ pub(crate) fn choose_driver(io: &IoUringReport) -> DriverReport {
             ),
         };
     }
-    let reason = match (ops.accept_multishot, ops.poll_add_multishot) {
-        (true, true) => "every opcode ringtun uses, multishot accept and poll".into(),
-        (a, p) => {
-            let mut single = Vec::new();
-            if !a {
-                single.push("accept");
-            }
-            if !p {
-                single.push("poll");
-            }
-            format!(
-                "ring available; single-shot {} re-armed per event",
-                single.join(" and ")
-            )
-        }
+    // Readiness is a one-shot PollAdd on every kernel (the reactor relies on its level check
+    // when armed), so only the accept mode differs between kernels.
+    let reason = if ops.accept_multishot {
+        "every opcode ringtun uses; multishot accept".into()
+    } else {
+        "every opcode ringtun uses; single-shot accept re-armed per connection (no multishot \
+         accept before 5.19)"
+            .into()
     };
     DriverReport {
         selected: Driver::IoUring,

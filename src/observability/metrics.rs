@@ -275,6 +275,61 @@ impl ReactorMetrics {
     }
 }
 
+/// Connections the io_uring driver accepted, by accept mode: `multishot` (one request per
+/// listener keeps accepting; kernels 5.19+) or `single_shot` (re-armed after every connection,
+/// the fallback before 5.19). It proves which path carried a node's traffic, which the driver
+/// choice alone does not. Process-wide because the driver has no shard of its own; one relaxed
+/// add per accepted connection, never per byte.
+pub static IO_URING_ACCEPTS: AcceptModes = AcceptModes::new();
+
+/// Accept counts by mode (see [`IO_URING_ACCEPTS`]).
+#[derive(Debug)]
+pub struct AcceptModes {
+    multishot: AtomicU64,
+    single_shot: AtomicU64,
+}
+
+impl AcceptModes {
+    pub const fn new() -> Self {
+        AcceptModes {
+            multishot: AtomicU64::new(0),
+            single_shot: AtomicU64::new(0),
+        }
+    }
+
+    /// One connection accepted by a multishot (`true`) or single-shot accept.
+    pub fn count(&self, multishot: bool) {
+        let c = if multishot {
+            &self.multishot
+        } else {
+            &self.single_shot
+        };
+        c.fetch_add(1, Relaxed);
+    }
+
+    /// (multishot, single-shot) accepts so far.
+    pub fn get(&self) -> (u64, u64) {
+        (self.multishot.load(Relaxed), self.single_shot.load(Relaxed))
+    }
+
+    fn render(&self, out: &mut String) {
+        let (multi, single) = self.get();
+        let _ = writeln!(
+            out,
+            "# HELP ringtun_io_uring_accepts_total Connections the io_uring driver accepted, by accept mode (multishot on 5.19+, single_shot re-armed per connection before).\n\
+             # TYPE ringtun_io_uring_accepts_total counter\n\
+             ringtun_io_uring_accepts_total{{mode=\"multishot\"}} {multi}\n\
+             ringtun_io_uring_accepts_total{{mode=\"single_shot\"}} {single}"
+        );
+    }
+}
+
+impl Default for AcceptModes {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// Process-wide facts shown with the counters.
 #[derive(Debug, Default)]
 pub struct ProcessFacts {
@@ -442,6 +497,7 @@ impl Metrics {
                 r.reactor
             );
         }
+        IO_URING_ACCEPTS.render(&mut out);
         let _ = writeln!(out, "# HELP ringtun_connection_failures_total Failed connections by class and reason.\n# TYPE ringtun_connection_failures_total counter");
         for kind in FailureKind::ALL {
             let _ = writeln!(
@@ -537,6 +593,33 @@ mod tests {
         assert!(text.contains(
             "ringtun_connection_failures_total{class=\"upstream\",reason=\"refused\"} 1"
         ));
+    }
+
+    #[test]
+    fn io_uring_accepts_are_counted_by_mode() {
+        let modes = AcceptModes::new();
+        modes.count(false);
+        modes.count(false);
+        modes.count(true);
+        assert_eq!(modes.get(), (1, 2));
+        let mut text = String::new();
+        modes.render(&mut text);
+        assert!(
+            text.contains("ringtun_io_uring_accepts_total{mode=\"multishot\"} 1\n")
+                && text.contains("ringtun_io_uring_accepts_total{mode=\"single_shot\"} 2"),
+            "{text}"
+        );
+        // The scrape always carries both series, so a dashboard (and the kernel matrix) can
+        // tell "no single-shot accepts" from "metric missing".
+        let scrape = Metrics::new(1, ProcessFacts::default()).render();
+        for mode in ["multishot", "single_shot"] {
+            assert!(
+                scrape.contains(&format!(
+                    "ringtun_io_uring_accepts_total{{mode=\"{mode}\"}} "
+                )),
+                "{scrape}"
+            );
+        }
     }
 
     #[test]

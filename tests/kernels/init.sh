@@ -4,7 +4,7 @@
 # serial console:
 #
 #   RINGTUN-VM-KERNEL <release>
-#   RINGTUN-VM-MODULE <name> <ok|FAILED ...>
+#   RINGTUN-VM-MODULE <name> <ok|FAILED ...|absent ...>
 #   RINGTUN-VM-PROBE <one-line JSON of `ringtun probe --json`>
 #   RINGTUN-VM-PLAN <plan line>      (each line of the phase about to run, see below)
 #   RINGTUN-VM-BEGIN <test>          (the test's own output follows)
@@ -18,8 +18,9 @@
 #   RINGTUN-VM-NOURING-UNSUPPORTED <why>
 #   RINGTUN-VM-DONE <number of failures>
 #
-# Configuration: /etc/ringtun-vm.conf and the test plan /etc/ringtun-vm.suites (both written by
-# mkinitramfs.sh). Each plan line is
+# Configuration: /etc/ringtun-vm.conf, /etc/ringtun-vm.modules (the kernel's piece of the
+# initramfs) and the test plan /etc/ringtun-vm.suites (all written by mkinitramfs.sh). Each
+# plan line is
 #
 #   <phase> <prefix> <test binary> <libtest filters...>
 #
@@ -43,6 +44,7 @@ ip link set lo up
 hostname ringtun-vm
 
 . /etc/ringtun-vm.conf
+. /etc/ringtun-vm.modules
 # The integration tests run ringtun from the path cargo built it at; under /tmp (a checkout
 # there) the tmpfs just mounted hid it: put the wrapper back.
 if [ -n "${VM_RINGTUN_PATH:-}" ] && [ ! -e "$VM_RINGTUN_PATH" ]; then
@@ -64,6 +66,9 @@ for m in $VM_MODULES; do
         echo "RINGTUN-VM-MODULE $m FAILED $(tr '\n' ' ' </tmp/modprobe.err)"
     fi
 done
+for m in $VM_ABSENT_MODULES; do
+    echo "RINGTUN-VM-MODULE $m absent (no such module in this kernel: built in or merged)"
+done
 echo "RINGTUN-VM-ULPS $(cat /proc/sys/net/ipv4/tcp_available_ulp 2>/dev/null)"
 
 one_line_probe() {
@@ -78,7 +83,7 @@ tls_stat() {
 
 # The lines of a ringtun log worth seeing on the console: which driver and which TLS it chose,
 # and anything that went wrong.
-interesting='using the (epoll|io_uring) driver|tunnels use|ERROR|WARN|panicked'
+interesting='using the (epoll|io_uring) driver|io_uring driver: |tunnels use|ERROR|WARN|panicked'
 
 n=0
 run_tests() {

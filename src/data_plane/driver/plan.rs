@@ -66,7 +66,12 @@ pub fn create(plan: &DriverPlan, entries: u32) -> io::Result<(Box<dyn Driver>, O
             multishot_accept,
             fall_back,
         } => match UringDriver::new(entries, *multishot_accept) {
-            Ok(d) => Ok((Box::new(d), None)),
+            Ok(d) => {
+                // One line per reactor (the logger names the thread): which request modes
+                // this ring runs; `ringtun_io_uring_accepts_total{mode}` counts what they did.
+                log::info!("{}", uring_modes(*multishot_accept));
+                Ok((Box::new(d), None))
+            }
             Err(e) if *fall_back => {
                 let reason = crate::kernel_features::io_uring_setup_error(&e);
                 Ok((Box::new(EpollDriver::new()?), Some(reason)))
@@ -76,5 +81,19 @@ pub fn create(plan: &DriverPlan, entries: u32) -> io::Result<(Box<dyn Driver>, O
                 crate::kernel_features::io_uring_setup_error(&e),
             )),
         },
+    }
+}
+
+/// The io_uring driver's request modes, as its start-up line states them. Readiness is a
+/// one-shot `PollAdd` on every kernel, also where multishot poll exists (5.13+): the flows
+/// rely on its level check when armed (`Driver::arming_checks_level`).
+fn uring_modes(multishot_accept: bool) -> &'static str {
+    if multishot_accept {
+        "io_uring driver: multishot accept (one request per listener keeps accepting); \
+         readiness by one-shot PollAdd, re-armed per event"
+    } else {
+        "io_uring driver: single-shot accept, re-armed after every connection (the kernel \
+         refused multishot accept, which arrived in 5.19); readiness by one-shot PollAdd, \
+         re-armed per event"
     }
 }

@@ -310,6 +310,8 @@ impl Driver for UringDriver {
                 Some(Op::Accept) => {
                     let l = d.index as usize;
                     if res >= 0 {
+                        crate::observability::metrics::IO_URING_ACCEPTS
+                            .count(self.multishot_accept);
                         // The ring's second promise: an accept completion's result is a new
                         // descriptor no one else owns. Only the ring knows that, so the
                         // adoption stays here rather than behind a safe function anyone could
