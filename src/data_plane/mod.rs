@@ -2,6 +2,7 @@
 //! connection, and join the sockets with `splice(2)`. The driver layer is the only code that
 //! touches io_uring or epoll; flows and pumps are the same state machines under both.
 
+pub mod authorization;
 pub mod driver;
 pub mod first_connection;
 pub mod flow;

@@ -38,10 +38,15 @@ pub enum FailureKind {
     StreamReset,
     /// Too many flows already wait for tunnel handshakes.
     TunnelPoolFull,
+    /// Authorization policy denied the connection (401 on HBONE, a reset on plaintext).
+    PolicyDenied,
+    /// An inbound CONNECT that cannot be served as asked (400/431): malformed, or naming a
+    /// destination that is not a local workload at the address the tunnel arrived on.
+    ConnectInvalid,
 }
 
 impl FailureKind {
-    pub const ALL: [FailureKind; 19] = [
+    pub const ALL: [FailureKind; 21] = [
         FailureKind::DownstreamReset,
         FailureKind::NoOriginalDst,
         FailureKind::UpstreamRefused,
@@ -61,13 +66,15 @@ impl FailureKind {
         FailureKind::ConnectRejected,
         FailureKind::StreamReset,
         FailureKind::TunnelPoolFull,
+        FailureKind::PolicyDenied,
+        FailureKind::ConnectInvalid,
     ];
 
     /// downstream, upstream, policy, kernel or internal.
     pub fn class(self) -> &'static str {
         use FailureKind::*;
         match self {
-            DownstreamReset | NoOriginalDst => "downstream",
+            DownstreamReset | NoOriginalDst | ConnectInvalid => "downstream",
             UpstreamRefused
             | UpstreamConnectTimeout
             | UpstreamUnreachable
@@ -77,7 +84,7 @@ impl FailureKind {
             | TunnelFailed
             | ConnectRejected
             | StreamReset => "upstream",
-            Loop | NotForThisWorkload => "policy",
+            Loop | NotForThisWorkload | PolicyDenied => "policy",
             PipeUnavailable | SocketSetup | Accept => "kernel",
             FlowLimit | TunnelUnavailable | TunnelPoolFull => "internal",
         }
@@ -105,6 +112,8 @@ impl FailureKind {
             ConnectRejected => "hbone_connect_rejected",
             StreamReset => "hbone_stream_reset",
             TunnelPoolFull => "hbone_pool_full",
+            PolicyDenied => "policy_denied",
+            ConnectInvalid => "hbone_bad_request",
         }
     }
 
@@ -188,6 +197,37 @@ pub struct TcpCounters {
 
 /// Label sets one reactor keeps at most; past it, new sets share one `overflow` series.
 const MAX_LABEL_SETS: usize = 4096;
+/// Policy denial series one reactor keeps at most (policies come from the config, but a
+/// mesh can hold thousands); past it, new ones share one `overflow` series.
+const MAX_POLICY_SERIES: usize = 1024;
+
+/// When authorization refused a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DenialAt {
+    /// At its first connection (401, or a reset on plaintext).
+    Connect,
+    /// Open when a reload's policy denied it: cut.
+    Reload,
+}
+
+impl DenialAt {
+    pub fn label(self) -> &'static str {
+        match self {
+            DenialAt::Connect => "connect",
+            DenialAt::Reload => "reload",
+        }
+    }
+}
+
+/// The labels of `ringtun_policy_denials_total`: the policy (`namespace/name`, empty when no
+/// rule decided) and rule that denied, the policy outcome, and when.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DenialLabels {
+    pub policy: String,
+    pub rule: Option<u32>,
+    pub reason: &'static str,
+    pub at: DenialAt,
+}
 
 #[derive(Debug)]
 pub struct ReactorMetrics {
@@ -207,6 +247,9 @@ pub struct ReactorMetrics {
     failures: [AtomicU64; FailureKind::ALL.len()],
     closed: [AtomicU64; CloseKind::ALL.len()],
     tcp: Mutex<HashMap<TcpLabels, Arc<TcpCounters>>>,
+    /// Connections authorization refused, by policy and rule (one lock per denial, never per
+    /// byte).
+    policy_denials: Mutex<HashMap<DenialLabels, u64>>,
     /// HBONE tunnel counters: enum-indexed atomics, touched once per tunnel or stream event
     /// (payload bytes once per receive or send call), never under a lock.
     pub hbone: HboneMetrics,
@@ -228,6 +271,7 @@ impl ReactorMetrics {
             failures: Default::default(),
             closed: Default::default(),
             tcp: Mutex::new(HashMap::new()),
+            policy_denials: Mutex::new(HashMap::new()),
             hbone: HboneMetrics::default(),
         }
     }
@@ -251,6 +295,24 @@ impl ReactorMetrics {
     pub fn closed(&self, kind: CloseKind) {
         let i = CloseKind::ALL.iter().position(|k| *k == kind).unwrap_or(0);
         self.closed[i].fetch_add(1, Relaxed);
+    }
+
+    /// Counts a connection authorization refused.
+    pub fn policy_denied(&self, labels: DenialLabels) {
+        let mut map = self
+            .policy_denials
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let key = if map.len() >= MAX_POLICY_SERIES && !map.contains_key(&labels) {
+            DenialLabels {
+                policy: "overflow".into(),
+                rule: None,
+                ..labels
+            }
+        } else {
+            labels
+        };
+        *map.entry(key).or_default() += 1;
     }
 
     /// The counters for one label set; looked up once per connection, never per byte.
@@ -475,6 +537,24 @@ impl Metrics {
             "# HELP ringtun_max_flows_per_reactor Flow limit per reactor after the fd budget.\n# TYPE ringtun_max_flows_per_reactor gauge\nringtun_max_flows_per_reactor {}",
             self.facts.max_flows_per_reactor
         );
+        let mut denials: std::collections::BTreeMap<DenialLabels, u64> = Default::default();
+        for r in &self.reactors {
+            let map = r.policy_denials.lock().unwrap_or_else(|p| p.into_inner());
+            for (labels, n) in map.iter() {
+                *denials.entry(labels.clone()).or_default() += n;
+            }
+        }
+        let _ = writeln!(out, "# HELP ringtun_policy_denials_total Connections authorization policy refused (at connect) or cut (at a reload), by the policy and rule that decided.\n# TYPE ringtun_policy_denials_total counter");
+        for (l, n) in &denials {
+            let _ = writeln!(
+                out,
+                "ringtun_policy_denials_total{{policy=\"{}\",rule=\"{}\",reason=\"{}\",at=\"{}\"}} {n}",
+                esc(&l.policy),
+                l.rule.map(|r| r.to_string()).unwrap_or_default(),
+                l.reason,
+                l.at.label()
+            );
+        }
         let shards: Vec<&HboneMetrics> = self.reactors.iter().map(|r| &r.hbone).collect();
         super::hbone_metrics::render(&mut out, &shards);
         let fds = std::fs::read_dir("/proc/self/fd")

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use slab::Slab;
 
+use super::authorization::{self, Admission};
 use super::driver::{self, Driver, Event, FlowKey, Side};
 use super::first_connection::{
     self, Accepted, Destination, Direction, EndpointPicker, RefuseReason, Resolution, Route,
@@ -37,7 +38,7 @@ use super::splice::{PipePool, Pump};
 use super::timer::{Timer, TimerKind};
 use crate::control_plane::state::State;
 use crate::observability::access_log::{self, FlowRecord, Observer};
-use crate::observability::metrics::{CloseKind, FailureKind, ReactorMetrics};
+use crate::observability::metrics::{CloseKind, DenialAt, FailureKind, ReactorMetrics};
 use crate::redirection::netns::in_netns;
 use crate::redirection::original_dst::original_dst;
 
@@ -448,6 +449,29 @@ impl Reactor {
         if let Some(kind) = kind {
             return self.refuse(fd, kind, None, record, now);
         }
+        // The destination node decides: plaintext arriving for a local workload is authorized
+        // here, without an identity (outbound connections are judged where they arrive).
+        let admission = match res.direction {
+            Direction::InboundPlaintext => {
+                let admission = Admission {
+                    destination: res.original_dst,
+                    source_ip: peer.ip(),
+                };
+                let decision =
+                    authorization::authorize(&self.state, workload, &admission, None, &mut record);
+                if !decision.is_allowed() {
+                    authorization::count_denial(
+                        &self.metrics,
+                        &self.state,
+                        &decision,
+                        DenialAt::Connect,
+                    );
+                    return self.refuse(fd, FailureKind::PolicyDenied, None, record, now);
+                }
+                Some(admission)
+            }
+            Direction::Outbound => None,
+        };
         let mark = self.state.config.node.socket_mark;
         let up = match in_netns(netns.as_ref(), || {
             socket::outbound_socket(&res.upstream, mark)
@@ -485,6 +509,7 @@ impl Reactor {
             started: now,
             last_active: now,
             resolution: res,
+            admission,
             counters,
             record,
         });

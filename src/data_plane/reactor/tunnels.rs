@@ -29,6 +29,7 @@ use super::shared::{self, Shared};
 use crate::control_plane::config::KtlsChoice;
 use crate::control_plane::identity::SpiffeId;
 use crate::control_plane::workload_registry::WorkloadId;
+use crate::data_plane::authorization::{self, Admission};
 use crate::data_plane::driver::{self, FlowKey, Interest, Side};
 use crate::data_plane::first_connection::Resolution;
 use crate::data_plane::socket;
@@ -38,11 +39,11 @@ use crate::observability::access_log::{self, FlowRecord};
 use crate::observability::hbone_metrics::{
     PoolOutcome, Role as RoleLabel, TunnelClose, TunnelFailure,
 };
-use crate::observability::metrics::{CloseKind, FailureKind, TcpCounters, TcpLabels};
+use crate::observability::metrics::{CloseKind, DenialAt, FailureKind, TcpCounters, TcpLabels};
 use crate::redirection::netns::{in_netns, NetNs};
 use crate::tls::{self, ClientTls};
 use crate::tunnel::connection::{Action, Ctx, OpenRefused, Role, Tunnel, TunnelEnv};
-use crate::tunnel::inbound_rules::{outbound_connect, InboundDecision, InboundRules};
+use crate::tunnel::inbound_rules::{outbound_connect, InboundDecision, InboundRules, RejectReason};
 use crate::tunnel::pool::{
     Checkout, CloseReason, PoolConfig, PoolEvent, PoolKey, TunnelId, TunnelPool,
 };
@@ -243,6 +244,23 @@ impl Tunnels {
                 Action::Queue => io.queue(tkey),
                 Action::Established => self.tunnel_established(io, tkey, now),
                 Action::Request { id, request } => self.inbound_request(io, tkey, id, request, now),
+                Action::RequestRefused { status, reason } => {
+                    let Role::Server { local, peer, .. } = *e.tunnel.role() else {
+                        continue;
+                    };
+                    let mut record = FlowRecord::new(io.id, "inbound_hbone");
+                    record.source_workload = e
+                        .tunnel
+                        .peer_identity()
+                        .map_or_else(|| "unknown".into(), |p| p.to_uri());
+                    record.client = peer;
+                    record.original_dst = local;
+                    record.destination = "unknown".into();
+                    record.route = "hbone";
+                    record.status = Some(status);
+                    record.reason = Some(reason.label());
+                    io.refused(FailureKind::ConnectInvalid, record, now);
+                }
                 Action::StreamEnded(ended) => {
                     let pool_id = match e.tunnel.role() {
                         Role::Client { pool_id, .. } => Some(*pool_id),
@@ -447,7 +465,8 @@ impl Tunnels {
         self.run_tunnel(io, tkey, now);
     }
 
-    /// A CONNECT arrived on a server tunnel: check it, then connect to the destination.
+    /// A CONNECT arrived on a server tunnel: check it, authorize it, then connect to the
+    /// destination. Every refusal (400/431, 401, 503) is answered, counted and logged.
     fn inbound_request(
         &mut self,
         io: &mut Shared<'_>,
@@ -470,6 +489,15 @@ impl Tunnels {
         };
         let netns = netns.clone();
         let peer_identity = e.tunnel.peer_identity().cloned();
+        let mut record = FlowRecord::new(io.id, "inbound_hbone");
+        record.source_workload = peer_identity
+            .as_ref()
+            .map(|p| p.to_uri())
+            .unwrap_or_else(|| "unknown".into());
+        record.client = peer;
+        record.original_dst = local;
+        record.route = "hbone";
+        record.upstream = request.authority;
         let (workload, upstream) = match self.rules.check(&io.state.registry, &request, local) {
             InboundDecision::Accept { workload, upstream } => (workload, upstream),
             InboundDecision::Reject { status, reason } => {
@@ -479,10 +507,44 @@ impl Tunnels {
                     request.authority,
                     reason.label()
                 );
+                record.destination = "unknown".into();
+                record.status = Some(status);
+                record.reason = Some(reason.label());
                 self.with_tunnel(io, tkey, now, |t, ctx| t.refuse_stream(id, status, ctx));
-                return;
+                return io.refused(FailureKind::ConnectInvalid, record, now);
             }
         };
+        let entry = io.state.registry.workload(workload);
+        record.destination = format!(
+            "workload:{}/{}",
+            entry.workload.namespace, entry.workload.name
+        );
+        record.upstream = upstream;
+        record.destination_identity = Some(entry.identity.clone());
+        let admission = Admission {
+            destination: upstream,
+            source_ip: peer.ip(),
+        };
+        let decision = authorization::authorize(
+            io.state,
+            workload,
+            &admission,
+            peer_identity.as_ref(),
+            &mut record,
+        );
+        if !decision.is_allowed() {
+            log::debug!(
+                "reactor {}: CONNECT {} from {peer} ({}) denied by policy: {}",
+                io.id,
+                request.authority,
+                record.source_workload,
+                decision.reason.label()
+            );
+            authorization::count_denial(io.metrics, io.state, &decision, DenialAt::Connect);
+            record.status = Some(401);
+            self.with_tunnel(io, tkey, now, |t, ctx| t.refuse_stream(id, 401, ctx));
+            return io.refused(FailureKind::PolicyDenied, record, now);
+        }
         let mark = io.state.config.node.socket_mark;
         let fd = match in_netns(netns.as_ref(), || socket::outbound_socket(&upstream, mark)) {
             Ok(Ok(fd)) => fd,
@@ -491,8 +553,10 @@ impl Tunnels {
                     "reactor {}: cannot make a socket for {upstream}: {e}",
                     io.id
                 );
+                record.status = Some(503);
+                record.reason = Some(RejectReason::UpstreamUnreachable.label());
                 self.with_tunnel(io, tkey, now, |t, ctx| t.refuse_stream(id, 503, ctx));
-                return;
+                return io.refused(FailureKind::SocketSetup, record, now);
             }
         };
         let w = &io.state.registry.workload(workload).workload;
@@ -507,17 +571,6 @@ impl Tunnels {
             destination_workload_namespace: w.namespace.clone(),
             destination_service: "unknown".into(),
         };
-        let mut record = FlowRecord::new(io.id, "inbound_hbone");
-        record.source_workload = peer_identity
-            .as_ref()
-            .map(|p| p.to_uri())
-            .unwrap_or_else(|| "unknown".into());
-        record.client = peer;
-        record.original_dst = local;
-        record.destination = format!("workload:{}/{}", w.namespace, w.name);
-        record.route = "hbone";
-        record.upstream = upstream;
-        record.destination_identity = Some(io.state.registry.workload(workload).identity.clone());
         let counters = io.metrics.tcp_counters(labels);
         let raw = fd.as_raw_fd();
         let skey = self.insert_stream(io, StreamSlot::OnTunnel { tunnel: tkey, id });

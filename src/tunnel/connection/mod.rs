@@ -41,6 +41,7 @@ use rustls::client::UnbufferedClientConnection;
 use rustls::server::UnbufferedServerConnection;
 
 use super::error::TunnelError;
+use super::inbound_rules::RejectReason;
 use super::pool::TunnelId;
 use super::streams::{EndedStream, Stream, StreamEnd, StreamPhase, StreamSetup};
 use super::transport::Transport;
@@ -172,6 +173,12 @@ pub enum Action {
     Request {
         id: StreamId,
         request: ConnectRequest,
+    },
+    /// Server: a CONNECT the session could not parse was answered `status` and reset (the
+    /// reactor records the refusal).
+    RequestRefused {
+        status: u16,
+        reason: RejectReason,
     },
     StreamEnded(Box<EndedStream>),
     /// Client: the peer sent GOAWAY; the pool must stop granting streams here.
@@ -743,6 +750,7 @@ impl Tunnel {
                     );
                 }
                 ctx.metrics.stream_answered(RoleLabel::Server, 200);
+                s.record.status = Some(200);
                 s.phase = StreamPhase::Open;
                 s.last_active = ctx.now;
                 s.counters
@@ -757,6 +765,8 @@ impl Tunnel {
             Err(errno) => {
                 // 503, and the flow never opened.
                 s.stream_gone = true;
+                s.record.status = Some(503);
+                s.record.reason = Some(RejectReason::UpstreamUnreachable.label());
                 self.answer_and_reset(id, 503, ctx);
                 self.end_stream(
                     id,

@@ -364,6 +364,8 @@ impl Harness {
                     Action::Queue => node.queued = true,
                     Action::Established => node.established = true,
                     Action::Request { .. } => unreachable!("handled above"),
+                    // The reactor records these; the session already answered.
+                    Action::RequestRefused { .. } => {}
                     Action::StreamEnded(mut e) => {
                         node.streams.remove(&e.key);
                         node.armed.retain(|(k, _, _)| *k != e.key);

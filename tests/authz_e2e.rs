@@ -1,0 +1,227 @@
+//! Authorization on the destination node, as root, over two ringtun nodes in network
+//! namespaces (`testbed::two_nodes`): node A serves the client pod, node B serves mesh-1 and
+//! mesh-2 (HBONE) and holds the policies. What a user of the mesh would see: allowed
+//! connections carry their bytes intact, denied CONNECTs are answered 401 and the client is
+//! reset, denied plaintext is reset, the destination application never sees a denied
+//! connection, and every refusal is in node B's access log and metrics with the policy and
+//! rule that decided.
+//!
+//! Policy enforcement does not depend on the readiness driver (it runs once per connection,
+//! before any byte moves), so these tests run on io_uring only; `hbone_e2e` covers the drivers.
+//!
+//! Without root each test prints `SKIPPED (needs root)`; with `CI` set it fails.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use ringtun::testbed::two_nodes::{expect_reset_from, wait_for, Mesh};
+use ringtun::testbed::{self, root_or_skip, MeshNode, Pod, RingtunProcess, MESH_PORT};
+
+const BIN: &str = env!("CARGO_BIN_EXE_ringtun");
+
+fn bin() -> &'static Path {
+    Path::new(BIN)
+}
+
+/// Node B gets `policies` (YAML, the whole `policies:` section); node A none.
+fn mesh_with_policies(policies: &'static str) -> Mesh {
+    Mesh::start_with(bin(), "io-uring", "", move |n, c| match n {
+        MeshNode::A => c,
+        MeshNode::B => format!("{c}{policies}"),
+    })
+}
+
+fn mesh1(port: u16) -> SocketAddr {
+    SocketAddr::new(Pod::Mesh1.v4(), port)
+}
+
+/// The first access record on `r` for which `pick` holds (waits up to 10 s for it).
+fn record(r: &RingtunProcess, pick: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let mut found = None;
+    wait_for(|| {
+        found = r.access_records().into_iter().find(|rec| pick(rec));
+        found.is_some()
+    });
+    found.unwrap_or_else(|| panic!("no such access record; the log:\n{}", r.log_text()))
+}
+
+fn metric_reaches(r: &RingtunProcess, name: &str, labels: &[&str], at_least: f64) {
+    let ok = wait_for(|| r.metric(name, labels).unwrap_or(0.0) >= at_least);
+    assert!(
+        ok,
+        "{name}{labels:?} did not reach {at_least}:\n{}",
+        r.metrics().unwrap_or_default()
+    );
+}
+
+/// A listener in mesh-1 that must never see a connection; call `assert_untouched` after.
+struct Untouched(std::net::TcpListener);
+
+impl Untouched {
+    fn on(m: &Mesh, port: u16) -> Untouched {
+        let l = m.listen(Pod::Mesh1, port);
+        l.set_nonblocking(true).unwrap();
+        Untouched(l)
+    }
+
+    fn assert_untouched(&self) {
+        assert!(
+            self.0.accept().is_err(),
+            "a denied connection reached the application"
+        );
+    }
+}
+
+const TWO_ALLOWS_AND_A_DENY: &str = "policies:
+  - name: client-to-8080
+    namespace: default
+    rules:
+      - from: [{source: {principals: [cluster.local/ns/default/sa/client]}}]
+        to: [{operation: {ports: [8080]}}]
+  - name: mesh2-to-9090
+    namespace: default
+    rules:
+      - from: [{source: {principals: [cluster.local/ns/default/sa/mesh-2]}}]
+        to: [{operation: {ports: [9090]}}]
+  - name: no-8081
+    namespace: default
+    action: DENY
+    rules:
+      - to: [{operation: {ports: [9999]}}]
+      - to: [{operation: {ports: [8081]}}]
+";
+
+#[test]
+fn allowed_identity_passes_and_a_denied_one_gets_401_and_a_reset() {
+    if !root_or_skip("allowed_identity_passes_and_a_denied_one_gets_401_and_a_reset") {
+        return;
+    }
+    let m = mesh_with_policies(TWO_ALLOWS_AND_A_DENY);
+
+    // Allowed: the client's certificate names the principal client-to-8080 allows.
+    testbed::exchange_intact(&m.tb, Pod::Mesh1, mesh1(MESH_PORT), 1 << 20);
+    let ok = record(m.b(), |r| r["status"] == 200);
+    assert_eq!(ok["policy"], "default/client-to-8080", "{ok}");
+    assert_eq!(ok["policy_rule"], 0, "{ok}");
+    assert_eq!(
+        ok["source_workload"], "spiffe://cluster.local/ns/default/sa/client",
+        "{ok}"
+    );
+
+    // Port 9090 only admits mesh-2's identity: the client's is refused, 401, reset.
+    let app = Untouched::on(&m, 9090);
+    m.expect_reset(mesh1(9090));
+    let denied = record(m.b(), |r| r["status"] == 401);
+    assert_eq!(denied["failure_class"], "policy", "{denied}");
+    assert_eq!(denied["failure_reason"], "policy_denied", "{denied}");
+    assert_eq!(denied["reason"], "no_allow_match", "{denied}");
+    assert_eq!(denied["destination"], "workload:default/mesh-1", "{denied}");
+    assert!(denied.get("policy").is_none(), "{denied}");
+    metric_reaches(
+        m.b(),
+        "ringtun_policy_denials_total",
+        &["policy=\"\"", "reason=\"no_allow_match\"", "at=\"connect\""],
+        1.0,
+    );
+
+    // A DENY rule: the record and the metric name the policy and the rule (the second).
+    m.expect_reset(mesh1(8081));
+    let denied = record(m.b(), |r| r["reason"] == "deny_rule");
+    assert_eq!(denied["policy"], "default/no-8081", "{denied}");
+    assert_eq!(denied["policy_rule"], 1, "{denied}");
+    assert_eq!(denied["status"], 401, "{denied}");
+    metric_reaches(
+        m.b(),
+        "ringtun_policy_denials_total",
+        &[
+            "policy=\"default/no-8081\"",
+            "rule=\"1\"",
+            "reason=\"deny_rule\"",
+        ],
+        1.0,
+    );
+    metric_reaches(
+        m.b(),
+        "ringtun_hbone_streams_total",
+        &["role=\"server\"", "status=\"401\""],
+        2.0,
+    );
+    metric_reaches(
+        m.b(),
+        "ringtun_connection_failures_total",
+        &["class=\"policy\"", "reason=\"policy_denied\""],
+        2.0,
+    );
+    // The client's node saw the answer and reset its client.
+    metric_reaches(
+        m.a(),
+        "ringtun_hbone_streams_total",
+        &["role=\"client\"", "status=\"401\""],
+        2.0,
+    );
+    let seen = record(m.a(), |r| r["status"] == 401);
+    assert_eq!(seen["failure_reason"], "hbone_connect_rejected", "{seen}");
+    std::thread::sleep(Duration::from_millis(200));
+    app.assert_untouched();
+    m.finish();
+}
+
+/// Istio's PeerAuthentication STRICT as a policy: plaintext has no identity, so
+/// `not_principals: ["*"]` matches it; tunnelled connections carry one and pass.
+const STRICT_ON_8080: &str = "policies:
+  - name: strict
+    namespace: istio-system
+    action: DENY
+    rules:
+      - from: [{source: {not_principals: ['*']}}]
+        to: [{operation: {ports: [8080]}}]
+";
+
+#[test]
+fn plaintext_without_identity_is_reset_and_tunnels_pass() {
+    if !root_or_skip("plaintext_without_identity_is_reset_and_tunnels_pass") {
+        return;
+    }
+    let m = mesh_with_policies(STRICT_ON_8080);
+    // The ext pod is outside the mesh: its connection to mesh-1 arrives in plaintext on
+    // node B's 15006.
+    let app = Untouched::on(&m, MESH_PORT);
+    expect_reset_from(&m.tb, Pod::Ext, mesh1(MESH_PORT));
+    std::thread::sleep(Duration::from_millis(200));
+    app.assert_untouched();
+    drop(app);
+    let denied = record(m.b(), |r| r["reason"] == "deny_rule");
+    assert_eq!(denied["direction"], "inbound", "{denied}");
+    assert_eq!(denied["policy"], "istio-system/strict", "{denied}");
+    assert_eq!(denied["failure_reason"], "policy_denied", "{denied}");
+    let client = denied["client"].as_str().unwrap_or_default();
+    assert!(
+        client.starts_with(&format!("{}:", Pod::Ext.v4())),
+        "{denied}"
+    );
+    metric_reaches(
+        m.b(),
+        "ringtun_policy_denials_total",
+        &["policy=\"istio-system/strict\"", "at=\"connect\""],
+        1.0,
+    );
+
+    // Plaintext to a port the policy leaves alone passes.
+    testbed_exchange_from(&m, Pod::Ext, mesh1(8082), 64 << 10);
+    // The client's connection goes through a tunnel and has an identity: it passes.
+    testbed::exchange_intact(&m.tb, Pod::Mesh1, mesh1(MESH_PORT), 1 << 20);
+    m.finish();
+}
+
+/// An exchange from `from` to a server in mesh-1 at `to`, bytes intact both ways.
+fn testbed_exchange_from(m: &Mesh, from: Pod, to: SocketAddr, bytes: u64) {
+    let l = m.listen(Pod::Mesh1, to.port());
+    let server = testbed::serve_exchanges(l, 1, bytes, 2);
+    let c = testbed::connect_in(&m.tb.pod_ns(from).unwrap(), to).expect("connects");
+    let got = testbed::exchange(c, bytes, 1).expect("client exchange");
+    let s = server.join().unwrap().expect("server exchange")[0];
+    assert_eq!((got.received, s.received), (bytes, bytes), "bytes lost");
+    assert_eq!(got.sent_hash, s.received_hash);
+    assert_eq!(s.sent_hash, got.received_hash);
+}
