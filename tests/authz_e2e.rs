@@ -225,3 +225,87 @@ fn testbed_exchange_from(m: &Mesh, from: Pod, to: SocketAddr, bytes: u64) {
     assert_eq!(got.sent_hash, s.received_hash);
     assert_eq!(s.sent_hash, got.received_hash);
 }
+
+/// Replaces a node's configuration file the way editors and Kubernetes do (write, rename).
+fn rewrite_config(r: &RingtunProcess, text: &str) {
+    let tmp = r.config.with_extension("new");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, &r.config).unwrap();
+}
+
+fn config_dump(r: &RingtunProcess, port_base: u16) -> serde_json::Value {
+    let (status, body) = r.get(port_base, "/config_dump").expect("admin endpoint");
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).expect("config_dump is JSON")
+}
+
+const ONLY_CLIENT_ON_8080: &str = "policies:
+  - name: client-to-8080
+    namespace: default
+    rules:
+      - from: [{source: {principals: [cluster.local/ns/default/sa/client]}}]
+        to: [{operation: {ports: [8080]}}]
+";
+
+const DENY_8080: &str = "policies:
+  - name: closed-8080
+    namespace: default
+    action: DENY
+    rules:
+      - to: [{operation: {ports: [8080]}}]
+";
+
+#[test]
+fn a_broken_reload_changes_nothing_and_a_good_one_applies_to_new_connections() {
+    if !root_or_skip("a_broken_reload_changes_nothing_and_a_good_one_applies_to_new_connections") {
+        return;
+    }
+    let m = mesh_with_policies(ONLY_CLIENT_ON_8080);
+    let b = m.b();
+    let base = MeshNode::B.port_base();
+    let running = std::fs::read_to_string(&b.config).unwrap();
+    testbed::exchange_intact(&m.tb, Pod::Mesh1, mesh1(MESH_PORT), 1 << 20);
+
+    // A broken file (a policy port out of range) and SIGHUP: refused, counted, explained; the
+    // running policy keeps serving.
+    rewrite_config(b, &running.replace("ports: [8080]", "ports: [80800]"));
+    b.hangup().unwrap();
+    metric_reaches(
+        b,
+        "ringtun_config_reloads_total",
+        &["result=\"failed\""],
+        1.0,
+    );
+    let dump = config_dump(b, base);
+    assert_eq!(dump["generation"], 1, "{dump}");
+    let error = dump["reload"]["last_error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("policies[0].rules[0].to[0].operation.ports[0]"),
+        "{dump}"
+    );
+    testbed::exchange_intact(&m.tb, Pod::Mesh1, mesh1(MESH_PORT), 1 << 20);
+    assert!(b
+        .log_text()
+        .contains("configuration reload failed; generation 1 keeps running"));
+
+    // A good file, no signal: the change of the file is enough. New connections meet the new
+    // policy at once.
+    let denying = running.replace(ONLY_CLIENT_ON_8080, DENY_8080);
+    assert_ne!(denying, running);
+    rewrite_config(b, &denying);
+    metric_reaches(b, "ringtun_config_generation", &[], 2.0);
+    let app = Untouched::on(&m, MESH_PORT);
+    m.expect_reset(mesh1(MESH_PORT));
+    let denied = record(b, |r| r["policy"] == "default/closed-8080");
+    assert_eq!(denied["status"], 401, "{denied}");
+    std::thread::sleep(Duration::from_millis(200));
+    app.assert_untouched();
+    let dump = config_dump(b, base);
+    assert_eq!(dump["generation"], 2, "{dump}");
+    assert!(dump["reload"]["last_error"].is_null(), "{dump}");
+    assert_eq!(
+        dump["config"]["policies"][0]["name"], "closed-8080",
+        "{dump}"
+    );
+    m.finish();
+}

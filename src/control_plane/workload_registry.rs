@@ -39,6 +39,8 @@ pub struct Registry {
     workloads: Vec<WorkloadEntry>,
     services: Vec<ServiceEntry>,
     by_ip: HashMap<IpAddr, WorkloadId>,
+    /// `namespace/name` → workload: the name that survives a reload (ids do not).
+    by_name: HashMap<String, WorkloadId>,
     /// (VIP, service port) → (service, target port).
     by_vip: HashMap<(IpAddr, u16), (ServiceId, u16)>,
     /// Every address a workload or service owns, to tell "in the mesh" from "outside".
@@ -63,6 +65,7 @@ impl Registry {
         let mut workloads = Vec::with_capacity(config.workloads.len());
         let mut by_ip = HashMap::new();
         let mut by_name = HashMap::new();
+        let mut by_full_name = HashMap::with_capacity(config.workloads.len());
         let mut by_label_in_namespace: HashMap<_, Vec<WorkloadId>> = HashMap::new();
         let mut by_label: HashMap<_, Vec<WorkloadId>> = HashMap::new();
         for (i, w) in config.workloads.iter().enumerate() {
@@ -78,6 +81,7 @@ impl Registry {
                 by_label.entry((k.clone(), v.clone())).or_default().push(id);
             }
             by_name.insert((w.namespace.as_str(), w.name.as_str()), id);
+            by_full_name.insert(format!("{}/{}", w.namespace, w.name), id);
             workloads.push(WorkloadEntry {
                 identity: format!("spiffe://{td}/ns/{}/sa/{}", w.namespace, w.service_account),
                 local: w.node == config.node.name,
@@ -116,6 +120,7 @@ impl Registry {
             workloads,
             services,
             by_ip,
+            by_name: by_full_name,
             by_vip,
             vip_addrs,
             by_label_in_namespace,
@@ -164,6 +169,11 @@ impl Registry {
 
     pub fn service(&self, id: ServiceId) -> &ServiceEntry {
         &self.services[id.0 as usize]
+    }
+
+    /// The workload named `namespace/name` (how a reload finds what an id meant before).
+    pub fn workload_by_name(&self, namespaced_name: &str) -> Option<WorkloadId> {
+        self.by_name.get(namespaced_name).copied()
     }
 
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<WorkloadId> {

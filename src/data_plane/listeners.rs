@@ -20,7 +20,10 @@ const BACKLOG: i32 = 1024;
 #[derive(Debug)]
 pub struct Listener {
     pub fd: OwnedFd,
+    /// The workload's id in the snapshot the reactor runs on (re-pointed at each reload).
     pub workload: WorkloadId,
+    /// `namespace/name`: how a reload finds the workload again.
+    pub name: String,
     pub direction: Direction,
     pub addr: SocketAddr,
     /// The pod's namespace, where this workload's outbound sockets are made too.
@@ -128,6 +131,7 @@ pub fn create_all(
                             Ok(fd) => per_reactor[r].push(Listener {
                                 fd,
                                 workload: id,
+                                name: name.clone(),
                                 direction,
                                 addr,
                                 netns: netns.clone(),

@@ -8,6 +8,7 @@ pub mod first_connection;
 pub mod flow;
 pub mod listeners;
 pub mod reactor;
+pub mod snapshot;
 pub mod socket;
 pub mod splice;
 pub mod timer;

@@ -244,6 +244,11 @@ pub struct ReactorMetrics {
     pub pipes_pooled: AtomicU64,
     /// Entries in the reactor's timer heap (live and stale; compacted when stale ones pile up).
     pub timers_queued: AtomicU64,
+    /// The longest one loop iteration took (events, queued work, timers), nanoseconds: how
+    /// long the reactor stalled at worst, reloads included.
+    pub longest_iteration_ns: AtomicU64,
+    /// How long adopting the last published snapshot took, nanoseconds.
+    pub last_adopt_ns: AtomicU64,
     failures: [AtomicU64; FailureKind::ALL.len()],
     closed: [AtomicU64; CloseKind::ALL.len()],
     tcp: Mutex<HashMap<TcpLabels, Arc<TcpCounters>>>,
@@ -268,6 +273,8 @@ impl ReactorMetrics {
             pipe_resize_refused: AtomicU64::new(0),
             pipes_pooled: AtomicU64::new(0),
             timers_queued: AtomicU64::new(0),
+            longest_iteration_ns: AtomicU64::new(0),
+            last_adopt_ns: AtomicU64::new(0),
             failures: Default::default(),
             closed: Default::default(),
             tcp: Mutex::new(HashMap::new()),
@@ -295,6 +302,17 @@ impl ReactorMetrics {
     pub fn closed(&self, kind: CloseKind) {
         let i = CloseKind::ALL.iter().position(|k| *k == kind).unwrap_or(0);
         self.closed[i].fetch_add(1, Relaxed);
+    }
+
+    /// One loop iteration's busy time (kept if it is the longest yet).
+    pub fn iteration_took(&self, took: std::time::Duration) {
+        self.longest_iteration_ns
+            .fetch_max(took.as_nanos() as u64, Relaxed);
+    }
+
+    /// How long adopting a snapshot took.
+    pub fn adopt_took(&self, took: std::time::Duration) {
+        self.last_adopt_ns.store(took.as_nanos() as u64, Relaxed);
     }
 
     /// Counts a connection authorization refused.
@@ -345,10 +363,26 @@ pub struct ProcessFacts {
     pub max_flows_per_reactor: u64,
 }
 
+/// The control thread's counters: configuration reloads and the generation running.
+#[derive(Debug, Default)]
+pub struct ControlMetrics {
+    /// Reloads that published a new snapshot.
+    pub reloads_applied: AtomicU64,
+    /// Reloads refused (the file did not load, credentials did not): the running snapshot
+    /// stayed.
+    pub reloads_failed: AtomicU64,
+    /// The configuration generation the node runs (1 at start).
+    pub generation: AtomicU64,
+    /// How long the last applied reload took, from reading the file to every reactor running
+    /// on the new snapshot, nanoseconds.
+    pub last_reload_ns: AtomicU64,
+}
+
 #[derive(Debug)]
 pub struct Metrics {
     pub reactors: Vec<Arc<ReactorMetrics>>,
     pub facts: ProcessFacts,
+    pub control: ControlMetrics,
 }
 
 impl Metrics {
@@ -358,6 +392,10 @@ impl Metrics {
                 .map(|i| Arc::new(ReactorMetrics::new(i)))
                 .collect(),
             facts,
+            control: ControlMetrics {
+                generation: AtomicU64::new(1),
+                ..ControlMetrics::default()
+            },
         }
     }
 
@@ -495,6 +533,29 @@ impl Metrics {
                 let _ = writeln!(out, "{name}{{reactor=\"{}\"}} {}", r.reactor, get(r));
             }
         }
+        let seconds: [PerReactorNanos; 2] = [
+            (
+                "ringtun_reactor_longest_iteration_seconds",
+                "The longest one reactor loop iteration took: its worst stall",
+                |r| r.longest_iteration_ns.load(Relaxed),
+            ),
+            (
+                "ringtun_reactor_snapshot_adopt_seconds",
+                "How long the reactor took to adopt the last published snapshot",
+                |r| r.last_adopt_ns.load(Relaxed),
+            ),
+        ];
+        for (name, help, get) in seconds {
+            let _ = writeln!(out, "# HELP {name} {help}.\n# TYPE {name} gauge");
+            for r in &self.reactors {
+                let _ = writeln!(
+                    out,
+                    "{name}{{reactor=\"{}\"}} {:.6}",
+                    r.reactor,
+                    get(r) as f64 / 1e9
+                );
+            }
+        }
         let _ = writeln!(out, "# HELP ringtun_driver_info Readiness driver each reactor runs.\n# TYPE ringtun_driver_info gauge");
         for r in &self.reactors {
             let d = *r.driver.lock().unwrap_or_else(|p| p.into_inner());
@@ -555,6 +616,23 @@ impl Metrics {
                 l.at.label()
             );
         }
+        let c = &self.control;
+        let _ = writeln!(
+            out,
+            "# HELP ringtun_config_reloads_total Configuration reloads, applied or failed (a failed one leaves the running snapshot in place).\n# TYPE ringtun_config_reloads_total counter\nringtun_config_reloads_total{{result=\"applied\"}} {}\nringtun_config_reloads_total{{result=\"failed\"}} {}",
+            c.reloads_applied.load(Relaxed),
+            c.reloads_failed.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP ringtun_config_generation The configuration generation the node runs.\n# TYPE ringtun_config_generation gauge\nringtun_config_generation {}",
+            c.generation.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP ringtun_config_reload_seconds How long the last applied reload took, until every reactor ran on it.\n# TYPE ringtun_config_reload_seconds gauge\nringtun_config_reload_seconds {:.6}",
+            c.last_reload_ns.load(Relaxed) as f64 / 1e9
+        );
         let shards: Vec<&HboneMetrics> = self.reactors.iter().map(|r| &r.hbone).collect();
         super::hbone_metrics::render(&mut out, &shards);
         let fds = std::fs::read_dir("/proc/self/fd")
@@ -564,6 +642,9 @@ impl Metrics {
         out
     }
 }
+
+/// A per-reactor duration gauge: name, help text, and how to read its nanoseconds from a shard.
+type PerReactorNanos = (&'static str, &'static str, fn(&ReactorMetrics) -> u64);
 
 /// A per-reactor series: name, Prometheus type, help text, and how to read it from a shard.
 type PerReactorMetric = (

@@ -8,8 +8,6 @@ mod keys;
 mod shared;
 mod tunnels;
 
-pub use tunnels::TunnelCredentials;
-
 use keys::{entry, entry_mut, kind_of, Keyed, Kind, SLOT_MASK};
 use shared::Shared;
 use tunnels::Tunnels;
@@ -18,7 +16,7 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::Arc;
 
 use crate::sys::eventfd::Waker;
@@ -33,6 +31,7 @@ use super::first_connection::{
 };
 use super::flow::{Directions, End, Flow, Phase, Step};
 use super::listeners::Listener;
+use super::snapshot::{Published, Snapshot};
 use super::socket;
 use super::splice::{PipePool, Pump};
 use super::timer::{Timer, TimerKind};
@@ -51,6 +50,8 @@ pub struct ReactorControl {
     waker: Waker,
     draining: AtomicBool,
     stop: AtomicBool,
+    /// The serial of the snapshot the reactor runs on.
+    adopted: AtomicU64,
 }
 
 impl ReactorControl {
@@ -59,7 +60,19 @@ impl ReactorControl {
             waker: Waker::new()?,
             draining: AtomicBool::new(false),
             stop: AtomicBool::new(false),
+            adopted: AtomicU64::new(0),
         }))
+    }
+
+    /// A new snapshot was published: wake the reactor so it adopts it now rather than at
+    /// its next event.
+    pub fn refresh(&self) {
+        self.waker.wake();
+    }
+
+    /// The serial of the snapshot the reactor runs on (0 before it started).
+    pub fn adopted(&self) -> u64 {
+        self.adopted.load(SeqCst)
     }
 
     /// Stop accepting; let open flows finish until the drain timeout.
@@ -83,7 +96,9 @@ impl Keyed for Flow {
 
 pub struct ReactorSpec {
     pub id: usize,
-    pub state: Arc<State>,
+    /// Where the node snapshot (state, tunnel credentials) is published; the reactor starts
+    /// on the current one. Tunnels are served when it has credentials (`node.tls`).
+    pub published: Arc<Published>,
     pub driver: driver::DriverPlan,
     pub listeners: Vec<Listener>,
     pub metrics: Arc<ReactorMetrics>,
@@ -92,13 +107,13 @@ pub struct ReactorSpec {
     pub max_flows: usize,
     /// Pin the thread to this CPU.
     pub cpu: Option<usize>,
-    /// Tunnel certificates and kTLS support; `None` without `node.tls` (HBONE routes are
-    /// then refused).
-    pub tunnels: Option<Arc<TunnelCredentials>>,
 }
 
 pub struct Reactor {
     id: usize,
+    published: Arc<Published>,
+    /// The snapshot this reactor runs on, and its state (kept apart for short borrows).
+    snapshot: Arc<Snapshot>,
     state: Arc<State>,
     driver: Box<dyn Driver>,
     listeners: Vec<Option<Listener>>,
@@ -137,15 +152,18 @@ impl Reactor {
             .driver
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = driver.kind().label();
-        let splice = spec.state.config.node.splice;
+        let snapshot = spec.published.load();
+        let state = Arc::clone(&snapshot.state);
+        let splice = state.config.node.splice;
         let mut r = Reactor {
             id: spec.id,
             driver,
             listeners: spec.listeners.into_iter().map(Some).collect(),
             flows: Slab::new(),
-            hbone: spec
-                .tunnels
-                .map(|c| Tunnels::new(spec.id, c, &spec.state.config.node)),
+            hbone: snapshot
+                .credentials
+                .clone()
+                .map(|c| Tunnels::new(spec.id, c, &state.config.node)),
             pool: PipePool::new(splice.pipe_size, splice.pipe_pool_size),
             timers: BinaryHeap::new(),
             runnable: Vec::new(),
@@ -158,8 +176,11 @@ impl Reactor {
             drain_deadline: None,
             tunnels_closing: false,
             warned_tunnel: false,
-            state: spec.state,
+            published: spec.published,
+            snapshot,
+            state,
         };
+        r.control.adopted.store(r.snapshot.serial, SeqCst);
         r.driver.watch_waker(r.control.waker.raw_fd())?;
         for i in 0..r.listeners.len() {
             let fd = r.listeners[i]
@@ -197,6 +218,9 @@ impl Reactor {
             };
             self.driver.wait(timeout, &mut events)?;
             let now = Instant::now();
+            if !self.published.is_current(&self.snapshot) {
+                self.adopt(now);
+            }
             for ev in events.drain(..) {
                 self.handle(ev, now);
             }
@@ -208,6 +232,7 @@ impl Reactor {
             self.metrics
                 .timers_queued
                 .store(self.timers.len() as u64, Relaxed);
+            self.metrics.iteration_took(now.elapsed());
             if self.control.stop.load(SeqCst) {
                 self.close_all(CloseKind::Drained, now);
                 return Ok(());
@@ -238,6 +263,52 @@ impl Reactor {
                     );
                     self.close_all(CloseKind::Drained, now);
                     return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Takes the published snapshot: listeners are re-pointed at the new registry's workloads
+    /// (ids are per snapshot; names are not) and a workload that left takes its listeners
+    /// with it; tunnels get the new credentials. Called between events, never inside one.
+    fn adopt(&mut self, now: Instant) {
+        let snapshot = self.published.load();
+        if !Arc::ptr_eq(&snapshot.state, &self.state) {
+            let state = Arc::clone(&snapshot.state);
+            self.repoint_listeners(&state);
+            log::info!(
+                "reactor {}: configuration generation {} adopted",
+                self.id,
+                state.generation
+            );
+            self.state = state;
+        }
+        if let (Some(h), Some(c)) = (self.hbone.as_mut(), &snapshot.credentials) {
+            h.set_credentials(Arc::clone(c));
+        }
+        self.control.adopted.store(snapshot.serial, SeqCst);
+        self.snapshot = snapshot;
+        self.metrics.adopt_took(now.elapsed());
+    }
+
+    /// Points each listener at its workload in `state`; closes those whose workload is gone
+    /// from this node.
+    fn repoint_listeners(&mut self, state: &State) {
+        let registry = &state.registry;
+        for (i, slot) in self.listeners.iter_mut().enumerate() {
+            let Some(l) = slot else { continue };
+            match registry.workload_by_name(&l.name) {
+                Some(id) if registry.workload(id).local => l.workload = id,
+                _ => {
+                    log::info!(
+                        "reactor {}: workload {} left this node; its listener {} closes",
+                        self.id,
+                        l.name,
+                        l.addr
+                    );
+                    if let Some(l) = slot.take() {
+                        self.driver.unwatch_listener(i, l.fd.as_raw_fd());
+                    }
                 }
             }
         }

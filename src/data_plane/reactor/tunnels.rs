@@ -20,7 +20,7 @@ use std::time::Instant;
 use hbone_proto::{ConnectRequest, StreamId};
 use rustls::client::UnbufferedClientConnection;
 use rustls::server::UnbufferedServerConnection;
-use rustls::{ClientConfig, ServerConfig};
+use rustls::ClientConfig;
 
 use slab::Slab;
 
@@ -34,29 +34,20 @@ use crate::data_plane::driver::{self, FlowKey, Interest, Side};
 use crate::data_plane::first_connection::Resolution;
 use crate::data_plane::socket;
 use crate::data_plane::timer::{Timer, TimerKind};
-use crate::kernel_features::KtlsSupport;
 use crate::observability::access_log::{self, FlowRecord};
 use crate::observability::hbone_metrics::{
     PoolOutcome, Role as RoleLabel, TunnelClose, TunnelFailure,
 };
 use crate::observability::metrics::{CloseKind, DenialAt, FailureKind, TcpCounters, TcpLabels};
 use crate::redirection::netns::{in_netns, NetNs};
-use crate::tls::{self, ClientTls};
+use crate::tls::credentials::TunnelCredentials;
+use crate::tls::{self};
 use crate::tunnel::connection::{Action, Ctx, OpenRefused, Role, Tunnel, TunnelEnv};
 use crate::tunnel::inbound_rules::{outbound_connect, InboundDecision, InboundRules, RejectReason};
 use crate::tunnel::pool::{
     Checkout, CloseReason, PoolConfig, PoolEvent, PoolKey, TunnelId, TunnelPool,
 };
 use crate::tunnel::streams::{EndedStream, StreamEnd, StreamSetup, TunnelTarget};
-
-/// TLS material for tunnels, built once at start-up and shared by every reactor.
-pub struct TunnelCredentials {
-    /// Client side per local identity (the source workload's certificate).
-    pub client: HashMap<SpiffeId, ClientTls>,
-    /// Server config per local identity (what 15008 presents for that pod).
-    pub server: HashMap<SpiffeId, Arc<ServerConfig>>,
-    pub ktls: KtlsSupport,
-}
 
 /// The reactor's HBONE half: its tunnels, the connections they carry, the per-reactor pool
 /// and what building tunnels needs. Every call gets the reactor's [`Shared`] context.
@@ -127,6 +118,15 @@ impl Tunnels {
     /// Whether `key` names a live tunnel or tunnel-carried connection.
     pub fn holds(&self, key: FlowKey) -> bool {
         entry(&self.tunnels, key).is_some() || entry(&self.streams, key).is_some()
+    }
+
+    /// A new snapshot's credentials: tunnels made from now on present its certificates (open
+    /// ones keep theirs until they end).
+    pub fn set_credentials(&mut self, creds: Arc<TunnelCredentials>) {
+        if !Arc::ptr_eq(&creds, &self.creds) {
+            self.creds = creds;
+            self.client_configs.clear();
+        }
     }
 
     /// When the pool next needs [`pool_timers`](Self::pool_timers).
