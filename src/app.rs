@@ -130,7 +130,7 @@ impl App {
         let ktls = probe_ktls(&config.node);
         let state = State::new(config, 1);
         let tunnels = credentials::load(&state, &ktls).map_err(|e| e.to_string())?;
-        let (per_reactor, problems) = listeners::create_all(&state, reactors, tunnels.is_some());
+        let (per_reactor, problems) = listeners::create_all(&state, reactors, tunnels.is_some(), 1);
         let published = Published::new(Snapshot {
             serial: 1,
             state,

@@ -11,9 +11,15 @@
 //!
 //! Without root each test prints `SKIPPED (needs root)`; with `CI` set it fails.
 
-use std::net::SocketAddr;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr};
 use std::path::Path;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
 
 use ringtun::testbed::two_nodes::{expect_reset_from, wait_for, Mesh};
 use ringtun::testbed::{self, root_or_skip, MeshNode, Pod, RingtunProcess, MESH_PORT};
@@ -307,5 +313,271 @@ fn a_broken_reload_changes_nothing_and_a_good_one_applies_to_new_connections() {
         dump["config"]["policies"][0]["name"], "closed-8080",
         "{dump}"
     );
+    m.finish();
+}
+
+/// A connection kept busy: the client writes pattern bytes at a steady pace until told to
+/// stop, the server in the destination pod echoes everything back, and both ends hash what
+/// they saw. A cut shows up as an error on the client, with the moment it came.
+struct Live {
+    stop: Arc<AtomicBool>,
+    writer: JoinHandle<Hashed>,
+    reader: JoinHandle<Hashed>,
+    server: JoinHandle<io::Result<(u64, [u8; 32])>>,
+}
+
+/// Bytes counted and hashed, or the error that ended them and when it came.
+type Hashed = Result<(u64, [u8; 32]), (io::Error, Instant)>;
+
+/// The client's end of a [`Live`] connection.
+struct LiveEnd {
+    sent: u64,
+    sent_hash: [u8; 32],
+    echoed: u64,
+    echoed_hash: [u8; 32],
+    server_got: u64,
+    server_hash: [u8; 32],
+}
+
+impl Live {
+    fn start(m: &Mesh, from: Pod, to: SocketAddr, server_pod: Pod) -> Live {
+        let listener = testbed::listen_in(&m.tb.pod_ns(server_pod).unwrap(), to).unwrap();
+        let server = std::thread::spawn(move || -> io::Result<(u64, [u8; 32])> {
+            let (mut s, _) = listener.accept()?;
+            s.set_read_timeout(Some(Duration::from_secs(60)))?;
+            let mut h = Sha256::new();
+            let mut n = 0u64;
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let got = match s.read(&mut buf) {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    r => r?,
+                };
+                if got == 0 {
+                    s.shutdown(Shutdown::Write)?;
+                    return Ok((n, h.finalize().into()));
+                }
+                h.update(&buf[..got]);
+                n += got as u64;
+                s.write_all(&buf[..got])?;
+            }
+        });
+        let client = testbed::connect_in(&m.tb.pod_ns(from).unwrap(), to).expect("connects");
+        client
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut w = client.try_clone().unwrap();
+        let stop_w = Arc::clone(&stop);
+        let writer = std::thread::spawn(move || {
+            let mut p = testbed::Pattern::new(7);
+            let mut h = Sha256::new();
+            let mut n = 0u64;
+            let mut buf = vec![0u8; 16 * 1024];
+            while !stop_w.load(SeqCst) {
+                p.fill(&mut buf);
+                w.write_all(&buf).map_err(|e| (e, Instant::now()))?;
+                h.update(&buf);
+                n += buf.len() as u64;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            w.shutdown(Shutdown::Write)
+                .map_err(|e| (e, Instant::now()))?;
+            Ok((n, h.finalize().into()))
+        });
+        let mut r = client;
+        let reader =
+            std::thread::spawn(move || testbed::recv_hash(&mut r).map_err(|e| (e, Instant::now())));
+        Live {
+            stop,
+            writer,
+            reader,
+            server,
+        }
+    }
+
+    /// Stops sending and waits for both ends: the bytes each way, hashed.
+    fn finish(self) -> LiveEnd {
+        self.stop.store(true, SeqCst);
+        let (sent, sent_hash) = self
+            .writer
+            .join()
+            .unwrap()
+            .unwrap_or_else(|(e, _)| panic!("an allowed connection failed sending: {e}"));
+        let (echoed, echoed_hash) = self
+            .reader
+            .join()
+            .unwrap()
+            .unwrap_or_else(|(e, _)| panic!("an allowed connection failed receiving: {e}"));
+        let (server_got, server_hash) = self.server.join().unwrap().expect("server side");
+        LiveEnd {
+            sent,
+            sent_hash,
+            echoed,
+            echoed_hash,
+            server_got,
+            server_hash,
+        }
+    }
+
+    /// Waits (up to 10 s) for the client to see its connection reset; when it did.
+    fn cut_at(self) -> Instant {
+        let (e, at) = match self.reader.join().unwrap() {
+            Err(cut) => cut,
+            Ok((n, _)) => {
+                panic!("the connection ended cleanly after {n} bytes; a reset was expected")
+            }
+        };
+        assert!(testbed::is_reset(&e), "expected a reset, got {e}");
+        self.stop.store(true, SeqCst);
+        let _ = self.writer.join();
+        let _ = self.server.join();
+        at
+    }
+}
+
+fn assert_intact(end: &LiveEnd) {
+    assert!(end.sent > 0);
+    assert_eq!(
+        end.server_got, end.sent,
+        "bytes lost on the way to the server"
+    );
+    assert_eq!(end.server_hash, end.sent_hash, "bytes changed on the way");
+    assert_eq!(end.echoed, end.sent, "bytes lost on the way back");
+    assert_eq!(
+        end.echoed_hash, end.sent_hash,
+        "bytes changed on the way back"
+    );
+}
+
+const CLIENT_ON_8080_AND_9090: &str = "policies:
+  - name: client-in
+    namespace: default
+    rules:
+      - from: [{source: {principals: [cluster.local/ns/default/sa/client]}}]
+        to: [{operation: {ports: [8080, 9090]}}]
+      - to: [{operation: {ports: [8081]}}]
+";
+
+/// The same policy after the change: 9090 and plaintext 8081 no longer admitted.
+const CLIENT_ON_8080_ONLY: &str = "policies:
+  - name: client-in
+    namespace: default
+    rules:
+      - from: [{source: {principals: [cluster.local/ns/default/sa/client]}}]
+        to: [{operation: {ports: [8080]}}]
+";
+
+#[test]
+fn a_reload_cuts_what_it_denies_within_a_second_and_leaves_the_rest_intact() {
+    if !root_or_skip("a_reload_cuts_what_it_denies_within_a_second_and_leaves_the_rest_intact") {
+        return;
+    }
+    let m = mesh_with_policies(CLIENT_ON_8080_AND_9090);
+    let b = m.b();
+    let keeps = Live::start(&m, Pod::Client, mesh1(MESH_PORT), Pod::Mesh1);
+    let tunnelled = Live::start(&m, Pod::Client, mesh1(9090), Pod::Mesh1);
+    let plaintext = Live::start(&m, Pod::Ext, mesh1(8081), Pod::Mesh1);
+    std::thread::sleep(Duration::from_millis(500));
+
+    let running = std::fs::read_to_string(&b.config).unwrap();
+    rewrite_config(
+        b,
+        &running.replace(CLIENT_ON_8080_AND_9090, CLIENT_ON_8080_ONLY),
+    );
+    let asked = Instant::now();
+    b.hangup().unwrap();
+    for (what, live) in [("tunnelled", tunnelled), ("plaintext", plaintext)] {
+        let took = live.cut_at().saturating_duration_since(asked);
+        eprintln!("{what} connection cut {took:?} after SIGHUP");
+        assert!(
+            took < Duration::from_secs(1),
+            "the {what} connection was cut {took:?} after the reload was asked for"
+        );
+    }
+    // The allowed connection goes on through and after the reload, every byte intact.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_intact(&keeps.finish());
+
+    metric_reaches(
+        b,
+        "ringtun_flows_closed_total",
+        &["end=\"policy_denied\""],
+        2.0,
+    );
+    metric_reaches(
+        b,
+        "ringtun_policy_denials_total",
+        &["reason=\"no_allow_match\"", "at=\"reload\""],
+        2.0,
+    );
+    for direction in ["inbound_hbone", "inbound"] {
+        let rec = record(b, |r| {
+            r["end"] == "policy_denied" && r["direction"] == direction
+        });
+        assert_eq!(rec["reason"], "no_allow_match", "{rec}");
+    }
+    m.finish();
+}
+
+/// Node B starts without mesh-2 (it is on a node that does not exist) and a short drain.
+fn mesh_without_mesh2() -> Mesh {
+    Mesh::start_with(
+        bin(),
+        "io-uring",
+        "  timeouts: {drain: 2s}\n",
+        |n, c| match n {
+            MeshNode::A => c,
+            MeshNode::B => move_mesh2(&c, "node-b", "node-c"),
+        },
+    )
+}
+
+fn move_mesh2(config: &str, from: &str, to: &str) -> String {
+    let at = config.find("name: mesh-2").expect("mesh-2 in the config");
+    let (head, tail) = config.split_at(at);
+    let moved = tail.replacen(&format!("node: {from}"), &format!("node: {to}"), 1);
+    assert_ne!(moved, tail, "mesh-2 is not on {from}");
+    format!("{head}{moved}")
+}
+
+fn mesh2(port: u16) -> SocketAddr {
+    SocketAddr::new(Pod::Mesh2.v4(), port)
+}
+
+#[test]
+fn a_workload_a_reload_adds_is_served_and_one_it_removes_is_drained() {
+    if !root_or_skip("a_workload_a_reload_adds_is_served_and_one_it_removes_is_drained") {
+        return;
+    }
+    let m = mesh_without_mesh2();
+    let b = m.b();
+    // Node A tunnels to mesh-2's 15008; nobody listens there yet.
+    m.expect_reset(mesh2(MESH_PORT));
+
+    let without = std::fs::read_to_string(&b.config).unwrap();
+    let with = move_mesh2(&without, "node-c", "node-b");
+    rewrite_config(b, &with);
+    metric_reaches(b, "ringtun_config_generation", &[], 2.0);
+    // Its listeners exist now, in its namespace, and the capture there reaches them.
+    testbed::exchange_intact(&m.tb, Pod::Mesh2, mesh2(MESH_PORT), 1 << 20);
+    assert!(b.log_text().contains("for workload default/mesh-2"));
+
+    // Removed again while a connection is open: new connections are refused at once, the
+    // open one goes on until the drain deadline (2 s), then is reset.
+    let open = Live::start(&m, Pod::Client, mesh2(9090), Pod::Mesh2);
+    std::thread::sleep(Duration::from_millis(300));
+    rewrite_config(b, &without);
+    let removed = Instant::now();
+    metric_reaches(b, "ringtun_config_generation", &[], 3.0);
+    m.expect_reset(mesh2(MESH_PORT));
+    let cut = open.cut_at().saturating_duration_since(removed);
+    assert!(
+        cut >= Duration::from_millis(1500) && cut < Duration::from_secs(5),
+        "the open connection of a removed workload ended {cut:?} after the reload; \
+         the drain is 2 s"
+    );
+    let rec = record(b, |r| r["end"] == "drained");
+    assert_eq!(rec["destination"], "workload:default/mesh-2", "{rec}");
     m.finish();
 }

@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use crate::control_plane::config::{Config, Protocol, Workload};
 
@@ -18,6 +19,9 @@ pub struct ServiceId(pub u32);
 #[derive(Debug)]
 pub struct WorkloadEntry {
     pub workload: Workload,
+    /// `namespace/name`: what names the workload across reloads (ids do not), shared cheaply
+    /// by the listeners and flows that belong to it.
+    pub name: Arc<str>,
     /// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`: the identity its
     /// certificate will carry once tunnels exist.
     pub identity: String,
@@ -40,7 +44,7 @@ pub struct Registry {
     services: Vec<ServiceEntry>,
     by_ip: HashMap<IpAddr, WorkloadId>,
     /// `namespace/name` → workload: the name that survives a reload (ids do not).
-    by_name: HashMap<String, WorkloadId>,
+    by_name: HashMap<Arc<str>, WorkloadId>,
     /// (VIP, service port) → (service, target port).
     by_vip: HashMap<(IpAddr, u16), (ServiceId, u16)>,
     /// Every address a workload or service owns, to tell "in the mesh" from "outside".
@@ -81,8 +85,10 @@ impl Registry {
                 by_label.entry((k.clone(), v.clone())).or_default().push(id);
             }
             by_name.insert((w.namespace.as_str(), w.name.as_str()), id);
-            by_full_name.insert(format!("{}/{}", w.namespace, w.name), id);
+            let name: Arc<str> = Arc::from(format!("{}/{}", w.namespace, w.name));
+            by_full_name.insert(Arc::clone(&name), id);
             workloads.push(WorkloadEntry {
+                name,
                 identity: format!("spiffe://{td}/ns/{}/sa/{}", w.namespace, w.service_account),
                 local: w.node == config.node.name,
                 workload: w.clone(),
@@ -174,6 +180,12 @@ impl Registry {
     /// The workload named `namespace/name` (how a reload finds what an id meant before).
     pub fn workload_by_name(&self, namespaced_name: &str) -> Option<WorkloadId> {
         self.by_name.get(namespaced_name).copied()
+    }
+
+    /// Whether the workload named `namespace/name` is served by this node.
+    pub fn is_local(&self, namespaced_name: &str) -> bool {
+        self.workload_by_name(namespaced_name)
+            .is_some_and(|id| self.workload(id).local)
     }
 
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<WorkloadId> {

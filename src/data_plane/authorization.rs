@@ -52,7 +52,11 @@ pub fn authorize(
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Recheck {
     Allowed,
-    Denied(Decision),
+    /// Denied now: cut it. `workload` is its destination in the new snapshot.
+    Denied {
+        decision: Decision,
+        workload: WorkloadId,
+    },
     /// Its destination is no longer a workload of this node: drained, not judged.
     Gone,
 }
@@ -76,8 +80,26 @@ pub fn recheck(state: &State, admission: &Admission, identity: Option<&SpiffeId>
     if decision.is_allowed() {
         Recheck::Allowed
     } else {
-        Recheck::Denied(decision)
+        Recheck::Denied { decision, workload }
     }
+}
+
+/// Notes in `record` the decision a reload's [`recheck`] denied it with (see [`note`]).
+pub fn note_recheck(
+    state: &State,
+    workload: WorkloadId,
+    admission: &Admission,
+    identity: Option<&SpiffeId>,
+    decision: &Decision,
+    record: &mut FlowRecord,
+) {
+    let conn = Connection {
+        destination: workload,
+        destination_addr: admission.destination,
+        source_identity: identity,
+        source_ip: admission.source_ip,
+    };
+    note(state, &conn, decision, record);
 }
 
 /// Writes `decision` into `record` (see [`authorize`]).
@@ -204,7 +226,7 @@ mod tests {
         );
         assert!(matches!(
             recheck(&s, &admission("10.0.0.1:9090", "10.9.1.1"), None),
-            Recheck::Denied(d) if d.reason.label() == "no_allow_match"
+            Recheck::Denied { decision, .. } if decision.reason.label() == "no_allow_match"
         ));
         // Another node's workload, and an address nobody has: not ours to judge any more.
         assert_eq!(

@@ -39,6 +39,11 @@ pub struct Flow {
     pub resolution: Resolution,
     /// Inbound plaintext: what authorization admitted it on (a reload decides it again).
     pub admission: Option<Admission>,
+    /// The local workload it belongs to (`namespace/name`; the source of an outbound flow,
+    /// the destination of an inbound one): a reload that takes it off this node drains it.
+    pub owner: Arc<str>,
+    /// A drain deadline is set (its workload left this node).
+    pub draining: bool,
     pub counters: Arc<TcpCounters>,
     pub record: FlowRecord,
 }

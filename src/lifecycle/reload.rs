@@ -25,6 +25,7 @@ use sha2::{Digest, Sha256};
 
 use crate::control_plane::config::{check_file_text, Config, NodeConfig};
 use crate::control_plane::state::State;
+use crate::data_plane::listeners::{self, ListenerUpdate};
 use crate::data_plane::reactor::ReactorControl;
 use crate::data_plane::snapshot::{Published, Snapshot};
 use crate::kernel_features::KtlsSupport;
@@ -90,6 +91,8 @@ struct Status {
     last_error_at: Option<SystemTime>,
     last_applied_at: Option<SystemTime>,
     pending_restart: Vec<String>,
+    /// Workloads the last reload could not make listeners for.
+    listener_problems: Vec<String>,
     draining: bool,
 }
 
@@ -113,6 +116,7 @@ impl Reloader {
                 last_error_at: None,
                 last_applied_at: None,
                 pending_restart: Vec::new(),
+                listener_problems: Vec::new(),
                 draining: false,
             }),
         }
@@ -193,6 +197,7 @@ impl Reloader {
             Err(e) => return self.failed(&mut status, e.to_string()),
         };
         let serial = current.serial + 1;
+        self.hand_listeners(&mut status, &current.state, &state, serial);
         drop(current);
         let workloads = state.registry.local_workloads().count();
         let policies = state.policies.policies().len();
@@ -223,6 +228,36 @@ impl Reloader {
             }
         );
         Outcome::Applied { generation }
+    }
+
+    /// Makes the listeners of the workloads `next` adds to this node (or changes: another
+    /// namespace, HBONE, IPv6) and hands each reactor its share, to take when it adopts
+    /// snapshot `serial`. A workload whose listeners cannot be made is logged and listed in
+    /// `/config_dump`; the rest of the reload goes on (as at start).
+    fn hand_listeners(&self, status: &mut Status, previous: &State, next: &State, serial: u64) {
+        let tunnels = next.config.node.tls.is_some();
+        let ids = listeners::to_make(previous, next, tunnels);
+        status.listener_problems.clear();
+        if ids.is_empty() {
+            return;
+        }
+        let replaced: Vec<Arc<str>> = ids
+            .iter()
+            .map(|&id| Arc::clone(&next.registry.workload(id).name))
+            .collect();
+        let (per_reactor, problems) =
+            listeners::create_for(next, &ids, self.controls.len(), tunnels, serial);
+        for p in &problems {
+            log::error!("reload: {p}");
+        }
+        status.listener_problems = problems;
+        for (control, listeners) in self.controls.iter().zip(per_reactor) {
+            control.hand_listeners(ListenerUpdate {
+                serial,
+                listeners,
+                replaced: replaced.clone(),
+            });
+        }
     }
 
     fn failed(&self, status: &mut Status, error: String) -> Outcome {
@@ -271,6 +306,7 @@ impl Reloader {
             "last_error": status.last_error,
             "last_error_unix": secs(status.last_error_at),
             "pending_restart": status.pending_restart,
+            "listener_problems": status.listener_problems,
         })
     }
 }

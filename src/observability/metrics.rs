@@ -143,15 +143,18 @@ pub enum CloseKind {
     IdleTimeout,
     /// Still open at the drain deadline; reset so no client mistakes it for a clean end.
     Drained,
+    /// Open when a reload brought a policy that denies it: reset.
+    PolicyDenied,
 }
 
 impl CloseKind {
-    pub const ALL: [CloseKind; 5] = [
+    pub const ALL: [CloseKind; 6] = [
         CloseKind::Clean,
         CloseKind::Reset,
         CloseKind::Failed,
         CloseKind::IdleTimeout,
         CloseKind::Drained,
+        CloseKind::PolicyDenied,
     ];
 
     /// How a flow that broke is counted: a reset once it was open, a failure before.
@@ -170,6 +173,7 @@ impl CloseKind {
             CloseKind::Failed => "failed",
             CloseKind::IdleTimeout => "idle_timeout",
             CloseKind::Drained => "drained",
+            CloseKind::PolicyDenied => "policy_denied",
         }
     }
 }

@@ -17,20 +17,20 @@ use std::collections::BinaryHeap;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::sys::eventfd::Waker;
 use std::time::{Duration, Instant};
 
 use slab::Slab;
 
-use super::authorization::{self, Admission};
+use super::authorization::{self, Admission, Recheck};
 use super::driver::{self, Driver, Event, FlowKey, Side};
 use super::first_connection::{
     self, Accepted, Destination, Direction, EndpointPicker, RefuseReason, Resolution, Route,
 };
 use super::flow::{Directions, End, Flow, Phase, Step};
-use super::listeners::Listener;
+use super::listeners::{Listener, ListenerUpdate};
 use super::snapshot::{Published, Snapshot};
 use super::socket;
 use super::splice::{PipePool, Pump};
@@ -52,6 +52,9 @@ pub struct ReactorControl {
     stop: AtomicBool,
     /// The serial of the snapshot the reactor runs on.
     adopted: AtomicU64,
+    /// Listeners a reload made for this reactor, taken when it adopts their snapshot (a lock
+    /// the reactor touches only then; the snapshot itself is never behind one).
+    listener_updates: Mutex<Vec<ListenerUpdate>>,
 }
 
 impl ReactorControl {
@@ -61,7 +64,27 @@ impl ReactorControl {
             draining: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             adopted: AtomicU64::new(0),
+            listener_updates: Mutex::new(Vec::new()),
         }))
+    }
+
+    /// Listeners for the reactor to take when it adopts snapshot `update.serial` (hand them
+    /// over before publishing it).
+    pub fn hand_listeners(&self, update: ListenerUpdate) {
+        self.listener_updates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(update);
+    }
+
+    fn take_listener_updates(&self, upto: u64) -> Vec<ListenerUpdate> {
+        let mut pending = self
+            .listener_updates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let (ready, later): (Vec<_>, Vec<_>) = pending.drain(..).partition(|u| u.serial <= upto);
+        *pending = later;
+        ready
     }
 
     /// A new snapshot was published: wake the reactor so it adopts it now rather than at
@@ -273,22 +296,61 @@ impl Reactor {
     /// with it; tunnels get the new credentials. Called between events, never inside one.
     fn adopt(&mut self, now: Instant) {
         let snapshot = self.published.load();
+        if let (Some(h), Some(c)) = (self.hbone.as_mut(), &snapshot.credentials) {
+            h.set_credentials(Arc::clone(c));
+        }
         if !Arc::ptr_eq(&snapshot.state, &self.state) {
             let state = Arc::clone(&snapshot.state);
+            self.state = Arc::clone(&state);
+            if self.drain_deadline.is_none() {
+                for update in self.control.take_listener_updates(snapshot.serial) {
+                    self.take_listeners(update);
+                }
+            }
             self.repoint_listeners(&state);
+            self.recheck(&state, now);
             log::info!(
                 "reactor {}: configuration generation {} adopted",
                 self.id,
                 state.generation
             );
-            self.state = state;
-        }
-        if let (Some(h), Some(c)) = (self.hbone.as_mut(), &snapshot.credentials) {
-            h.set_credentials(Arc::clone(c));
         }
         self.control.adopted.store(snapshot.serial, SeqCst);
         self.snapshot = snapshot;
         self.metrics.adopt_took(now.elapsed());
+    }
+
+    /// Starts accepting on a reload's new listeners, then closes the older listeners they
+    /// replace (in that order: with `SO_REUSEPORT` both are open for a moment, so no
+    /// connection finds the port closed). New listeners take new slots: an io_uring accept
+    /// being cancelled on an old slot can still complete, and must not be taken for the new
+    /// listener's.
+    fn take_listeners(&mut self, update: ListenerUpdate) {
+        for l in update.listeners {
+            let i = self.listeners.len();
+            let fd = l.fd.as_raw_fd();
+            log::info!(
+                "reactor {}: listening on {} for workload {}",
+                self.id,
+                l.addr,
+                l.name
+            );
+            self.listeners.push(Some(l));
+            if let Err(e) = self.driver.watch_listener(i, fd) {
+                log::error!("reactor {}: cannot watch a new listener: {e}", self.id);
+                self.listeners[i] = None;
+            }
+        }
+        for (i, slot) in self.listeners.iter_mut().enumerate() {
+            let replaced = slot
+                .as_ref()
+                .is_some_and(|l| l.serial < update.serial && update.replaced.contains(&l.name));
+            if replaced {
+                if let Some(l) = slot.take() {
+                    self.driver.unwatch_listener(i, l.fd.as_raw_fd());
+                }
+            }
+        }
     }
 
     /// Points each listener at its workload in `state`; closes those whose workload is gone
@@ -311,6 +373,70 @@ impl Reactor {
                     }
                 }
             }
+        }
+    }
+
+    /// Decides every open connection again under `state`: those its policy denies are cut
+    /// now (counted, their records naming the policy), those of a workload that left this
+    /// node are drained (reset at `timeouts.drain` unless they end first), the rest are not
+    /// touched.
+    fn recheck(&mut self, state: &State, now: Instant) {
+        let drain_at = now + state.config.node.timeouts.drain;
+        let mut denied = Vec::new();
+        let mut leaving = Vec::new();
+        for (_, f) in self.flows.iter() {
+            if !state.registry.is_local(&f.owner) {
+                if !f.draining {
+                    leaving.push(f.key);
+                }
+                continue;
+            }
+            let Some(admission) = f.admission else {
+                continue;
+            };
+            match authorization::recheck(state, &admission, None) {
+                Recheck::Allowed => {}
+                Recheck::Gone => leaving.push(f.key),
+                Recheck::Denied { decision, workload } => {
+                    denied.push((f.key, admission, decision, workload))
+                }
+            }
+        }
+        let cut = denied.len();
+        for (key, admission, decision, workload) in denied {
+            authorization::count_denial(&self.metrics, state, &decision, DenialAt::Reload);
+            if let Some(f) = self.flow_mut(key) {
+                authorization::note_recheck(
+                    state,
+                    workload,
+                    &admission,
+                    None,
+                    &decision,
+                    &mut f.record,
+                );
+            }
+            self.finish(key, End::Cut(CloseKind::PolicyDenied));
+        }
+        let drained = leaving.len();
+        for key in leaving {
+            if let Some(f) = self.flow_mut(key) {
+                f.draining = true;
+                self.split().1.push_timer(key, drain_at, TimerKind::Drain);
+            }
+        }
+        let (mut streams_cut, mut streams_drained) = (0, 0);
+        self.with_hbone(|h, io| {
+            (streams_cut, streams_drained) = h.recheck(io, state, drain_at, now);
+        });
+        if cut + drained + streams_cut + streams_drained > 0 {
+            log::info!(
+                "reactor {}: generation {}: {} connections cut (policy denies them now), {} \
+                 draining (their workload left this node)",
+                self.id,
+                state.generation,
+                cut + streams_cut,
+                drained + streams_drained
+            );
         }
     }
 
@@ -445,6 +571,7 @@ impl Reactor {
             return;
         };
         let (workload, direction, netns) = (l.workload, l.direction, l.netns.clone());
+        let owner = Arc::clone(&l.name);
         let registry = &self.state.registry;
         let mut record = FlowRecord::new(
             self.id,
@@ -502,7 +629,7 @@ impl Reactor {
             Route::HboneTunnel { .. } if self.hbone.is_some() => {
                 let (hbone, mut io) = self.split();
                 let h = hbone.expect("checked");
-                return h.start_outbound_stream(&mut io, fd, res, record, netns, now);
+                return h.start_outbound_stream(&mut io, fd, res, record, netns, owner, now);
             }
             Route::HboneTunnel { .. } => {
                 if !self.warned_tunnel {
@@ -581,6 +708,8 @@ impl Reactor {
             last_active: now,
             resolution: res,
             admission,
+            owner,
+            draining: false,
             counters,
             record,
         });
@@ -777,6 +906,7 @@ impl Reactor {
                         },
                     );
                 }
+                TimerKind::Drain => self.finish(key, End::Cut(CloseKind::Drained)),
                 TimerKind::Connect | TimerKind::Session | TimerKind::Linger => {}
                 TimerKind::Idle => {
                     let due = f.last_active + idle;

@@ -28,8 +28,9 @@ use super::keys::{entry, entry_mut, make_key, slot, Keyed, Kind};
 use super::shared::{self, Shared};
 use crate::control_plane::config::KtlsChoice;
 use crate::control_plane::identity::SpiffeId;
+use crate::control_plane::state::State;
 use crate::control_plane::workload_registry::WorkloadId;
-use crate::data_plane::authorization::{self, Admission};
+use crate::data_plane::authorization::{self, Admission, Recheck};
 use crate::data_plane::driver::{self, FlowKey, Interest, Side};
 use crate::data_plane::first_connection::Resolution;
 use crate::data_plane::socket;
@@ -166,6 +167,8 @@ pub(super) struct PendingStream {
     /// A stream on `pool_id` is reserved for this connection (give it back if it never opens).
     reserved: bool,
     started: Instant,
+    /// The source workload (`namespace/name`).
+    owner: Arc<str>,
 }
 
 pub(super) enum StreamSlot {
@@ -515,6 +518,7 @@ impl Tunnels {
             }
         };
         let entry = io.state.registry.workload(workload);
+        let owner = Arc::clone(&entry.name);
         record.destination = format!(
             "workload:{}/{}",
             entry.workload.namespace, entry.workload.name
@@ -580,6 +584,8 @@ impl Tunnels {
             started: now,
             counters,
             record,
+            owner,
+            admission: Some(admission),
         };
         let accepted = self.with_tunnel(io, tkey, now, |t, _| t.accept_stream(id, setup));
         if accepted != Some(true) {
@@ -609,6 +615,7 @@ impl Tunnels {
     // ----------------------------------------------------------------------- outbound
 
     /// A captured connection whose route is an HBONE tunnel: queue it on the pool.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn start_outbound_stream(
         &mut self,
         io: &mut Shared<'_>,
@@ -616,6 +623,7 @@ impl Tunnels {
         res: Resolution,
         mut record: FlowRecord,
         netns: Option<NetNs>,
+        owner: Arc<str>,
         now: Instant,
     ) {
         let oc = match outbound_connect(&io.state.registry, &res, record.client) {
@@ -660,6 +668,7 @@ impl Tunnels {
                 pool_id: None,
                 reserved: false,
                 started: now,
+                owner,
             })),
         );
         if let Err(e) = io.driver.register(skey, Side::Downstream, raw) {
@@ -824,6 +833,7 @@ impl Tunnels {
             pool_id,
             reserved,
             started,
+            owner,
         } = *p;
         let setup = StreamSetup {
             key: skey,
@@ -831,6 +841,8 @@ impl Tunnels {
             started,
             counters,
             record,
+            owner,
+            admission: None,
         };
         let opened = self.with_tunnel(io, tkey, now, |t, ctx| t.open_stream(setup, &request, ctx));
         match opened {
@@ -852,6 +864,7 @@ impl Tunnels {
                         pool_id,
                         reserved,
                         started: setup.started,
+                        owner: setup.owner,
                     }));
                 }
                 self.finish_pending(
@@ -1120,6 +1133,82 @@ impl Tunnels {
         for key in tunnels {
             self.with_tunnel(io, key, now, |t, ctx| t.cut_streams(how, ctx));
         }
+    }
+
+    /// A reload: the streams its policy denies now are cut, those of a workload that left this
+    /// node are drained (reset at `drain_at`), and server tunnels to such a workload send
+    /// GOAWAY. Returns how many streams were cut and set draining.
+    pub(super) fn recheck(
+        &mut self,
+        io: &mut Shared<'_>,
+        state: &State,
+        drain_at: Instant,
+        now: Instant,
+    ) -> (usize, usize) {
+        let (mut cut, mut drained) = (0, 0);
+        let keys: Vec<FlowKey> = self.tunnels.iter().map(|(_, e)| e.key()).collect();
+        for tkey in keys {
+            let Some(e) = entry(&self.tunnels, tkey) else {
+                continue;
+            };
+            let identity = e.tunnel.peer_identity().cloned();
+            let workload_left = match e.tunnel.role() {
+                Role::Server { local, .. } => state
+                    .registry
+                    .workload_by_ip(local.ip())
+                    .is_none_or(|w| !state.registry.workload(w).local),
+                Role::Client { .. } => false,
+            };
+            let mut denied = Vec::new();
+            let mut leaving = Vec::new();
+            for (id, owner, admission, draining) in e.tunnel.stream_checks() {
+                if !state.registry.is_local(&owner) {
+                    if !draining {
+                        leaving.push(id);
+                    }
+                    continue;
+                }
+                let Some(admission) = admission else {
+                    continue;
+                };
+                match authorization::recheck(state, &admission, identity.as_ref()) {
+                    Recheck::Allowed => {}
+                    Recheck::Gone if !draining => leaving.push(id),
+                    Recheck::Gone => {}
+                    Recheck::Denied { decision, workload } => {
+                        authorization::count_denial(io.metrics, state, &decision, DenialAt::Reload);
+                        denied.push((id, admission, decision, workload));
+                    }
+                }
+            }
+            if denied.is_empty() && leaving.is_empty() && !workload_left {
+                continue;
+            }
+            cut += denied.len();
+            drained += leaving.len();
+            self.with_tunnel(io, tkey, now, |t, ctx| {
+                for (id, admission, decision, workload) in denied {
+                    if let Some(record) = t.stream_record_mut(id) {
+                        authorization::note_recheck(
+                            state,
+                            workload,
+                            &admission,
+                            identity.as_ref(),
+                            &decision,
+                            record,
+                        );
+                    }
+                    t.cut_stream(id, CloseKind::PolicyDenied, ctx);
+                }
+                for id in leaving {
+                    t.drain_stream(id, drain_at);
+                }
+                if workload_left {
+                    t.goaway(ctx);
+                }
+            });
+        }
+        (cut, drained)
     }
 
     /// Drain: server tunnels send GOAWAY so peers open new streams elsewhere.

@@ -34,6 +34,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hbone_proto::{ConnectRequest, ErrorCode, Session, Settings, StreamId};
@@ -47,11 +48,13 @@ use super::streams::{EndedStream, Stream, StreamEnd, StreamPhase, StreamSetup};
 use super::transport::Transport;
 use crate::control_plane::identity::SpiffeId;
 use crate::control_plane::workload_registry::WorkloadId;
+use crate::data_plane::authorization::Admission;
 use crate::data_plane::driver::{FlowKey, Interest, Side};
 use crate::data_plane::socket;
 use crate::data_plane::splice::PipePool;
 use crate::data_plane::timer::TimerKind;
 use crate::kernel_features::KtlsSupport;
+use crate::observability::access_log::FlowRecord;
 use crate::observability::hbone_metrics::{
     CipherLabel, HboneMetrics, Role as RoleLabel, TlsLabel, TunnelClose,
 };
@@ -525,6 +528,12 @@ impl Tunnel {
                 },
                 ctx,
             ),
+            (TimerKind::Drain, _) => {
+                self.end_stream(id, StreamEnd::Cut(CloseKind::Drained), ctx);
+                if self.phase == Phase::Open {
+                    self.flush(ctx);
+                }
+            }
             (TimerKind::Idle, _) => {
                 let due = s.last_active + ctx.env.idle_timeout;
                 if due <= ctx.now {
@@ -788,6 +797,32 @@ impl Tunnel {
         }
     }
 
+    /// Each stream that has its local socket: its id, the workload it belongs to and, inbound,
+    /// what it was admitted on (what a reload checks again).
+    pub fn stream_checks(&self) -> Vec<(StreamId, Arc<str>, Option<Admission>, bool)> {
+        self.streams
+            .values()
+            .filter(|s| s.local.is_some())
+            .map(|s| (s.id, Arc::clone(&s.owner), s.admission, s.draining))
+            .collect()
+    }
+
+    /// The access record of stream `id` (to note why it is about to be cut).
+    pub fn stream_record_mut(&mut self, id: StreamId) -> Option<&mut FlowRecord> {
+        self.streams.get_mut(&id).map(|s| &mut s.record)
+    }
+
+    /// Stream `id`'s workload left this node: it is reset at `at` unless it ends before.
+    pub fn drain_stream(&mut self, id: StreamId, at: Instant) {
+        if let Some(s) = self.streams.get_mut(&id) {
+            if !s.draining {
+                s.draining = true;
+                let key = s.key;
+                self.push_timer(key, at, TimerKind::Drain);
+            }
+        }
+    }
+
     /// Cuts every stream (the drain deadline).
     pub fn cut_streams(&mut self, how: CloseKind, ctx: &mut Ctx<'_>) {
         let ids: Vec<StreamId> = self.streams.keys().copied().collect();
@@ -831,8 +866,11 @@ impl Tunnel {
         );
         self.forget_queued(id);
         if !s.stream_gone && end != StreamEnd::Clean {
+            // A cut (idle, drain deadline, a policy that denies it now) resets the local
+            // socket, so the peer must reset its side too: CANCEL would reach it as EOF, and
+            // its client would take the cut-off stream for a complete one.
             let code = match end {
-                StreamEnd::LocalBroken { .. } => ErrorCode::CONNECT_ERROR,
+                StreamEnd::LocalBroken { .. } | StreamEnd::Cut(_) => ErrorCode::CONNECT_ERROR,
                 _ => ErrorCode::CANCEL,
             };
             if let Some(session) = self.session.as_mut() {
