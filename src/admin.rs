@@ -34,7 +34,8 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     pub ready: AtomicBool,
     pub draining: AtomicBool,
-    pub config_dump: String,
+    /// `/config_dump`'s body, made per request (it follows reloads).
+    pub config_dump: Box<dyn Fn() -> String + Send + Sync>,
     pub stop: AtomicBool,
 }
 
@@ -119,7 +120,7 @@ fn handle(mut stream: TcpStream, endpoint: Endpoint, state: &AdminState) -> io::
             }
         }
         (Endpoint::Admin, "/config_dump") => {
-            respond(&mut stream, 200, "application/json", &state.config_dump)
+            respond(&mut stream, 200, "application/json", &(state.config_dump)())
         }
         _ => respond(&mut stream, 404, "text/plain", "not found\n"),
     }

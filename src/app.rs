@@ -12,14 +12,17 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::admin::{self, AdminState, Endpoint};
-use crate::control_plane::config::{self, Config, DriverChoice};
+use crate::control_plane::config::{self, Config, DriverChoice, FileError};
 use crate::control_plane::state::State;
-use crate::data_plane::reactor::{Reactor, ReactorControl, ReactorSpec, TunnelCredentials};
+use crate::data_plane::reactor::{Reactor, ReactorControl, ReactorSpec};
+use crate::data_plane::snapshot::{Published, Snapshot};
 use crate::data_plane::{listeners, FDS_PER_FLOW};
 use crate::exit_code;
-use crate::lifecycle::{self, Received};
+use crate::lifecycle::reload::{ConfigFile, Outcome, Reloader, Trigger};
+use crate::lifecycle::{self, watch, Received};
 use crate::observability::access_log::Observer;
 use crate::observability::metrics::{Metrics, ProcessFacts};
+use crate::tls::credentials;
 
 /// Descriptors kept back for listeners, the rings, logging and the admin endpoints.
 const FD_RESERVE: u64 = 128;
@@ -31,15 +34,22 @@ pub struct Options {
     pub observer: Option<Observer>,
     /// Bind the admin, metrics and readiness endpoints (off for the in-process demo).
     pub serve_endpoints: bool,
+    /// The file the configuration came from: SIGHUP and changes of the file reload it. `None`
+    /// (the demo, tests that start a node in process): the configuration is fixed.
+    pub config_file: Option<ConfigFile>,
 }
 
 pub struct App {
-    pub state: Arc<State>,
+    /// The node snapshot the reactors run on (state, tunnel credentials).
+    pub published: Arc<Published>,
     pub metrics: Arc<Metrics>,
     controls: Vec<Arc<ReactorControl>>,
     threads: Vec<JoinHandle<io::Result<()>>>,
     admin: Arc<AdminState>,
     servers: Vec<admin::Server>,
+    reloader: Option<Arc<Reloader>>,
+    watcher: Option<JoinHandle<()>>,
+    watcher_stop: Arc<AtomicBool>,
     /// Drivers the reactors run, in reactor order.
     pub drivers: Vec<&'static str>,
     pub endpoints: Vec<(Endpoint, SocketAddr)>,
@@ -59,36 +69,16 @@ fn open_files_limit() -> (u64, u64) {
     }
 }
 
-/// Loads the trust bundle and every local workload's certificate for HBONE tunnels, and
-/// probes kTLS once. `None` without `node.tls`: tunnels are off and HBONE routes refused.
-fn load_tunnel_credentials(state: &State) -> Result<Option<Arc<TunnelCredentials>>, String> {
-    use crate::control_plane::certs::{load_trust_bundle, load_workload_credentials};
-    use crate::control_plane::identity::SpiffeId;
-    use crate::tls::{server_config_for, ClientTls};
-    let node = &state.config.node;
-    let Some(tls) = &node.tls else {
-        log::info!("no node.tls: HBONE tunnels are off (connections that need one are refused)");
-        return Ok(None);
-    };
-    let trust = load_trust_bundle(&tls.trust_bundle).map_err(|e| format!("node.tls: {e}"))?;
-    let mut client = std::collections::HashMap::new();
-    let mut server = std::collections::HashMap::new();
-    for (_, entry) in state.registry.local_workloads() {
-        let id = SpiffeId::parse(&entry.identity)
-            .map_err(|e| format!("workload identity {}: {e}", entry.identity))?;
-        if client.contains_key(&id) {
-            continue;
-        }
-        let creds = load_workload_credentials(&tls.certificate_dir, &id)
-            .map_err(|e| format!("certificate for {id}: {e}"))?;
-        let c = ClientTls::new_for(&creds, &trust, node.hbone.cipher)
-            .map_err(|e| format!("TLS client for {id}: {e}"))?;
-        let s = server_config_for(&creds, &trust, &node.trust_domain, node.hbone.cipher)
-            .map_err(|e| format!("TLS server for {id}: {e}"))?;
-        client.insert(id.clone(), c);
-        server.insert(id, s);
-    }
+/// Probes kTLS once (every snapshot's credentials carry the answer) and says what tunnels will
+/// use.
+fn probe_ktls(
+    node: &crate::control_plane::config::NodeConfig,
+) -> crate::kernel_features::KtlsSupport {
     let ktls = crate::kernel_features::ktls_support();
+    if node.tls.is_none() {
+        log::info!("no node.tls: HBONE tunnels are off (connections that need one are refused)");
+        return ktls;
+    }
     match (&node.hbone.ktls, &ktls.reason) {
         (crate::control_plane::config::KtlsChoice::Off, _) => {
             log::info!("HBONE tunnels: user-space TLS (node.hbone.ktls: off)")
@@ -100,17 +90,7 @@ fn load_tunnel_credentials(state: &State) -> Result<Option<Arc<TunnelCredentials
         ),
         (_, Some(why)) => log::info!("HBONE tunnels: user-space TLS ({why})"),
     }
-    log::info!(
-        "HBONE tunnels: {} local identities, trust bundle {} ({} CA certificates)",
-        client.len(),
-        tls.trust_bundle.display(),
-        trust.len()
-    );
-    Ok(Some(Arc::new(TunnelCredentials {
-        client,
-        server,
-        ktls,
-    })))
+    ktls
 }
 
 impl App {
@@ -147,9 +127,15 @@ impl App {
         let config_json = serde_json::to_string(&config).unwrap_or_default();
         log::info!("effective config: {config_json}");
         let pin = config.node.pin_reactors;
+        let ktls = probe_ktls(&config.node);
         let state = State::new(config, 1);
-        let tunnels = load_tunnel_credentials(&state)?;
-        let (per_reactor, problems) = listeners::create_all(&state, reactors, tunnels.is_some());
+        let tunnels = credentials::load(&state, &ktls).map_err(|e| e.to_string())?;
+        let (per_reactor, problems) = listeners::create_all(&state, reactors, tunnels.is_some(), 1);
+        let published = Published::new(Snapshot {
+            serial: 1,
+            state,
+            credentials: tunnels.map(Arc::new),
+        });
         for p in &problems {
             log::error!("{p}");
         }
@@ -170,7 +156,7 @@ impl App {
             controls.push(control.clone());
             let spec = ReactorSpec {
                 id,
-                state: state.clone(),
+                published: Arc::clone(&published),
                 driver: driver.clone(),
                 listeners,
                 metrics: metrics.reactors[id].clone(),
@@ -178,7 +164,6 @@ impl App {
                 observer: opts.observer.clone(),
                 max_flows: max_flows as usize,
                 cpu: (pin && reactors <= cpus).then_some(id),
-                tunnels: tunnels.clone(),
             };
             let tx = tx.clone();
             let handle = std::thread::Builder::new()
@@ -206,18 +191,37 @@ impl App {
                 Err(_) => failure = Some("a reactor exited during start-up".into()),
             }
         }
-        let config_dump = serde_json::json!({
-            "version": env!("CARGO_PKG_VERSION"),
-            "config": serde_json::from_str::<serde_json::Value>(&config_json).unwrap_or_default(),
-            "runtime": {
-                "reactors": reactors,
-                "drivers": drivers,
-                "open_files_limit": {"soft": soft, "hard": hard},
-                "max_flows_per_reactor": max_flows,
-                "listener_problems": problems,
-            }
-        })
-        .to_string();
+        let reloader = opts.config_file.map(|file| {
+            Arc::new(Reloader::new(
+                file,
+                Arc::clone(&published),
+                controls.clone(),
+                Arc::clone(&metrics),
+                ktls,
+            ))
+        });
+        let runtime = serde_json::json!({
+            "reactors": reactors,
+            "drivers": drivers,
+            "open_files_limit": {"soft": soft, "hard": hard},
+            "max_flows_per_reactor": max_flows,
+            "listener_problems": problems,
+        });
+        let config_dump = {
+            let published = Arc::clone(&published);
+            let reloader = reloader.clone();
+            Box::new(move || {
+                let state = published.load().state.clone();
+                serde_json::json!({
+                    "version": env!("CARGO_PKG_VERSION"),
+                    "generation": state.generation,
+                    "config": serde_json::to_value(&*state.config).unwrap_or_default(),
+                    "reload": reloader.as_ref().map(|r| r.dump()),
+                    "runtime": runtime,
+                })
+                .to_string()
+            })
+        };
         let admin = Arc::new(AdminState {
             metrics: metrics.clone(),
             ready: AtomicBool::new(false),
@@ -225,13 +229,17 @@ impl App {
             config_dump,
             stop: AtomicBool::new(false),
         });
+        let watcher_stop = Arc::new(AtomicBool::new(false));
         let mut app = App {
-            state,
+            published,
             metrics,
             controls,
             threads,
             admin,
             servers: Vec::new(),
+            reloader,
+            watcher: None,
+            watcher_stop,
             drivers,
             endpoints: Vec::new(),
         };
@@ -241,7 +249,8 @@ impl App {
             return Err(e);
         }
         if opts.serve_endpoints {
-            let node = &app.state.config.node;
+            let state = app.state();
+            let node = &state.config.node;
             let wanted = [
                 (Endpoint::Admin, node.admin_addr),
                 (Endpoint::Metrics, node.metrics_addr),
@@ -262,13 +271,40 @@ impl App {
                 }
             }
         }
+        if let Some(r) = &app.reloader {
+            match watch::spawn(Arc::clone(r), Arc::clone(&app.watcher_stop)) {
+                Ok(handle) => app.watcher = Some(handle),
+                Err(e) => log::warn!(
+                    "cannot watch {} for changes ({e}); reload with SIGHUP",
+                    r.path().display()
+                ),
+            }
+        }
         app.admin.ready.store(true, SeqCst);
         log::info!("ready: {} reactors ({})", reactors, app.drivers.join(", "));
         Ok(app)
     }
 
+    /// The node state the reactors run on now.
+    pub fn state(&self) -> Arc<State> {
+        Arc::clone(&self.published.load().state)
+    }
+
+    /// The serial of the snapshot each reactor runs on, in reactor order.
+    pub fn adopted_snapshots(&self) -> Vec<u64> {
+        self.controls.iter().map(|c| c.adopted()).collect()
+    }
+
+    /// Reloads the configuration file (`None` when the node has none to reload).
+    pub fn reload(&self) -> Option<Outcome> {
+        Some(self.reloader.as_ref()?.reload(Trigger::Signal))
+    }
+
     /// Stops accepting and lets flows finish until the drain timeout.
     pub fn drain(&self) {
+        if let Some(r) = &self.reloader {
+            r.stop();
+        }
         self.admin.draining.store(true, SeqCst);
         for c in &self.controls {
             c.drain();
@@ -298,8 +334,12 @@ impl App {
             }
         }
         self.admin.stop.store(true, SeqCst);
+        self.watcher_stop.store(true, SeqCst);
         for s in self.servers {
             s.join();
+        }
+        if let Some(w) = self.watcher {
+            let _ = w.join();
         }
         if errors.is_empty() {
             Ok(())
@@ -311,7 +351,20 @@ impl App {
 
 /// `ringtun run`: load, start, wait for SIGTERM, drain, exit 0.
 pub fn run_from_file(path: &Path, driver: Option<DriverChoice>, reactors: Option<usize>) -> i32 {
-    let config = match config::load_file(path) {
+    let loaded = std::fs::read(path)
+        .map_err(|source| FileError::Unreadable {
+            path: path.to_path_buf(),
+            source,
+        })
+        .and_then(|bytes| {
+            let text = String::from_utf8_lossy(&bytes).into_owned();
+            let (config, warnings) = config::check_file_text(path, &text)?;
+            for w in warnings {
+                log::warn!("{w}");
+            }
+            Ok((config, ConfigFile::new(path, &bytes)))
+        });
+    let (config, file) = match loaded {
         Ok(c) => c,
         Err(e) => {
             let lines = e.lines();
@@ -334,6 +387,7 @@ pub fn run_from_file(path: &Path, driver: Option<DriverChoice>, reactors: Option
             reactors,
             observer: None,
             serve_endpoints: true,
+            config_file: Some(file),
         },
     ) {
         Ok(a) => a,
@@ -361,7 +415,8 @@ pub fn run_from_file(path: &Path, driver: Option<DriverChoice>, reactors: Option
                 app.stop();
             }
             Some(Received::Hangup) => {
-                log::warn!("SIGHUP ignored: configuration reload is not implemented; restart to apply changes");
+                log::info!("SIGHUP: reloading {}", path.display());
+                app.reload();
             }
             None => {}
         }

@@ -67,6 +67,7 @@ fn run_inner(driver: DriverChoice, bytes: u64) -> Result<bool, String> {
                 reactors: Some(2),
                 observer: Some(observer),
                 serve_endpoints: false,
+                ..Default::default()
             },
         )?;
         println!("ringtun node started: 2 reactors ({}), pod mode, capture rules installed in client, mesh-1, mesh-2\n", app.drivers.join(", "));
@@ -237,6 +238,7 @@ fn run_two_nodes(
         reactors: Some(2),
         observer: Some(collecting(records)),
         serve_endpoints: false,
+        ..Default::default()
     };
     let b = App::start(cfg_b, opts())?;
     let a = App::start(cfg_a, opts())?;

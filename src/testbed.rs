@@ -26,6 +26,8 @@ use sha2::{Digest, Sha256};
 
 use crate::redirection::netns::{netns_path, NetNs};
 
+pub mod two_nodes;
+
 pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 pub const VIP_PORT: u16 = 80;
 pub const MESH_PORT: u16 = 8080;
@@ -465,6 +467,9 @@ pub fn hex(d: &[u8; 32]) -> String {
 pub struct RingtunProcess {
     pub child: Child,
     pub log: PathBuf,
+    /// The configuration file it runs with (rewrite it and [`hangup`](Self::hangup), or let
+    /// ringtun see the change, to reload).
+    pub config: PathBuf,
     node_ns: NetNs,
     /// Admin port; metrics `+ 20`, readiness `+ 21`.
     port_base: u16,
@@ -549,6 +554,7 @@ impl RingtunProcess {
         let p = RingtunProcess {
             child,
             log,
+            config: cfg,
             node_ns: NetNs::open(&netns_path(ns))?,
             port_base,
         };
@@ -613,11 +619,25 @@ impl RingtunProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The access log so far: one JSON record per finished connection.
+    pub fn access_records(&self) -> Vec<serde_json::Value> {
+        self.log_text()
+            .lines()
+            .filter_map(|l| l.split_once(" access: ").map(|(_, json)| json))
+            .filter_map(|json| serde_json::from_str(json).ok())
+            .collect()
+    }
+
     /// Descriptors the process holds now.
     pub fn fd_count(&self) -> usize {
         std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
             .map(|d| d.count())
             .unwrap_or(0)
+    }
+
+    /// SIGHUP: reload the configuration.
+    pub fn hangup(&self) -> io::Result<()> {
+        crate::sys::signal::send(self.pid(), crate::sys::signal::Signal::SIGHUP)
     }
 
     /// SIGTERM, then wait for exit; returns the exit code.

@@ -9,177 +9,20 @@
 //! Without root each test prints `SKIPPED (needs root)`; with `CI` set it fails.
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{Shutdown, SocketAddr};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use ringtun::testbed::two_nodes::{wait_for, Mesh};
 use ringtun::testbed::{
     self, connect_in, is_reset, listen_in, read_until_end, serve_exchanges, set_linger_zero,
-    MeshNode, Pod, RingtunProcess, Testbed, MESH_PORT, VIP, VIP_PORT,
+    MeshNode, Pod, MESH_PORT, VIP, VIP_PORT,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_ringtun");
 
 use testbed::root_or_skip;
-
-struct Node {
-    process: Option<RingtunProcess>,
-    baseline_fds: usize,
-}
-
-struct Mesh {
-    tb: Testbed,
-    a: Node,
-    b: Node,
-}
-
-impl Mesh {
-    /// Both nodes with `extra_node` YAML under `node:` (e.g. an `hbone:` section).
-    fn start(driver: &str, extra_node: &str) -> Mesh {
-        Self::start_with(driver, extra_node, |_, c| c)
-    }
-
-    /// Like `start`, with each node's config passed through `edit` (to make the nodes'
-    /// views of the mesh disagree).
-    fn start_with(
-        driver: &str,
-        extra_node: &str,
-        edit: impl Fn(MeshNode, String) -> String,
-    ) -> Mesh {
-        let tb = Testbed::create(&format!("h{}", &driver[..1])).expect("testbed");
-        let dir = std::env::temp_dir().join(&tb.prefix);
-        let certs = dir.join("certs");
-        let cfg = |n| tb.two_node_config(n, 2, &certs, extra_node);
-        testbed::write_certs(Path::new(BIN), &cfg(MeshNode::A), &certs).expect("certs");
-        let mut nodes = Vec::new();
-        for n in [MeshNode::A, MeshNode::B] {
-            let config = edit(n, cfg(n));
-            let path = dir.join(format!("{}-capture.yaml", n.name()));
-            std::fs::write(&path, &config).unwrap();
-            for pod in n.pods() {
-                let out = Command::new(BIN)
-                    .args([
-                        "redirect",
-                        "install",
-                        "--netns",
-                        &tb.pod_name(*pod),
-                        "--config",
-                    ])
-                    .arg(&path)
-                    .output()
-                    .unwrap();
-                assert!(
-                    out.status.success(),
-                    "redirect install: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-            let p = RingtunProcess::spawn_mesh_node(
-                Path::new(BIN),
-                &tb,
-                n,
-                &config,
-                &["--driver", driver],
-            )
-            .expect("ringtun starts");
-            let baseline_fds = settled_fds(&p);
-            nodes.push(Node {
-                process: Some(p),
-                baseline_fds,
-            });
-        }
-        let b = nodes.pop().unwrap();
-        let a = nodes.pop().unwrap();
-        Mesh { tb, a, b }
-    }
-
-    fn a(&self) -> &RingtunProcess {
-        self.a.process.as_ref().unwrap()
-    }
-
-    fn b(&self) -> &RingtunProcess {
-        self.b.process.as_ref().unwrap()
-    }
-
-    fn connect(&self, to: SocketAddr) -> TcpStream {
-        let s = connect_in(&self.tb.pod_ns(Pod::Client).unwrap(), to).expect("client connects");
-        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        s
-    }
-
-    fn listen(&self, pod: Pod, port: u16) -> std::net::TcpListener {
-        listen_in(
-            &self.tb.pod_ns(pod).unwrap(),
-            SocketAddr::new(pod.v4(), port),
-        )
-        .unwrap()
-    }
-
-    /// Every flow gone on both nodes, descriptors back to their baselines, SIGTERM, exit 0.
-    fn finish(mut self) {
-        for (name, node) in [("A", &mut self.a), ("B", &mut self.b)] {
-            let r = node.process.take().unwrap();
-            let open = wait_for(|| r.metric("ringtun_flows_open", &[]).unwrap() == 0.0);
-            assert!(
-                open,
-                "node {name}: flows still open at the end:\n{}",
-                r.log_text()
-            );
-            let now = settle_to(&r, node.baseline_fds);
-            let log = r.log_text();
-            let code = r.terminate().unwrap();
-            assert_eq!(code, 0, "node {name}: exit code after SIGTERM; log:\n{log}");
-            node.baseline_fds = now;
-        }
-    }
-}
-
-/// Polls `f` for up to 10 s.
-fn wait_for(mut f: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    loop {
-        if f() {
-            return true;
-        }
-        if start.elapsed() > Duration::from_secs(10) {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn settled_fds(r: &RingtunProcess) -> usize {
-    let mut last = r.fd_count();
-    let start = Instant::now();
-    loop {
-        std::thread::sleep(Duration::from_millis(100));
-        let now = r.fd_count();
-        if now == last || start.elapsed() > Duration::from_secs(10) {
-            return now;
-        }
-        last = now;
-    }
-}
-
-/// Waits for the fd count to return to `baseline` plus what is legitimately kept: two per
-/// pooled empty pipe, one per open tunnel (pooled until idle); asserts it.
-fn settle_to(r: &RingtunProcess, baseline: usize) -> usize {
-    let kept = || {
-        let pipes = r.metric("ringtun_pipes_pooled", &[]).unwrap_or(0.0) as usize;
-        let tunnels = r.metric("ringtun_hbone_tunnels_open", &[]).unwrap_or(0.0) as usize;
-        2 * pipes + tunnels
-    };
-    let ok = wait_for(|| r.fd_count() == baseline + kept());
-    let now = r.fd_count();
-    assert!(
-        ok,
-        "fd count {now} != baseline {baseline} + {} (pooled pipes and open tunnels); log:\n{}",
-        kept(),
-        r.log_text()
-    );
-    now
-}
 
 fn mesh1() -> SocketAddr {
     SocketAddr::new(Pod::Mesh1.v4(), MESH_PORT)
@@ -188,23 +31,6 @@ fn mesh1() -> SocketAddr {
 /// One exchange of `bytes` each way from the client pod to `to` (served in `pod`).
 fn exchange_intact(m: &Mesh, pod: Pod, to: SocketAddr, bytes: u64) -> Duration {
     testbed::exchange_intact(&m.tb, pod, to, bytes)
-}
-
-/// Connects and reads to the end; the stream must end with a reset, not a FIN.
-fn expect_reset(m: &Mesh, to: SocketAddr) {
-    match connect_in(&m.tb.pod_ns(Pod::Client).unwrap(), to) {
-        Ok(mut c) => {
-            c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-            match read_until_end(&mut c) {
-                Ok(b) => panic!(
-                    "{to}: ended cleanly after {} bytes; a reset was expected",
-                    b.len()
-                ),
-                Err(e) => assert!(is_reset(&e), "{to}: expected a reset, got {e}"),
-            }
-        }
-        Err(e) => assert!(is_reset(&e), "{to}: connect failed with {e}, not a reset"),
-    }
 }
 
 macro_rules! both_drivers {
@@ -242,7 +68,7 @@ fn server_closes_idle_tunnels() {
 }
 
 fn bytes_cross_two_nodes_intact(driver: &str) {
-    let m = Mesh::start(driver, "");
+    let m = Mesh::start(Path::new(BIN), driver, "");
     exchange_intact(&m, Pod::Mesh1, mesh1(), 4 << 20);
     // Through the service VIP too: resolution picks an endpoint, the tunnel goes to it.
     exchange_intact_any(&m, SocketAddr::new(VIP.into(), VIP_PORT), 1 << 20);
@@ -307,14 +133,14 @@ fn exchange_intact_any(m: &Mesh, to: SocketAddr, bytes: u64) {
 }
 
 fn one_gib_each_way_through_the_tunnel(driver: &str) {
-    let m = Mesh::start(driver, "");
+    let m = Mesh::start(Path::new(BIN), driver, "");
     let took = exchange_intact(&m, Pod::Mesh1, mesh1(), 1 << 30);
     eprintln!("1 GiB each way through HBONE ({driver}) in {took:?}");
     m.finish();
 }
 
 fn client_half_close_maps_to_end_stream(driver: &str) {
-    let m = Mesh::start(driver, "");
+    let m = Mesh::start(Path::new(BIN), driver, "");
     let l = m.listen(Pod::Mesh1, MESH_PORT);
     let server = std::thread::spawn(move || {
         let (mut s, _) = l.accept().unwrap();
@@ -335,7 +161,7 @@ fn client_half_close_maps_to_end_stream(driver: &str) {
 }
 
 fn server_half_close_maps_to_end_stream(driver: &str) {
-    let m = Mesh::start(driver, "");
+    let m = Mesh::start(Path::new(BIN), driver, "");
     let l = m.listen(Pod::Mesh1, MESH_PORT);
     let server = std::thread::spawn(move || {
         let (mut s, _) = l.accept().unwrap();
@@ -356,7 +182,7 @@ fn server_half_close_maps_to_end_stream(driver: &str) {
 }
 
 fn upstream_reset_reaches_client_as_reset(driver: &str) {
-    let m = Mesh::start(driver, "");
+    let m = Mesh::start(Path::new(BIN), driver, "");
     let l = m.listen(Pod::Mesh1, MESH_PORT);
     let server = std::thread::spawn(move || {
         let (mut s, _) = l.accept().unwrap();
@@ -388,7 +214,7 @@ fn upstream_reset_reaches_client_as_reset(driver: &str) {
 }
 
 fn client_reset_reaches_upstream_as_reset(driver: &str) {
-    let m = Mesh::start(driver, "");
+    let m = Mesh::start(Path::new(BIN), driver, "");
     let l = m.listen(Pod::Mesh1, MESH_PORT);
     let server = std::thread::spawn(move || {
         let (mut s, _) = l.accept().unwrap();
@@ -413,9 +239,9 @@ fn client_reset_reaches_upstream_as_reset(driver: &str) {
 }
 
 fn refused_upstream_is_503_and_client_reset(driver: &str) {
-    let m = Mesh::start(driver, "");
+    let m = Mesh::start(Path::new(BIN), driver, "");
     // Nothing listens on mesh-1:8081.
-    expect_reset(&m, SocketAddr::new(Pod::Mesh1.v4(), 8081));
+    m.expect_reset(SocketAddr::new(Pod::Mesh1.v4(), 8081));
     assert!(wait_for(|| m
         .b()
         .metric(
@@ -440,7 +266,7 @@ fn unknown_authority_is_400_and_client_reset(driver: &str) {
     // tunnels to 10.77.2.9:15008 (mesh-1's pod takes it: TPROXY hands it to B) and asks for
     // 10.77.2.9:8080, an authority B cannot place: 400, and A resets the client.
     let extra = "10.77.2.9";
-    let m = Mesh::start_with(driver, "", |n, c| match n {
+    let m = Mesh::start_with(Path::new(BIN), driver, "", |n, c| match n {
         MeshNode::A => c.replace(
             &format!(
                 "ips: [{}, \"{}\"]\n    node: node-b",
@@ -477,7 +303,7 @@ fn unknown_authority_is_400_and_client_reset(driver: &str) {
         SocketAddr::new(extra.parse().unwrap(), MESH_PORT),
     )
     .unwrap();
-    expect_reset(&m, SocketAddr::new(extra.parse().unwrap(), MESH_PORT));
+    m.expect_reset(SocketAddr::new(extra.parse().unwrap(), MESH_PORT));
     assert!(
         wait_for(|| m
             .b()
@@ -505,13 +331,13 @@ fn wrong_server_identity_is_refused_by_the_client(driver: &str) {
     // Node B says mesh-1 runs as service account mesh-2 and presents that certificate for it;
     // node A expects mesh-1's identity: the handshake fails and the client is reset. Nothing
     // reaches the pod.
-    let m = Mesh::start_with(driver, "", |n, c| match n {
+    let m = Mesh::start_with(Path::new(BIN), driver, "", |n, c| match n {
         MeshNode::A => c,
         MeshNode::B => c.replacen("service_account: mesh-1", "service_account: mesh-2", 1),
     });
     let l = m.listen(Pod::Mesh1, MESH_PORT);
     l.set_nonblocking(true).unwrap();
-    expect_reset(&m, mesh1());
+    m.expect_reset(mesh1());
     assert!(
         l.accept().is_err(),
         "a connection reached mesh-1 through an unverified tunnel"
@@ -537,7 +363,7 @@ fn wrong_server_identity_is_refused_by_the_client(driver: &str) {
 }
 
 fn concurrent_connections_share_pooled_tunnels(driver: &str) {
-    let m = Mesh::start(driver, "");
+    let m = Mesh::start(Path::new(BIN), driver, "");
     const N: usize = 200;
     const BYTES: u64 = 64 * 1024;
     let l = m.listen(Pod::Mesh1, MESH_PORT);
@@ -595,7 +421,7 @@ fn tls_mode() -> String {
 }
 
 fn pinned_aes_256_gcm_carries_bytes(driver: &str) {
-    let m = Mesh::start(driver, "  hbone: {cipher: aes_256_gcm}\n");
+    let m = Mesh::start(Path::new(BIN), driver, "  hbone: {cipher: aes_256_gcm}\n");
     exchange_intact(&m, Pod::Mesh1, mesh1(), 2 << 20);
     for (r, role) in [(m.a(), "client"), (m.b(), "server")] {
         let n = r
@@ -628,7 +454,7 @@ fn draining_node_finishes_its_tunnelled_flows(driver: &str) {
     // Fits in what B can hold while A reads nothing (the tunnel's 1 MiB user-space queue plus
     // socket buffers), so B's stream can end; larger than the socket buffers alone.
     const ANSWER: usize = 768 << 10;
-    let mut m = Mesh::start(driver, "");
+    let mut m = Mesh::start(Path::new(BIN), driver, "");
     let l = m.listen(Pod::Mesh1, MESH_PORT);
     let (eof_tx, eof_rx) = std::sync::mpsc::channel::<Vec<u8>>();
     let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
@@ -705,7 +531,7 @@ fn draining_node_finishes_its_tunnelled_flows(driver: &str) {
 }
 
 fn ipv6_crosses_the_tunnel(driver: &str) {
-    let m = Mesh::start(driver, "");
+    let m = Mesh::start(Path::new(BIN), driver, "");
     let to = SocketAddr::new(Pod::Mesh1.v6(), MESH_PORT);
     let listener = listen_in(&m.tb.pod_ns(Pod::Mesh1).unwrap(), to).unwrap();
     let server = serve_exchanges(listener, 1, 1 << 20, 2);
@@ -728,7 +554,7 @@ fn ipv6_crosses_the_tunnel(driver: &str) {
 fn idle_tunnels_close_and_descriptors_return(driver: &str) {
     // Pooled tunnels close after 1 s without streams; then both nodes hold exactly the
     // descriptors they started with (plus pooled empty pipes), not one per tunnel.
-    let m = Mesh::start(driver, "  hbone: {pool_idle_timeout: 1s}\n");
+    let m = Mesh::start(Path::new(BIN), driver, "  hbone: {pool_idle_timeout: 1s}\n");
     for _ in 0..3 {
         exchange_intact(&m, Pod::Mesh1, mesh1(), 256 << 10);
     }
@@ -765,7 +591,11 @@ fn idle_tunnels_close_and_descriptors_return(driver: &str) {
 
 fn record_budget_retires_tunnels_without_losing_bytes(driver: &str) {
     // 64 records per tunnel: a 4 MiB exchange needs several tunnels in turn.
-    let m = Mesh::start(driver, "  hbone: {ktls_record_budget: 64}\n");
+    let m = Mesh::start(
+        Path::new(BIN),
+        driver,
+        "  hbone: {ktls_record_budget: 64}\n",
+    );
     for _ in 0..3 {
         exchange_intact(&m, Pod::Mesh1, mesh1(), 2 << 20);
     }
@@ -785,7 +615,7 @@ fn record_budget_retires_tunnels_without_losing_bytes(driver: &str) {
 /// by every tunnel flush spun through its run queue until the WINDOW_UPDATE came, a core at
 /// 100% per stalled stream), and every byte arrives once the destination reads again.
 fn a_stream_waiting_for_credit_sleeps(driver: &str) {
-    let m = Mesh::start(driver, "");
+    let m = Mesh::start(Path::new(BIN), driver, "");
     let used = testbed::stalled_upload_cpu(
         m.listen(Pod::Mesh1, MESH_PORT),
         || m.connect(mesh1()),
@@ -805,7 +635,7 @@ fn a_stream_waiting_for_credit_sleeps(driver: &str) {
 /// without streams (here 2 s, checked at the 10 s keepalive tick), politely, and A's next
 /// connection simply gets a new tunnel.
 fn server_closes_tunnels_the_client_leaves_idle(driver: &str) {
-    let m = Mesh::start_with(driver, "", |n, c| match n {
+    let m = Mesh::start_with(Path::new(BIN), driver, "", |n, c| match n {
         MeshNode::A => c,
         MeshNode::B => c.replacen(
             "version: 1\nnode:\n",

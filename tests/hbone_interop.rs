@@ -397,6 +397,18 @@ async fn h2_connect(
     bytes: u64,
     seed: u64,
 ) -> Result<ClientOutcome, String> {
+    h2_connect_with(tcp, tls, authority, &[], bytes, seed).await
+}
+
+/// [`h2_connect`] with `headers` added to the CONNECT.
+async fn h2_connect_with(
+    tcp: std::net::TcpStream,
+    tls: Arc<ClientConfig>,
+    authority: &str,
+    headers: &[(&str, &str)],
+    bytes: u64,
+    seed: u64,
+) -> Result<ClientOutcome, String> {
     let server_ip = tcp.peer_addr().map_err(|e| e.to_string())?.ip();
     tcp.set_nonblocking(true).unwrap();
     let tcp = tokio::net::TcpStream::from_std(tcp).map_err(|e| e.to_string())?;
@@ -445,11 +457,13 @@ async fn h2_connect(
         Ok(Err(e)) => return Err(format!("HTTP/2 not ready: {e}{}", conn_error(driver).await)),
         Err(_) => return Err("HTTP/2 not ready in time".into()),
     };
-    let req = http::Request::builder()
+    let mut req = http::Request::builder()
         .method(http::Method::CONNECT)
-        .uri(authority)
-        .body(())
-        .unwrap();
+        .uri(authority);
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let req = req.body(()).unwrap();
     let (resp, mut send) = send_req
         .send_request(req, false)
         .map_err(|e| format!("send CONNECT: {e}"))?;
@@ -763,10 +777,15 @@ impl Mesh {
     /// Certificates from `ringtun certs`, `node`'s capture rules installed in its pods, and
     /// `ringtun run` for `node`.
     fn start(tag: &str, node: MeshNode) -> Mesh {
+        Self::start_with_policies(tag, node, "")
+    }
+
+    /// [`Mesh::start`] with `policies` (the YAML `policies:` section) in the node's config.
+    fn start_with_policies(tag: &str, node: MeshNode, policies: &str) -> Mesh {
         let tb = Testbed::create(tag).expect("testbed");
         let dir = std::env::temp_dir().join(&tb.prefix);
         let certs = dir.join("certs");
-        let config = tb.two_node_config(node, 2, &certs, "");
+        let config = tb.two_node_config(node, 2, &certs, "") + policies;
         testbed::write_certs(Path::new(BIN), &config, &certs).expect("ringtun certs");
         let cfg_path = dir.join(format!("{}-rules.yaml", node.name()));
         std::fs::write(&cfg_path, &config).unwrap();
@@ -905,8 +924,8 @@ fn h2_crate_client_gets_200_and_a_byte_stream_from_ringtun_15008() {
 }
 
 #[test]
-fn h2_crate_client_unknown_authority_gets_400() {
-    if !root_or_skip("h2_crate_client_unknown_authority_gets_400") {
+fn h2_crate_client_unknown_authority_gets_400_and_a_record() {
+    if !root_or_skip("h2_crate_client_unknown_authority_gets_400_and_a_record") {
         return;
     }
     let mesh = Mesh::start("h4", MeshNode::B);
@@ -916,7 +935,88 @@ fn h2_crate_client_unknown_authority_gets_400() {
         .block_on(h2_connect(tcp, tls, "10.77.2.99:8080", 1024, 1))
         .unwrap_or_else(|e| panic!("CONNECT 10.77.2.99:8080: {e}"));
     assert_eq!(out.status, 400, "{out:?}");
+    // A refused CONNECT leaves a record like any connection, with the check that failed.
+    let r = mesh.ringtun.as_ref().unwrap();
+    let rec = wait_record(r, |rec| rec["status"] == 400);
+    assert_eq!(rec["reason"], "unknown_authority", "{rec}");
+    assert_eq!(rec["failure_reason"], "hbone_bad_request", "{rec}");
+    assert_eq!(rec["source_workload"], spiffe("client"), "{rec}");
+    assert!(
+        r.metric(
+            "ringtun_connection_failures_total",
+            &["class=\"downstream\"", "reason=\"hbone_bad_request\""]
+        )
+        .unwrap()
+            >= 1.0
+    );
     mesh.finish();
+}
+
+/// Only mesh-2's identity may reach mesh-1.
+const ONLY_MESH2: &str = "policies:
+  - name: only-mesh-2
+    namespace: default
+    rules:
+      - from: [{source: {principals: [cluster.local/ns/default/sa/mesh-2]}}]
+";
+
+#[test]
+fn headers_claiming_another_identity_change_nothing() {
+    if !root_or_skip("headers_claiming_another_identity_change_nothing") {
+        return;
+    }
+    let mesh = Mesh::start_with_policies("hi", MeshNode::B, ONLY_MESH2);
+    let authority = format!("{}:{MESH_PORT}", Pod::Mesh1.v4());
+    let claims = [
+        (
+            "x-forwarded-client-cert",
+            "By=spiffe://cluster.local/ns/default/sa/mesh-1;URI=spiffe://cluster.local/ns/default/sa/mesh-2",
+        ),
+        ("forwarded", "for=\"10.77.3.2:4000\";by=mesh-2"),
+        ("baggage", "k8s.namespace.name=default,k8s.deployment.name=mesh-2"),
+        ("x-spiffe-id", "spiffe://cluster.local/ns/default/sa/mesh-2"),
+        ("x-istio-principal", "cluster.local/ns/default/sa/mesh-2"),
+    ];
+    let rt = runtime();
+    // The client's certificate, whatever the headers say: 401.
+    let tcp = mesh.connect_from_client(mesh1(HBONE_PORT));
+    let tls = mesh.pki.client("client", &spiffe("mesh-1"));
+    let out = rt
+        .block_on(h2_connect_with(tcp, tls, &authority, &claims, 1024, 1))
+        .unwrap_or_else(|e| panic!("CONNECT {authority}: {e}"));
+    assert_eq!(out.status, 401, "{out:?}");
+    let r = mesh.ringtun.as_ref().unwrap();
+    let rec = wait_record(r, |rec| rec["status"] == 401);
+    assert_eq!(rec["source_workload"], spiffe("client"), "{rec}");
+    assert_eq!(rec["reason"], "no_allow_match", "{rec}");
+    // mesh-2's certificate, without any header: allowed.
+    let server = mesh.mesh1_exchange_server(1, 64 * 1024);
+    let tcp = mesh.connect_from_client(mesh1(HBONE_PORT));
+    let tls = mesh.pki.client("mesh-2", &spiffe("mesh-1"));
+    let out = rt
+        .block_on(h2_connect(tcp, tls, &authority, 64 * 1024, 1))
+        .unwrap_or_else(|e| panic!("CONNECT {authority}: {e}"));
+    assert_eq!(out.status, 200, "{out:?}");
+    let s = wait_exchange(server);
+    assert_eq!(hex(&s.received_hash), out.sent_hash);
+    drop(out);
+    mesh.finish();
+}
+
+/// The first access record `pick` accepts, waiting up to 10 s for it.
+fn wait_record(r: &RingtunProcess, pick: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let start = Instant::now();
+    loop {
+        if let Some(rec) = r.access_records().into_iter().find(|rec| pick(rec)) {
+            return rec;
+        }
+        assert!(
+            start.elapsed() < STEP,
+            "no such access record; log:\n{}",
+            r.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]
@@ -932,6 +1032,9 @@ fn h2_crate_client_refused_upstream_gets_503() {
         .block_on(h2_connect(tcp, tls, &authority, 1024, 1))
         .unwrap_or_else(|e| panic!("CONNECT {authority}: {e}"));
     assert_eq!(out.status, 503, "{out:?}");
+    let rec = wait_record(mesh.ringtun.as_ref().unwrap(), |rec| rec["status"] == 503);
+    assert_eq!(rec["reason"], "upstream_unreachable", "{rec}");
+    assert_eq!(rec["failure_reason"], "refused", "{rec}");
     mesh.finish();
 }
 

@@ -42,6 +42,7 @@ fn a_stopped_node_lets_go_of_its_listening_sockets() {
                     reactors: Some(2),
                     observer: None,
                     serve_endpoints: false,
+                    ..Default::default()
                 },
             )
             .expect("node starts");

@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use crate::control_plane::config::{Config, Protocol, Workload};
 
@@ -18,6 +19,9 @@ pub struct ServiceId(pub u32);
 #[derive(Debug)]
 pub struct WorkloadEntry {
     pub workload: Workload,
+    /// `namespace/name`: what names the workload across reloads (ids do not), shared cheaply
+    /// by the listeners and flows that belong to it.
+    pub name: Arc<str>,
     /// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`: the identity its
     /// certificate will carry once tunnels exist.
     pub identity: String,
@@ -39,6 +43,8 @@ pub struct Registry {
     workloads: Vec<WorkloadEntry>,
     services: Vec<ServiceEntry>,
     by_ip: HashMap<IpAddr, WorkloadId>,
+    /// `namespace/name` → workload: the name that survives a reload (ids do not).
+    by_name: HashMap<Arc<str>, WorkloadId>,
     /// (VIP, service port) → (service, target port).
     by_vip: HashMap<(IpAddr, u16), (ServiceId, u16)>,
     /// Every address a workload or service owns, to tell "in the mesh" from "outside".
@@ -63,6 +69,7 @@ impl Registry {
         let mut workloads = Vec::with_capacity(config.workloads.len());
         let mut by_ip = HashMap::new();
         let mut by_name = HashMap::new();
+        let mut by_full_name = HashMap::with_capacity(config.workloads.len());
         let mut by_label_in_namespace: HashMap<_, Vec<WorkloadId>> = HashMap::new();
         let mut by_label: HashMap<_, Vec<WorkloadId>> = HashMap::new();
         for (i, w) in config.workloads.iter().enumerate() {
@@ -78,7 +85,10 @@ impl Registry {
                 by_label.entry((k.clone(), v.clone())).or_default().push(id);
             }
             by_name.insert((w.namespace.as_str(), w.name.as_str()), id);
+            let name: Arc<str> = Arc::from(format!("{}/{}", w.namespace, w.name));
+            by_full_name.insert(Arc::clone(&name), id);
             workloads.push(WorkloadEntry {
+                name,
                 identity: format!("spiffe://{td}/ns/{}/sa/{}", w.namespace, w.service_account),
                 local: w.node == config.node.name,
                 workload: w.clone(),
@@ -116,6 +126,7 @@ impl Registry {
             workloads,
             services,
             by_ip,
+            by_name: by_full_name,
             by_vip,
             vip_addrs,
             by_label_in_namespace,
@@ -164,6 +175,17 @@ impl Registry {
 
     pub fn service(&self, id: ServiceId) -> &ServiceEntry {
         &self.services[id.0 as usize]
+    }
+
+    /// The workload named `namespace/name` (how a reload finds what an id meant before).
+    pub fn workload_by_name(&self, namespaced_name: &str) -> Option<WorkloadId> {
+        self.by_name.get(namespaced_name).copied()
+    }
+
+    /// Whether the workload named `namespace/name` is served by this node.
+    pub fn is_local(&self, namespaced_name: &str) -> bool {
+        self.workload_by_name(namespaced_name)
+            .is_some_and(|id| self.workload(id).local)
     }
 
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<WorkloadId> {

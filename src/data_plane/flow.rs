@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::authorization::Admission;
 use super::driver::{armed_bit, FlowKey, Interest, Side};
 use super::first_connection::Resolution;
 use super::splice::{Moved, PipePool, Pump, PumpError, PumpStatus};
@@ -36,6 +37,13 @@ pub struct Flow {
     pub started: Instant,
     pub last_active: Instant,
     pub resolution: Resolution,
+    /// Inbound plaintext: what authorization admitted it on (a reload decides it again).
+    pub admission: Option<Admission>,
+    /// The local workload it belongs to (`namespace/name`; the source of an outbound flow,
+    /// the destination of an inbound one): a reload that takes it off this node drains it.
+    pub owner: Arc<str>,
+    /// A drain deadline is set (its workload left this node).
+    pub draining: bool,
     pub counters: Arc<TcpCounters>,
     pub record: FlowRecord,
 }

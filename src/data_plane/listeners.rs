@@ -6,10 +6,12 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use super::first_connection::Direction;
 use super::socket;
-use crate::control_plane::config::Protocol;
+use crate::control_plane::config::{Protocol, Workload};
 use crate::control_plane::state::State;
 use crate::control_plane::workload_registry::WorkloadId;
 use crate::redirection::netns::{on_helper_thread, NetNs};
@@ -20,13 +22,66 @@ const BACKLOG: i32 = 1024;
 #[derive(Debug)]
 pub struct Listener {
     pub fd: OwnedFd,
+    /// The workload's id in the snapshot the reactor runs on (re-pointed at each reload).
     pub workload: WorkloadId,
+    /// `namespace/name`: how a reload finds the workload again.
+    pub name: Arc<str>,
+    /// The snapshot it was made for: a reload that replaces a workload's listeners closes
+    /// only the older ones.
+    pub serial: u64,
     pub direction: Direction,
     pub addr: SocketAddr,
     /// The pod's namespace, where this workload's outbound sockets are made too.
     pub netns: Option<NetNs>,
     /// Port 15008: HBONE tunnels to this workload (TLS server), not captured plaintext.
     pub hbone: bool,
+}
+
+/// Listeners a reload made for one reactor: those of workloads new on this node or changed,
+/// and the workloads whose older listeners they replace.
+#[derive(Debug)]
+pub struct ListenerUpdate {
+    /// The snapshot they belong to: the reactor takes them when it adopts it.
+    pub serial: u64,
+    pub listeners: Vec<Listener>,
+    pub replaced: Vec<Arc<str>>,
+}
+
+/// What a workload's listeners depend on: when it changes (the pod's namespace was replaced, it
+/// started speaking HBONE, it got an IPv6 address), a reload makes them anew.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerSpec {
+    netns: Option<PathBuf>,
+    v6: bool,
+    hbone: bool,
+}
+
+impl ListenerSpec {
+    /// `tunnels`: this node can serve HBONE (it has certificates).
+    pub fn of(w: &Workload, tunnels: bool) -> ListenerSpec {
+        ListenerSpec {
+            netns: w.netns.clone(),
+            v6: w.ips.iter().any(|ip| ip.is_ipv6()),
+            hbone: tunnels && w.protocol == Protocol::Hbone,
+        }
+    }
+}
+
+/// The local workloads of `next` that need listeners made: new on this node, or with a
+/// changed [`ListenerSpec`] (their old listeners are replaced).
+pub fn to_make(previous: &State, next: &State, tunnels: bool) -> Vec<WorkloadId> {
+    let before = &previous.registry;
+    next.registry
+        .local_workloads()
+        .filter(|(_, entry)| match before.workload_by_name(&entry.name) {
+            Some(old) if before.workload(old).local => {
+                ListenerSpec::of(&before.workload(old).workload, tunnels)
+                    != ListenerSpec::of(&entry.workload, tunnels)
+            }
+            _ => true,
+        })
+        .map(|(id, _)| id)
+        .collect()
 }
 
 /// Listener sets, one `Vec` per reactor, for every local workload, and the problems met: a pod
@@ -38,14 +93,28 @@ pub fn create_all(
     state: &State,
     reactors: usize,
     tunnels: bool,
+    serial: u64,
+) -> (Vec<Vec<Listener>>, Vec<String>) {
+    let ids: Vec<WorkloadId> = state.registry.local_workloads().map(|(id, _)| id).collect();
+    create_for(state, &ids, reactors, tunnels, serial)
+}
+
+/// [`create_all`] for the workloads `ids` only.
+pub fn create_for(
+    state: &State,
+    ids: &[WorkloadId],
+    reactors: usize,
+    tunnels: bool,
+    serial: u64,
 ) -> (Vec<Vec<Listener>>, Vec<String>) {
     let mut per_reactor: Vec<Vec<Listener>> = (0..reactors).map(|_| Vec::new()).collect();
     let mut problems = Vec::new();
     let ports = state.config.node.ports;
     let mark = state.config.node.socket_mark;
-    for (id, entry) in state.registry.local_workloads() {
+    for &id in ids {
+        let entry = state.registry.workload(id);
         let w = &entry.workload;
-        let name = format!("{}/{}", w.namespace, w.name);
+        let name = &entry.name;
         let netns = match &w.netns {
             Some(path) => match NetNs::open(path) {
                 Ok(ns) => Some(ns),
@@ -56,7 +125,7 @@ pub fn create_all(
             },
             None => None,
         };
-        let wants_v6 = w.ips.iter().any(|ip| ip.is_ipv6());
+        let spec = ListenerSpec::of(w, tunnels);
         // (direction, address, transparent, hbone)
         let mut addrs = vec![
             (
@@ -72,7 +141,7 @@ pub fn create_all(
                 false,
             ),
         ];
-        if wants_v6 {
+        if spec.v6 {
             addrs.push((
                 Direction::Outbound,
                 SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), ports.outbound),
@@ -88,14 +157,14 @@ pub fn create_all(
         }
         // Tunnels reach a pod that speaks HBONE on its port 15008, when this node has
         // certificates to answer with.
-        if tunnels && w.protocol == Protocol::Hbone {
+        if spec.hbone {
             addrs.push((
                 Direction::InboundPlaintext,
                 SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), ports.inbound_hbone),
                 true,
                 true,
             ));
-            if wants_v6 {
+            if spec.v6 {
                 addrs.push((
                     Direction::InboundPlaintext,
                     SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), ports.inbound_hbone),
@@ -128,6 +197,8 @@ pub fn create_all(
                             Ok(fd) => per_reactor[r].push(Listener {
                                 fd,
                                 workload: id,
+                                name: Arc::clone(name),
+                                serial,
                                 direction,
                                 addr,
                                 netns: netns.clone(),
@@ -146,4 +217,48 @@ pub fn create_all(
         }
     }
     (per_reactor, problems)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control_plane::config::load;
+
+    fn state(workloads: &str) -> std::sync::Arc<State> {
+        State::new(
+            load(&format!(
+                "version: 1\nnode: {{name: n}}\nworkloads:\n{workloads}"
+            ))
+            .expect("valid"),
+            1,
+        )
+    }
+
+    #[test]
+    fn a_reload_makes_listeners_for_new_and_changed_workloads_only() {
+        let before = state(
+            "- {name: same, namespace: a, ips: [10.0.0.1], node: n, netns: /run/netns/same}\n\
+             - {name: moved, namespace: a, ips: [10.0.0.2], node: n, netns: /run/netns/old}\n\
+             - {name: tls, namespace: a, ips: [10.0.0.3], node: n, netns: /run/netns/tls, protocol: TCP}\n\
+             - {name: arriving, namespace: a, ips: [10.0.0.4], node: m, netns: /run/netns/a}\n\
+             - {name: leaving, namespace: a, ips: [10.0.0.5], node: n, netns: /run/netns/l}\n",
+        );
+        let after = state(
+            "- {name: new, namespace: a, ips: [10.0.0.9], node: n}\n\
+             - {name: same, namespace: a, ips: [10.0.0.1], node: n, netns: /run/netns/same}\n\
+             - {name: moved, namespace: a, ips: [10.0.0.2], node: n, netns: /run/netns/new}\n\
+             - {name: tls, namespace: a, ips: [10.0.0.3], node: n, netns: /run/netns/tls, protocol: HBONE}\n\
+             - {name: arriving, namespace: a, ips: [10.0.0.4], node: n, netns: /run/netns/a}\n\
+             - {name: leaving, namespace: a, ips: [10.0.0.5], node: m, netns: /run/netns/l}\n",
+        );
+        let names = |tunnels| -> Vec<String> {
+            to_make(&before, &after, tunnels)
+                .into_iter()
+                .map(|id| after.registry.workload(id).name.to_string())
+                .collect()
+        };
+        assert_eq!(names(true), ["a/new", "a/moved", "a/tls", "a/arriving"]);
+        // Without certificates an HBONE workload gets no 15008 listener: nothing changes.
+        assert_eq!(names(false), ["a/new", "a/moved", "a/arriving"]);
+    }
 }

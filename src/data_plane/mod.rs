@@ -2,11 +2,13 @@
 //! connection, and join the sockets with `splice(2)`. The driver layer is the only code that
 //! touches io_uring or epoll; flows and pumps are the same state machines under both.
 
+pub mod authorization;
 pub mod driver;
 pub mod first_connection;
 pub mod flow;
 pub mod listeners;
 pub mod reactor;
+pub mod snapshot;
 pub mod socket;
 pub mod splice;
 pub mod timer;

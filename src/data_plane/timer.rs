@@ -17,6 +17,8 @@ pub enum TimerKind {
     Session,
     /// A politely closing tunnel waits this long for the peer's FIN.
     Linger,
+    /// A flow or stream of a workload a reload took off this node: reset when it comes.
+    Drain,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

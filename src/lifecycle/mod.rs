@@ -1,9 +1,12 @@
-//! Start and stop: signal handling and the drain that lets flows finish before exit.
+//! Start, change and stop: signal handling, live reloads ([`reload`], [`watch`]) and the drain
+//! that lets flows finish before exit.
 //!
 //! Signals: SIGTERM or SIGINT starts a drain (stop accepting, readiness 503, open flows run until
 //! `timeouts.drain`, then are reset) and the process exits 0; a second SIGTERM/SIGINT stops at
-//! once. SIGHUP is blocked and logged: configuration reload is not implemented yet, and the
-//! default action (exit) would take the node's traffic down by surprise.
+//! once. SIGHUP reloads the configuration file (as a change of the file does).
+
+pub mod reload;
+pub mod watch;
 
 use std::io;
 use std::time::Duration;

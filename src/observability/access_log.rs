@@ -29,6 +29,23 @@ pub struct FlowRecord {
     pub failure_class: Option<&'static str>,
     pub failure_reason: Option<&'static str>,
     pub errno: Option<i32>,
+    /// HBONE: the CONNECT's answer — sent (inbound) or received (outbound).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// Why a connection was refused, in more detail than `failure_reason`: the CONNECT check
+    /// that failed (`unknown_authority`, `malformed_request`, …) or the policy outcome
+    /// (`deny_rule`, `no_allow_match`, `not_local`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'static str>,
+    /// The authorization policy (`namespace/name`) whose rule decided, allowing or denying.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    /// The index of that rule in the policy's `rules`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy_rule: Option<u32>,
+    /// AUDIT and dry-run policies that matched (`namespace/name#rule (kind)`): logged only.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub log_only_policies: Vec<String>,
 }
 
 impl FlowRecord {
@@ -52,6 +69,11 @@ impl FlowRecord {
             failure_class: None,
             failure_reason: None,
             errno: None,
+            status: None,
+            reason: None,
+            policy: None,
+            policy_rule: None,
+            log_only_policies: Vec::new(),
         }
     }
 

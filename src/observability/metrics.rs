@@ -38,10 +38,15 @@ pub enum FailureKind {
     StreamReset,
     /// Too many flows already wait for tunnel handshakes.
     TunnelPoolFull,
+    /// Authorization policy denied the connection (401 on HBONE, a reset on plaintext).
+    PolicyDenied,
+    /// An inbound CONNECT that cannot be served as asked (400/431): malformed, or naming a
+    /// destination that is not a local workload at the address the tunnel arrived on.
+    ConnectInvalid,
 }
 
 impl FailureKind {
-    pub const ALL: [FailureKind; 19] = [
+    pub const ALL: [FailureKind; 21] = [
         FailureKind::DownstreamReset,
         FailureKind::NoOriginalDst,
         FailureKind::UpstreamRefused,
@@ -61,13 +66,15 @@ impl FailureKind {
         FailureKind::ConnectRejected,
         FailureKind::StreamReset,
         FailureKind::TunnelPoolFull,
+        FailureKind::PolicyDenied,
+        FailureKind::ConnectInvalid,
     ];
 
     /// downstream, upstream, policy, kernel or internal.
     pub fn class(self) -> &'static str {
         use FailureKind::*;
         match self {
-            DownstreamReset | NoOriginalDst => "downstream",
+            DownstreamReset | NoOriginalDst | ConnectInvalid => "downstream",
             UpstreamRefused
             | UpstreamConnectTimeout
             | UpstreamUnreachable
@@ -77,7 +84,7 @@ impl FailureKind {
             | TunnelFailed
             | ConnectRejected
             | StreamReset => "upstream",
-            Loop | NotForThisWorkload => "policy",
+            Loop | NotForThisWorkload | PolicyDenied => "policy",
             PipeUnavailable | SocketSetup | Accept => "kernel",
             FlowLimit | TunnelUnavailable | TunnelPoolFull => "internal",
         }
@@ -105,6 +112,8 @@ impl FailureKind {
             ConnectRejected => "hbone_connect_rejected",
             StreamReset => "hbone_stream_reset",
             TunnelPoolFull => "hbone_pool_full",
+            PolicyDenied => "policy_denied",
+            ConnectInvalid => "hbone_bad_request",
         }
     }
 
@@ -134,15 +143,18 @@ pub enum CloseKind {
     IdleTimeout,
     /// Still open at the drain deadline; reset so no client mistakes it for a clean end.
     Drained,
+    /// Open when a reload brought a policy that denies it: reset.
+    PolicyDenied,
 }
 
 impl CloseKind {
-    pub const ALL: [CloseKind; 5] = [
+    pub const ALL: [CloseKind; 6] = [
         CloseKind::Clean,
         CloseKind::Reset,
         CloseKind::Failed,
         CloseKind::IdleTimeout,
         CloseKind::Drained,
+        CloseKind::PolicyDenied,
     ];
 
     /// How a flow that broke is counted: a reset once it was open, a failure before.
@@ -161,6 +173,7 @@ impl CloseKind {
             CloseKind::Failed => "failed",
             CloseKind::IdleTimeout => "idle_timeout",
             CloseKind::Drained => "drained",
+            CloseKind::PolicyDenied => "policy_denied",
         }
     }
 }
@@ -188,6 +201,37 @@ pub struct TcpCounters {
 
 /// Label sets one reactor keeps at most; past it, new sets share one `overflow` series.
 const MAX_LABEL_SETS: usize = 4096;
+/// Policy denial series one reactor keeps at most (policies come from the config, but a
+/// mesh can hold thousands); past it, new ones share one `overflow` series.
+const MAX_POLICY_SERIES: usize = 1024;
+
+/// When authorization refused a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DenialAt {
+    /// At its first connection (401, or a reset on plaintext).
+    Connect,
+    /// Open when a reload's policy denied it: cut.
+    Reload,
+}
+
+impl DenialAt {
+    pub fn label(self) -> &'static str {
+        match self {
+            DenialAt::Connect => "connect",
+            DenialAt::Reload => "reload",
+        }
+    }
+}
+
+/// The labels of `ringtun_policy_denials_total`: the policy (`namespace/name`, empty when no
+/// rule decided) and rule that denied, the policy outcome, and when.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DenialLabels {
+    pub policy: String,
+    pub rule: Option<u32>,
+    pub reason: &'static str,
+    pub at: DenialAt,
+}
 
 #[derive(Debug)]
 pub struct ReactorMetrics {
@@ -204,9 +248,17 @@ pub struct ReactorMetrics {
     pub pipes_pooled: AtomicU64,
     /// Entries in the reactor's timer heap (live and stale; compacted when stale ones pile up).
     pub timers_queued: AtomicU64,
+    /// The longest one loop iteration took (events, queued work, timers), nanoseconds: how
+    /// long the reactor stalled at worst, reloads included.
+    pub longest_iteration_ns: AtomicU64,
+    /// How long adopting the last published snapshot took, nanoseconds.
+    pub last_adopt_ns: AtomicU64,
     failures: [AtomicU64; FailureKind::ALL.len()],
     closed: [AtomicU64; CloseKind::ALL.len()],
     tcp: Mutex<HashMap<TcpLabels, Arc<TcpCounters>>>,
+    /// Connections authorization refused, by policy and rule (one lock per denial, never per
+    /// byte).
+    policy_denials: Mutex<HashMap<DenialLabels, u64>>,
     /// HBONE tunnel counters: enum-indexed atomics, touched once per tunnel or stream event
     /// (payload bytes once per receive or send call), never under a lock.
     pub hbone: HboneMetrics,
@@ -225,9 +277,12 @@ impl ReactorMetrics {
             pipe_resize_refused: AtomicU64::new(0),
             pipes_pooled: AtomicU64::new(0),
             timers_queued: AtomicU64::new(0),
+            longest_iteration_ns: AtomicU64::new(0),
+            last_adopt_ns: AtomicU64::new(0),
             failures: Default::default(),
             closed: Default::default(),
             tcp: Mutex::new(HashMap::new()),
+            policy_denials: Mutex::new(HashMap::new()),
             hbone: HboneMetrics::default(),
         }
     }
@@ -251,6 +306,35 @@ impl ReactorMetrics {
     pub fn closed(&self, kind: CloseKind) {
         let i = CloseKind::ALL.iter().position(|k| *k == kind).unwrap_or(0);
         self.closed[i].fetch_add(1, Relaxed);
+    }
+
+    /// One loop iteration's busy time (kept if it is the longest yet).
+    pub fn iteration_took(&self, took: std::time::Duration) {
+        self.longest_iteration_ns
+            .fetch_max(took.as_nanos() as u64, Relaxed);
+    }
+
+    /// How long adopting a snapshot took.
+    pub fn adopt_took(&self, took: std::time::Duration) {
+        self.last_adopt_ns.store(took.as_nanos() as u64, Relaxed);
+    }
+
+    /// Counts a connection authorization refused.
+    pub fn policy_denied(&self, labels: DenialLabels) {
+        let mut map = self
+            .policy_denials
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let key = if map.len() >= MAX_POLICY_SERIES && !map.contains_key(&labels) {
+            DenialLabels {
+                policy: "overflow".into(),
+                rule: None,
+                ..labels
+            }
+        } else {
+            labels
+        };
+        *map.entry(key).or_default() += 1;
     }
 
     /// The counters for one label set; looked up once per connection, never per byte.
@@ -338,10 +422,26 @@ pub struct ProcessFacts {
     pub max_flows_per_reactor: u64,
 }
 
+/// The control thread's counters: configuration reloads and the generation running.
+#[derive(Debug, Default)]
+pub struct ControlMetrics {
+    /// Reloads that published a new snapshot.
+    pub reloads_applied: AtomicU64,
+    /// Reloads refused (the file did not load, credentials did not): the running snapshot
+    /// stayed.
+    pub reloads_failed: AtomicU64,
+    /// The configuration generation the node runs (1 at start).
+    pub generation: AtomicU64,
+    /// How long the last applied reload took, from reading the file to every reactor running
+    /// on the new snapshot, nanoseconds.
+    pub last_reload_ns: AtomicU64,
+}
+
 #[derive(Debug)]
 pub struct Metrics {
     pub reactors: Vec<Arc<ReactorMetrics>>,
     pub facts: ProcessFacts,
+    pub control: ControlMetrics,
 }
 
 impl Metrics {
@@ -351,6 +451,10 @@ impl Metrics {
                 .map(|i| Arc::new(ReactorMetrics::new(i)))
                 .collect(),
             facts,
+            control: ControlMetrics {
+                generation: AtomicU64::new(1),
+                ..ControlMetrics::default()
+            },
         }
     }
 
@@ -488,6 +592,29 @@ impl Metrics {
                 let _ = writeln!(out, "{name}{{reactor=\"{}\"}} {}", r.reactor, get(r));
             }
         }
+        let seconds: [PerReactorNanos; 2] = [
+            (
+                "ringtun_reactor_longest_iteration_seconds",
+                "The longest one reactor loop iteration took: its worst stall",
+                |r| r.longest_iteration_ns.load(Relaxed),
+            ),
+            (
+                "ringtun_reactor_snapshot_adopt_seconds",
+                "How long the reactor took to adopt the last published snapshot",
+                |r| r.last_adopt_ns.load(Relaxed),
+            ),
+        ];
+        for (name, help, get) in seconds {
+            let _ = writeln!(out, "# HELP {name} {help}.\n# TYPE {name} gauge");
+            for r in &self.reactors {
+                let _ = writeln!(
+                    out,
+                    "{name}{{reactor=\"{}\"}} {:.6}",
+                    r.reactor,
+                    get(r) as f64 / 1e9
+                );
+            }
+        }
         let _ = writeln!(out, "# HELP ringtun_driver_info Readiness driver each reactor runs.\n# TYPE ringtun_driver_info gauge");
         for r in &self.reactors {
             let d = *r.driver.lock().unwrap_or_else(|p| p.into_inner());
@@ -531,6 +658,41 @@ impl Metrics {
             "# HELP ringtun_max_flows_per_reactor Flow limit per reactor after the fd budget.\n# TYPE ringtun_max_flows_per_reactor gauge\nringtun_max_flows_per_reactor {}",
             self.facts.max_flows_per_reactor
         );
+        let mut denials: std::collections::BTreeMap<DenialLabels, u64> = Default::default();
+        for r in &self.reactors {
+            let map = r.policy_denials.lock().unwrap_or_else(|p| p.into_inner());
+            for (labels, n) in map.iter() {
+                *denials.entry(labels.clone()).or_default() += n;
+            }
+        }
+        let _ = writeln!(out, "# HELP ringtun_policy_denials_total Connections authorization policy refused (at connect) or cut (at a reload), by the policy and rule that decided.\n# TYPE ringtun_policy_denials_total counter");
+        for (l, n) in &denials {
+            let _ = writeln!(
+                out,
+                "ringtun_policy_denials_total{{policy=\"{}\",rule=\"{}\",reason=\"{}\",at=\"{}\"}} {n}",
+                esc(&l.policy),
+                l.rule.map(|r| r.to_string()).unwrap_or_default(),
+                l.reason,
+                l.at.label()
+            );
+        }
+        let c = &self.control;
+        let _ = writeln!(
+            out,
+            "# HELP ringtun_config_reloads_total Configuration reloads, applied or failed (a failed one leaves the running snapshot in place).\n# TYPE ringtun_config_reloads_total counter\nringtun_config_reloads_total{{result=\"applied\"}} {}\nringtun_config_reloads_total{{result=\"failed\"}} {}",
+            c.reloads_applied.load(Relaxed),
+            c.reloads_failed.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP ringtun_config_generation The configuration generation the node runs.\n# TYPE ringtun_config_generation gauge\nringtun_config_generation {}",
+            c.generation.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP ringtun_config_reload_seconds How long the last applied reload took, until every reactor ran on it.\n# TYPE ringtun_config_reload_seconds gauge\nringtun_config_reload_seconds {:.6}",
+            c.last_reload_ns.load(Relaxed) as f64 / 1e9
+        );
         let shards: Vec<&HboneMetrics> = self.reactors.iter().map(|r| &r.hbone).collect();
         super::hbone_metrics::render(&mut out, &shards);
         let fds = std::fs::read_dir("/proc/self/fd")
@@ -540,6 +702,9 @@ impl Metrics {
         out
     }
 }
+
+/// A per-reactor duration gauge: name, help text, and how to read its nanoseconds from a shard.
+type PerReactorNanos = (&'static str, &'static str, fn(&ReactorMetrics) -> u64);
 
 /// A per-reactor series: name, Prometheus type, help text, and how to read it from a shard.
 type PerReactorMetric = (

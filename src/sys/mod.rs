@@ -7,7 +7,7 @@
 //!
 //! One file per topic: [`socket`] (creating, configuring, connecting, accepting, addresses,
 //! non-blocking send, queue depths, netfilter's original destination), [`pipe`] (pipes,
-//! `F_SETPIPE_SZ`, `splice(2)`), [`tls`] (kTLS options and records with a content type), [`epoll`], [`eventfd`], [`netns`] (`setns`), [`signal`]
+//! `F_SETPIPE_SZ`, `splice(2)`), [`tls`] (kTLS options and records with a content type), [`epoll`], [`eventfd`], [`inotify`] (watching directories for changed files), [`netns`] (`setns`), [`signal`]
 //! (blocking and waiting for signals, signalling a process) and [`process`] (identity, limits,
 //! clock).
 //!
@@ -22,6 +22,7 @@
 
 pub mod epoll;
 pub mod eventfd;
+pub mod inotify;
 pub mod netns;
 pub mod pipe;
 pub mod process;

@@ -42,8 +42,13 @@ pub fn wait(signals: &[Signal], timeout: Duration) -> Option<Signal> {
 
 /// Sends SIGTERM to process `pid`.
 pub fn terminate(pid: u32) -> io::Result<()> {
+    send(pid, Signal::SIGTERM)
+}
+
+/// Sends `signal` to process `pid`.
+pub fn send(pid: u32, signal: Signal) -> io::Result<()> {
     let pid = i32::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
-    kill(Pid::from_raw(pid), Signal::SIGTERM).map_err(io_error)
+    kill(Pid::from_raw(pid), signal).map_err(io_error)
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@
 //! today's bundle), and tickets would arrive on kTLS sockets as extra control records. Secret
 //! extraction is on so the traffic keys can be handed to the kernel.
 
+pub mod credentials;
 #[cfg(test)]
 pub(crate) mod fixtures;
 pub mod handshake;

@@ -17,6 +17,7 @@ use hbone_proto::StreamId;
 
 use super::frames::FrameSender;
 use super::sink::Sink;
+use crate::data_plane::authorization::Admission;
 use crate::data_plane::driver::{FlowKey, Side};
 use crate::data_plane::splice::{Pipe, PipePool};
 use crate::observability::access_log::FlowRecord;
@@ -100,6 +101,11 @@ pub struct StreamSetup {
     pub started: Instant,
     pub counters: Arc<TcpCounters>,
     pub record: FlowRecord,
+    /// The local workload the stream belongs to (`namespace/name`: the source outbound, the
+    /// destination inbound): a reload that takes it off this node drains the stream.
+    pub owner: Arc<str>,
+    /// Inbound: what authorization admitted it on (a reload decides it again).
+    pub admission: Option<Admission>,
 }
 
 /// See the module docs.
@@ -132,6 +138,12 @@ pub struct Stream {
     pub last_active: Instant,
     pub counters: Arc<TcpCounters>,
     pub record: FlowRecord,
+    /// See [`StreamSetup::owner`] (empty while an inbound CONNECT waits for its decision).
+    pub owner: Arc<str>,
+    /// See [`StreamSetup::admission`].
+    pub admission: Option<Admission>,
+    /// A drain deadline is set (its workload left this node).
+    pub draining: bool,
     /// Of the sink's delivered bytes, those already counted in the record and counters.
     counted_local: u64,
 }
@@ -152,6 +164,8 @@ impl Stream {
         s.phase = phase;
         s.counters = setup.counters;
         s.record = setup.record;
+        s.owner = setup.owner;
+        s.admission = setup.admission;
         s.outgoing = if zero_copy {
             Outgoing::Splice(FrameSender::new(true))
         } else {
@@ -181,6 +195,9 @@ impl Stream {
             last_active: now,
             counters: Arc::new(TcpCounters::default()),
             record: FlowRecord::new(0, "inbound_hbone"),
+            owner: Arc::from(""),
+            admission: None,
+            draining: false,
             counted_local: 0,
         }
     }

@@ -58,7 +58,13 @@ pub fn check_file(path: &Path) -> Result<(Config, Vec<String>), FileError> {
         path: path.to_path_buf(),
         source,
     })?;
-    let checked = check(&text).map_err(|errors| FileError::Invalid {
+    check_file_text(path, &text)
+}
+
+/// [`check_file`] of text already read from `path` (a reload reads the file once, to both
+/// fingerprint and load the same bytes).
+pub fn check_file_text(path: &Path, text: &str) -> Result<(Config, Vec<String>), FileError> {
+    let checked = check(text).map_err(|errors| FileError::Invalid {
         path: path.to_path_buf(),
         errors,
     })?;

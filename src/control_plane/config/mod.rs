@@ -18,7 +18,7 @@ mod validate;
 // defined in `model`, so `validate` and `parse` (which use them) and this facade (which
 // re-exports their functions) never depend on each other in a circle.
 pub use default::DEFAULT_CONFIG_YAML;
-pub use file::{check_file, load_file, FileError};
+pub use file::{check_file, check_file_text, load_file, FileError};
 pub use model::*;
 pub use validate::DEFAULT_HBONE;
 pub use validate::{check, load};

@@ -69,6 +69,19 @@ pub enum Reason {
     NotLocal,
 }
 
+impl Reason {
+    /// The access log's and the metrics' name for the outcome.
+    pub fn label(self) -> &'static str {
+        match self {
+            Reason::DeniedBy(_) => "deny_rule",
+            Reason::AllowedBy(_) => "allow_rule",
+            Reason::NoAllowPolicy => "no_allow_policy",
+            Reason::NoAllowMatched => "no_allow_match",
+            Reason::NotLocal => "not_local",
+        }
+    }
+}
+
 /// Why a log-only policy is reported.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum LogOnlyKind {
@@ -78,6 +91,16 @@ pub enum LogOnlyKind {
     DryRunAllow,
     /// A dry-run DENY policy matched: enforced, it would deny this connection.
     DryRunDeny,
+}
+
+impl LogOnlyKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            LogOnlyKind::Audit => "audit",
+            LogOnlyKind::DryRunAllow => "dry_run_allow",
+            LogOnlyKind::DryRunDeny => "dry_run_deny",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -8,8 +8,6 @@ mod keys;
 mod shared;
 mod tunnels;
 
-pub use tunnels::TunnelCredentials;
-
 use keys::{entry, entry_mut, kind_of, Keyed, Kind, SLOT_MASK};
 use shared::Shared;
 use tunnels::Tunnels;
@@ -18,26 +16,28 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed, Ordering::SeqCst};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
 
 use crate::sys::eventfd::Waker;
 use std::time::{Duration, Instant};
 
 use slab::Slab;
 
+use super::authorization::{self, Admission, Recheck};
 use super::driver::{self, Driver, Event, FlowKey, Side};
 use super::first_connection::{
     self, Accepted, Destination, Direction, EndpointPicker, RefuseReason, Resolution, Route,
 };
 use super::flow::{Directions, End, Flow, Phase, Step};
-use super::listeners::Listener;
+use super::listeners::{Listener, ListenerUpdate};
+use super::snapshot::{Published, Snapshot};
 use super::socket;
 use super::splice::{PipePool, Pump};
 use super::timer::{Timer, TimerKind};
 use crate::control_plane::state::State;
 use crate::observability::access_log::{self, FlowRecord, Observer};
-use crate::observability::metrics::{CloseKind, FailureKind, ReactorMetrics};
+use crate::observability::metrics::{CloseKind, DenialAt, FailureKind, ReactorMetrics};
 use crate::redirection::netns::in_netns;
 use crate::redirection::original_dst::original_dst;
 
@@ -50,6 +50,11 @@ pub struct ReactorControl {
     waker: Waker,
     draining: AtomicBool,
     stop: AtomicBool,
+    /// The serial of the snapshot the reactor runs on.
+    adopted: AtomicU64,
+    /// Listeners a reload made for this reactor, taken when it adopts their snapshot (a lock
+    /// the reactor touches only then; the snapshot itself is never behind one).
+    listener_updates: Mutex<Vec<ListenerUpdate>>,
 }
 
 impl ReactorControl {
@@ -58,7 +63,39 @@ impl ReactorControl {
             waker: Waker::new()?,
             draining: AtomicBool::new(false),
             stop: AtomicBool::new(false),
+            adopted: AtomicU64::new(0),
+            listener_updates: Mutex::new(Vec::new()),
         }))
+    }
+
+    /// Listeners for the reactor to take when it adopts snapshot `update.serial` (hand them
+    /// over before publishing it).
+    pub fn hand_listeners(&self, update: ListenerUpdate) {
+        self.listener_updates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(update);
+    }
+
+    fn take_listener_updates(&self, upto: u64) -> Vec<ListenerUpdate> {
+        let mut pending = self
+            .listener_updates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let (ready, later): (Vec<_>, Vec<_>) = pending.drain(..).partition(|u| u.serial <= upto);
+        *pending = later;
+        ready
+    }
+
+    /// A new snapshot was published: wake the reactor so it adopts it now rather than at
+    /// its next event.
+    pub fn refresh(&self) {
+        self.waker.wake();
+    }
+
+    /// The serial of the snapshot the reactor runs on (0 before it started).
+    pub fn adopted(&self) -> u64 {
+        self.adopted.load(SeqCst)
     }
 
     /// Stop accepting; let open flows finish until the drain timeout.
@@ -82,7 +119,9 @@ impl Keyed for Flow {
 
 pub struct ReactorSpec {
     pub id: usize,
-    pub state: Arc<State>,
+    /// Where the node snapshot (state, tunnel credentials) is published; the reactor starts
+    /// on the current one. Tunnels are served when it has credentials (`node.tls`).
+    pub published: Arc<Published>,
     pub driver: driver::DriverPlan,
     pub listeners: Vec<Listener>,
     pub metrics: Arc<ReactorMetrics>,
@@ -91,13 +130,13 @@ pub struct ReactorSpec {
     pub max_flows: usize,
     /// Pin the thread to this CPU.
     pub cpu: Option<usize>,
-    /// Tunnel certificates and kTLS support; `None` without `node.tls` (HBONE routes are
-    /// then refused).
-    pub tunnels: Option<Arc<TunnelCredentials>>,
 }
 
 pub struct Reactor {
     id: usize,
+    published: Arc<Published>,
+    /// The snapshot this reactor runs on, and its state (kept apart for short borrows).
+    snapshot: Arc<Snapshot>,
     state: Arc<State>,
     driver: Box<dyn Driver>,
     listeners: Vec<Option<Listener>>,
@@ -136,15 +175,18 @@ impl Reactor {
             .driver
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = driver.kind().label();
-        let splice = spec.state.config.node.splice;
+        let snapshot = spec.published.load();
+        let state = Arc::clone(&snapshot.state);
+        let splice = state.config.node.splice;
         let mut r = Reactor {
             id: spec.id,
             driver,
             listeners: spec.listeners.into_iter().map(Some).collect(),
             flows: Slab::new(),
-            hbone: spec
-                .tunnels
-                .map(|c| Tunnels::new(spec.id, c, &spec.state.config.node)),
+            hbone: snapshot
+                .credentials
+                .clone()
+                .map(|c| Tunnels::new(spec.id, c, &state.config.node)),
             pool: PipePool::new(splice.pipe_size, splice.pipe_pool_size),
             timers: BinaryHeap::new(),
             runnable: Vec::new(),
@@ -157,8 +199,11 @@ impl Reactor {
             drain_deadline: None,
             tunnels_closing: false,
             warned_tunnel: false,
-            state: spec.state,
+            published: spec.published,
+            snapshot,
+            state,
         };
+        r.control.adopted.store(r.snapshot.serial, SeqCst);
         r.driver.watch_waker(r.control.waker.raw_fd())?;
         for i in 0..r.listeners.len() {
             let fd = r.listeners[i]
@@ -196,6 +241,9 @@ impl Reactor {
             };
             self.driver.wait(timeout, &mut events)?;
             let now = Instant::now();
+            if !self.published.is_current(&self.snapshot) {
+                self.adopt(now);
+            }
             for ev in events.drain(..) {
                 self.handle(ev, now);
             }
@@ -207,6 +255,7 @@ impl Reactor {
             self.metrics
                 .timers_queued
                 .store(self.timers.len() as u64, Relaxed);
+            self.metrics.iteration_took(now.elapsed());
             if self.control.stop.load(SeqCst) {
                 self.close_all(CloseKind::Drained, now);
                 return Ok(());
@@ -239,6 +288,155 @@ impl Reactor {
                     return Ok(());
                 }
             }
+        }
+    }
+
+    /// Takes the published snapshot: listeners are re-pointed at the new registry's workloads
+    /// (ids are per snapshot; names are not) and a workload that left takes its listeners
+    /// with it; tunnels get the new credentials. Called between events, never inside one.
+    fn adopt(&mut self, now: Instant) {
+        let snapshot = self.published.load();
+        if let (Some(h), Some(c)) = (self.hbone.as_mut(), &snapshot.credentials) {
+            h.set_credentials(Arc::clone(c));
+        }
+        if !Arc::ptr_eq(&snapshot.state, &self.state) {
+            let state = Arc::clone(&snapshot.state);
+            self.state = Arc::clone(&state);
+            if self.drain_deadline.is_none() {
+                for update in self.control.take_listener_updates(snapshot.serial) {
+                    self.take_listeners(update);
+                }
+            }
+            self.repoint_listeners(&state);
+            self.recheck(&state, now);
+            log::info!(
+                "reactor {}: configuration generation {} adopted",
+                self.id,
+                state.generation
+            );
+        }
+        self.control.adopted.store(snapshot.serial, SeqCst);
+        self.snapshot = snapshot;
+        self.metrics.adopt_took(now.elapsed());
+    }
+
+    /// Starts accepting on a reload's new listeners, then closes the older listeners they
+    /// replace (in that order: with `SO_REUSEPORT` both are open for a moment, so no
+    /// connection finds the port closed). New listeners take new slots: an io_uring accept
+    /// being cancelled on an old slot can still complete, and must not be taken for the new
+    /// listener's.
+    fn take_listeners(&mut self, update: ListenerUpdate) {
+        for l in update.listeners {
+            let i = self.listeners.len();
+            let fd = l.fd.as_raw_fd();
+            log::info!(
+                "reactor {}: listening on {} for workload {}",
+                self.id,
+                l.addr,
+                l.name
+            );
+            self.listeners.push(Some(l));
+            if let Err(e) = self.driver.watch_listener(i, fd) {
+                log::error!("reactor {}: cannot watch a new listener: {e}", self.id);
+                self.listeners[i] = None;
+            }
+        }
+        for (i, slot) in self.listeners.iter_mut().enumerate() {
+            let replaced = slot
+                .as_ref()
+                .is_some_and(|l| l.serial < update.serial && update.replaced.contains(&l.name));
+            if replaced {
+                if let Some(l) = slot.take() {
+                    self.driver.unwatch_listener(i, l.fd.as_raw_fd());
+                }
+            }
+        }
+    }
+
+    /// Points each listener at its workload in `state`; closes those whose workload is gone
+    /// from this node.
+    fn repoint_listeners(&mut self, state: &State) {
+        let registry = &state.registry;
+        for (i, slot) in self.listeners.iter_mut().enumerate() {
+            let Some(l) = slot else { continue };
+            match registry.workload_by_name(&l.name) {
+                Some(id) if registry.workload(id).local => l.workload = id,
+                _ => {
+                    log::info!(
+                        "reactor {}: workload {} left this node; its listener {} closes",
+                        self.id,
+                        l.name,
+                        l.addr
+                    );
+                    if let Some(l) = slot.take() {
+                        self.driver.unwatch_listener(i, l.fd.as_raw_fd());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Decides every open connection again under `state`: those its policy denies are cut
+    /// now (counted, their records naming the policy), those of a workload that left this
+    /// node are drained (reset at `timeouts.drain` unless they end first), the rest are not
+    /// touched.
+    fn recheck(&mut self, state: &State, now: Instant) {
+        let drain_at = now + state.config.node.timeouts.drain;
+        let mut denied = Vec::new();
+        let mut leaving = Vec::new();
+        for (_, f) in self.flows.iter() {
+            if !state.registry.is_local(&f.owner) {
+                if !f.draining {
+                    leaving.push(f.key);
+                }
+                continue;
+            }
+            let Some(admission) = f.admission else {
+                continue;
+            };
+            match authorization::recheck(state, &admission, None) {
+                Recheck::Allowed => {}
+                Recheck::Gone => leaving.push(f.key),
+                Recheck::Denied { decision, workload } => {
+                    denied.push((f.key, admission, decision, workload))
+                }
+            }
+        }
+        let cut = denied.len();
+        for (key, admission, decision, workload) in denied {
+            authorization::count_denial(&self.metrics, state, &decision, DenialAt::Reload);
+            if let Some(f) = self.flow_mut(key) {
+                authorization::note_recheck(
+                    state,
+                    workload,
+                    &admission,
+                    None,
+                    &decision,
+                    &mut f.record,
+                );
+            }
+            self.finish(key, End::Cut(CloseKind::PolicyDenied));
+        }
+        let drained = leaving.len();
+        for key in leaving {
+            if let Some(f) = self.flow_mut(key) {
+                f.draining = true;
+                self.split().1.push_timer(key, drain_at, TimerKind::Drain);
+            }
+        }
+        let (mut streams_cut, mut streams_drained) = (0, 0);
+        self.with_hbone(|h, io| {
+            (streams_cut, streams_drained) = h.recheck(io, state, drain_at, now);
+        });
+        if cut + drained + streams_cut + streams_drained > 0 {
+            log::info!(
+                "reactor {}: generation {}: {} connections cut (policy denies them now), {} \
+                 draining (their workload left this node)",
+                self.id,
+                state.generation,
+                cut + streams_cut,
+                drained + streams_drained
+            );
         }
     }
 
@@ -373,6 +571,7 @@ impl Reactor {
             return;
         };
         let (workload, direction, netns) = (l.workload, l.direction, l.netns.clone());
+        let owner = Arc::clone(&l.name);
         let registry = &self.state.registry;
         let mut record = FlowRecord::new(
             self.id,
@@ -430,7 +629,7 @@ impl Reactor {
             Route::HboneTunnel { .. } if self.hbone.is_some() => {
                 let (hbone, mut io) = self.split();
                 let h = hbone.expect("checked");
-                return h.start_outbound_stream(&mut io, fd, res, record, netns, now);
+                return h.start_outbound_stream(&mut io, fd, res, record, netns, owner, now);
             }
             Route::HboneTunnel { .. } => {
                 if !self.warned_tunnel {
@@ -448,6 +647,29 @@ impl Reactor {
         if let Some(kind) = kind {
             return self.refuse(fd, kind, None, record, now);
         }
+        // The destination node decides: plaintext arriving for a local workload is authorized
+        // here, without an identity (outbound connections are judged where they arrive).
+        let admission = match res.direction {
+            Direction::InboundPlaintext => {
+                let admission = Admission {
+                    destination: res.original_dst,
+                    source_ip: peer.ip(),
+                };
+                let decision =
+                    authorization::authorize(&self.state, workload, &admission, None, &mut record);
+                if !decision.is_allowed() {
+                    authorization::count_denial(
+                        &self.metrics,
+                        &self.state,
+                        &decision,
+                        DenialAt::Connect,
+                    );
+                    return self.refuse(fd, FailureKind::PolicyDenied, None, record, now);
+                }
+                Some(admission)
+            }
+            Direction::Outbound => None,
+        };
         let mark = self.state.config.node.socket_mark;
         let up = match in_netns(netns.as_ref(), || {
             socket::outbound_socket(&res.upstream, mark)
@@ -485,6 +707,9 @@ impl Reactor {
             started: now,
             last_active: now,
             resolution: res,
+            admission,
+            owner,
+            draining: false,
             counters,
             record,
         });
@@ -681,6 +906,7 @@ impl Reactor {
                         },
                     );
                 }
+                TimerKind::Drain => self.finish(key, End::Cut(CloseKind::Drained)),
                 TimerKind::Connect | TimerKind::Session | TimerKind::Linger => {}
                 TimerKind::Idle => {
                     let due = f.last_active + idle;

@@ -95,6 +95,17 @@ impl<'a> Shared<'a> {
     }
 }
 
+impl Shared<'_> {
+    /// Records a connection refused before it had a socket of its own (a CONNECT answered
+    /// 400, 401 or 503 on its tunnel).
+    pub fn refused(&mut self, kind: FailureKind, mut record: FlowRecord, now: Instant) {
+        self.metrics.failure(kind);
+        self.metrics.closed(CloseKind::Failed);
+        record.set_end(CloseKind::Failed, Some(kind), None, now.elapsed());
+        access_log::emit(&record, self.observer);
+    }
+}
+
 /// Istio's TCP metric labels for a resolved connection.
 pub(super) fn tcp_labels(res: &Resolution, state: &State) -> TcpLabels {
     let reg = &state.registry;

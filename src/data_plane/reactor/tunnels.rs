@@ -20,7 +20,7 @@ use std::time::Instant;
 use hbone_proto::{ConnectRequest, StreamId};
 use rustls::client::UnbufferedClientConnection;
 use rustls::server::UnbufferedServerConnection;
-use rustls::{ClientConfig, ServerConfig};
+use rustls::ClientConfig;
 
 use slab::Slab;
 
@@ -28,34 +28,27 @@ use super::keys::{entry, entry_mut, make_key, slot, Keyed, Kind};
 use super::shared::{self, Shared};
 use crate::control_plane::config::KtlsChoice;
 use crate::control_plane::identity::SpiffeId;
+use crate::control_plane::state::State;
 use crate::control_plane::workload_registry::WorkloadId;
+use crate::data_plane::authorization::{self, Admission, Recheck};
 use crate::data_plane::driver::{self, FlowKey, Interest, Side};
 use crate::data_plane::first_connection::Resolution;
 use crate::data_plane::socket;
 use crate::data_plane::timer::{Timer, TimerKind};
-use crate::kernel_features::KtlsSupport;
 use crate::observability::access_log::{self, FlowRecord};
 use crate::observability::hbone_metrics::{
     PoolOutcome, Role as RoleLabel, TunnelClose, TunnelFailure,
 };
-use crate::observability::metrics::{CloseKind, FailureKind, TcpCounters, TcpLabels};
+use crate::observability::metrics::{CloseKind, DenialAt, FailureKind, TcpCounters, TcpLabels};
 use crate::redirection::netns::{in_netns, NetNs};
-use crate::tls::{self, ClientTls};
+use crate::tls::credentials::TunnelCredentials;
+use crate::tls::{self};
 use crate::tunnel::connection::{Action, Ctx, OpenRefused, Role, Tunnel, TunnelEnv};
-use crate::tunnel::inbound_rules::{outbound_connect, InboundDecision, InboundRules};
+use crate::tunnel::inbound_rules::{outbound_connect, InboundDecision, InboundRules, RejectReason};
 use crate::tunnel::pool::{
     Checkout, CloseReason, PoolConfig, PoolEvent, PoolKey, TunnelId, TunnelPool,
 };
 use crate::tunnel::streams::{EndedStream, StreamEnd, StreamSetup, TunnelTarget};
-
-/// TLS material for tunnels, built once at start-up and shared by every reactor.
-pub struct TunnelCredentials {
-    /// Client side per local identity (the source workload's certificate).
-    pub client: HashMap<SpiffeId, ClientTls>,
-    /// Server config per local identity (what 15008 presents for that pod).
-    pub server: HashMap<SpiffeId, Arc<ServerConfig>>,
-    pub ktls: KtlsSupport,
-}
 
 /// The reactor's HBONE half: its tunnels, the connections they carry, the per-reactor pool
 /// and what building tunnels needs. Every call gets the reactor's [`Shared`] context.
@@ -128,6 +121,15 @@ impl Tunnels {
         entry(&self.tunnels, key).is_some() || entry(&self.streams, key).is_some()
     }
 
+    /// A new snapshot's credentials: tunnels made from now on present its certificates (open
+    /// ones keep theirs until they end).
+    pub fn set_credentials(&mut self, creds: Arc<TunnelCredentials>) {
+        if !Arc::ptr_eq(&creds, &self.creds) {
+            self.creds = creds;
+            self.client_configs.clear();
+        }
+    }
+
     /// When the pool next needs [`pool_timers`](Self::pool_timers).
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.pool.poll_timeout()
@@ -165,6 +167,8 @@ pub(super) struct PendingStream {
     /// A stream on `pool_id` is reserved for this connection (give it back if it never opens).
     reserved: bool,
     started: Instant,
+    /// The source workload (`namespace/name`).
+    owner: Arc<str>,
 }
 
 pub(super) enum StreamSlot {
@@ -243,6 +247,23 @@ impl Tunnels {
                 Action::Queue => io.queue(tkey),
                 Action::Established => self.tunnel_established(io, tkey, now),
                 Action::Request { id, request } => self.inbound_request(io, tkey, id, request, now),
+                Action::RequestRefused { status, reason } => {
+                    let Role::Server { local, peer, .. } = *e.tunnel.role() else {
+                        continue;
+                    };
+                    let mut record = FlowRecord::new(io.id, "inbound_hbone");
+                    record.source_workload = e
+                        .tunnel
+                        .peer_identity()
+                        .map_or_else(|| "unknown".into(), |p| p.to_uri());
+                    record.client = peer;
+                    record.original_dst = local;
+                    record.destination = "unknown".into();
+                    record.route = "hbone";
+                    record.status = Some(status);
+                    record.reason = Some(reason.label());
+                    io.refused(FailureKind::ConnectInvalid, record, now);
+                }
                 Action::StreamEnded(ended) => {
                     let pool_id = match e.tunnel.role() {
                         Role::Client { pool_id, .. } => Some(*pool_id),
@@ -447,7 +468,8 @@ impl Tunnels {
         self.run_tunnel(io, tkey, now);
     }
 
-    /// A CONNECT arrived on a server tunnel: check it, then connect to the destination.
+    /// A CONNECT arrived on a server tunnel: check it, authorize it, then connect to the
+    /// destination. Every refusal (400/431, 401, 503) is answered, counted and logged.
     fn inbound_request(
         &mut self,
         io: &mut Shared<'_>,
@@ -470,6 +492,15 @@ impl Tunnels {
         };
         let netns = netns.clone();
         let peer_identity = e.tunnel.peer_identity().cloned();
+        let mut record = FlowRecord::new(io.id, "inbound_hbone");
+        record.source_workload = peer_identity
+            .as_ref()
+            .map(|p| p.to_uri())
+            .unwrap_or_else(|| "unknown".into());
+        record.client = peer;
+        record.original_dst = local;
+        record.route = "hbone";
+        record.upstream = request.authority;
         let (workload, upstream) = match self.rules.check(&io.state.registry, &request, local) {
             InboundDecision::Accept { workload, upstream } => (workload, upstream),
             InboundDecision::Reject { status, reason } => {
@@ -479,10 +510,45 @@ impl Tunnels {
                     request.authority,
                     reason.label()
                 );
+                record.destination = "unknown".into();
+                record.status = Some(status);
+                record.reason = Some(reason.label());
                 self.with_tunnel(io, tkey, now, |t, ctx| t.refuse_stream(id, status, ctx));
-                return;
+                return io.refused(FailureKind::ConnectInvalid, record, now);
             }
         };
+        let entry = io.state.registry.workload(workload);
+        let owner = Arc::clone(&entry.name);
+        record.destination = format!(
+            "workload:{}/{}",
+            entry.workload.namespace, entry.workload.name
+        );
+        record.upstream = upstream;
+        record.destination_identity = Some(entry.identity.clone());
+        let admission = Admission {
+            destination: upstream,
+            source_ip: peer.ip(),
+        };
+        let decision = authorization::authorize(
+            io.state,
+            workload,
+            &admission,
+            peer_identity.as_ref(),
+            &mut record,
+        );
+        if !decision.is_allowed() {
+            log::debug!(
+                "reactor {}: CONNECT {} from {peer} ({}) denied by policy: {}",
+                io.id,
+                request.authority,
+                record.source_workload,
+                decision.reason.label()
+            );
+            authorization::count_denial(io.metrics, io.state, &decision, DenialAt::Connect);
+            record.status = Some(401);
+            self.with_tunnel(io, tkey, now, |t, ctx| t.refuse_stream(id, 401, ctx));
+            return io.refused(FailureKind::PolicyDenied, record, now);
+        }
         let mark = io.state.config.node.socket_mark;
         let fd = match in_netns(netns.as_ref(), || socket::outbound_socket(&upstream, mark)) {
             Ok(Ok(fd)) => fd,
@@ -491,8 +557,10 @@ impl Tunnels {
                     "reactor {}: cannot make a socket for {upstream}: {e}",
                     io.id
                 );
+                record.status = Some(503);
+                record.reason = Some(RejectReason::UpstreamUnreachable.label());
                 self.with_tunnel(io, tkey, now, |t, ctx| t.refuse_stream(id, 503, ctx));
-                return;
+                return io.refused(FailureKind::SocketSetup, record, now);
             }
         };
         let w = &io.state.registry.workload(workload).workload;
@@ -507,17 +575,6 @@ impl Tunnels {
             destination_workload_namespace: w.namespace.clone(),
             destination_service: "unknown".into(),
         };
-        let mut record = FlowRecord::new(io.id, "inbound_hbone");
-        record.source_workload = peer_identity
-            .as_ref()
-            .map(|p| p.to_uri())
-            .unwrap_or_else(|| "unknown".into());
-        record.client = peer;
-        record.original_dst = local;
-        record.destination = format!("workload:{}/{}", w.namespace, w.name);
-        record.route = "hbone";
-        record.upstream = upstream;
-        record.destination_identity = Some(io.state.registry.workload(workload).identity.clone());
         let counters = io.metrics.tcp_counters(labels);
         let raw = fd.as_raw_fd();
         let skey = self.insert_stream(io, StreamSlot::OnTunnel { tunnel: tkey, id });
@@ -527,6 +584,8 @@ impl Tunnels {
             started: now,
             counters,
             record,
+            owner,
+            admission: Some(admission),
         };
         let accepted = self.with_tunnel(io, tkey, now, |t, _| t.accept_stream(id, setup));
         if accepted != Some(true) {
@@ -556,6 +615,7 @@ impl Tunnels {
     // ----------------------------------------------------------------------- outbound
 
     /// A captured connection whose route is an HBONE tunnel: queue it on the pool.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn start_outbound_stream(
         &mut self,
         io: &mut Shared<'_>,
@@ -563,6 +623,7 @@ impl Tunnels {
         res: Resolution,
         mut record: FlowRecord,
         netns: Option<NetNs>,
+        owner: Arc<str>,
         now: Instant,
     ) {
         let oc = match outbound_connect(&io.state.registry, &res, record.client) {
@@ -607,6 +668,7 @@ impl Tunnels {
                 pool_id: None,
                 reserved: false,
                 started: now,
+                owner,
             })),
         );
         if let Err(e) = io.driver.register(skey, Side::Downstream, raw) {
@@ -771,6 +833,7 @@ impl Tunnels {
             pool_id,
             reserved,
             started,
+            owner,
         } = *p;
         let setup = StreamSetup {
             key: skey,
@@ -778,6 +841,8 @@ impl Tunnels {
             started,
             counters,
             record,
+            owner,
+            admission: None,
         };
         let opened = self.with_tunnel(io, tkey, now, |t, ctx| t.open_stream(setup, &request, ctx));
         match opened {
@@ -799,6 +864,7 @@ impl Tunnels {
                         pool_id,
                         reserved,
                         started: setup.started,
+                        owner: setup.owner,
                     }));
                 }
                 self.finish_pending(
@@ -1067,6 +1133,82 @@ impl Tunnels {
         for key in tunnels {
             self.with_tunnel(io, key, now, |t, ctx| t.cut_streams(how, ctx));
         }
+    }
+
+    /// A reload: the streams its policy denies now are cut, those of a workload that left this
+    /// node are drained (reset at `drain_at`), and server tunnels to such a workload send
+    /// GOAWAY. Returns how many streams were cut and set draining.
+    pub(super) fn recheck(
+        &mut self,
+        io: &mut Shared<'_>,
+        state: &State,
+        drain_at: Instant,
+        now: Instant,
+    ) -> (usize, usize) {
+        let (mut cut, mut drained) = (0, 0);
+        let keys: Vec<FlowKey> = self.tunnels.iter().map(|(_, e)| e.key()).collect();
+        for tkey in keys {
+            let Some(e) = entry(&self.tunnels, tkey) else {
+                continue;
+            };
+            let identity = e.tunnel.peer_identity().cloned();
+            let workload_left = match e.tunnel.role() {
+                Role::Server { local, .. } => state
+                    .registry
+                    .workload_by_ip(local.ip())
+                    .is_none_or(|w| !state.registry.workload(w).local),
+                Role::Client { .. } => false,
+            };
+            let mut denied = Vec::new();
+            let mut leaving = Vec::new();
+            for (id, owner, admission, draining) in e.tunnel.stream_checks() {
+                if !state.registry.is_local(&owner) {
+                    if !draining {
+                        leaving.push(id);
+                    }
+                    continue;
+                }
+                let Some(admission) = admission else {
+                    continue;
+                };
+                match authorization::recheck(state, &admission, identity.as_ref()) {
+                    Recheck::Allowed => {}
+                    Recheck::Gone if !draining => leaving.push(id),
+                    Recheck::Gone => {}
+                    Recheck::Denied { decision, workload } => {
+                        authorization::count_denial(io.metrics, state, &decision, DenialAt::Reload);
+                        denied.push((id, admission, decision, workload));
+                    }
+                }
+            }
+            if denied.is_empty() && leaving.is_empty() && !workload_left {
+                continue;
+            }
+            cut += denied.len();
+            drained += leaving.len();
+            self.with_tunnel(io, tkey, now, |t, ctx| {
+                for (id, admission, decision, workload) in denied {
+                    if let Some(record) = t.stream_record_mut(id) {
+                        authorization::note_recheck(
+                            state,
+                            workload,
+                            &admission,
+                            identity.as_ref(),
+                            &decision,
+                            record,
+                        );
+                    }
+                    t.cut_stream(id, CloseKind::PolicyDenied, ctx);
+                }
+                for id in leaving {
+                    t.drain_stream(id, drain_at);
+                }
+                if workload_left {
+                    t.goaway(ctx);
+                }
+            });
+        }
+        (cut, drained)
     }
 
     /// Drain: server tunnels send GOAWAY so peers open new streams elsewhere.

@@ -34,6 +34,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hbone_proto::{ConnectRequest, ErrorCode, Session, Settings, StreamId};
@@ -41,16 +42,19 @@ use rustls::client::UnbufferedClientConnection;
 use rustls::server::UnbufferedServerConnection;
 
 use super::error::TunnelError;
+use super::inbound_rules::RejectReason;
 use super::pool::TunnelId;
 use super::streams::{EndedStream, Stream, StreamEnd, StreamPhase, StreamSetup};
 use super::transport::Transport;
 use crate::control_plane::identity::SpiffeId;
 use crate::control_plane::workload_registry::WorkloadId;
+use crate::data_plane::authorization::Admission;
 use crate::data_plane::driver::{FlowKey, Interest, Side};
 use crate::data_plane::socket;
 use crate::data_plane::splice::PipePool;
 use crate::data_plane::timer::TimerKind;
 use crate::kernel_features::KtlsSupport;
+use crate::observability::access_log::FlowRecord;
 use crate::observability::hbone_metrics::{
     CipherLabel, HboneMetrics, Role as RoleLabel, TlsLabel, TunnelClose,
 };
@@ -172,6 +176,12 @@ pub enum Action {
     Request {
         id: StreamId,
         request: ConnectRequest,
+    },
+    /// Server: a CONNECT the session could not parse was answered `status` and reset (the
+    /// reactor records the refusal).
+    RequestRefused {
+        status: u16,
+        reason: RejectReason,
     },
     StreamEnded(Box<EndedStream>),
     /// Client: the peer sent GOAWAY; the pool must stop granting streams here.
@@ -518,6 +528,12 @@ impl Tunnel {
                 },
                 ctx,
             ),
+            (TimerKind::Drain, _) => {
+                self.end_stream(id, StreamEnd::Cut(CloseKind::Drained), ctx);
+                if self.phase == Phase::Open {
+                    self.flush(ctx);
+                }
+            }
             (TimerKind::Idle, _) => {
                 let due = s.last_active + ctx.env.idle_timeout;
                 if due <= ctx.now {
@@ -743,12 +759,15 @@ impl Tunnel {
                     );
                 }
                 ctx.metrics.stream_answered(RoleLabel::Server, 200);
+                s.record.status = Some(200);
                 self.stream_opened(id, ctx);
                 self.flush(ctx);
             }
             Err(errno) => {
                 // 503, and the flow never opened.
                 s.stream_gone = true;
+                s.record.status = Some(503);
+                s.record.reason = Some(RejectReason::UpstreamUnreachable.label());
                 self.answer_and_reset(id, 503, ctx);
                 self.end_stream(
                     id,
@@ -785,6 +804,32 @@ impl Tunnel {
         self.end_stream(id, StreamEnd::Cut(how), ctx);
         if self.phase == Phase::Open {
             self.flush(ctx);
+        }
+    }
+
+    /// Each stream that has its local socket: its id, the workload it belongs to and, inbound,
+    /// what it was admitted on (what a reload checks again).
+    pub fn stream_checks(&self) -> Vec<(StreamId, Arc<str>, Option<Admission>, bool)> {
+        self.streams
+            .values()
+            .filter(|s| s.local.is_some())
+            .map(|s| (s.id, Arc::clone(&s.owner), s.admission, s.draining))
+            .collect()
+    }
+
+    /// The access record of stream `id` (to note why it is about to be cut).
+    pub fn stream_record_mut(&mut self, id: StreamId) -> Option<&mut FlowRecord> {
+        self.streams.get_mut(&id).map(|s| &mut s.record)
+    }
+
+    /// Stream `id`'s workload left this node: it is reset at `at` unless it ends before.
+    pub fn drain_stream(&mut self, id: StreamId, at: Instant) {
+        if let Some(s) = self.streams.get_mut(&id) {
+            if !s.draining {
+                s.draining = true;
+                let key = s.key;
+                self.push_timer(key, at, TimerKind::Drain);
+            }
         }
     }
 
@@ -831,8 +876,11 @@ impl Tunnel {
         );
         self.forget_queued(id);
         if !s.stream_gone && end != StreamEnd::Clean {
+            // A cut (idle, drain deadline, a policy that denies it now) resets the local
+            // socket, so the peer must reset its side too: CANCEL would reach it as EOF, and
+            // its client would take the cut-off stream for a complete one.
             let code = match end {
-                StreamEnd::LocalBroken { .. } => ErrorCode::CONNECT_ERROR,
+                StreamEnd::LocalBroken { .. } | StreamEnd::Cut(_) => ErrorCode::CONNECT_ERROR,
                 _ => ErrorCode::CANCEL,
             };
             if let Some(session) = self.session.as_mut() {

@@ -11,6 +11,7 @@ use crate::observability::hbone_metrics::{
 };
 use crate::observability::metrics::FailureKind;
 use crate::tunnel::error::TunnelError;
+use crate::tunnel::inbound_rules::RejectReason;
 use crate::tunnel::sink::{SinkError, SpliceIn, SpliceInError};
 use crate::tunnel::streams::{Stream, StreamEnd};
 use crate::tunnel::transport::{Fill, INPUT_CHUNK};
@@ -222,6 +223,10 @@ impl Tunnel {
                         self.role.describe()
                     );
                     self.answer_and_reset(stream, error.status(), ctx);
+                    self.actions.push_back(Action::RequestRefused {
+                        status: error.status(),
+                        reason: RejectReason::from_request_error(&error),
+                    });
                 }
                 Event::Response { stream, response } => {
                     ctx.metrics
@@ -301,9 +306,10 @@ impl Tunnel {
 
     /// Client: the answer to a stream's CONNECT.
     pub(super) fn response(&mut self, id: StreamId, status: u16, ctx: &mut Ctx<'_>) {
-        if !self.streams.contains_key(&id) {
+        let Some(s) = self.streams.get_mut(&id) else {
             return;
-        }
+        };
+        s.record.status = Some(status);
         if status != 200 {
             log::debug!(
                 "reactor {}: CONNECT answered {status}; client reset",

@@ -317,6 +317,8 @@ impl Harness {
             started: Instant::now(),
             counters: Arc::new(TcpCounters::default()),
             record: FlowRecord::new(0, "outbound"),
+            owner: Arc::from("default/client"),
+            admission: None,
         };
         let request = ConnectRequest::new("10.0.0.2:8080".parse().unwrap());
         let id = self
@@ -364,6 +366,8 @@ impl Harness {
                     Action::Queue => node.queued = true,
                     Action::Established => node.established = true,
                     Action::Request { .. } => unreachable!("handled above"),
+                    // The reactor records these; the session already answered.
+                    Action::RequestRefused { .. } => {}
                     Action::StreamEnded(mut e) => {
                         node.streams.remove(&e.key);
                         node.armed.retain(|(k, _, _)| *k != e.key);
@@ -420,6 +424,8 @@ impl Harness {
                 started: now,
                 counters: Arc::new(TcpCounters::default()),
                 record: FlowRecord::new(0, "inbound_hbone"),
+                owner: Arc::from("default/server"),
+                admission: None,
             };
             let accepted = self.call(true, |t, _| t.accept_stream(id, setup));
             if accepted != Some(true) {

@@ -1,0 +1,389 @@
+//! Live configuration changes: SIGHUP, or a change of the configuration file (seen by
+//! [`super::watch`]), builds a new node snapshot and publishes it; the reactors adopt it at
+//! their next wakeup (they are woken at once). New connections see the new workloads, services
+//! and policies from then on.
+//!
+//! Boundary: this is the control thread's side. It reads and validates the file, builds the
+//! state (registry, compiled policies) and the tunnel credentials off the data path, publishes,
+//! waits until every reactor runs on the new snapshot and only then lets go of the old one (so
+//! the old state, which can be large, is freed here and not on a reactor). A file that does not
+//! load — or whose certificates do not — changes nothing: the running snapshot stays, the
+//! error is logged, counted (`ringtun_config_reloads_total{result="failed"}`) and shown in
+//! `/config_dump` until a reload succeeds.
+//!
+//! Only the mesh is reloaded: `workloads`, `services`, `policies`, `node.root_namespace` and
+//! `node.tls` (its files are read again). Every other `node:` setting (ports, reactors,
+//! timeouts, …) shapes sockets and threads that already exist: a changed one is kept at its
+//! running value, logged, and listed under `pending_restart` until the next start.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use sha2::{Digest, Sha256};
+
+use crate::control_plane::config::{check_file_text, Config, NodeConfig};
+use crate::control_plane::state::State;
+use crate::data_plane::listeners::{self, ListenerUpdate};
+use crate::data_plane::reactor::ReactorControl;
+use crate::data_plane::snapshot::{Published, Snapshot};
+use crate::kernel_features::KtlsSupport;
+use crate::observability::metrics::Metrics;
+use crate::tls::credentials;
+
+/// How long a reload waits for every reactor to adopt its snapshot before it says so.
+const ADOPTION_LIMIT: Duration = Duration::from_secs(2);
+
+/// The configuration file a node runs from, and the fingerprint of the text it started with.
+#[derive(Debug, Clone)]
+pub struct ConfigFile {
+    pub path: PathBuf,
+    pub digest: [u8; 32],
+}
+
+impl ConfigFile {
+    pub fn new(path: &Path, text: &[u8]) -> ConfigFile {
+        ConfigFile {
+            path: path.to_path_buf(),
+            digest: Sha256::digest(text).into(),
+        }
+    }
+}
+
+/// What asked for a reload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// SIGHUP: read everything again, changed or not.
+    Signal,
+    /// A watched file changed: nothing happens unless its contents did.
+    FileChanged,
+}
+
+/// What a reload did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Applied {
+        generation: u64,
+    },
+    /// The file's contents are what the node already ran (or already refused).
+    Unchanged,
+    /// Nothing changed; the error says why.
+    Failed(String),
+}
+
+/// Builds and publishes snapshots; shared by the signal loop and the file watcher (one reload
+/// at a time).
+pub struct Reloader {
+    path: PathBuf,
+    published: Arc<Published>,
+    controls: Vec<Arc<ReactorControl>>,
+    metrics: Arc<Metrics>,
+    ktls: KtlsSupport,
+    status: Mutex<Status>,
+}
+
+struct Status {
+    /// Of the text last read (applied or refused): a file event with the same contents is
+    /// not a change.
+    digest: [u8; 32],
+    last_error: Option<String>,
+    last_error_at: Option<SystemTime>,
+    last_applied_at: Option<SystemTime>,
+    pending_restart: Vec<String>,
+    /// Workloads the last reload could not make listeners for.
+    listener_problems: Vec<String>,
+    draining: bool,
+}
+
+impl Reloader {
+    pub fn new(
+        file: ConfigFile,
+        published: Arc<Published>,
+        controls: Vec<Arc<ReactorControl>>,
+        metrics: Arc<Metrics>,
+        ktls: KtlsSupport,
+    ) -> Reloader {
+        Reloader {
+            path: file.path,
+            published,
+            controls,
+            metrics,
+            ktls,
+            status: Mutex::new(Status {
+                digest: file.digest,
+                last_error: None,
+                last_error_at: None,
+                last_applied_at: None,
+                pending_restart: Vec::new(),
+                listener_problems: Vec::new(),
+                draining: false,
+            }),
+        }
+    }
+
+    /// The configuration file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The files whose change a reload applies (their directories are watched).
+    pub fn watched_files(&self) -> Vec<PathBuf> {
+        vec![self.path.clone()]
+    }
+
+    fn status(&self) -> MutexGuard<'_, Status> {
+        self.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The node is draining: no more reloads.
+    pub fn stop(&self) {
+        self.status().draining = true;
+    }
+
+    /// Reads the file and, if it loads, publishes the snapshot it describes and waits for the
+    /// reactors to run on it.
+    pub fn reload(&self, trigger: Trigger) -> Outcome {
+        let started = Instant::now();
+        let mut status = self.status();
+        if status.draining {
+            log::info!("reload ignored: the node is draining");
+            return Outcome::Unchanged;
+        }
+        let text = match std::fs::read(&self.path) {
+            Ok(t) => t,
+            Err(e) => {
+                return self.failed(
+                    &mut status,
+                    format!("{}: cannot read: {e}", self.path.display()),
+                )
+            }
+        };
+        let digest: [u8; 32] = Sha256::digest(&text).into();
+        if trigger == Trigger::FileChanged && digest == status.digest {
+            return Outcome::Unchanged;
+        }
+        status.digest = digest;
+        let text = match String::from_utf8(text) {
+            Ok(t) => t,
+            Err(_) => {
+                return self.failed(
+                    &mut status,
+                    format!("{}: not UTF-8 text", self.path.display()),
+                )
+            }
+        };
+        let config = match check_file_text(&self.path, &text) {
+            Ok((config, warnings)) => {
+                for w in warnings {
+                    log::warn!("{w}");
+                }
+                config
+            }
+            Err(e) => return self.failed(&mut status, e.lines().join("\n")),
+        };
+        let current = self.published.load();
+        let (config, pending) = keep_running_node_settings(&current.state.config, config);
+        for setting in &pending {
+            log::warn!(
+                "reload: {setting} changed; it takes effect at the next start (running with \
+                 its current value)"
+            );
+        }
+        let generation = current.state.generation + 1;
+        let state = State::new(config, generation);
+        let credentials = match credentials::load(&state, &self.ktls) {
+            Ok(c) => c.map(Arc::new),
+            Err(e) => return self.failed(&mut status, e.to_string()),
+        };
+        let serial = current.serial + 1;
+        self.hand_listeners(&mut status, &current.state, &state, serial);
+        drop(current);
+        let workloads = state.registry.local_workloads().count();
+        let policies = state.policies.policies().len();
+        let old = self.published.store(Snapshot {
+            serial,
+            state,
+            credentials,
+        });
+        let adopted = self.await_adoption(serial);
+        // Every reactor let go of the old snapshot: it is freed here, on the control thread.
+        drop(old);
+        let took = started.elapsed();
+        status.last_error = None;
+        status.last_error_at = None;
+        status.last_applied_at = Some(SystemTime::now());
+        status.pending_restart = pending;
+        let c = &self.metrics.control;
+        c.reloads_applied.fetch_add(1, Relaxed);
+        c.generation.store(generation, Relaxed);
+        c.last_reload_ns.store(took.as_nanos() as u64, Relaxed);
+        log::info!(
+            "configuration generation {generation} applied ({trigger:?}): {workloads} local \
+             workloads, {policies} policies, in {took:?}{}",
+            if adopted {
+                ""
+            } else {
+                "; some reactors had not adopted it yet"
+            }
+        );
+        Outcome::Applied { generation }
+    }
+
+    /// Makes the listeners of the workloads `next` adds to this node (or changes: another
+    /// namespace, HBONE, IPv6) and hands each reactor its share, to take when it adopts
+    /// snapshot `serial`. A workload whose listeners cannot be made is logged and listed in
+    /// `/config_dump`; the rest of the reload goes on (as at start).
+    fn hand_listeners(&self, status: &mut Status, previous: &State, next: &State, serial: u64) {
+        let tunnels = next.config.node.tls.is_some();
+        let ids = listeners::to_make(previous, next, tunnels);
+        status.listener_problems.clear();
+        if ids.is_empty() {
+            return;
+        }
+        let replaced: Vec<Arc<str>> = ids
+            .iter()
+            .map(|&id| Arc::clone(&next.registry.workload(id).name))
+            .collect();
+        let (per_reactor, problems) =
+            listeners::create_for(next, &ids, self.controls.len(), tunnels, serial);
+        for p in &problems {
+            log::error!("reload: {p}");
+        }
+        status.listener_problems = problems;
+        for (control, listeners) in self.controls.iter().zip(per_reactor) {
+            control.hand_listeners(ListenerUpdate {
+                serial,
+                listeners,
+                replaced: replaced.clone(),
+            });
+        }
+    }
+
+    fn failed(&self, status: &mut Status, error: String) -> Outcome {
+        let generation = self.published.load().state.generation;
+        log::error!("configuration reload failed; generation {generation} keeps running:\n{error}");
+        self.metrics.control.reloads_failed.fetch_add(1, Relaxed);
+        status.last_error = Some(error.clone());
+        status.last_error_at = Some(SystemTime::now());
+        Outcome::Failed(error)
+    }
+
+    /// Wakes every reactor and waits until each runs on snapshot `serial`.
+    fn await_adoption(&self, serial: u64) -> bool {
+        for c in &self.controls {
+            c.refresh();
+        }
+        let deadline = Instant::now() + ADOPTION_LIMIT;
+        loop {
+            if self.controls.iter().all(|c| c.adopted() >= serial) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                log::warn!(
+                    "reload: not every reactor adopted snapshot {serial} within {ADOPTION_LIMIT:?}"
+                );
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// What `/config_dump` shows of reloads.
+    pub fn dump(&self) -> serde_json::Value {
+        let status = self.status();
+        let c = &self.metrics.control;
+        let secs = |t: Option<SystemTime>| {
+            t.and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map(|d| d.as_secs())
+        };
+        serde_json::json!({
+            "file": self.path.display().to_string(),
+            "generation": self.published.load().state.generation,
+            "applied": c.reloads_applied.load(Relaxed),
+            "failed": c.reloads_failed.load(Relaxed),
+            "last_applied_unix": secs(status.last_applied_at),
+            "last_error": status.last_error,
+            "last_error_unix": secs(status.last_error_at),
+            "pending_restart": status.pending_restart,
+            "listener_problems": status.listener_problems,
+        })
+    }
+}
+
+/// The new configuration with the `node:` settings a running node cannot change put back to
+/// their running values, and the names of those that differed (`node.ports`, …).
+/// `root_namespace` (policy scope) and `tls` (which files hold the certificates) are taken
+/// from the new file; whether tunnels exist at all (`tls` present or not) is not.
+pub fn keep_running_node_settings(running: &Config, mut next: Config) -> (Config, Vec<String>) {
+    let mut kept: NodeConfig = running.node.clone();
+    kept.root_namespace = next.node.root_namespace.clone();
+    if kept.tls.is_some() == next.node.tls.is_some() {
+        kept.tls = next.node.tls.clone();
+    }
+    let as_map = |n: &NodeConfig| match serde_json::to_value(n) {
+        Ok(serde_json::Value::Object(m)) => m,
+        _ => serde_json::Map::new(),
+    };
+    let (was, wanted) = (as_map(&kept), as_map(&next.node));
+    let mut pending: Vec<String> = wanted
+        .iter()
+        .filter(|(k, v)| was.get(*k) != Some(*v))
+        .map(|(k, _)| format!("node.{k}"))
+        .collect();
+    pending.sort();
+    next.node = kept;
+    (next, pending)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control_plane::config::load;
+
+    #[test]
+    fn node_settings_that_shape_threads_and_sockets_wait_for_a_restart() {
+        let running = load(
+            "version: 1\nnode: {name: n, reactors: 2, root_namespace: istio-system}\nworkloads: []\n",
+        )
+        .unwrap();
+        let next = load(
+            "version: 1\nnode: {name: n, reactors: 4, root_namespace: mesh-root, ports: {outbound: 16001}}\n\
+             workloads: [{name: w, namespace: ns, ips: [10.0.0.1], node: n}]\n",
+        )
+        .unwrap();
+        let (merged, pending) = keep_running_node_settings(&running, next);
+        assert_eq!(pending, ["node.ports", "node.reactors"]);
+        assert_eq!(merged.node.reactors, Some(2));
+        assert_eq!(merged.node.ports.outbound, 15001);
+        // Policy scope and the mesh itself are taken.
+        assert_eq!(merged.node.root_namespace, "mesh-root");
+        assert_eq!(merged.workloads.len(), 1);
+
+        let same = keep_running_node_settings(&running, running.clone());
+        assert_eq!(same.1, Vec::<String>::new());
+        assert_eq!(same.0, running);
+    }
+
+    #[test]
+    fn certificate_paths_reload_but_turning_tunnels_on_waits() {
+        let without = load("version: 1\nnode: {name: n}\n").unwrap();
+        let with = load(
+            "version: 1\nnode: {name: n, tls: {trust_bundle: /c/ca.pem, certificate_dir: /c}}\n",
+        )
+        .unwrap();
+        let (merged, pending) = keep_running_node_settings(&without, with.clone());
+        assert!(merged.node.tls.is_none());
+        assert_eq!(pending, ["node.tls"]);
+        let moved = load(
+            "version: 1\nnode: {name: n, tls: {trust_bundle: /d/ca.pem, certificate_dir: /d}}\n",
+        )
+        .unwrap();
+        let (merged, pending) = keep_running_node_settings(&with, moved);
+        assert_eq!(
+            merged.node.tls.unwrap().certificate_dir,
+            PathBuf::from("/d")
+        );
+        assert!(pending.is_empty());
+    }
+}

@@ -1,0 +1,583 @@
+//! Authorization on the destination node, as root, over two ringtun nodes in network
+//! namespaces (`testbed::two_nodes`): node A serves the client pod, node B serves mesh-1 and
+//! mesh-2 (HBONE) and holds the policies. What a user of the mesh would see: allowed
+//! connections carry their bytes intact, denied CONNECTs are answered 401 and the client is
+//! reset, denied plaintext is reset, the destination application never sees a denied
+//! connection, and every refusal is in node B's access log and metrics with the policy and
+//! rule that decided.
+//!
+//! Policy enforcement does not depend on the readiness driver (it runs once per connection,
+//! before any byte moves), so these tests run on io_uring only; `hbone_e2e` covers the drivers.
+//!
+//! Without root each test prints `SKIPPED (needs root)`; with `CI` set it fails.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+use ringtun::testbed::two_nodes::{expect_reset_from, wait_for, Mesh};
+use ringtun::testbed::{self, root_or_skip, MeshNode, Pod, RingtunProcess, MESH_PORT};
+
+const BIN: &str = env!("CARGO_BIN_EXE_ringtun");
+
+fn bin() -> &'static Path {
+    Path::new(BIN)
+}
+
+/// Node B gets `policies` (YAML, the whole `policies:` section); node A none.
+fn mesh_with_policies(policies: &'static str) -> Mesh {
+    Mesh::start_with(bin(), "io-uring", "", move |n, c| match n {
+        MeshNode::A => c,
+        MeshNode::B => format!("{c}{policies}"),
+    })
+}
+
+fn mesh1(port: u16) -> SocketAddr {
+    SocketAddr::new(Pod::Mesh1.v4(), port)
+}
+
+/// The first access record on `r` for which `pick` holds (waits up to 10 s for it).
+fn record(r: &RingtunProcess, pick: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let mut found = None;
+    wait_for(|| {
+        found = r.access_records().into_iter().find(|rec| pick(rec));
+        found.is_some()
+    });
+    found.unwrap_or_else(|| panic!("no such access record; the log:\n{}", r.log_text()))
+}
+
+fn metric_reaches(r: &RingtunProcess, name: &str, labels: &[&str], at_least: f64) {
+    let ok = wait_for(|| r.metric(name, labels).unwrap_or(0.0) >= at_least);
+    assert!(
+        ok,
+        "{name}{labels:?} did not reach {at_least}:\n{}",
+        r.metrics().unwrap_or_default()
+    );
+}
+
+/// A listener in mesh-1 that must never see a connection; call `assert_untouched` after.
+struct Untouched(std::net::TcpListener);
+
+impl Untouched {
+    fn on(m: &Mesh, port: u16) -> Untouched {
+        let l = m.listen(Pod::Mesh1, port);
+        l.set_nonblocking(true).unwrap();
+        Untouched(l)
+    }
+
+    fn assert_untouched(&self) {
+        assert!(
+            self.0.accept().is_err(),
+            "a denied connection reached the application"
+        );
+    }
+}
+
+const TWO_ALLOWS_AND_A_DENY: &str = "policies:
+  - name: client-to-8080
+    namespace: default
+    rules:
+      - from: [{source: {principals: [cluster.local/ns/default/sa/client]}}]
+        to: [{operation: {ports: [8080]}}]
+  - name: mesh2-to-9090
+    namespace: default
+    rules:
+      - from: [{source: {principals: [cluster.local/ns/default/sa/mesh-2]}}]
+        to: [{operation: {ports: [9090]}}]
+  - name: no-8081
+    namespace: default
+    action: DENY
+    rules:
+      - to: [{operation: {ports: [9999]}}]
+      - to: [{operation: {ports: [8081]}}]
+";
+
+#[test]
+fn allowed_identity_passes_and_a_denied_one_gets_401_and_a_reset() {
+    if !root_or_skip("allowed_identity_passes_and_a_denied_one_gets_401_and_a_reset") {
+        return;
+    }
+    let m = mesh_with_policies(TWO_ALLOWS_AND_A_DENY);
+
+    // Allowed: the client's certificate names the principal client-to-8080 allows.
+    testbed::exchange_intact(&m.tb, Pod::Mesh1, mesh1(MESH_PORT), 1 << 20);
+    let ok = record(m.b(), |r| r["status"] == 200);
+    assert_eq!(ok["policy"], "default/client-to-8080", "{ok}");
+    assert_eq!(ok["policy_rule"], 0, "{ok}");
+    assert_eq!(
+        ok["source_workload"], "spiffe://cluster.local/ns/default/sa/client",
+        "{ok}"
+    );
+
+    // Port 9090 only admits mesh-2's identity: the client's is refused, 401, reset.
+    let app = Untouched::on(&m, 9090);
+    m.expect_reset(mesh1(9090));
+    let denied = record(m.b(), |r| r["status"] == 401);
+    assert_eq!(denied["failure_class"], "policy", "{denied}");
+    assert_eq!(denied["failure_reason"], "policy_denied", "{denied}");
+    assert_eq!(denied["reason"], "no_allow_match", "{denied}");
+    assert_eq!(denied["destination"], "workload:default/mesh-1", "{denied}");
+    assert!(denied.get("policy").is_none(), "{denied}");
+    metric_reaches(
+        m.b(),
+        "ringtun_policy_denials_total",
+        &["policy=\"\"", "reason=\"no_allow_match\"", "at=\"connect\""],
+        1.0,
+    );
+
+    // A DENY rule: the record and the metric name the policy and the rule (the second).
+    m.expect_reset(mesh1(8081));
+    let denied = record(m.b(), |r| r["reason"] == "deny_rule");
+    assert_eq!(denied["policy"], "default/no-8081", "{denied}");
+    assert_eq!(denied["policy_rule"], 1, "{denied}");
+    assert_eq!(denied["status"], 401, "{denied}");
+    metric_reaches(
+        m.b(),
+        "ringtun_policy_denials_total",
+        &[
+            "policy=\"default/no-8081\"",
+            "rule=\"1\"",
+            "reason=\"deny_rule\"",
+        ],
+        1.0,
+    );
+    metric_reaches(
+        m.b(),
+        "ringtun_hbone_streams_total",
+        &["role=\"server\"", "status=\"401\""],
+        2.0,
+    );
+    metric_reaches(
+        m.b(),
+        "ringtun_connection_failures_total",
+        &["class=\"policy\"", "reason=\"policy_denied\""],
+        2.0,
+    );
+    // The client's node saw the answer and reset its client.
+    metric_reaches(
+        m.a(),
+        "ringtun_hbone_streams_total",
+        &["role=\"client\"", "status=\"401\""],
+        2.0,
+    );
+    let seen = record(m.a(), |r| r["status"] == 401);
+    assert_eq!(seen["failure_reason"], "hbone_connect_rejected", "{seen}");
+    std::thread::sleep(Duration::from_millis(200));
+    app.assert_untouched();
+    m.finish();
+}
+
+/// Istio's PeerAuthentication STRICT as a policy: plaintext has no identity, so
+/// `not_principals: ["*"]` matches it; tunnelled connections carry one and pass.
+const STRICT_ON_8080: &str = "policies:
+  - name: strict
+    namespace: istio-system
+    action: DENY
+    rules:
+      - from: [{source: {not_principals: ['*']}}]
+        to: [{operation: {ports: [8080]}}]
+";
+
+#[test]
+fn plaintext_without_identity_is_reset_and_tunnels_pass() {
+    if !root_or_skip("plaintext_without_identity_is_reset_and_tunnels_pass") {
+        return;
+    }
+    let m = mesh_with_policies(STRICT_ON_8080);
+    // The ext pod is outside the mesh: its connection to mesh-1 arrives in plaintext on
+    // node B's 15006.
+    let app = Untouched::on(&m, MESH_PORT);
+    expect_reset_from(&m.tb, Pod::Ext, mesh1(MESH_PORT));
+    std::thread::sleep(Duration::from_millis(200));
+    app.assert_untouched();
+    drop(app);
+    let denied = record(m.b(), |r| r["reason"] == "deny_rule");
+    assert_eq!(denied["direction"], "inbound", "{denied}");
+    assert_eq!(denied["policy"], "istio-system/strict", "{denied}");
+    assert_eq!(denied["failure_reason"], "policy_denied", "{denied}");
+    let client = denied["client"].as_str().unwrap_or_default();
+    assert!(
+        client.starts_with(&format!("{}:", Pod::Ext.v4())),
+        "{denied}"
+    );
+    metric_reaches(
+        m.b(),
+        "ringtun_policy_denials_total",
+        &["policy=\"istio-system/strict\"", "at=\"connect\""],
+        1.0,
+    );
+
+    // Plaintext to a port the policy leaves alone passes.
+    testbed_exchange_from(&m, Pod::Ext, mesh1(8082), 64 << 10);
+    // The client's connection goes through a tunnel and has an identity: it passes.
+    testbed::exchange_intact(&m.tb, Pod::Mesh1, mesh1(MESH_PORT), 1 << 20);
+    m.finish();
+}
+
+/// An exchange from `from` to a server in mesh-1 at `to`, bytes intact both ways.
+fn testbed_exchange_from(m: &Mesh, from: Pod, to: SocketAddr, bytes: u64) {
+    let l = m.listen(Pod::Mesh1, to.port());
+    let server = testbed::serve_exchanges(l, 1, bytes, 2);
+    let c = testbed::connect_in(&m.tb.pod_ns(from).unwrap(), to).expect("connects");
+    let got = testbed::exchange(c, bytes, 1).expect("client exchange");
+    let s = server.join().unwrap().expect("server exchange")[0];
+    assert_eq!((got.received, s.received), (bytes, bytes), "bytes lost");
+    assert_eq!(got.sent_hash, s.received_hash);
+    assert_eq!(s.sent_hash, got.received_hash);
+}
+
+/// Replaces a node's configuration file the way editors and Kubernetes do (write, rename).
+fn rewrite_config(r: &RingtunProcess, text: &str) {
+    let tmp = r.config.with_extension("new");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, &r.config).unwrap();
+}
+
+fn config_dump(r: &RingtunProcess, port_base: u16) -> serde_json::Value {
+    let (status, body) = r.get(port_base, "/config_dump").expect("admin endpoint");
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).expect("config_dump is JSON")
+}
+
+const ONLY_CLIENT_ON_8080: &str = "policies:
+  - name: client-to-8080
+    namespace: default
+    rules:
+      - from: [{source: {principals: [cluster.local/ns/default/sa/client]}}]
+        to: [{operation: {ports: [8080]}}]
+";
+
+const DENY_8080: &str = "policies:
+  - name: closed-8080
+    namespace: default
+    action: DENY
+    rules:
+      - to: [{operation: {ports: [8080]}}]
+";
+
+#[test]
+fn a_broken_reload_changes_nothing_and_a_good_one_applies_to_new_connections() {
+    if !root_or_skip("a_broken_reload_changes_nothing_and_a_good_one_applies_to_new_connections") {
+        return;
+    }
+    let m = mesh_with_policies(ONLY_CLIENT_ON_8080);
+    let b = m.b();
+    let base = MeshNode::B.port_base();
+    let running = std::fs::read_to_string(&b.config).unwrap();
+    testbed::exchange_intact(&m.tb, Pod::Mesh1, mesh1(MESH_PORT), 1 << 20);
+
+    // A broken file (a policy port out of range) and SIGHUP: refused, counted, explained; the
+    // running policy keeps serving.
+    rewrite_config(b, &running.replace("ports: [8080]", "ports: [80800]"));
+    b.hangup().unwrap();
+    metric_reaches(
+        b,
+        "ringtun_config_reloads_total",
+        &["result=\"failed\""],
+        1.0,
+    );
+    let dump = config_dump(b, base);
+    assert_eq!(dump["generation"], 1, "{dump}");
+    let error = dump["reload"]["last_error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("policies[0].rules[0].to[0].operation.ports[0]"),
+        "{dump}"
+    );
+    testbed::exchange_intact(&m.tb, Pod::Mesh1, mesh1(MESH_PORT), 1 << 20);
+    assert!(b
+        .log_text()
+        .contains("configuration reload failed; generation 1 keeps running"));
+
+    // A good file, no signal: the change of the file is enough. New connections meet the new
+    // policy at once.
+    let denying = running.replace(ONLY_CLIENT_ON_8080, DENY_8080);
+    assert_ne!(denying, running);
+    rewrite_config(b, &denying);
+    metric_reaches(b, "ringtun_config_generation", &[], 2.0);
+    let app = Untouched::on(&m, MESH_PORT);
+    m.expect_reset(mesh1(MESH_PORT));
+    let denied = record(b, |r| r["policy"] == "default/closed-8080");
+    assert_eq!(denied["status"], 401, "{denied}");
+    std::thread::sleep(Duration::from_millis(200));
+    app.assert_untouched();
+    let dump = config_dump(b, base);
+    assert_eq!(dump["generation"], 2, "{dump}");
+    assert!(dump["reload"]["last_error"].is_null(), "{dump}");
+    assert_eq!(
+        dump["config"]["policies"][0]["name"], "closed-8080",
+        "{dump}"
+    );
+    m.finish();
+}
+
+/// A connection kept busy: the client writes pattern bytes at a steady pace until told to
+/// stop, the server in the destination pod echoes everything back, and both ends hash what
+/// they saw. A cut shows up as an error on the client, with the moment it came.
+struct Live {
+    stop: Arc<AtomicBool>,
+    writer: JoinHandle<Hashed>,
+    reader: JoinHandle<Hashed>,
+    server: JoinHandle<io::Result<(u64, [u8; 32])>>,
+}
+
+/// Bytes counted and hashed, or the error that ended them and when it came.
+type Hashed = Result<(u64, [u8; 32]), (io::Error, Instant)>;
+
+/// The client's end of a [`Live`] connection.
+struct LiveEnd {
+    sent: u64,
+    sent_hash: [u8; 32],
+    echoed: u64,
+    echoed_hash: [u8; 32],
+    server_got: u64,
+    server_hash: [u8; 32],
+}
+
+impl Live {
+    fn start(m: &Mesh, from: Pod, to: SocketAddr, server_pod: Pod) -> Live {
+        let listener = testbed::listen_in(&m.tb.pod_ns(server_pod).unwrap(), to).unwrap();
+        let server = std::thread::spawn(move || -> io::Result<(u64, [u8; 32])> {
+            let (mut s, _) = listener.accept()?;
+            s.set_read_timeout(Some(Duration::from_secs(60)))?;
+            let mut h = Sha256::new();
+            let mut n = 0u64;
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let got = match s.read(&mut buf) {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    r => r?,
+                };
+                if got == 0 {
+                    s.shutdown(Shutdown::Write)?;
+                    return Ok((n, h.finalize().into()));
+                }
+                h.update(&buf[..got]);
+                n += got as u64;
+                s.write_all(&buf[..got])?;
+            }
+        });
+        let client = testbed::connect_in(&m.tb.pod_ns(from).unwrap(), to).expect("connects");
+        client
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut w = client.try_clone().unwrap();
+        let stop_w = Arc::clone(&stop);
+        let writer = std::thread::spawn(move || {
+            let mut p = testbed::Pattern::new(7);
+            let mut h = Sha256::new();
+            let mut n = 0u64;
+            let mut buf = vec![0u8; 16 * 1024];
+            while !stop_w.load(SeqCst) {
+                p.fill(&mut buf);
+                w.write_all(&buf).map_err(|e| (e, Instant::now()))?;
+                h.update(&buf);
+                n += buf.len() as u64;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            w.shutdown(Shutdown::Write)
+                .map_err(|e| (e, Instant::now()))?;
+            Ok((n, h.finalize().into()))
+        });
+        let mut r = client;
+        let reader =
+            std::thread::spawn(move || testbed::recv_hash(&mut r).map_err(|e| (e, Instant::now())));
+        Live {
+            stop,
+            writer,
+            reader,
+            server,
+        }
+    }
+
+    /// Stops sending and waits for both ends: the bytes each way, hashed.
+    fn finish(self) -> LiveEnd {
+        self.stop.store(true, SeqCst);
+        let (sent, sent_hash) = self
+            .writer
+            .join()
+            .unwrap()
+            .unwrap_or_else(|(e, _)| panic!("an allowed connection failed sending: {e}"));
+        let (echoed, echoed_hash) = self
+            .reader
+            .join()
+            .unwrap()
+            .unwrap_or_else(|(e, _)| panic!("an allowed connection failed receiving: {e}"));
+        let (server_got, server_hash) = self.server.join().unwrap().expect("server side");
+        LiveEnd {
+            sent,
+            sent_hash,
+            echoed,
+            echoed_hash,
+            server_got,
+            server_hash,
+        }
+    }
+
+    /// Waits (up to 10 s) for the client to see its connection reset; when it did.
+    fn cut_at(self) -> Instant {
+        let (e, at) = match self.reader.join().unwrap() {
+            Err(cut) => cut,
+            Ok((n, _)) => {
+                panic!("the connection ended cleanly after {n} bytes; a reset was expected")
+            }
+        };
+        assert!(testbed::is_reset(&e), "expected a reset, got {e}");
+        self.stop.store(true, SeqCst);
+        let _ = self.writer.join();
+        let _ = self.server.join();
+        at
+    }
+}
+
+fn assert_intact(end: &LiveEnd) {
+    assert!(end.sent > 0);
+    assert_eq!(
+        end.server_got, end.sent,
+        "bytes lost on the way to the server"
+    );
+    assert_eq!(end.server_hash, end.sent_hash, "bytes changed on the way");
+    assert_eq!(end.echoed, end.sent, "bytes lost on the way back");
+    assert_eq!(
+        end.echoed_hash, end.sent_hash,
+        "bytes changed on the way back"
+    );
+}
+
+const CLIENT_ON_8080_AND_9090: &str = "policies:
+  - name: client-in
+    namespace: default
+    rules:
+      - from: [{source: {principals: [cluster.local/ns/default/sa/client]}}]
+        to: [{operation: {ports: [8080, 9090]}}]
+      - to: [{operation: {ports: [8081]}}]
+";
+
+/// The same policy after the change: 9090 and plaintext 8081 no longer admitted.
+const CLIENT_ON_8080_ONLY: &str = "policies:
+  - name: client-in
+    namespace: default
+    rules:
+      - from: [{source: {principals: [cluster.local/ns/default/sa/client]}}]
+        to: [{operation: {ports: [8080]}}]
+";
+
+#[test]
+fn a_reload_cuts_what_it_denies_within_a_second_and_leaves_the_rest_intact() {
+    if !root_or_skip("a_reload_cuts_what_it_denies_within_a_second_and_leaves_the_rest_intact") {
+        return;
+    }
+    let m = mesh_with_policies(CLIENT_ON_8080_AND_9090);
+    let b = m.b();
+    let keeps = Live::start(&m, Pod::Client, mesh1(MESH_PORT), Pod::Mesh1);
+    let tunnelled = Live::start(&m, Pod::Client, mesh1(9090), Pod::Mesh1);
+    let plaintext = Live::start(&m, Pod::Ext, mesh1(8081), Pod::Mesh1);
+    std::thread::sleep(Duration::from_millis(500));
+
+    let running = std::fs::read_to_string(&b.config).unwrap();
+    rewrite_config(
+        b,
+        &running.replace(CLIENT_ON_8080_AND_9090, CLIENT_ON_8080_ONLY),
+    );
+    let asked = Instant::now();
+    b.hangup().unwrap();
+    for (what, live) in [("tunnelled", tunnelled), ("plaintext", plaintext)] {
+        let took = live.cut_at().saturating_duration_since(asked);
+        eprintln!("{what} connection cut {took:?} after SIGHUP");
+        assert!(
+            took < Duration::from_secs(1),
+            "the {what} connection was cut {took:?} after the reload was asked for"
+        );
+    }
+    // The allowed connection goes on through and after the reload, every byte intact.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_intact(&keeps.finish());
+
+    metric_reaches(
+        b,
+        "ringtun_flows_closed_total",
+        &["end=\"policy_denied\""],
+        2.0,
+    );
+    metric_reaches(
+        b,
+        "ringtun_policy_denials_total",
+        &["reason=\"no_allow_match\"", "at=\"reload\""],
+        2.0,
+    );
+    for direction in ["inbound_hbone", "inbound"] {
+        let rec = record(b, |r| {
+            r["end"] == "policy_denied" && r["direction"] == direction
+        });
+        assert_eq!(rec["reason"], "no_allow_match", "{rec}");
+    }
+    m.finish();
+}
+
+/// Node B starts without mesh-2 (it is on a node that does not exist) and a short drain.
+fn mesh_without_mesh2() -> Mesh {
+    Mesh::start_with(
+        bin(),
+        "io-uring",
+        "  timeouts: {drain: 2s}\n",
+        |n, c| match n {
+            MeshNode::A => c,
+            MeshNode::B => move_mesh2(&c, "node-b", "node-c"),
+        },
+    )
+}
+
+fn move_mesh2(config: &str, from: &str, to: &str) -> String {
+    let at = config.find("name: mesh-2").expect("mesh-2 in the config");
+    let (head, tail) = config.split_at(at);
+    let moved = tail.replacen(&format!("node: {from}"), &format!("node: {to}"), 1);
+    assert_ne!(moved, tail, "mesh-2 is not on {from}");
+    format!("{head}{moved}")
+}
+
+fn mesh2(port: u16) -> SocketAddr {
+    SocketAddr::new(Pod::Mesh2.v4(), port)
+}
+
+#[test]
+fn a_workload_a_reload_adds_is_served_and_one_it_removes_is_drained() {
+    if !root_or_skip("a_workload_a_reload_adds_is_served_and_one_it_removes_is_drained") {
+        return;
+    }
+    let m = mesh_without_mesh2();
+    let b = m.b();
+    // Node A tunnels to mesh-2's 15008; nobody listens there yet.
+    m.expect_reset(mesh2(MESH_PORT));
+
+    let without = std::fs::read_to_string(&b.config).unwrap();
+    let with = move_mesh2(&without, "node-c", "node-b");
+    rewrite_config(b, &with);
+    metric_reaches(b, "ringtun_config_generation", &[], 2.0);
+    // Its listeners exist now, in its namespace, and the capture there reaches them.
+    testbed::exchange_intact(&m.tb, Pod::Mesh2, mesh2(MESH_PORT), 1 << 20);
+    assert!(b.log_text().contains("for workload default/mesh-2"));
+
+    // Removed again while a connection is open: new connections are refused at once, the
+    // open one goes on until the drain deadline (2 s), then is reset.
+    let open = Live::start(&m, Pod::Client, mesh2(9090), Pod::Mesh2);
+    std::thread::sleep(Duration::from_millis(300));
+    rewrite_config(b, &without);
+    let removed = Instant::now();
+    metric_reaches(b, "ringtun_config_generation", &[], 3.0);
+    m.expect_reset(mesh2(MESH_PORT));
+    let cut = open.cut_at().saturating_duration_since(removed);
+    assert!(
+        cut >= Duration::from_millis(1500) && cut < Duration::from_secs(5),
+        "the open connection of a removed workload ended {cut:?} after the reload; \
+         the drain is 2 s"
+    );
+    let rec = record(b, |r| r["end"] == "drained");
+    assert_eq!(rec["destination"], "workload:default/mesh-2", "{rec}");
+    m.finish();
+}
