@@ -5,7 +5,6 @@
 use std::io;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
@@ -218,13 +217,7 @@ impl App {
             }
         })
         .to_string();
-        let admin = Arc::new(AdminState {
-            metrics: metrics.clone(),
-            ready: AtomicBool::new(false),
-            draining: AtomicBool::new(false),
-            config_dump,
-            stop: AtomicBool::new(false),
-        });
+        let admin = Arc::new(AdminState::new(metrics.clone(), config_dump));
         let mut app = App {
             state,
             metrics,

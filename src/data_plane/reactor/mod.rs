@@ -324,7 +324,9 @@ impl Reactor {
             }
             Event::AcceptFailed { listener, errno } => {
                 self.metrics.failure(FailureKind::Accept);
-                log::warn!(
+                crate::log_limited!(
+                    log::Level::Warn,
+                    "accept-failed",
                     "reactor {}: accept on listener {listener} failed: {}",
                     self.id,
                     io::Error::from_raw_os_error(errno)

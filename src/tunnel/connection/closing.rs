@@ -175,8 +175,10 @@ impl Tunnel {
         } else {
             log::Level::Warn
         };
-        log::log!(
+        // Peers provoke these at will (one per refused handshake): rate-limited per reason.
+        crate::log_limited!(
             level,
+            e.failure().label(),
             "reactor {}: {} tunnel {} failed: {} ({})",
             ctx.env.reactor,
             role.label(),
