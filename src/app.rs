@@ -58,35 +58,153 @@ fn open_files_limit() -> (u64, u64) {
     }
 }
 
-/// Loads the trust bundle and every local workload's certificate for HBONE tunnels, and
-/// probes kTLS once. `None` without `node.tls`: tunnels are off and HBONE routes refused.
-fn load_tunnel_credentials(state: &State) -> Result<Option<Arc<TunnelCredentials>>, String> {
+/// Why a node did not start, and the exit code that says so.
+#[derive(Debug)]
+pub struct StartError {
+    /// [`exit_code::CONFIG`] for files the config names that cannot be used,
+    /// [`exit_code::NOPERM`] when only a missing privilege stopped it, else
+    /// [`exit_code::FAILURE`].
+    pub code: i32,
+    pub message: String,
+}
+
+impl StartError {
+    fn failure(message: impl Into<String>) -> Self {
+        StartError {
+            code: exit_code::FAILURE,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl From<StartError> for String {
+    fn from(e: StartError) -> String {
+        e.message
+    }
+}
+
+/// TLS material read from the files `node.tls` names.
+struct TunnelFiles {
+    client:
+        std::collections::HashMap<crate::control_plane::identity::SpiffeId, crate::tls::ClientTls>,
+    server: std::collections::HashMap<
+        crate::control_plane::identity::SpiffeId,
+        Arc<rustls::ServerConfig>,
+    >,
+    trust_certificates: usize,
+}
+
+/// Reads the trust bundle and every local workload's certificate and key, as tunnels use them.
+/// `Ok(None)` without `node.tls`; otherwise every problem found, not just the first.
+fn read_tunnel_files(state: &State) -> Result<Option<TunnelFiles>, Vec<String>> {
     use crate::control_plane::certs::{load_trust_bundle, load_workload_credentials};
     use crate::control_plane::identity::SpiffeId;
     use crate::tls::{server_config_for, ClientTls};
     let node = &state.config.node;
     let Some(tls) = &node.tls else {
-        log::info!("no node.tls: HBONE tunnels are off (connections that need one are refused)");
         return Ok(None);
     };
-    let trust = load_trust_bundle(&tls.trust_bundle).map_err(|e| format!("node.tls: {e}"))?;
-    let mut client = std::collections::HashMap::new();
-    let mut server = std::collections::HashMap::new();
+    let mut problems = Vec::new();
+    let trust = load_trust_bundle(&tls.trust_bundle)
+        .map_err(|e| problems.push(format!("node.tls.trust_bundle: {e}")))
+        .ok();
+    if let Err(e) = std::fs::read_dir(&tls.certificate_dir) {
+        problems.push(format!(
+            "node.tls.certificate_dir: {}: cannot read: {e}",
+            tls.certificate_dir.display()
+        ));
+    }
+    let mut files = TunnelFiles {
+        client: std::collections::HashMap::new(),
+        server: std::collections::HashMap::new(),
+        trust_certificates: trust.as_ref().map_or(0, |t| t.len()),
+    };
+    let mut seen = std::collections::HashSet::new();
     for (_, entry) in state.registry.local_workloads() {
-        let id = SpiffeId::parse(&entry.identity)
-            .map_err(|e| format!("workload identity {}: {e}", entry.identity))?;
-        if client.contains_key(&id) {
+        let w = &entry.workload;
+        let id = match SpiffeId::parse(&entry.identity) {
+            Ok(id) => id,
+            Err(e) => {
+                problems.push(format!(
+                    "workload {}/{}: identity {}: {e}",
+                    w.namespace, w.name, entry.identity
+                ));
+                continue;
+            }
+        };
+        if !seen.insert(id.clone()) {
             continue;
         }
-        let creds = load_workload_credentials(&tls.certificate_dir, &id)
-            .map_err(|e| format!("certificate for {id}: {e}"))?;
-        let c = ClientTls::new_for(&creds, &trust, node.hbone.cipher)
-            .map_err(|e| format!("TLS client for {id}: {e}"))?;
-        let s = server_config_for(&creds, &trust, &node.trust_domain, node.hbone.cipher)
-            .map_err(|e| format!("TLS server for {id}: {e}"))?;
-        client.insert(id.clone(), c);
-        server.insert(id, s);
+        let creds = match load_workload_credentials(&tls.certificate_dir, &id) {
+            Ok(c) => c,
+            Err(e) => {
+                problems.push(format!(
+                    "workload {}/{}: no usable certificate for {id}: {e}",
+                    w.namespace, w.name
+                ));
+                continue;
+            }
+        };
+        let Some(trust) = &trust else { continue };
+        match (
+            ClientTls::new_for(&creds, trust, node.hbone.cipher),
+            server_config_for(&creds, trust, &node.trust_domain, node.hbone.cipher),
+        ) {
+            (Ok(c), Ok(s)) => {
+                files.client.insert(id.clone(), c);
+                files.server.insert(id, s);
+            }
+            (Err(e), _) => problems.push(format!(
+                "workload {}/{}: TLS client for {id}: {e}",
+                w.namespace, w.name
+            )),
+            (_, Err(e)) => problems.push(format!(
+                "workload {}/{}: TLS server for {id}: {e}",
+                w.namespace, w.name
+            )),
+        }
     }
+    if problems.is_empty() {
+        Ok(Some(files))
+    } else {
+        Err(problems)
+    }
+}
+
+/// Everything `run` would refuse about the files a valid config names (the trust bundle, the
+/// certificate directory, each local workload's certificate and key), each as one line. What
+/// `check-config` reports beyond the file itself; `run` exits 64 for the same.
+pub fn check_files(config: &Config) -> Vec<String> {
+    let state = State::new(config.clone(), 0);
+    read_tunnel_files(&state).err().unwrap_or_default()
+}
+
+/// Loads the tunnel credentials and probes kTLS once. `None` without `node.tls`: tunnels are
+/// off and HBONE routes refused.
+fn load_tunnel_credentials(state: &State) -> Result<Option<Arc<TunnelCredentials>>, StartError> {
+    let node = &state.config.node;
+    let files = match read_tunnel_files(state) {
+        Ok(Some(f)) => f,
+        Ok(None) => {
+            log::info!(
+                "no node.tls: HBONE tunnels are off (connections that need one are refused)"
+            );
+            return Ok(None);
+        }
+        Err(problems) => {
+            return Err(StartError {
+                code: exit_code::CONFIG,
+                message: problems.join("; "),
+            })
+        }
+    };
+    let tls = node.tls.as_ref().expect("read_tunnel_files found node.tls");
     let ktls = crate::kernel_features::ktls_support();
     match (&node.hbone.ktls, &ktls.reason) {
         (crate::control_plane::config::KtlsChoice::Off, _) => {
@@ -101,19 +219,58 @@ fn load_tunnel_credentials(state: &State) -> Result<Option<Arc<TunnelCredentials
     }
     log::info!(
         "HBONE tunnels: {} local identities, trust bundle {} ({} CA certificates)",
-        client.len(),
+        files.client.len(),
         tls.trust_bundle.display(),
-        trust.len()
+        files.trust_certificates
     );
     Ok(Some(Arc::new(TunnelCredentials {
-        client,
-        server,
+        client: files.client,
+        server: files.server,
         ktls,
     })))
 }
 
+/// What the listener problems mean: in host mode, or when no local workload is served at all,
+/// the node does not start (77 when only a missing privilege stopped it); in pod mode the
+/// other pods are served and the failed ones listed (readiness names them).
+fn judge_listeners(
+    problems: &[listeners::ListenerProblem],
+    local_workloads: usize,
+) -> Result<Vec<String>, StartError> {
+    if problems.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut failed: Vec<&str> = problems.iter().map(|p| p.workload.as_str()).collect();
+    failed.sort_unstable();
+    failed.dedup();
+    let fatal = problems.iter().any(|p| !p.pod) || failed.len() >= local_workloads;
+    if !fatal {
+        return Ok(problems.iter().map(ToString::to_string).collect());
+    }
+    let code = if problems.iter().all(|p| p.not_permitted) {
+        exit_code::NOPERM
+    } else {
+        exit_code::FAILURE
+    };
+    let why = if failed.len() >= local_workloads {
+        "no local workload can be served"
+    } else {
+        "a host-mode listener cannot be opened"
+    };
+    let hint = if code == exit_code::NOPERM {
+        " (ringtun needs root, or CAP_NET_ADMIN and CAP_SYS_ADMIN)"
+    } else {
+        ""
+    };
+    let list: Vec<String> = problems.iter().map(ToString::to_string).collect();
+    Err(StartError {
+        code,
+        message: format!("{why}{hint}: {}", list.join("; ")),
+    })
+}
+
 impl App {
-    pub fn start(config: Config, opts: Options) -> Result<App, String> {
+    pub fn start(config: Config, opts: Options) -> Result<App, StartError> {
         let reactors = opts
             .reactors
             .or(config.node.reactors)
@@ -124,7 +281,8 @@ impl App {
             })
             .max(1);
         let (driver, why) =
-            crate::data_plane::driver::plan(opts.driver.unwrap_or(config.node.driver))?;
+            crate::data_plane::driver::plan(opts.driver.unwrap_or(config.node.driver))
+                .map_err(StartError::failure)?;
         log::info!(
             "driver: {} ({why})",
             match driver {
@@ -149,9 +307,11 @@ impl App {
         let state = State::new(config, 1);
         let tunnels = load_tunnel_credentials(&state)?;
         let (per_reactor, problems) = listeners::create_all(&state, reactors, tunnels.is_some());
-        for p in &problems {
-            log::error!("{p}");
+        let not_served = judge_listeners(&problems, state.registry.local_workloads().count())?;
+        for p in &not_served {
+            log::error!("{p}; this workload is not served, the others are");
         }
+        let problems: Vec<String> = problems.iter().map(ToString::to_string).collect();
         let metrics = Arc::new(Metrics::new(
             reactors,
             ProcessFacts {
@@ -164,8 +324,8 @@ impl App {
         let mut threads = Vec::new();
         let (tx, rx) = mpsc::channel();
         for (id, listeners) in per_reactor.into_iter().enumerate() {
-            let control =
-                ReactorControl::new().map_err(|e| format!("reactor {id}: eventfd: {e}"))?;
+            let control = ReactorControl::new()
+                .map_err(|e| StartError::failure(format!("reactor {id}: eventfd: {e}")))?;
             controls.push(control.clone());
             let spec = ReactorSpec {
                 id,
@@ -192,7 +352,7 @@ impl App {
                         Err(e)
                     }
                 })
-                .map_err(|e| format!("spawning reactor {id}: {e}"))?;
+                .map_err(|e| StartError::failure(format!("spawning reactor {id}: {e}")))?;
             threads.push(handle);
         }
         drop(tx);
@@ -218,6 +378,7 @@ impl App {
         })
         .to_string();
         let admin = Arc::new(AdminState::new(metrics.clone(), config_dump));
+        *admin.not_served.lock().unwrap_or_else(|p| p.into_inner()) = not_served;
         let mut app = App {
             state,
             metrics,
@@ -231,7 +392,7 @@ impl App {
         if let Some(e) = failure {
             app.stop();
             let _ = app.wait();
-            return Err(e);
+            return Err(StartError::failure(e));
         }
         if opts.serve_endpoints {
             let node = &app.state.config.node;
@@ -250,7 +411,7 @@ impl App {
                     Err(e) => {
                         app.stop();
                         let _ = app.wait();
-                        return Err(e.to_string());
+                        return Err(StartError::failure(e.to_string()));
                     }
                 }
             }
@@ -315,6 +476,18 @@ pub fn run_from_file(path: &Path, driver: Option<DriverChoice>, reactors: Option
             return exit_code::CONFIG;
         }
     };
+    let problems = check_files(&config);
+    if !problems.is_empty() {
+        for p in &problems {
+            eprintln!("{}: {p}", path.display());
+        }
+        eprintln!(
+            "{}: {} problem(s) with the files it names; not starting",
+            path.display(),
+            problems.len()
+        );
+        return exit_code::CONFIG;
+    }
     if let Err(e) = lifecycle::block_signals() {
         log::error!("cannot block signals: {e}");
         return exit_code::FAILURE;
@@ -332,7 +505,7 @@ pub fn run_from_file(path: &Path, driver: Option<DriverChoice>, reactors: Option
         Ok(a) => a,
         Err(e) => {
             log::error!("cannot start: {e}");
-            return exit_code::FAILURE;
+            return e.code;
         }
     };
     let mut drain_started: Option<Instant> = None;

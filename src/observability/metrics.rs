@@ -38,10 +38,12 @@ pub enum FailureKind {
     StreamReset,
     /// Too many flows already wait for tunnel handshakes.
     TunnelPoolFull,
+    /// The node is draining: a connection accepted now is reset at once.
+    Draining,
 }
 
 impl FailureKind {
-    pub const ALL: [FailureKind; 19] = [
+    pub const ALL: [FailureKind; 20] = [
         FailureKind::DownstreamReset,
         FailureKind::NoOriginalDst,
         FailureKind::UpstreamRefused,
@@ -61,6 +63,7 @@ impl FailureKind {
         FailureKind::ConnectRejected,
         FailureKind::StreamReset,
         FailureKind::TunnelPoolFull,
+        FailureKind::Draining,
     ];
 
     /// downstream, upstream, policy, kernel or internal.
@@ -79,7 +82,7 @@ impl FailureKind {
             | StreamReset => "upstream",
             Loop | NotForThisWorkload => "policy",
             PipeUnavailable | SocketSetup | Accept => "kernel",
-            FlowLimit | TunnelUnavailable | TunnelPoolFull => "internal",
+            FlowLimit | TunnelUnavailable | TunnelPoolFull | Draining => "internal",
         }
     }
 
@@ -105,6 +108,7 @@ impl FailureKind {
             ConnectRejected => "hbone_connect_rejected",
             StreamReset => "hbone_stream_reset",
             TunnelPoolFull => "hbone_pool_full",
+            Draining => "draining",
         }
     }
 
