@@ -69,6 +69,44 @@ fn open_files_limit() -> (u64, u64) {
     }
 }
 
+/// Why a node did not start, and the exit code that says so.
+#[derive(Debug)]
+pub struct StartError {
+    /// [`exit_code::CONFIG`] for files the config names that cannot be used,
+    /// [`exit_code::NOPERM`] when only a missing privilege stopped it, else
+    /// [`exit_code::FAILURE`].
+    pub code: i32,
+    pub message: String,
+}
+
+impl StartError {
+    fn failure(message: impl Into<String>) -> Self {
+        StartError {
+            code: exit_code::FAILURE,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl From<StartError> for String {
+    fn from(e: StartError) -> String {
+        e.message
+    }
+}
+
+/// Everything `run` would refuse about the files a valid config names (the trust bundle, the
+/// certificate directory, each local workload's certificate and key), each as one line. What
+/// `check-config` reports beyond the file itself; `run` exits 64 for the same.
+pub fn check_files(config: &Config) -> Vec<String> {
+    credentials::check_files(&State::new(config.clone(), 0))
+}
+
 /// Probes kTLS once (every snapshot's credentials carry the answer) and says what tunnels will
 /// use.
 fn probe_ktls(
@@ -93,8 +131,47 @@ fn probe_ktls(
     ktls
 }
 
+/// What the listener problems mean: in host mode, or when no local workload is served at all,
+/// the node does not start (77 when only a missing privilege stopped it); in pod mode the
+/// other pods are served and the failed ones listed (readiness names them).
+fn judge_listeners(
+    problems: &[listeners::ListenerProblem],
+    local_workloads: usize,
+) -> Result<Vec<String>, StartError> {
+    if problems.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut failed: Vec<&str> = problems.iter().map(|p| p.workload.as_str()).collect();
+    failed.sort_unstable();
+    failed.dedup();
+    let fatal = problems.iter().any(|p| !p.pod) || failed.len() >= local_workloads;
+    if !fatal {
+        return Ok(problems.iter().map(ToString::to_string).collect());
+    }
+    let code = if problems.iter().all(|p| p.not_permitted) {
+        exit_code::NOPERM
+    } else {
+        exit_code::FAILURE
+    };
+    let why = if failed.len() >= local_workloads {
+        "no local workload can be served"
+    } else {
+        "a host-mode listener cannot be opened"
+    };
+    let hint = if code == exit_code::NOPERM {
+        " (ringtun needs root, or CAP_NET_ADMIN and CAP_SYS_ADMIN)"
+    } else {
+        ""
+    };
+    let list: Vec<String> = problems.iter().map(ToString::to_string).collect();
+    Err(StartError {
+        code,
+        message: format!("{why}{hint}: {}", list.join("; ")),
+    })
+}
+
 impl App {
-    pub fn start(config: Config, opts: Options) -> Result<App, String> {
+    pub fn start(config: Config, opts: Options) -> Result<App, StartError> {
         let reactors = opts
             .reactors
             .or(config.node.reactors)
@@ -105,7 +182,8 @@ impl App {
             })
             .max(1);
         let (driver, why) =
-            crate::data_plane::driver::plan(opts.driver.unwrap_or(config.node.driver))?;
+            crate::data_plane::driver::plan(opts.driver.unwrap_or(config.node.driver))
+                .map_err(StartError::failure)?;
         log::info!(
             "driver: {} ({why})",
             match driver {
@@ -129,16 +207,21 @@ impl App {
         let pin = config.node.pin_reactors;
         let ktls = probe_ktls(&config.node);
         let state = State::new(config, 1);
-        let tunnels = credentials::load(&state, &ktls).map_err(|e| e.to_string())?;
+        let tunnels = credentials::load(&state, &ktls).map_err(|e| StartError {
+            code: exit_code::CONFIG,
+            message: e.to_string(),
+        })?;
         let (per_reactor, problems) = listeners::create_all(&state, reactors, tunnels.is_some(), 1);
+        let not_served = judge_listeners(&problems, state.registry.local_workloads().count())?;
         let published = Published::new(Snapshot {
             serial: 1,
             state,
             credentials: tunnels.map(Arc::new),
         });
-        for p in &problems {
-            log::error!("{p}");
+        for p in &not_served {
+            log::error!("{p}; this workload is not served, the others are");
         }
+        let problems: Vec<String> = problems.iter().map(ToString::to_string).collect();
         let metrics = Arc::new(Metrics::new(
             reactors,
             ProcessFacts {
@@ -151,8 +234,8 @@ impl App {
         let mut threads = Vec::new();
         let (tx, rx) = mpsc::channel();
         for (id, listeners) in per_reactor.into_iter().enumerate() {
-            let control =
-                ReactorControl::new().map_err(|e| format!("reactor {id}: eventfd: {e}"))?;
+            let control = ReactorControl::new()
+                .map_err(|e| StartError::failure(format!("reactor {id}: eventfd: {e}")))?;
             controls.push(control.clone());
             let spec = ReactorSpec {
                 id,
@@ -178,7 +261,7 @@ impl App {
                         Err(e)
                     }
                 })
-                .map_err(|e| format!("spawning reactor {id}: {e}"))?;
+                .map_err(|e| StartError::failure(format!("spawning reactor {id}: {e}")))?;
             threads.push(handle);
         }
         drop(tx);
@@ -222,13 +305,8 @@ impl App {
                 .to_string()
             })
         };
-        let admin = Arc::new(AdminState {
-            metrics: metrics.clone(),
-            ready: AtomicBool::new(false),
-            draining: AtomicBool::new(false),
-            config_dump,
-            stop: AtomicBool::new(false),
-        });
+        let admin = Arc::new(AdminState::new(metrics.clone(), config_dump));
+        *admin.not_served.lock().unwrap_or_else(|p| p.into_inner()) = not_served;
         let watcher_stop = Arc::new(AtomicBool::new(false));
         let mut app = App {
             published,
@@ -246,7 +324,7 @@ impl App {
         if let Some(e) = failure {
             app.stop();
             let _ = app.wait();
-            return Err(e);
+            return Err(StartError::failure(e));
         }
         if opts.serve_endpoints {
             let state = app.state();
@@ -266,7 +344,7 @@ impl App {
                     Err(e) => {
                         app.stop();
                         let _ = app.wait();
-                        return Err(e.to_string());
+                        return Err(StartError::failure(e.to_string()));
                     }
                 }
             }
@@ -375,6 +453,18 @@ pub fn run_from_file(path: &Path, driver: Option<DriverChoice>, reactors: Option
             return exit_code::CONFIG;
         }
     };
+    let problems = check_files(&config);
+    if !problems.is_empty() {
+        for p in &problems {
+            eprintln!("{}: {p}", path.display());
+        }
+        eprintln!(
+            "{}: {} problem(s) with the files it names; not starting",
+            path.display(),
+            problems.len()
+        );
+        return exit_code::CONFIG;
+    }
     if let Err(e) = lifecycle::block_signals() {
         log::error!("cannot block signals: {e}");
         return exit_code::FAILURE;
@@ -393,7 +483,7 @@ pub fn run_from_file(path: &Path, driver: Option<DriverChoice>, reactors: Option
         Ok(a) => a,
         Err(e) => {
             log::error!("cannot start: {e}");
-            return exit_code::FAILURE;
+            return e.code;
         }
     };
     let mut drain_started: Option<Instant> = None;

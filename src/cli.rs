@@ -34,9 +34,9 @@ pub enum Command {
         /// Override the configured driver.
         #[arg(long, value_enum)]
         driver: Option<DriverArg>,
-        /// Override the configured number of reactor threads.
-        #[arg(long)]
-        reactors: Option<usize>,
+        /// Override the configured number of reactor threads (1..=256, like `node.reactors`).
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
+        reactors: Option<u16>,
     },
     /// Validate a configuration file: exit 0, or print every error with its place and exit 64.
     CheckConfig { file: PathBuf },
@@ -113,7 +113,9 @@ pub fn main() -> i32 {
             config,
             driver,
             reactors,
-        } => ringtun::app::run_from_file(&config, driver.map(Into::into), reactors),
+        } => {
+            ringtun::app::run_from_file(&config, driver.map(Into::into), reactors.map(usize::from))
+        }
         Command::CheckConfig { file } => check_config(&file),
         Command::PrintDefaultConfig => {
             print!("{}", config::DEFAULT_CONFIG_YAML);
@@ -144,6 +146,19 @@ fn check_config(file: &std::path::Path) -> i32 {
         Ok((cfg, warnings)) => {
             for w in &warnings {
                 eprintln!("{w}");
+            }
+            // What `run` would refuse beyond the file itself: the files it names.
+            let problems = ringtun::app::check_files(&cfg);
+            if !problems.is_empty() {
+                for p in &problems {
+                    eprintln!("{}: {p}", file.display());
+                }
+                eprintln!(
+                    "{}: {} problem(s) with the files it names",
+                    file.display(),
+                    problems.len()
+                );
+                return exit_code::CONFIG;
             }
             println!(
                 "{}: ok (node {}, {} workloads, {} services, {} policies, {} warning(s))",
@@ -203,7 +218,7 @@ fn certs(file: &std::path::Path, out: Option<PathBuf>, validity: &str) -> i32 {
             }
             exit_code::OK
         }
-        Err(e @ certs::CertError::Identity { .. }) => {
+        Err(e @ (certs::CertError::Identity { .. } | certs::CertError::OutlivesCa { .. })) => {
             eprintln!("{}: {e}", file.display());
             exit_code::CONFIG
         }

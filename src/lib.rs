@@ -18,6 +18,8 @@ pub mod app;
 pub mod control_plane;
 pub mod data_plane;
 pub mod exit_code;
+#[doc(hidden)]
+pub mod fuzzing;
 // Not yet behind `sys`: the kernel-matrix work edits these probes now; they move into `sys`
 // after it lands.
 #[allow(unsafe_code)]

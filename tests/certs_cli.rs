@@ -111,3 +111,27 @@ fn certs_exits_64_on_a_bad_config_or_no_destination() {
     assert_eq!(out.status.code(), Some(64));
     let _ = fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn certs_refuses_a_certificate_that_would_outlive_its_ca() {
+    let dir = temp_dir("outlive");
+    let cfg = dir.join("node.yaml");
+    fs::write(&cfg, CONFIG.replace("TMP", dir.to_str().unwrap())).unwrap();
+    let cfg = cfg.to_str().unwrap();
+    // The development CA lives a year: a 400-day certificate would outlive it.
+    let out = run(&["certs", "--config", cfg, "--validity", "9600h"]);
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("the CA expires") && err.contains("--validity"),
+        "{err}"
+    );
+    assert!(
+        !dir.join("certs/default/client/cert.pem").exists(),
+        "a certificate was written anyway"
+    );
+    // Within the CA's life it works, with the same CA.
+    let out = run(&["certs", "--config", cfg, "--validity", "24h"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(dir.join("certs/default/client/cert.pem").exists());
+}

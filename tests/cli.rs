@@ -180,3 +180,99 @@ fn unknown_arguments_are_a_usage_error() {
     let out = ringtun(&["run", "--no-such-flag"]);
     assert_eq!(out.status.code(), Some(64));
 }
+
+#[test]
+fn reactors_flag_is_checked_like_the_config_key() {
+    let path = scratch("reactors.yaml", "version: 1\nnode:\n  name: node-a\n");
+    for bad in ["0", "257", "-1", "many"] {
+        let flag = format!("--reactors={bad}");
+        let out = ringtun(&["run", "--config", path.to_str().unwrap(), &flag]);
+        assert_eq!(out.status.code(), Some(64), "--reactors {bad}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--reactors"), "{err}");
+    }
+}
+
+/// A config whose `node.tls` names files that are not there (or a local workload without a
+/// certificate): `check-config` says so with the paths and exits 64, and `run` refuses the
+/// same with 64, before it binds anything.
+#[test]
+fn files_the_config_names_are_checked_by_check_config_and_run() {
+    let dir = std::env::temp_dir().join(format!("ringtun-cli-tls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let text = format!(
+        "version: 1\nnode:\n  name: node-a\n  admin: off\n  metrics: off\n  readiness: off\n  tls:\n    trust_bundle: {d}/missing-ca.pem\n    certificate_dir: {d}/no-such-dir\nworkloads:\n  - {{name: a, namespace: default, service_account: a, ips: [10.0.0.1], node: node-a, netns: pod-a}}\n",
+        d = dir.display()
+    );
+    let path = scratch("tls-missing.yaml", &text);
+    let p = path.to_str().unwrap();
+    for args in [vec!["check-config", p], vec!["run", "--config", p]] {
+        let out = ringtun(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {err}");
+        for needle in [
+            "node.tls.trust_bundle",
+            "missing-ca.pem",
+            "node.tls.certificate_dir",
+            "workload default/a: no usable certificate",
+        ] {
+            assert!(err.contains(needle), "{args:?}: no `{needle}` in:\n{err}");
+        }
+    }
+    // With certificates for every identity but one local workload's, that one is named.
+    let certs_cfg = scratch(
+        "tls-certs.yaml",
+        &text
+            .replace("missing-ca.pem", "certs/ca.pem")
+            .replace("no-such-dir", "certs"),
+    );
+    let out = ringtun(&["certs", "--config", certs_cfg.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let with_b = std::fs::read_to_string(&certs_cfg).unwrap()
+        + "  - {name: b, namespace: prod, service_account: b, ips: [10.0.0.2], node: node-a, netns: pod-b}\n";
+    let path = scratch("tls-one-missing.yaml", &with_b);
+    let out = ringtun(&["check-config", path.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(
+        err.contains("workload prod/b: no usable certificate"),
+        "{err}"
+    );
+    assert!(!err.contains("default/a"), "{err}");
+    let out = ringtun(&["check-config", certs_cfg.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+}
+
+/// Unprivileged, a host-mode node cannot open its transparent listeners: that is a start
+/// failure with exit 77 and the reason, never "ready".
+#[test]
+fn run_without_the_privilege_exits_77() {
+    if !ringtun::testbed::is_root() || Command::new("setpriv").arg("--version").output().is_err() {
+        eprintln!("SKIPPED (needs root and setpriv to drop privileges): run_without_the_privilege_exits_77");
+        return;
+    }
+    let text = "version: 1\nnode:\n  name: node-a\n  admin: off\n  metrics: off\n  readiness: 127.0.0.1:0\nworkloads:\n  - {name: host, namespace: default, ips: [10.0.0.1], node: node-a}\n";
+    let path = scratch("unprivileged.yaml", text);
+    let dir = path.parent().unwrap();
+    let _ = Command::new("chmod").arg("755").arg(dir).status();
+    let _ = Command::new("chmod").arg("644").arg(&path).status();
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(BIN)
+        .args(["run", "--config", path.to_str().unwrap()])
+        .output()
+        .expect("setpriv runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(77), "{err}");
+    assert!(
+        err.contains("cannot start") && err.contains("not permitted"),
+        "{err}"
+    );
+    assert!(!err.contains("ready:"), "{err}");
+}

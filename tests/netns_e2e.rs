@@ -190,7 +190,17 @@ both_drivers!(
     inbound_redirect_capture_recovers_original_destination,
     host_mode_serves_the_namespace_ringtun_runs_in,
     a_stalled_destination_costs_no_cpu,
+    draining_node_refuses_new_connections_at_once,
 );
+
+/// One driver is enough: the start-up decision is the driver's business only through the
+/// listeners, which are made before any reactor runs.
+#[test]
+fn a_pod_that_cannot_be_served_is_named_by_readiness() {
+    if root_or_skip("a_pod_that_cannot_be_served_is_named_by_readiness") {
+        pod_that_cannot_be_served_is_named_by_readiness();
+    }
+}
 
 fn one_gib_each_way_arrives_intact(driver: &str) {
     let node = Node::start(driver, "");
@@ -699,4 +709,114 @@ fn a_stalled_destination_costs_no_cpu(driver: &str) {
         "{used:.2} CPU seconds in 2 s with the flow stalled (a busy loop)"
     );
     node.finish();
+}
+
+/// SIGTERM with a flow still open: the node drains, and a connection captured by TPROXY while
+/// it does (from outside the mesh to mesh-1) is refused with a reset at once — a closed
+/// TPROXY listener would have the kernel drop its SYNs, and the client would wait out its
+/// connect timeout.
+fn draining_node_refuses_new_connections_at_once(driver: &str) {
+    let mut node = Node::start(driver, "");
+    let listener = listen_in(&node.ns(Pod::Ext), ext(EXT_PORT)).unwrap();
+    let mut c = node.connect(ext(EXT_PORT));
+    let (mut s, _) = listener.accept().unwrap();
+    let _server = listen_in(&node.ns(Pod::Mesh1), SocketAddr::new(Pod::Mesh1.v4(), 8080)).unwrap();
+    let r = node.ringtun.take().unwrap();
+    ringtun::sys::signal::terminate(r.pid()).unwrap();
+    let start = Instant::now();
+    while r.get(15021, "/healthz/ready").map(|(c, _)| c).unwrap_or(0) != 503 {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "readiness did not turn 503"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for _ in 0..3 {
+        let tried = Instant::now();
+        let to = SocketAddr::new(Pod::Mesh1.v4(), 8080);
+        let outcome = node
+            .ns(Pod::Ext)
+            .enter_for(|| TcpStream::connect_timeout(&to, Duration::from_secs(5)))
+            .unwrap();
+        let err = match outcome {
+            Ok(mut t) => {
+                t.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                read_until_end(&mut t).expect_err("a connection during the drain is refused")
+            }
+            Err(e) => e,
+        };
+        assert!(
+            is_reset(&err) || err.kind() == std::io::ErrorKind::ConnectionRefused,
+            "expected a reset or refusal, got {err:?}"
+        );
+        assert!(
+            tried.elapsed() < Duration::from_secs(1),
+            "refused after {:?}",
+            tried.elapsed()
+        );
+    }
+    let refused = r
+        .metric(
+            "ringtun_connection_failures_total",
+            &["reason=\"draining\""],
+        )
+        .unwrap();
+    assert!(refused >= 3.0, "draining refusals counted: {refused}");
+    // The open flow still works and ends the drain.
+    c.write_all(b"done").unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"done");
+    drop(s);
+    let _ = read_until_end(&mut c);
+    assert_eq!(r.terminate().unwrap(), 0);
+    node.baseline_fds = 0;
+}
+
+/// Pod mode: a local workload whose namespace is gone is not served, the others are; readiness
+/// answers 200 and names it, with why.
+fn pod_that_cannot_be_served_is_named_by_readiness() {
+    let tb = Testbed::create("gh").expect("testbed");
+    let ghost = format!(
+        "  - name: ghost\n    namespace: default\n    ips: [10.77.9.2]\n    node: node-a\n    protocol: TCP\n    netns: /var/run/netns/{}-ghost\n",
+        tb.prefix
+    );
+    let config = tb
+        .config_yaml(1, "")
+        .replace("services:", &format!("{ghost}services:"));
+    let cfg_path = std::env::temp_dir().join(format!("{}-ghost.yaml", tb.prefix));
+    std::fs::write(&cfg_path, &config).unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "redirect",
+            "install",
+            "--netns",
+            &tb.pod_name(Pod::Client),
+            "--config",
+        ])
+        .arg(&cfg_path)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&cfg_path);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = RingtunProcess::spawn(Path::new(BIN), &tb, &config, &[]).expect("ringtun starts");
+    let (code, body) = r.get(15021, "/healthz/ready").unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.contains("1 workload(s) not served") && body.contains("default/ghost"),
+        "{body}"
+    );
+    // The others are served: a client connection goes through ringtun.
+    exchange_intact(&tb, Pod::Ext, ext(EXT_PORT), 1 << 16);
+    let opened = r.metric("istio_tcp_connections_opened_total", &[]).unwrap();
+    assert!(
+        opened >= 1.0,
+        "the client's connection did not go through ringtun"
+    );
+    assert_eq!(r.terminate().unwrap(), 0);
 }

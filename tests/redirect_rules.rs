@@ -352,6 +352,33 @@ fn library_install_with_custom_ports_puts_them_in_the_rules() {
 }
 
 #[test]
+fn install_with_loopback_down_changes_nothing() {
+    if !have_root("install_with_loopback_down_changes_nothing") {
+        return;
+    }
+    let ns = ScratchNetns::new();
+    ns.exec_ok(&["ip", "link", "set", "lo", "down"]);
+    let before = ns.snapshot("nft");
+    let out = ringtun(&["redirect", "install", "--netns", ns.name.as_str()]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("loopback `lo` is down") && !stderr(&out).contains("partly"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        ns.snapshot("nft"),
+        before,
+        "install changed a namespace whose lo is down"
+    );
+    // Once lo is up the same command installs everything.
+    ns.exec_ok(&["ip", "link", "set", "lo", "up"]);
+    ringtun_ok(&["redirect", "install", "--netns", ns.name.as_str()]);
+    let shown = ringtun_ok(&["redirect", "show", "--netns", ns.name.as_str()]);
+    assert!(shown.contains("# state: installed"), "{shown}");
+}
+
+#[test]
 fn missing_netns_is_a_usage_error_naming_it() {
     if !have_root("missing_netns_is_a_usage_error_naming_it") {
         return;

@@ -78,6 +78,19 @@ pub enum CertError {
         cert.display(), key.display()
     )]
     CaCertWithoutKey { cert: PathBuf, key: PathBuf },
+    #[error(
+        "{}: the CA expires {ca_expires} (in {}), before a certificate valid {} would; \
+         choose a shorter --validity, or move the CA away to make a new one",
+        ca.display(),
+        super::config::format_duration(*.ca_left),
+        super::config::format_duration(*.validity)
+    )]
+    OutlivesCa {
+        ca: PathBuf,
+        ca_expires: String,
+        ca_left: Duration,
+        validity: Duration,
+    },
     #[error("workload {workload}: {source}")]
     Identity {
         workload: String,
@@ -345,6 +358,16 @@ impl DevCa {
         &self.cert_der
     }
 
+    /// When the CA certificate expires.
+    pub fn not_after(&self) -> Result<SystemTime, String> {
+        let (_, cert) = x509_parser::parse_x509_certificate(&self.cert_der)
+            .map_err(|e| format!("cannot parse the CA certificate: {e}"))?;
+        let secs = cert.validity().not_after.timestamp();
+        u64::try_from(secs)
+            .map(|s| std::time::UNIX_EPOCH + Duration::from_secs(s))
+            .map_err(|_| "the CA certificate expires before 1970".to_string())
+    }
+
     pub fn cert_pem(&self) -> &str {
         &self.cert_pem
     }
@@ -486,6 +509,23 @@ pub fn write_dev_certificates(
             "wrote {} (trust bundle)",
             layout.trust_bundle.display()
         ));
+    }
+    // A workload certificate the CA does not outlive would stop verifying when the CA
+    // expires, halfway through its stated lifetime: refuse before writing any.
+    let ca_not_after = ca.not_after().map_err(|detail| CertError::BadCertificate {
+        path: ca_cert_path.clone(),
+        detail,
+    })?;
+    if now + validity > ca_not_after {
+        return Err(CertError::OutlivesCa {
+            ca: ca_cert_path,
+            ca_expires: crate::observability::logging::rfc3339(ca_not_after),
+            ca_left: ca_not_after
+                .duration_since(now)
+                .map(|d| Duration::from_secs(d.as_secs()))
+                .unwrap_or_default(),
+            validity,
+        });
     }
     for id in &ids {
         let issued = ca.issue(id, now, validity)?;

@@ -84,8 +84,37 @@ pub fn to_make(previous: &State, next: &State, tunnels: bool) -> Vec<WorkloadId>
         .collect()
 }
 
+/// A local workload the node could not (fully) serve: its namespace or one of its listeners
+/// could not be opened.
+#[derive(Debug, Clone)]
+pub struct ListenerProblem {
+    /// `namespace/name`.
+    pub workload: String,
+    /// Pod mode (the workload has its own namespace): the node may serve the others.
+    pub pod: bool,
+    /// The failure was a missing privilege (EPERM/EACCES): `CAP_NET_ADMIN`, `CAP_SYS_ADMIN`.
+    pub not_permitted: bool,
+    pub message: String,
+}
+
+impl std::fmt::Display for ListenerProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "workload {}: {}", self.workload, self.message)
+    }
+}
+
+fn problem(workload: &str, pod: bool, e: &std::io::Error, what: String) -> ListenerProblem {
+    ListenerProblem {
+        workload: workload.to_string(),
+        pod,
+        not_permitted: e.kind() == std::io::ErrorKind::PermissionDenied,
+        message: what,
+    }
+}
+
 /// Listener sets, one `Vec` per reactor, for every local workload, and the problems met: a pod
-/// whose namespace is gone must not stop the node serving the others.
+/// whose namespace is gone must not stop the node serving the others (the caller decides what
+/// a problem means: see `App::start`).
 ///
 /// `tunnels`: this node can serve HBONE (it has certificates), so workloads that speak HBONE
 /// also get a 15008 listener.
@@ -94,7 +123,7 @@ pub fn create_all(
     reactors: usize,
     tunnels: bool,
     serial: u64,
-) -> (Vec<Vec<Listener>>, Vec<String>) {
+) -> (Vec<Vec<Listener>>, Vec<ListenerProblem>) {
     let ids: Vec<WorkloadId> = state.registry.local_workloads().map(|(id, _)| id).collect();
     create_for(state, &ids, reactors, tunnels, serial)
 }
@@ -106,7 +135,7 @@ pub fn create_for(
     reactors: usize,
     tunnels: bool,
     serial: u64,
-) -> (Vec<Vec<Listener>>, Vec<String>) {
+) -> (Vec<Vec<Listener>>, Vec<ListenerProblem>) {
     let mut per_reactor: Vec<Vec<Listener>> = (0..reactors).map(|_| Vec::new()).collect();
     let mut problems = Vec::new();
     let ports = state.config.node.ports;
@@ -115,11 +144,12 @@ pub fn create_for(
         let entry = state.registry.workload(id);
         let w = &entry.workload;
         let name = &entry.name;
+        let pod = w.netns.is_some();
         let netns = match &w.netns {
             Some(path) => match NetNs::open(path) {
                 Ok(ns) => Some(ns),
                 Err(e) => {
-                    problems.push(format!("workload {name}: {e}"));
+                    problems.push(problem(name, pod, &e, e.to_string()));
                     continue;
                 }
             },
@@ -206,14 +236,15 @@ pub fn create_for(
                             }),
                             Err(e) => {
                                 if r == 0 {
-                                    problems.push(format!("workload {name}: listener {addr}: {e}"));
+                                    let what = format!("listener {addr}: {e}");
+                                    problems.push(problem(name, pod, &e, what));
                                 }
                             }
                         }
                     }
                 }
             }
-            Err(e) => problems.push(format!("workload {name}: {e}")),
+            Err(e) => problems.push(problem(name, pod, &e, e.to_string())),
         }
     }
     (per_reactor, problems)

@@ -250,7 +250,7 @@ impl Reloader {
         for p in &problems {
             log::error!("reload: {p}");
         }
-        status.listener_problems = problems;
+        status.listener_problems = problems.iter().map(ToString::to_string).collect();
         for (control, listeners) in self.controls.iter().zip(per_reactor) {
             control.hand_listeners(ListenerUpdate {
                 serial,

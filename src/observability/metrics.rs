@@ -43,10 +43,12 @@ pub enum FailureKind {
     /// An inbound CONNECT that cannot be served as asked (400/431): malformed, or naming a
     /// destination that is not a local workload at the address the tunnel arrived on.
     ConnectInvalid,
+    /// The node is draining: a connection accepted now is reset at once.
+    Draining,
 }
 
 impl FailureKind {
-    pub const ALL: [FailureKind; 21] = [
+    pub const ALL: [FailureKind; 22] = [
         FailureKind::DownstreamReset,
         FailureKind::NoOriginalDst,
         FailureKind::UpstreamRefused,
@@ -68,6 +70,7 @@ impl FailureKind {
         FailureKind::TunnelPoolFull,
         FailureKind::PolicyDenied,
         FailureKind::ConnectInvalid,
+        FailureKind::Draining,
     ];
 
     /// downstream, upstream, policy, kernel or internal.
@@ -86,7 +89,7 @@ impl FailureKind {
             | StreamReset => "upstream",
             Loop | NotForThisWorkload | PolicyDenied => "policy",
             PipeUnavailable | SocketSetup | Accept => "kernel",
-            FlowLimit | TunnelUnavailable | TunnelPoolFull => "internal",
+            FlowLimit | TunnelUnavailable | TunnelPoolFull | Draining => "internal",
         }
     }
 
@@ -114,6 +117,7 @@ impl FailureKind {
             TunnelPoolFull => "hbone_pool_full",
             PolicyDenied => "policy_denied",
             ConnectInvalid => "hbone_bad_request",
+            Draining => "draining",
         }
     }
 

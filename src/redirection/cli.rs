@@ -187,7 +187,12 @@ pub fn run(action: RedirectAction) -> i32 {
         Ok(()) => exit_code::OK,
         Err(e) => {
             eprintln!("ringtun redirect {verb}: {e}");
-            if verb == "install" && exit_code(&e) == exit_code::FAILURE {
+            if verb == "install"
+                && matches!(
+                    e,
+                    RedirectError::Spawn { .. } | RedirectError::CommandFailed { .. }
+                )
+            {
                 // Install stops at the first failure; what ran before it is still in place.
                 eprintln!(
                     "ringtun redirect install: rules may be partly installed; \
@@ -253,7 +258,9 @@ fn exit_code(e: &RedirectError) -> i32 {
         RedirectError::InvalidSettings(_) | RedirectError::NetnsNotFound { .. } => {
             exit_code::CONFIG
         }
-        RedirectError::Spawn { .. } | RedirectError::CommandFailed { .. } => exit_code::FAILURE,
+        RedirectError::Spawn { .. }
+        | RedirectError::CommandFailed { .. }
+        | RedirectError::LoopbackDown { .. } => exit_code::FAILURE,
     }
 }
 

@@ -494,6 +494,11 @@ pub enum RedirectError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "loopback `lo` is down in {place}: TPROXY delivers captured connections through a local \
+         route on it; bring it up first (`ip link set lo up` there); no rule was changed"
+    )]
+    LoopbackDown { place: String },
     #[error("`{command}` failed ({status}): {stderr}")]
     CommandFailed {
         command: String,
@@ -949,10 +954,42 @@ fn preflight(plan: &RulePlan, netns: Option<&Path>) -> Result<(), RedirectError>
 /// first failing command; running `remove` afterwards cleans up a partial install.
 pub fn install(plan: &RulePlan, netns: Option<&Path>) -> Result<(), RedirectError> {
     preflight(plan, netns)?;
+    // The TPROXY route (`local default dev lo table …`) cannot be added while `lo` is down:
+    // checked before anything changes, so a down loopback never leaves half a rule set.
+    if !loopback_is_up(netns)? {
+        return Err(RedirectError::LoopbackDown {
+            place: match netns {
+                Some(p) => format!("network namespace {}", p.display()),
+                None => "the current network namespace".into(),
+            },
+        });
+    }
     for step in plan.install_steps() {
         step.execute(netns)?;
     }
     Ok(())
+}
+
+/// Whether `lo` is administratively up in `netns` (its flags, as `ip -o link show` prints
+/// them, include `UP`).
+fn loopback_is_up(netns: Option<&Path>) -> Result<bool, RedirectError> {
+    let cmd = Cmd::new(["ip", "-o", "link", "show", "dev", "lo"]);
+    let out = cmd.output(netns)?;
+    if !out.status.success() {
+        return Err(RedirectError::CommandFailed {
+            command: cmd.render(netns),
+            status: format!("{}", out.status),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(link_flags_up(&String::from_utf8_lossy(&out.stdout)))
+}
+
+/// `1: lo: <LOOPBACK,UP,LOWER_UP> mtu 65536 …` → true; `<LOOPBACK>` → false.
+fn link_flags_up(line: &str) -> bool {
+    line.split_once('<')
+        .and_then(|(_, rest)| rest.split_once('>'))
+        .is_some_and(|(flags, _)| flags.split(',').any(|f| f == "UP"))
 }
 
 /// Removes everything `install` adds; succeeds when nothing (or only part) is installed.
@@ -990,6 +1027,17 @@ pub fn is_installed(plan: &RulePlan, netns: Option<&Path>) -> Result<bool, Redir
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loopback_flags_are_read_from_ip_link() {
+        assert!(link_flags_up(
+            "1: lo: <LOOPBACK,UP,LOWER_UP> mtu 65536 qdisc noqueue state UNKNOWN"
+        ));
+        assert!(!link_flags_up(
+            "1: lo: <LOOPBACK> mtu 65536 qdisc noop state DOWN"
+        ));
+        assert!(!link_flags_up("garbage"));
+    }
 
     fn lines(text: &str) -> Vec<&str> {
         text.lines().collect()

@@ -7,7 +7,8 @@
 //! mismatched certificate, an unreadable bundle) fails as a whole and the running credentials
 //! stay.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use rustls::ServerConfig;
@@ -30,69 +31,149 @@ pub struct TunnelCredentials {
 /// Why the credentials of a snapshot cannot be built; each names what to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialsError {
-    #[error("node.tls: {0}")]
+    #[error("node.tls.trust_bundle: {0}")]
     TrustBundle(Box<CertError>),
-    #[error("workload identity {identity}: {source}")]
+    #[error("node.tls.certificate_dir: {}: cannot read: {source}", dir.display())]
+    CertificateDir {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("workload {workload}: identity {identity}: {source}")]
     Identity {
+        workload: Arc<str>,
         identity: String,
         source: IdentityError,
     },
-    #[error("certificate for {id}: {source}")]
+    #[error("workload {workload}: no usable certificate for {id}: {source}")]
     Certificate {
+        workload: Arc<str>,
         id: SpiffeId,
         source: Box<CertError>,
     },
-    #[error("TLS for {id}: {source}")]
-    Tls { id: SpiffeId, source: Box<TlsError> },
+    #[error("workload {workload}: TLS for {id}: {source}")]
+    Tls {
+        workload: Arc<str>,
+        id: SpiffeId,
+        source: Box<TlsError>,
+    },
 }
+
+/// Every problem [`load`] found, not just the first: an operator fixes them in one round.
+#[derive(Debug)]
+pub struct CredentialsErrors(pub Vec<CredentialsError>);
+
+impl std::fmt::Display for CredentialsErrors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for CredentialsErrors {}
 
 /// Loads the trust bundle and every local workload's certificate. `None` without `node.tls`:
 /// tunnels are off and HBONE routes refused.
 pub fn load(
     state: &State,
     ktls: &KtlsSupport,
-) -> Result<Option<TunnelCredentials>, CredentialsError> {
+) -> Result<Option<TunnelCredentials>, CredentialsErrors> {
+    Ok(read(state)?.map(|(client, server)| TunnelCredentials {
+        client,
+        server,
+        ktls: ktls.clone(),
+    }))
+}
+
+/// The client and server sides per local identity.
+type Sides = (
+    HashMap<SpiffeId, ClientTls>,
+    HashMap<SpiffeId, Arc<ServerConfig>>,
+);
+
+fn read(state: &State) -> Result<Option<Sides>, CredentialsErrors> {
     let node = &state.config.node;
     let Some(tls) = &node.tls else {
         return Ok(None);
     };
+    let mut problems = Vec::new();
     let trust = load_trust_bundle(&tls.trust_bundle)
-        .map_err(|e| CredentialsError::TrustBundle(Box::new(e)))?;
+        .map_err(|e| problems.push(CredentialsError::TrustBundle(Box::new(e))))
+        .ok();
+    if let Err(source) = std::fs::read_dir(&tls.certificate_dir) {
+        problems.push(CredentialsError::CertificateDir {
+            dir: tls.certificate_dir.clone(),
+            source,
+        });
+    }
     let mut client = HashMap::new();
     let mut server = HashMap::new();
+    let mut seen = HashSet::new();
     for (_, entry) in state.registry.local_workloads() {
-        let id = SpiffeId::parse(&entry.identity).map_err(|source| CredentialsError::Identity {
-            identity: entry.identity.clone(),
-            source,
-        })?;
-        if client.contains_key(&id) {
+        let workload = Arc::clone(&entry.name);
+        let id = match SpiffeId::parse(&entry.identity) {
+            Ok(id) => id,
+            Err(source) => {
+                problems.push(CredentialsError::Identity {
+                    workload,
+                    identity: entry.identity.clone(),
+                    source,
+                });
+                continue;
+            }
+        };
+        if !seen.insert(id.clone()) {
             continue;
         }
-        let creds = load_workload_credentials(&tls.certificate_dir, &id).map_err(|source| {
-            CredentialsError::Certificate {
-                id: id.clone(),
-                source: Box::new(source),
+        let creds = match load_workload_credentials(&tls.certificate_dir, &id) {
+            Ok(c) => c,
+            Err(source) => {
+                problems.push(CredentialsError::Certificate {
+                    workload,
+                    id,
+                    source: Box::new(source),
+                });
+                continue;
             }
-        })?;
-        let tls_error = |source| CredentialsError::Tls {
-            id: id.clone(),
-            source: Box::new(source),
         };
-        let c = ClientTls::new_for(&creds, &trust, node.hbone.cipher).map_err(tls_error)?;
-        let s = server_config_for(&creds, &trust, &node.trust_domain, node.hbone.cipher)
-            .map_err(tls_error)?;
-        client.insert(id.clone(), c);
-        server.insert(id, s);
+        let Some(trust) = &trust else { continue };
+        let made = ClientTls::new_for(&creds, trust, node.hbone.cipher).and_then(|c| {
+            server_config_for(&creds, trust, &node.trust_domain, node.hbone.cipher).map(|s| (c, s))
+        });
+        match made {
+            Ok((c, s)) => {
+                client.insert(id.clone(), c);
+                server.insert(id, s);
+            }
+            Err(source) => problems.push(CredentialsError::Tls {
+                workload,
+                id,
+                source: Box::new(source),
+            }),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(CredentialsErrors(problems));
     }
     log::info!(
         "HBONE tunnels: {} local identities, trust bundle {} ({} CA certificates)",
         client.len(),
         tls.trust_bundle.display(),
-        trust.len()
+        trust.as_ref().map_or(0, |t| t.len())
     );
-    Ok(Some(TunnelCredentials {
-        client,
-        server,
-        ktls: ktls.clone(),
-    }))
+    Ok(Some((client, server)))
+}
+
+/// Everything a node would refuse about the files a valid config names (the trust bundle, the
+/// certificate directory, each local workload's certificate and key), each as one line: what
+/// `check-config` reports beyond the file itself; `run` exits 64 for the same.
+pub fn check_files(state: &State) -> Vec<String> {
+    match read(state) {
+        Ok(_) => Vec::new(),
+        Err(e) => e.0.iter().map(ToString::to_string).collect(),
+    }
 }

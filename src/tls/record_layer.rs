@@ -118,6 +118,28 @@ impl Sealer {
         self.seal_one(ALERT, &[1, 0], out)
     }
 
+    /// Seals `inner` as it stands — content, content type, padding: a TLSInnerPlaintext a
+    /// peer may build in any shape — as one record. For the fuzz target that feeds
+    /// [`Opener`] records with every inner layout, not for tunnels.
+    pub(crate) fn seal_raw(&mut self, inner: &[u8], out: &mut Vec<u8>) -> Result<(), RecordError> {
+        let len = inner.len() + TAG;
+        if inner.len() > MAX_PLAINTEXT + 1 {
+            return Err(RecordError::Oversized(len));
+        }
+        let header = [APPLICATION_DATA, 3, 3, (len >> 8) as u8, len as u8];
+        let start = out.len();
+        out.extend_from_slice(&header);
+        out.extend_from_slice(inner);
+        let nonce = self.0.next_nonce()?;
+        let tag = self
+            .0
+            .key
+            .seal_in_place_separate_tag(nonce, Aad::from(header), &mut out[start + HEADER..])
+            .map_err(|_| RecordError::Cipher("seal failed"))?;
+        out.extend_from_slice(tag.as_ref());
+        Ok(())
+    }
+
     fn seal_one(
         &mut self,
         content: u8,

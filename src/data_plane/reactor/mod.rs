@@ -442,12 +442,9 @@ impl Reactor {
 
     fn start_drain(&mut self, now: Instant) {
         self.drain_deadline = Some(now + self.state.config.node.timeouts.drain);
-        for (i, slot) in self.listeners.iter_mut().enumerate() {
-            if let Some(l) = slot.take() {
-                self.driver.unwatch_listener(i, l.fd.as_raw_fd());
-                // The listener closes here; connections still in its backlog are reset by the kernel.
-            }
-        }
+        // The listeners stay open until the reactor returns, refusing every new connection
+        // with a reset (see `handle`); the driver's drop then cancels their accepts before
+        // they close.
         // Peers opening streams on our server tunnels should go elsewhere now.
         self.with_hbone(|h, io| h.goaway_server_tunnels(io, now));
         log::info!(
@@ -502,6 +499,26 @@ impl Reactor {
 
     fn handle(&mut self, ev: Event, now: Instant) {
         match ev {
+            Event::Accepted { listener, fd } if self.drain_deadline.is_some() => {
+                // Draining: the listeners stay open and refuse with a reset. Closed, a TPROXY
+                // listener would make the kernel drop captured SYNs silently, and clients would
+                // wait out their connect timeout instead of trying elsewhere.
+                self.metrics.accepted.fetch_add(1, Relaxed);
+                self.metrics.failure(FailureKind::Draining);
+                let addr = self
+                    .listeners
+                    .get(listener)
+                    .and_then(|l| l.as_ref())
+                    .map(|l| l.addr.to_string())
+                    .unwrap_or_default();
+                crate::log_limited!(
+                    log::Level::Info,
+                    "draining-refused",
+                    "reactor {}: draining: refused a new connection on {addr} with a reset",
+                    self.id
+                );
+                socket::close_with_reset(fd);
+            }
             Event::Accepted { listener, fd } => {
                 let hbone = self
                     .listeners
@@ -522,7 +539,9 @@ impl Reactor {
             }
             Event::AcceptFailed { listener, errno } => {
                 self.metrics.failure(FailureKind::Accept);
-                log::warn!(
+                crate::log_limited!(
+                    log::Level::Warn,
+                    "accept-failed",
                     "reactor {}: accept on listener {listener} failed: {}",
                     self.id,
                     io::Error::from_raw_os_error(errno)

@@ -239,6 +239,12 @@ impl Handshake {
         Ok(true)
     }
 
+    /// Writes what is still queued (after a failure: the rest of rustls's alert); false
+    /// while the socket is full.
+    pub fn flush_pending(&mut self, fd: RawFd) -> Result<bool, HandshakeError> {
+        self.flush(fd)
+    }
+
     /// Best effort: encodes what rustls queued after an error (its alert) and writes it once.
     fn send_alert(&mut self, fd: RawFd) {
         for _ in 0..4 {

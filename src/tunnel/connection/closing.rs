@@ -1,8 +1,16 @@
 //! How a tunnel ends: politely (GOAWAY, flush, close_notify, FIN, then the peer's FIN, while
 //! streams that finished both ways deliver their tail) or by failing (every stream reset, the
 //! socket closed with a reset).
+//!
+//! A failure the peer caused and can be told about — an HTTP/2 connection error (the session
+//! queued a GOAWAY naming it, RFC 9113 §5.4.1) or a refused TLS handshake (rustls wrote its
+//! alert) — first says so: the goodbye is written, then FIN, then the socket is read until the
+//! peer's FIN, all within [`GOODBYE_LINGER`]; only a peer that does not finish by then gets a
+//! reset. Closing at once with `SO_LINGER` 0 would discard the goodbye with the unsent bytes,
+//! and the peer would only ever see a reset.
 
 use std::io;
+use std::time::Duration;
 
 use hbone_proto::StreamId;
 
@@ -11,10 +19,14 @@ use crate::data_plane::driver::Interest;
 use crate::data_plane::timer::TimerKind;
 use crate::observability::hbone_metrics::{TunnelClose, TunnelFailure};
 use crate::observability::metrics::FailureKind;
+use crate::tls::handshake::HandshakeError;
 use crate::tls::ktls;
 use crate::tunnel::error::{Labelled, TunnelError};
 use crate::tunnel::streams::{Stream, StreamEnd, StreamPhase};
 use crate::tunnel::transport::Transport;
+
+/// How long a failing tunnel may take to deliver its goodbye and see the peer's FIN.
+pub const GOODBYE_LINGER: Duration = Duration::from_secs(1);
 
 impl Tunnel {
     /// The peer will send nothing more. Streams that already got everything both ways finish
@@ -101,20 +113,28 @@ impl Tunnel {
             return self.check_socket_done(ctx);
         }
         let fd = self.raw();
-        let Some(transport) = self.transport.as_mut() else {
-            return self.close_socket(true, ctx);
-        };
         if !self.fin_sent {
-            match transport.flush(fd) {
-                Ok(true) => {}
-                Ok(false) => return self.arm_socket(Interest::Write),
-                Err(e) => {
-                    log::debug!("reactor {}: closing tunnel: {e}", ctx.env.reactor);
-                    return self.close_socket(true, ctx);
+            if let Some(transport) = self.transport.as_mut() {
+                match transport.flush(fd) {
+                    Ok(true) => {}
+                    Ok(false) => return self.arm_socket(Interest::Write),
+                    Err(e) => {
+                        log::debug!("reactor {}: closing tunnel: {e}", ctx.env.reactor);
+                        return self.close_socket(true, ctx);
+                    }
                 }
+                transport.send_close_notify(fd);
+            } else if let Some(hs) = self.handshake.as_mut() {
+                // A refused handshake: rustls's alert goes out first.
+                match hs.flush_pending(fd) {
+                    Ok(true) => {}
+                    Ok(false) => return self.arm_socket(Interest::Write),
+                    Err(_) => return self.close_socket(true, ctx),
+                }
+            } else {
+                return self.close_socket(true, ctx);
             }
             self.fin_sent = true;
-            transport.send_close_notify(fd);
             let _ = crate::sys::socket::shutdown_write(fd);
         }
         let mut scratch = [0u8; 16 * 1024];
@@ -175,8 +195,10 @@ impl Tunnel {
         } else {
             log::Level::Warn
         };
-        log::log!(
+        // Peers provoke these at will (one per refused handshake): rate-limited per reason.
+        crate::log_limited!(
             level,
+            e.failure().label(),
             "reactor {}: {} tunnel {} failed: {} ({})",
             ctx.env.reactor,
             role.label(),
@@ -191,7 +213,10 @@ impl Tunnel {
         if self.phase != Phase::Closing {
             ctx.metrics.closed_failed(role, e.failure());
         }
-        self.writer = None;
+        // A half-written DATA frame cannot be followed by a GOAWAY: no goodbye then.
+        let goodbye = self.writer.take().is_none()
+            && matches!(self.phase, Phase::Open | Phase::Handshaking)
+            && self.has_goodbye(&e);
         let connecting = self.phase == Phase::Connecting;
         // Closed first: the streams' endings below must not start another ending.
         self.phase = Phase::Closed;
@@ -202,10 +227,38 @@ impl Tunnel {
             },
             ctx,
         );
+        if goodbye {
+            // The GOAWAY the session queued (and any RST_STREAM after it) goes into the
+            // output, then the polite close's flush, FIN and wait for the peer's FIN.
+            if let (Some(s), Some(t)) = (self.session.as_mut(), self.transport.as_mut()) {
+                self.frames.clear();
+                s.poll_transmit(&mut self.frames);
+                t.queue(&self.frames);
+            }
+            self.phase = Phase::Closing;
+            self.fin_sent = false;
+            self.socket_done = false;
+            self.actions.push_back(Action::Closing);
+            let key = self.key;
+            self.push_timer(key, ctx.now + GOODBYE_LINGER, TimerKind::Linger);
+            return self.continue_close(ctx);
+        }
         self.actions.push_back(Action::Closed {
             reset: true,
             connecting,
         });
+    }
+
+    /// Whether the peer can be told why the tunnel fails: the session queued a GOAWAY for an
+    /// HTTP/2 connection error, or rustls wrote the alert of a handshake it refused.
+    fn has_goodbye(&self, e: &TunnelError) -> bool {
+        match e {
+            TunnelError::Http2(_) => {
+                self.transport.is_some() && self.session.as_ref().is_some_and(|s| s.has_transmit())
+            }
+            TunnelError::Handshake(HandshakeError::Tls(_)) => self.handshake.is_some(),
+            _ => false,
+        }
     }
 
     pub(super) fn end_streams(

@@ -7,6 +7,7 @@
 //! user-space record layer ([`Tls::Rustls`]). Applications are threads on blocking sockets;
 //! every test checks bytes by hash.
 
+mod goaway;
 mod pair;
 mod random;
 
@@ -121,6 +122,8 @@ pub(super) struct Harness {
     pub iterations: u64,
     /// `Readiness::Edge`: the epoll set every socket is registered in.
     edge: Option<crate::sys::epoll::Epoll>,
+    /// `Tls::Rustls`: the CA both tunnels' certificates come from.
+    pub pki: Option<Pki>,
 }
 
 impl Harness {
@@ -169,6 +172,7 @@ impl Harness {
             iterations: 0,
             edge: (readiness == Readiness::Edge)
                 .then(|| crate::sys::epoll::Epoll::new().expect("epoll")),
+            pki: None,
         };
         let ckey = FlowKey {
             index: 1 << 30,
@@ -213,6 +217,7 @@ impl Harness {
                 let mut s = Tunnel::server(skey, OwnedFd::from(ss), server_role, conn, &mut ctx);
                 s.run(&mut ctx);
                 h.server.t = Some(s);
+                h.pki = Some(pki);
             }
         }
         for server in [false, true] {

@@ -104,23 +104,24 @@ fn a_reset_at_one_end_reaches_the_other_as_a_reset() {
         let writer = std::thread::spawn(move || {
             let mut app = app;
             let payload = data(2_000_000, 9);
-            let _ = app.write_all(&payload);
+            app.write_all(&payload)
         });
         let read = std::thread::spawn(move || {
             let mut buf = Vec::new();
             reader.read_to_end(&mut buf)
         });
         h.run_until(|h| h.client.ended.len() == 1 && h.server.ended.len() == 1);
-        let err = read
-            .join()
-            .unwrap()
-            .expect_err("the client must see a reset");
-        assert_eq!(
-            err.kind(),
-            ErrorKind::ConnectionReset,
-            "{tls:?} {readiness:?}"
+        // The kernel reports a reset once, to whichever call meets it first: the reader, or
+        // the writer still blocked in write(2) (the reader then sees EOF). A clean end would
+        // give neither a reset.
+        let read = read.join().unwrap().map(|_| ());
+        let written = writer.join().unwrap();
+        let reset =
+            |r: &std::io::Result<()>| matches!(r, Err(e) if e.kind() == ErrorKind::ConnectionReset);
+        assert!(
+            reset(&read) || reset(&written),
+            "{tls:?} {readiness:?}: the client must see a reset (read {read:?}, write {written:?})"
         );
-        writer.join().unwrap();
         assert!(
             matches!(h.server.ended[0].end, StreamEnd::LocalBroken { .. }),
             "{tls:?} {readiness:?}: {:?}",
