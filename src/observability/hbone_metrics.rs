@@ -142,6 +142,12 @@ label_enum!(
 );
 
 label_enum!(
+    /// A TLS 1.3 key update: the peer's followed (a new receive key), or our own sent (a
+    /// KeyUpdate record, then a new send key).
+    KeyUpdateKind { Followed => "followed", Sent => "sent" }
+);
+
+label_enum!(
     /// Which way DATA payload went.
     PayloadDirection { Sent => "sent", Received => "received" }
 );
@@ -176,6 +182,7 @@ pub struct HboneMetrics {
     streams: PerRole<[AtomicU64; STATUS_SLOTS]>,
     pool: [AtomicU64; PoolOutcome::COUNT],
     tls_records: [AtomicU64; TlsRecordKind::COUNT],
+    key_updates: [AtomicU64; KeyUpdateKind::COUNT],
     payload: [[AtomicU64; PayloadPath::COUNT]; PayloadDirection::COUNT],
 }
 
@@ -218,6 +225,14 @@ impl HboneMetrics {
 
     pub fn tls_record(&self, kind: TlsRecordKind) {
         self.tls_records[kind.index()].fetch_add(1, Relaxed);
+    }
+
+    pub fn key_update(&self, kind: KeyUpdateKind) {
+        self.key_updates[kind.index()].fetch_add(1, Relaxed);
+    }
+
+    pub fn key_updates(&self, kind: KeyUpdateKind) -> u64 {
+        self.key_updates[kind.index()].load(Relaxed)
     }
 
     pub fn payload(&self, direction: PayloadDirection, path: PayloadPath, bytes: u64) {
@@ -381,6 +396,20 @@ pub(super) fn render(out: &mut String, shards: &[&HboneMetrics]) {
         out,
         "ringtun_hbone_tls_records_total",
         "Non-data TLS records a tunnel received, by kind",
+        lines,
+    );
+
+    let lines = KeyUpdateKind::ALL
+        .iter()
+        .map(|&k| {
+            let v = sum(&|m| m.key_updates[k.index()].load(Relaxed));
+            (format!("kind=\"{}\"", k.label()), v)
+        })
+        .collect();
+    counter(
+        out,
+        "ringtun_hbone_tls_key_updates_total",
+        "TLS 1.3 key updates of running tunnels: the peer's followed, our own sent",
         lines,
     );
 

@@ -37,7 +37,7 @@ node:
     max_streams_per_tunnel: 100   # connections one pooled outbound tunnel carries (ztunnel: 100)
     pool_idle_timeout: 5m         # an outbound tunnel without connections this long is closed (inbound: 2×)
     ktls: auto                    # auto (kernel TLS when offered) | off (always rustls)
-    ktls_record_budget: 8388608   # TLS records a tunnel sends before it is replaced (< 2^24)
+    ktls_record_budget: 8388608   # TLS records per key: then a key update, or a new tunnel (< 2^24)
     cipher: any                   # any (AES-128-GCM preferred) | aes_128_gcm | aes_256_gcm
     zero_copy: true               # kTLS: splice DATA payload (false: copy it once each way)
   # Mutual TLS for HBONE tunnels (optional; `ringtun certs --config <file>` makes dev certs).

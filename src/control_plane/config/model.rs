@@ -128,8 +128,9 @@ pub struct HboneSettings {
     pub pool_idle_timeout: Duration,
     /// `auto`: kTLS when the kernel offloads the negotiated cipher; `off`: always user space.
     pub ktls: KtlsChoice,
-    /// TLS records a kTLS tunnel sends before it is retired (drained, replaced), so kernels
-    /// that cannot rekey never reach the AES-GCM limit of 2^24 records.
+    /// TLS records a tunnel sends under one key before it updates the key (where both ends
+    /// follow a TLS 1.3 KeyUpdate) or retires (drained, replaced), so no tunnel reaches the
+    /// AES-GCM limit of 2^24 records.
     pub ktls_record_budget: u64,
     /// Which TLS 1.3 suites tunnels offer and accept.
     pub cipher: CipherChoice,

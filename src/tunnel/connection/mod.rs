@@ -45,7 +45,7 @@ use super::error::TunnelError;
 use super::inbound_rules::RejectReason;
 use super::pool::TunnelId;
 use super::streams::{EndedStream, Stream, StreamEnd, StreamPhase, StreamSetup};
-use super::transport::Transport;
+use super::transport::{KeyUpdates, Transport, KEY_UPDATE_SETTING};
 use crate::control_plane::identity::SpiffeId;
 use crate::control_plane::workload_registry::WorkloadId;
 use crate::data_plane::authorization::Admission;
@@ -60,7 +60,7 @@ use crate::observability::hbone_metrics::{
 };
 use crate::observability::metrics::{CloseKind, FailureKind};
 use crate::redirection::netns::NetNs;
-use crate::tls::handshake::{Handshake, KernelSide, Progress};
+use crate::tls::handshake::{Handshake, Progress};
 use crate::tls::ktls::{self, RecordBudget, TunnelTlsMode, UserSpaceReason};
 
 mod closing;
@@ -222,8 +222,6 @@ pub struct Tunnel {
     phase: Phase,
     handshake: Option<Box<Handshake>>,
     transport: Option<Transport>,
-    /// rustls's state after the handover (derives the keys of a TLS 1.3 KeyUpdate).
-    kernel_tls: Option<KernelSide>,
     session: Option<Session>,
     streams: HashMap<StreamId, Stream>,
     mode: Option<TunnelTlsMode>,
@@ -322,7 +320,6 @@ impl Tunnel {
             phase,
             handshake: handshake.map(Box::new),
             transport: None,
-            kernel_tls: None,
             session: None,
             streams: HashMap::new(),
             mode: None,
@@ -590,13 +587,19 @@ impl Tunnel {
                 reason: UserSpaceReason::NoKtls("kTLS turned off by node.hbone.ktls".into()),
             }
         };
+        // Keys can be updated in user space always; on kTLS where the kernel takes a second
+        // key (`ringtun probe` tried it at start).
+        let kernel_rekey = ctx.env.ktls.rekey == crate::kernel_features::Rekey::Supported;
         let transport = match mode {
-            TunnelTlsMode::Kernel { .. } => Transport::kernel(est.plaintext, budget),
+            TunnelTlsMode::Kernel { .. } => {
+                let keys = KeyUpdates::new(est.kernel, kernel_rekey);
+                Transport::kernel(est.plaintext, budget, Some(keys))
+            }
             TunnelTlsMode::UserSpace { .. } => {
-                Transport::user_space(&est.secrets, est.plaintext, budget)?
+                let keys = KeyUpdates::new(est.kernel, true);
+                Transport::user_space(&est.secrets, est.plaintext, budget, Some(keys))?
             }
         };
-        self.kernel_tls = Some(est.kernel);
         self.peer_identity = Some(est.negotiated.peer.clone());
         self.start_session(transport, ctx);
         let role = self.role.label();
@@ -625,8 +628,16 @@ impl Tunnel {
     /// The HTTP/2 session starts over `transport` (its preface and SETTINGS queued first).
     fn start_session(&mut self, transport: Transport, ctx: &Ctx<'_>) {
         self.zero_copy = transport.is_kernel() && ctx.env.zero_copy;
+        let mut settings = Settings::default();
+        if transport.has_tls_session() {
+            // Whether we follow the peer's KeyUpdate; a ringtun peer updates its own key at
+            // the record budget only when we say 1.
+            settings.extensions = vec![(
+                KEY_UPDATE_SETTING,
+                u32::from(transport.follows_key_updates()),
+            )];
+        }
         self.transport = Some(transport);
-        let settings = Settings::default();
         let mut session = match self.role {
             Role::Client { .. } => Session::client(settings, ctx.now),
             Role::Server { .. } => Session::server(settings, ctx.now),
@@ -654,7 +665,7 @@ impl Tunnel {
     ) -> Tunnel {
         let mut t = Tunnel::new(key, fd, role, None, Phase::Open);
         let budget = RecordBudget::new(ctx.env.record_budget);
-        t.start_session(Transport::kernel(Vec::new(), budget), ctx);
+        t.start_session(Transport::kernel(Vec::new(), budget, None), ctx);
         t.mode = Some(TunnelTlsMode::Kernel {
             cipher: crate::kernel_features::KtlsCipher::Aes128Gcm,
         });
