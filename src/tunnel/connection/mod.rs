@@ -136,8 +136,11 @@ pub struct TunnelEnv {
     /// `node.hbone.ktls_record_budget` (capped by the suite's confidentiality limit).
     pub record_budget: u64,
     pub max_bytes_per_wakeup: usize,
-    /// Connect + TLS handshake deadline.
+    /// Connect + TLS handshake deadline (client tunnels).
     pub connect_timeout: Duration,
+    /// TLS handshake deadline of an accepted connection (server tunnels): shorter, so a peer
+    /// that connects and says nothing holds a handshake slot only briefly.
+    pub handshake_timeout: Duration,
     /// A stream without a byte either way for this long is cut.
     pub idle_timeout: Duration,
     /// A server tunnel without streams for this long is closed.
@@ -304,7 +307,7 @@ impl Tunnel {
             Some(Handshake::server(conn)),
             Phase::Handshaking,
         );
-        t.push_timer(key, ctx.now + ctx.env.connect_timeout, TimerKind::Connect);
+        t.push_timer(key, ctx.now + ctx.env.handshake_timeout, TimerKind::Connect);
         t
     }
 
