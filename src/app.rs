@@ -551,6 +551,7 @@ mod tests {
             max_flows_per_reactor: 4096,
             max_handshakes_per_reactor: 256,
             max_handshakes_per_source: 16,
+            max_tunnels_per_peer: 256,
         };
         // 20,000 descriptors, 2 reactors: 128 reserved, 512 for handshakes, 6 per flow.
         let flows = flows_per_reactor(20_000, 2, &limits);

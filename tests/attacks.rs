@@ -6,7 +6,9 @@
 //!
 //! - a handshake flood: thousands of idle TCP connections to port 15008 from many addresses
 //!   (500 held at once, each re-opened as soon as B cuts it), while a newcomer still gets its
-//!   tunnel and plaintext to B's pods is served.
+//!   tunnel and plaintext to B's pods is served;
+//! - parked authenticated tunnels: a certificate holder opens tunnel after tunnel and idles,
+//!   bounded per peer; and with the flow budget full, idle tunnels give their place up.
 //!
 //! The mesh is `testbed::two_nodes`; node B gets the small budgets under test.
 //!
@@ -239,6 +241,134 @@ fn park_tunnel(
     tls.write_all(&hello).ok()?;
     tls.flush().ok()?;
     Some(tls)
+}
+
+#[test]
+fn parked_authenticated_tunnels_are_bounded() {
+    if !root_or_skip("parked_authenticated_tunnels_are_bounded") {
+        return;
+    }
+    let m = mesh("io-uring", "  limits: {max_tunnels_per_peer: 4}\n");
+    let good = GoodClient::start(&m, Pod::Mesh1, MESH_PORT, 256 << 10);
+    let cfg = mesh2_certificate(&m);
+    let mut parked = Vec::new();
+    for _ in 0..40 {
+        if let Some(t) = park_tunnel(&m, cfg.clone()) {
+            parked.push(t);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        parked.len() >= 30,
+        "only {} tunnels could be parked",
+        parked.len()
+    );
+    // Two reactors, four per peer identity (and address) each: at most 8 of them stay open,
+    // and the good client's tunnels are not among the ones shed.
+    let settled = wait_for(|| {
+        m.b()
+            .metric("ringtun_hbone_tunnels_open", &["role=\"server\""])
+            .unwrap()
+            <= 8.0 + 2.0
+    });
+    let open = m
+        .b()
+        .metric("ringtun_hbone_tunnels_open", &["role=\"server\""])
+        .unwrap();
+    assert!(
+        settled,
+        "{open} server tunnels open on B with 40 parked:\n{}",
+        m.b().metrics().unwrap()
+    );
+    let shed = m
+        .b()
+        .metric("ringtun_hbone_tunnels_shed_total", &[])
+        .unwrap();
+    assert!(
+        shed >= 30.0,
+        "only {shed} parked tunnels shed:\n{}",
+        m.b().metrics().unwrap()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    drop(parked);
+    let (n, longest) = good.finish();
+    eprintln!("parked tunnels: {open} server tunnels open, {shed} shed; good client {n} exchanges, longest {longest:?}");
+    assert!(n >= 3, "the good client completed only {n} exchanges");
+    m.finish();
+}
+
+#[test]
+fn idle_tunnels_give_their_place_up_under_flow_pressure() {
+    if !root_or_skip("idle_tunnels_give_their_place_up_under_flow_pressure") {
+        return;
+    }
+    // 8 flows per reactor: parked tunnels alone fill B, so every newcomer needs room.
+    let m = mesh("io-uring", "  limits: {max_flows_per_reactor: 8}\n");
+    let good = GoodClient::start(&m, Pod::Mesh1, MESH_PORT, 256 << 10);
+    let cfg = mesh2_certificate(&m);
+    let mut parked = Vec::new();
+    for _ in 0..30 {
+        if let Some(t) = park_tunnel(&m, cfg.clone()) {
+            parked.push(t);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        parked.len() >= 25,
+        "only {} tunnels could be parked",
+        parked.len()
+    );
+    let idle_shed = || {
+        m.b()
+            .metric(
+                "ringtun_hbone_tunnels_shed_total",
+                &["reason=\"idle_under_pressure\""],
+            )
+            .unwrap()
+    };
+    let after_parking = idle_shed();
+    // With both reactors full of parked tunnels, plaintext to a pod on B is still served: an
+    // idle tunnel makes room for it.
+    for _ in 0..4 {
+        plaintext_exchange_to_mesh2(&m);
+    }
+    let open = m
+        .b()
+        .metric("ringtun_hbone_tunnels_open", &["role=\"server\""])
+        .unwrap();
+    let flow_limit = m
+        .b()
+        .metric(
+            "ringtun_connection_failures_total",
+            &["reason=\"flow_limit\""],
+        )
+        .unwrap();
+    drop(parked);
+    let (n, longest) = good.finish();
+    let shed = idle_shed();
+    eprintln!(
+        "flow pressure: {open} server tunnels open, {shed} idle ones shed ({after_parking} \
+         while parking); good client {n} exchanges, longest {longest:?}"
+    );
+    assert!(
+        after_parking >= 10.0,
+        "only {after_parking} idle tunnels shed for parked newcomers:\n{}",
+        m.b().metrics().unwrap()
+    );
+    assert!(
+        shed > after_parking,
+        "no idle tunnel made room for plaintext"
+    );
+    assert_eq!(
+        flow_limit, 0.0,
+        "a connection was refused at the flow limit"
+    );
+    assert!(
+        open <= 16.0,
+        "{open} server tunnels open with 8 flows per reactor"
+    );
+    assert!(n >= 3, "the good client completed only {n} exchanges");
+    m.finish();
 }
 
 /// A good client: from the client pod, exchanges of `bytes` each way with a server in

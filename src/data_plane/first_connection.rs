@@ -246,6 +246,7 @@ pub(crate) mod tests {
                 max_flows_per_reactor: 4096,
                 max_handshakes_per_reactor: 256,
                 max_handshakes_per_source: 16,
+                max_tunnels_per_peer: 256,
             },
             splice: SpliceSettings {
                 pipe_size: 1 << 18,

@@ -136,8 +136,14 @@ label_enum!(
         HandshakeBudget => "handshake_budget",
         /// The client address held `limits.max_handshakes_per_source` of them.
         HandshakePerSource => "handshake_per_source",
-        /// The flow budget was full when the handshake finished.
+        /// The peer identity held `limits.max_tunnels_per_peer` tunnels, none idle.
+        PeerIdentity => "peer_identity",
+        /// The peer address held `limits.max_tunnels_per_peer` tunnels, none idle.
+        PeerAddress => "peer_address",
+        /// The flow budget was full and no idle tunnel could make room.
         FlowLimit => "flow_limit",
+        /// A tunnel without streams closed to make room (for the same peer, or the flow budget).
+        IdleUnderPressure => "idle_under_pressure",
     }
 );
 

@@ -32,6 +32,7 @@ node:
     max_flows_per_reactor: 4096   # accepts beyond this are refused and counted
     max_handshakes_per_reactor: 256  # connections to 15008 still in their TLS handshake
     max_handshakes_per_source: 16    # of those, from one client address (IPv6: one /64)
+    max_tunnels_per_peer: 256     # server tunnels per peer identity and per peer address
   splice:                         # the zero-copy fast path (pipes between sockets)
     pipe_size: 262144             # bytes per pipe (F_SETPIPE_SZ), 4096..=16 MiB
     max_bytes_per_wakeup: 1048576 # per flow direction before yielding to other flows
@@ -223,6 +224,7 @@ mod tests {
             "handshake:",
             "max_handshakes_per_reactor:",
             "max_handshakes_per_source:",
+            "max_tunnels_per_peer:",
             "splice:",
             "pipe_size:",
             "max_bytes_per_wakeup:",

@@ -214,6 +214,9 @@ pub struct Limits {
     pub max_handshakes_per_reactor: usize,
     /// Of those, from one client address (IPv6: one /64).
     pub max_handshakes_per_source: usize,
+    /// Established server tunnels per reactor from one peer identity, and from one peer
+    /// address (idle ones are closed first to make room).
+    pub max_tunnels_per_peer: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]

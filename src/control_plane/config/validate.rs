@@ -52,6 +52,7 @@ const LIMITS_KEYS: &[&str] = &[
     "max_flows_per_reactor",
     "max_handshakes_per_reactor",
     "max_handshakes_per_source",
+    "max_tunnels_per_peer",
 ];
 const SPLICE_KEYS: &[&str] = &["pipe_size", "max_bytes_per_wakeup", "pipe_pool_size"];
 const TLS_KEYS: &[&str] = &["trust_bundle", "certificate_dir"];
@@ -100,6 +101,7 @@ pub(super) const DEFAULT_LIMITS: Limits = Limits {
     max_flows_per_reactor: 4096,
     max_handshakes_per_reactor: 256,
     max_handshakes_per_source: 16,
+    max_tunnels_per_peer: 256,
 };
 pub(super) const DEFAULT_SPLICE: SpliceSettings = SpliceSettings {
     pipe_size: 256 * 1024,
@@ -463,10 +465,16 @@ fn check_node(c: &mut Checker, n: &Node) -> (Option<String>, Option<NodeConfig>)
             "max_handshakes_per_source",
             DEFAULT_LIMITS.max_handshakes_per_source,
         );
+        let per_peer = count(
+            c,
+            "max_tunnels_per_peer",
+            DEFAULT_LIMITS.max_tunnels_per_peer,
+        );
         Some(Limits {
             max_flows_per_reactor: max?,
             max_handshakes_per_reactor: handshakes?,
             max_handshakes_per_source: per_source?,
+            max_tunnels_per_peer: per_peer?,
         })
     });
     let splice = f.or_default(c, "splice", DEFAULT_SPLICE, |c, v, path| {
@@ -1401,13 +1409,17 @@ policies:
         assert_eq!(short.node.timeouts.handshake, Duration::from_millis(500));
         let set = ok(&format!(
             "{HEAD}  timeouts: {{handshake: 300ms}}\n  limits: {{max_handshakes_per_reactor: 8, \
-             max_handshakes_per_source: 2}}\n"
+             max_handshakes_per_source: 2, max_tunnels_per_peer: 3}}\n"
         ));
         assert_eq!(set.node.timeouts.handshake, Duration::from_millis(300));
         let l = set.node.limits;
         assert_eq!(
-            (l.max_handshakes_per_reactor, l.max_handshakes_per_source),
-            (8, 2)
+            (
+                l.max_handshakes_per_reactor,
+                l.max_handshakes_per_source,
+                l.max_tunnels_per_peer
+            ),
+            (8, 2, 3)
         );
         let errs = errors(&format!(
             "{HEAD}  timeouts: {{connect: 1s, handshake: 3s}}\n  \

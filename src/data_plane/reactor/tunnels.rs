@@ -44,7 +44,7 @@ use crate::observability::metrics::{CloseKind, DenialAt, FailureKind, TcpCounter
 use crate::redirection::netns::{in_netns, NetNs};
 use crate::tls::credentials::TunnelCredentials;
 use crate::tls::{self};
-use crate::tunnel::connection::{Action, Ctx, OpenRefused, Role, Tunnel, TunnelEnv};
+use crate::tunnel::connection::{Action, Ctx, OpenRefused, Phase, Role, Tunnel, TunnelEnv};
 use crate::tunnel::inbound_rules::{outbound_connect, InboundDecision, InboundRules, RejectReason};
 use crate::tunnel::pool::{
     Checkout, CloseReason, PoolConfig, PoolEvent, PoolKey, TunnelId, TunnelPool,
@@ -75,12 +75,16 @@ pub(super) struct Tunnels {
 /// What server tunnels may hold, and what they hold now. Connections still in their TLS
 /// handshake are unauthenticated: they have their own budget (per reactor and per client
 /// address) and never count against the flow budget that flows and established tunnels
-/// share, so a flood of idle connections to port 15008 cannot lock anyone out.
+/// share, so a flood of idle connections to port 15008 cannot lock anyone out. Established
+/// server tunnels are bounded per peer identity and per peer address; a peer at its bound, or
+/// a flow budget that is full, first costs an idle tunnel (no streams) its place.
 #[derive(Debug)]
 struct Budgets {
     limits: crate::control_plane::config::Limits,
     handshakes: usize,
     handshakes_by_source: HashMap<IpAddr, usize>,
+    by_identity: HashMap<SpiffeId, usize>,
+    by_address: HashMap<IpAddr, usize>,
 }
 
 /// What one server tunnel holds of the [`Budgets`].
@@ -89,6 +93,11 @@ pub(super) enum Held {
     Nothing,
     /// A handshake slot, for this client address.
     Handshake(IpAddr),
+    /// An established tunnel of this peer.
+    Peer {
+        identity: SpiffeId,
+        address: IpAddr,
+    },
 }
 
 /// What the per-source handshake cap counts by: the IPv4 address, or the IPv6 /64 (one host
@@ -122,6 +131,10 @@ impl Budgets {
                 self.handshakes -= 1;
                 take_one(&mut self.handshakes_by_source, &source);
                 metrics.handshaking(-1);
+            }
+            Held::Peer { identity, address } => {
+                take_one(&mut self.by_identity, &identity);
+                take_one(&mut self.by_address, &address);
             }
         }
     }
@@ -162,6 +175,8 @@ impl Tunnels {
                 limits: node.limits,
                 handshakes: 0,
                 handshakes_by_source: HashMap::new(),
+                by_identity: HashMap::new(),
+                by_address: HashMap::new(),
             },
         }
     }
@@ -1377,6 +1392,46 @@ impl Tunnels {
         Some(e.armed)
     }
 
+    /// Established tunnels, their connections and plain flows share one per-reactor budget.
+    fn at_flow_limit(&self, io: &Shared<'_>) -> bool {
+        io.plain_flows + self.entries() >= io.max_flows
+    }
+
+    /// Under pressure: closes one server tunnel without streams (of `identity`, or from
+    /// `address`, when given), never `except`: the one whose peer opened a stream longest
+    /// ago (never one first, oldest first), so a tunnel in use between two connections keeps
+    /// its place while parked ones go. True when one was closed.
+    fn shed_idle(
+        &mut self,
+        io: &mut Shared<'_>,
+        now: Instant,
+        identity: Option<&SpiffeId>,
+        address: Option<IpAddr>,
+        except: FlowKey,
+    ) -> bool {
+        let victim = self
+            .tunnels
+            .iter()
+            .map(|(_, e)| e)
+            .filter(|e| e.key() != except && e.tunnel.phase() == Phase::Open)
+            .filter(|e| e.tunnel.stream_count() == 0)
+            .filter(|e| match &e.held {
+                Held::Peer {
+                    identity: i,
+                    address: a,
+                } => identity.is_none_or(|want| want == i) && address.is_none_or(|want| want == *a),
+                _ => false,
+            })
+            .min_by_key(|e| (e.tunnel.last_request(), e.since))
+            .map(Keyed::key);
+        let Some(victim) = victim else {
+            return false;
+        };
+        io.metrics.hbone.shed(TunnelShed::IdleUnderPressure);
+        self.with_tunnel(io, victim, now, |t, ctx| t.close(TunnelClose::Shed, ctx));
+        true
+    }
+
     /// The handshake budget is full and a source holding `newcomer` handshakes wants one:
     /// the source holding the most gives up its oldest, if it holds more — so a flood from
     /// many addresses cannot keep a peer that holds none (a node opening its first tunnel)
@@ -1408,8 +1463,15 @@ impl Tunnels {
         true
     }
 
-    /// A server tunnel finished its handshake: it leaves the handshake budget for the flow
-    /// budget; when that is full, the new tunnel is closed at once (GOAWAY) and counted.
+    /// The flow budget is full: an idle server tunnel gives its place up, if there is one.
+    /// True when the budget has room now.
+    pub fn make_room(&mut self, io: &mut Shared<'_>, now: Instant) -> bool {
+        !self.at_flow_limit(io) || self.shed_idle(io, now, None, None, FlowKey::NONE)
+    }
+
+    /// A server tunnel finished its handshake: it leaves the handshake budget and joins the
+    /// flow budget and its peer's. Over a bound, an idle tunnel makes room (of the same peer
+    /// for the peer bounds); without one the new tunnel is closed (GOAWAY) and counted.
     fn admit_established(&mut self, io: &mut Shared<'_>, tkey: FlowKey, now: Instant) {
         let Some(e) = entry_mut(&mut self.tunnels, tkey) else {
             return;
@@ -1418,20 +1480,71 @@ impl Tunnels {
             return;
         };
         let address = peer.ip();
+        let identity = e.tunnel.peer_identity().cloned();
         let held = std::mem::replace(&mut e.held, Held::Nothing);
         self.budgets.release(held, &io.metrics.hbone);
-        if io.plain_flows + self.entries() > io.max_flows {
-            let why = TunnelShed::FlowLimit;
+        // An established server tunnel always proved an identity (the handshake demands a
+        // client certificate); without one there is no peer to count it against.
+        let Some(identity) = identity else {
+            return;
+        };
+        let max = self.budgets.limits.max_tunnels_per_peer;
+        let identity_full = self
+            .budgets
+            .by_identity
+            .get(&identity)
+            .is_some_and(|n| *n >= max);
+        let address_full = self
+            .budgets
+            .by_address
+            .get(&address)
+            .is_some_and(|n| *n >= max);
+        // One idle tunnel makes room for one new one: of this identity and/or from this
+        // address, whichever bound is reached; of anyone when only the flow budget is full.
+        let refused = if identity_full || address_full {
+            let shed = self.shed_idle(
+                io,
+                now,
+                identity_full.then_some(&identity),
+                address_full.then_some(address),
+                tkey,
+            );
+            match (shed, identity_full) {
+                (true, _) => None,
+                (false, true) => Some(TunnelShed::PeerIdentity),
+                (false, false) => Some(TunnelShed::PeerAddress),
+            }
+        } else if io.plain_flows + self.entries() > io.max_flows
+            && !self.shed_idle(io, now, None, None, tkey)
+        {
+            Some(TunnelShed::FlowLimit)
+        } else {
+            None
+        };
+        if let Some(why) = refused {
             io.metrics.hbone.shed(why);
             crate::log_limited!(
                 log::Level::Warn,
                 why.label(),
-                "reactor {}: tunnel from {address} closed at once: {} ({} flows per reactor)",
+                "reactor {}: tunnel from {} ({}) closed at once: {} (limit {max} per peer, \
+                 {} flows per reactor)",
                 io.id,
+                address,
+                identity.to_uri(),
                 why.label(),
                 io.max_flows
             );
             self.with_tunnel(io, tkey, now, |t, ctx| t.close(TunnelClose::Shed, ctx));
+            return;
+        }
+        *self
+            .budgets
+            .by_identity
+            .entry(identity.clone())
+            .or_default() += 1;
+        *self.budgets.by_address.entry(address).or_default() += 1;
+        if let Some(e) = entry_mut(&mut self.tunnels, tkey) {
+            e.held = Held::Peer { identity, address };
         }
     }
 }

@@ -254,6 +254,9 @@ pub struct Tunnel {
     queued: bool,
     timer_at: Option<Instant>,
     idle_since: Option<Instant>,
+    /// When the peer last opened a stream (server tunnels): under pressure the tunnel idle
+    /// longest gives its place up first, never one a client is using right now.
+    last_request: Option<Instant>,
     actions: VecDeque<Action>,
     /// Frames polled from the session, reused.
     frames: Vec<u8>,
@@ -342,6 +345,7 @@ impl Tunnel {
             queued: false,
             timer_at: None,
             idle_since: None,
+            last_request: None,
             actions: VecDeque::new(),
             frames: Vec::new(),
         }
@@ -381,6 +385,11 @@ impl Tunnel {
 
     pub fn stream_count(&self) -> usize {
         self.streams.len()
+    }
+
+    /// When the peer last opened a stream on it (`None`: never).
+    pub fn last_request(&self) -> Option<Instant> {
+        self.last_request
     }
 
     /// The stream's local socket and the side it is registered as.
