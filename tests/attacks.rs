@@ -8,7 +8,9 @@
 //!   (500 held at once, each re-opened as soon as B cuts it), while a newcomer still gets its
 //!   tunnel and plaintext to B's pods is served;
 //! - parked authenticated tunnels: a certificate holder opens tunnel after tunnel and idles,
-//!   bounded per peer; and with the flow budget full, idle tunnels give their place up.
+//!   bounded per peer; and with the flow budget full, idle tunnels give their place up;
+//! - slow clients against the readiness port: idle connections and a one-byte-at-a-time
+//!   trickler must not delay the probe (here the probe is the client that must be served).
 //!
 //! The mesh is `testbed::two_nodes`; node B gets the small budgets under test.
 //!
@@ -368,6 +370,72 @@ fn idle_tunnels_give_their_place_up_under_flow_pressure() {
         "{open} server tunnels open with 8 flows per reactor"
     );
     assert!(n >= 3, "the good client completed only {n} exchanges");
+    m.finish();
+}
+
+#[test]
+fn slow_clients_do_not_delay_the_readiness_probe() {
+    if !root_or_skip("slow_clients_do_not_delay_the_readiness_probe") {
+        return;
+    }
+    let m = mesh("epoll", "");
+    // Node B's readiness endpoint, on the node namespace's loopback (the probe's address too).
+    let port = MeshNode::B.port_base() + 21;
+    let node_ns = m.tb.node_ns().unwrap();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let idle: Vec<TcpStream> = (0..40)
+        .filter_map(|_| node_ns.enter_for(|| TcpStream::connect(addr)).ok()?.ok())
+        .collect();
+    let trickler = {
+        let s = node_ns
+            .enter_for(|| TcpStream::connect(addr))
+            .unwrap()
+            .unwrap();
+        std::thread::spawn(move || {
+            let mut s = s;
+            let mut sent = 0;
+            for b in b"GET /healthz/ready HTTP/1.1\r\nHost: x\r\n"
+                .iter()
+                .cycle()
+                .take(30)
+            {
+                if s.write_all(&[*b]).is_err() {
+                    break;
+                }
+                sent += 1;
+                std::thread::sleep(Duration::from_millis(400));
+            }
+            sent
+        })
+    };
+    let mut slowest = Duration::ZERO;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(5) {
+        let t = Instant::now();
+        let (code, _) = m.b().get(port, "/healthz/ready").expect("probe answered");
+        assert_eq!(code, 200);
+        slowest = slowest.max(t.elapsed());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let trickled = trickler.join().unwrap();
+    drop(idle);
+    eprintln!("readiness under slow clients: slowest probe {slowest:?}; trickler cut after {trickled} bytes");
+    // The kubelet's default probe timeout is 1 s.
+    assert!(slowest < Duration::from_secs(1), "a probe took {slowest:?}");
+    // Cut at the 2 s request deadline: 5 or 6 bytes at one per 400 ms; 15 leaves room for
+    // a loaded machine.
+    assert!(
+        trickled < 15,
+        "the trickler was served {trickled} bytes' worth of time"
+    );
+    let shed = m
+        .b()
+        .metric(
+            "ringtun_admin_connections_shed_total",
+            &["endpoint=\"readiness\""],
+        )
+        .unwrap();
+    assert!(shed >= 1.0, "no slow readiness connection was shed");
     m.finish();
 }
 
