@@ -195,6 +195,10 @@ impl Ports {
 pub struct Timeouts {
     #[serde(with = "duration_serde")]
     pub connect: Duration,
+    /// A connection to port 15008 must finish its TLS handshake within this (shorter than
+    /// `connect`: a peer that connects and says nothing holds a handshake slot only so long).
+    #[serde(with = "duration_serde")]
+    pub handshake: Duration,
     #[serde(with = "duration_serde")]
     pub idle: Duration,
     /// How long SIGTERM waits for open flows before closing them.
@@ -206,6 +210,14 @@ pub struct Timeouts {
 pub struct Limits {
     /// Flows one reactor holds at most; accepts beyond it are refused (and counted).
     pub max_flows_per_reactor: usize,
+    /// Connections to port 15008 still in their TLS handshake, per reactor. Their own budget:
+    /// unauthenticated sockets never take room from flows and tunnels.
+    pub max_handshakes_per_reactor: usize,
+    /// Of those, from one client address (IPv6: one /64).
+    pub max_handshakes_per_source: usize,
+    /// Established server tunnels per reactor from one peer identity, and from one peer
+    /// address (idle ones are closed first to make room).
+    pub max_tunnels_per_peer: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]

@@ -136,8 +136,11 @@ pub struct TunnelEnv {
     /// `node.hbone.ktls_record_budget` (capped by the suite's confidentiality limit).
     pub record_budget: u64,
     pub max_bytes_per_wakeup: usize,
-    /// Connect + TLS handshake deadline.
+    /// Connect + TLS handshake deadline (client tunnels).
     pub connect_timeout: Duration,
+    /// TLS handshake deadline of an accepted connection (server tunnels): shorter, so a peer
+    /// that connects and says nothing holds a handshake slot only briefly.
+    pub handshake_timeout: Duration,
     /// A stream without a byte either way for this long is cut.
     pub idle_timeout: Duration,
     /// A server tunnel without streams for this long is closed.
@@ -249,6 +252,9 @@ pub struct Tunnel {
     queued: bool,
     timer_at: Option<Instant>,
     idle_since: Option<Instant>,
+    /// When the peer last opened a stream (server tunnels): under pressure the tunnel idle
+    /// longest gives its place up first, never one a client is using right now.
+    last_request: Option<Instant>,
     actions: VecDeque<Action>,
     /// Frames polled from the session, reused.
     frames: Vec<u8>,
@@ -302,7 +308,7 @@ impl Tunnel {
             Some(Handshake::server(conn)),
             Phase::Handshaking,
         );
-        t.push_timer(key, ctx.now + ctx.env.connect_timeout, TimerKind::Connect);
+        t.push_timer(key, ctx.now + ctx.env.handshake_timeout, TimerKind::Connect);
         t
     }
 
@@ -336,6 +342,7 @@ impl Tunnel {
             queued: false,
             timer_at: None,
             idle_since: None,
+            last_request: None,
             actions: VecDeque::new(),
             frames: Vec::new(),
         }
@@ -375,6 +382,11 @@ impl Tunnel {
 
     pub fn stream_count(&self) -> usize {
         self.streams.len()
+    }
+
+    /// When the peer last opened a stream on it (`None`: never).
+    pub fn last_request(&self) -> Option<Instant> {
+        self.last_request
     }
 
     /// The stream's local socket and the side it is registered as.
