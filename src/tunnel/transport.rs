@@ -333,13 +333,18 @@ impl Transport {
         Ok(n)
     }
 
-    /// Plaintext queued for the peer and not yet written.
+    /// Plaintext queued for the peer and not yet written, our due KeyUpdate included (it
+    /// waits for room like any other bytes: a writer that finds it pending waits too).
     pub fn out_pending(&self) -> usize {
         let records = match &self.mode {
             Mode::User(st) => st.writer.pending(),
             Mode::Kernel => 0,
         };
-        self.out.len() + records
+        let key_update = match &self.keys {
+            Some(k) if k.due => ktls::key_update_message(false).len(),
+            _ => 0,
+        };
+        self.out.len() + records + key_update
     }
 
     /// Room for more DATA frames before writers must wait.

@@ -899,15 +899,13 @@ impl Tunnel {
         );
         self.forget_queued(id);
         if !s.stream_gone && end != StreamEnd::Clean {
-            // A cut (idle, drain deadline, a policy that denies it now) resets the local
-            // socket, so the peer must reset its side too: CANCEL would reach it as EOF, and
-            // its client would take the cut-off stream for a complete one.
-            let code = match end {
-                StreamEnd::LocalBroken { .. } | StreamEnd::Cut(_) => ErrorCode::CONNECT_ERROR,
-                _ => ErrorCode::CANCEL,
-            };
+            // Every end but a clean one resets the local socket, so the peer must reset its
+            // side too: CANCEL (or NO_ERROR) would reach it as EOF, and its client would take
+            // the cut-off stream for a complete one (the kernel matrix caught exactly that: a
+            // stream ended here by a refused frame header reached the other node's client as
+            // a clean end, 0.7 MB short).
             if let Some(session) = self.session.as_mut() {
-                let _ = session.reset(id, code);
+                let _ = session.reset(id, ErrorCode::CONNECT_ERROR);
             }
         }
         let was_requested = s.phase == StreamPhase::Requested;
