@@ -15,7 +15,7 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use hbone_proto::{ConnectRequest, StreamId};
 use rustls::client::UnbufferedClientConnection;
@@ -41,7 +41,7 @@ use crate::observability::hbone_metrics::{
 };
 use crate::observability::metrics::{CloseKind, DenialAt, FailureKind, TcpCounters, TcpLabels};
 use crate::redirection::netns::{in_netns, NetNs};
-use crate::tls::credentials::TunnelCredentials;
+use crate::tls::credentials::{TunnelCredentials, Unusable};
 use crate::tls::{self};
 use crate::tunnel::connection::{Action, Ctx, OpenRefused, Role, Tunnel, TunnelEnv};
 use crate::tunnel::inbound_rules::{outbound_connect, InboundDecision, InboundRules, RejectReason};
@@ -142,6 +142,30 @@ impl Tunnels {
             self.process_pool_events(io, now);
         }
     }
+}
+
+/// A tunnel that would present a local certificate outside its validity is not made: a peer
+/// would refuse it anyway, after a handshake, with a less telling alert. Counted per role
+/// under the certificate's reason; the line is rate-limited, as every new connection of the
+/// workload meets the same refusal until its files are replaced.
+fn refuse_unusable_certificate(
+    io: &mut Shared<'_>,
+    role: RoleLabel,
+    identity: &str,
+    why: Unusable,
+) {
+    let reason = match why {
+        Unusable::Expired => TunnelFailure::LocalCertificateExpired,
+        Unusable::NotYetValid => TunnelFailure::LocalCertificateNotYetValid,
+    };
+    io.metrics.hbone.failed(role, reason);
+    crate::log_limited!(
+        log::Level::Warn,
+        why.label(),
+        "reactor {}: {} tunnel for {identity} refused: its certificate is {why}",
+        io.id,
+        role.label()
+    );
 }
 
 /// A tunnel in the reactor's slab, with the driver's state for its socket.
@@ -435,6 +459,12 @@ impl Tunnels {
                 .failed(RoleLabel::Server, TunnelFailure::NoCertificate);
             return socket::close_with_reset(fd);
         };
+        if let Err(why) = SpiffeId::parse(&entry.identity)
+            .map_or(Ok(()), |id| self.creds.usable(&id, SystemTime::now()))
+        {
+            refuse_unusable_certificate(io, RoleLabel::Server, &entry.identity, why);
+            return socket::close_with_reset(fd);
+        }
         if self.at_flow_limit(io) {
             io.metrics.failure(FailureKind::FlowLimit);
             return socket::close_with_reset(fd);
@@ -718,6 +748,11 @@ impl Tunnels {
                     _ => return self.pool_tunnel_failed(io, tid, now),
                 };
                 let peer = target.peer;
+                if let Err(why) = self.creds.usable(&target.source_id, SystemTime::now()) {
+                    let id = target.source_id.to_uri();
+                    refuse_unusable_certificate(io, RoleLabel::Client, &id, why);
+                    return self.pool_tunnel_failed(io, tid, now);
+                }
                 if let Err(e) = self.start_client_tunnel(io, tid, target, now) {
                     log::warn!("reactor {}: cannot open a tunnel to {peer}: {e}", io.id);
                     self.pool_tunnel_failed(io, tid, now);
