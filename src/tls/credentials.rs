@@ -4,11 +4,11 @@
 //! or not-yet-valid one is never presented and `/certificates` can list them; plus the kernel's
 //! kTLS support, probed once at start.
 //!
-//! Boundary: built from files by [`load`] at start and again by every reload; then only read,
-//! shared by every reactor through the snapshot. A build that fails (a missing or mismatched
-//! certificate, an unreadable bundle) changes nothing: the running credentials stay. A
-//! certificate outside its validity is loaded (it may be replaced any moment) but never
-//! presented: [`TunnelCredentials::usable`] says so per identity.
+//! Boundary: built from files by [`load`] at start, at every reload and whenever a certificate
+//! file changes; then only read, shared by every reactor through the snapshot. A build that
+//! fails (a missing or mismatched certificate, an unreadable bundle) changes nothing: the
+//! running credentials stay. A certificate outside its validity is loaded (it may be replaced
+//! any moment) but never presented: [`TunnelCredentials::usable`] says so per identity.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -20,7 +20,7 @@ use rustls::ServerConfig;
 use super::{server_config_for, ClientTls, TlsError};
 use crate::control_plane::certs::{
     identity_dir, load_trust_bundle, load_workload_credentials, CertError, WorkloadCredentials,
-    CERT_FILE,
+    CERT_FILE, KEY_FILE,
 };
 use crate::control_plane::identity::{IdentityError, SpiffeId};
 use crate::control_plane::state::State;
@@ -336,13 +336,32 @@ pub fn check_validity(state: &State, now: SystemTime) -> Vec<String> {
     lines.into_iter().map(|(_, line)| line).collect()
 }
 
+/// The files a snapshot's credentials are read from (the trust bundle, each local identity's
+/// certificate and key): a change of any of them rebuilds the credentials.
+pub fn credential_files(state: &State) -> Vec<PathBuf> {
+    let Some(tls) = &state.config.node.tls else {
+        return Vec::new();
+    };
+    let mut files = vec![tls.trust_bundle.clone()];
+    for (_, entry) in state.registry.local_workloads() {
+        if let Ok(id) = SpiffeId::parse(&entry.identity) {
+            let dir = identity_dir(&tls.certificate_dir, &id);
+            files.push(dir.join(CERT_FILE));
+            files.push(dir.join(KEY_FILE));
+        }
+    }
+    files.sort();
+    files.dedup();
+    files
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
     use std::time::{Duration, SystemTime};
 
     use super::*;
-    use crate::control_plane::certs::{DevCa, CA_CERT_FILE, KEY_FILE};
+    use crate::control_plane::certs::{DevCa, CA_CERT_FILE};
     use crate::control_plane::config;
 
     const HOUR: Duration = Duration::from_secs(3600);
@@ -449,5 +468,26 @@ mod tests {
             "{warnings:?}"
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_files_to_watch_are_the_bundle_and_each_local_identitys_pair() {
+        let state = node_state(Path::new("/c"));
+        let files: Vec<String> = credential_files(&state)
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        assert_eq!(
+            files,
+            [
+                "/c/ca.pem",
+                "/c/ns/now/cert.pem",
+                "/c/ns/now/key.pem",
+                "/c/ns/old/cert.pem",
+                "/c/ns/old/key.pem",
+                "/c/ns/soon/cert.pem",
+                "/c/ns/soon/key.pem",
+            ]
+        );
     }
 }
