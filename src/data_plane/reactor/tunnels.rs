@@ -445,10 +445,11 @@ impl Tunnels {
             _ => return socket::close_with_reset(fd),
         };
         let entry = io.state.registry.workload(workload);
-        let config = SpiffeId::parse(&entry.identity)
-            .ok()
-            .and_then(|id| self.creds.server.get(&id).cloned());
-        let Some(config) = config else {
+        let id = SpiffeId::parse(&entry.identity).ok();
+        let config = id
+            .as_ref()
+            .and_then(|id| self.creds.server.get(id).cloned());
+        let (Some(id), Some(config)) = (id, config) else {
             log::warn!(
                 "reactor {}: tunnel to {local} refused: no server certificate for {}",
                 io.id,
@@ -459,9 +460,7 @@ impl Tunnels {
                 .failed(RoleLabel::Server, TunnelFailure::NoCertificate);
             return socket::close_with_reset(fd);
         };
-        if let Err(why) = SpiffeId::parse(&entry.identity)
-            .map_or(Ok(()), |id| self.creds.usable(&id, SystemTime::now()))
-        {
+        if let Err(why) = self.creds.usable(&id, SystemTime::now()) {
             refuse_unusable_certificate(io, RoleLabel::Server, &entry.identity, why);
             return socket::close_with_reset(fd);
         }
