@@ -91,6 +91,11 @@ struct Status {
     digest: [u8; 32],
     /// Of the certificate files last read, likewise.
     credentials_digest: [u8; 32],
+    /// The certificate files of the last configuration refused because its certificates did
+    /// not load (a workload added before its certificate was written), and their fingerprint
+    /// then: when they change, that configuration is tried again.
+    waiting_for: Vec<PathBuf>,
+    waiting_digest: [u8; 32],
     last_error: Option<String>,
     last_error_at: Option<SystemTime>,
     last_applied_at: Option<SystemTime>,
@@ -110,7 +115,8 @@ impl Reloader {
         metrics: Arc<Metrics>,
         ktls: KtlsSupport,
     ) -> Reloader {
-        let credentials_digest = credentials_digest(&published.load().state);
+        let credentials_digest =
+            files_digest(&credentials::credential_files(&published.load().state));
         Reloader {
             path: file.path,
             published,
@@ -120,6 +126,8 @@ impl Reloader {
             status: Mutex::new(Status {
                 digest: file.digest,
                 credentials_digest,
+                waiting_for: Vec::new(),
+                waiting_digest: [0; 32],
                 last_error: None,
                 last_error_at: None,
                 last_applied_at: None,
@@ -136,10 +144,12 @@ impl Reloader {
     }
 
     /// The files whose change a reload applies (their directories are watched): the
-    /// configuration file and the certificate files the running configuration names.
+    /// configuration file, the certificate files the running configuration names, and those of
+    /// a configuration waiting for its certificates.
     pub fn watched_files(&self) -> Vec<PathBuf> {
         let mut files = vec![self.path.clone()];
         files.extend(credentials::credential_files(&self.published.load().state));
+        files.extend(self.status().waiting_for.iter().cloned());
         files
     }
 
@@ -172,9 +182,17 @@ impl Reloader {
         };
         let digest: [u8; 32] = Sha256::digest(&text).into();
         if trigger == Trigger::FileChanged && digest == status.digest {
-            return self.reload_credentials(&mut status, started);
+            let waited_for_changed = !status.waiting_for.is_empty()
+                && files_digest(&status.waiting_for) != status.waiting_digest;
+            if !waited_for_changed {
+                return self.reload_credentials(&mut status, started);
+            }
+            log::info!(
+                "the certificate files a refused configuration waits for changed: trying it again"
+            );
         }
         status.digest = digest;
+        status.waiting_for.clear();
         let text = match String::from_utf8(text) {
             Ok(t) => t,
             Err(_) => {
@@ -203,11 +221,17 @@ impl Reloader {
         }
         let generation = current.state.generation + 1;
         let state = State::new(config, generation);
-        status.credentials_digest = credentials_digest(&state);
+        let files = credentials::credential_files(&state);
+        let files_now = files_digest(&files);
         let credentials = match credentials::load(&state, &self.ktls) {
             Ok(c) => c.map(Arc::new),
-            Err(e) => return self.failed(&mut status, e.to_string()),
+            Err(e) => {
+                status.waiting_for = files;
+                status.waiting_digest = files_now;
+                return self.failed(&mut status, e.to_string());
+            }
         };
+        status.credentials_digest = files_now;
         let serial = current.serial + 1;
         self.hand_listeners(&mut status, &current.state, &state, serial);
         drop(current);
@@ -246,7 +270,7 @@ impl Reloader {
     /// running state with credentials built from them.
     fn reload_credentials(&self, status: &mut Status, started: Instant) -> Outcome {
         let current = self.published.load();
-        let digest = credentials_digest(&current.state);
+        let digest = files_digest(&credentials::credential_files(&current.state));
         if digest == status.credentials_digest {
             return Outcome::Unchanged;
         }
@@ -366,14 +390,14 @@ impl Reloader {
     }
 }
 
-/// The fingerprint of the certificate files `state` names, as they are now (a file that
-/// cannot be read counts by its error, so its return is a change).
-fn credentials_digest(state: &State) -> [u8; 32] {
+/// The fingerprint of `files` as they are now (a file that cannot be read counts by its error,
+/// so its return is a change).
+fn files_digest(files: &[PathBuf]) -> [u8; 32] {
     let mut h = Sha256::new();
-    for file in credentials::credential_files(state) {
+    for file in files {
         h.update(file.as_os_str().as_encoded_bytes());
         h.update([0]);
-        match std::fs::read(&file) {
+        match std::fs::read(file) {
             Ok(bytes) => {
                 h.update([1]);
                 h.update((bytes.len() as u64).to_le_bytes());
