@@ -27,6 +27,16 @@ use crate::tls::credentials;
 /// Descriptors kept back for listeners, the rings, logging and the admin endpoints.
 const FD_RESERVE: u64 = 128;
 
+/// The flows one reactor may hold: the configured limit, capped so every reactor's flows
+/// (up to [`FDS_PER_FLOW`] descriptors each) and TLS handshakes (one each, outside the flow
+/// budget) fit in the open-files limit `soft`.
+fn flows_per_reactor(soft: u64, reactors: usize, limits: &config::Limits) -> u64 {
+    let reactors = reactors.max(1) as u64;
+    let handshake_fds = limits.max_handshakes_per_reactor as u64 * reactors;
+    let budget = soft.saturating_sub(FD_RESERVE + handshake_fds) / FDS_PER_FLOW / reactors;
+    (limits.max_flows_per_reactor as u64).min(budget.max(1))
+}
+
 #[derive(Default, Clone)]
 pub struct Options {
     pub driver: Option<DriverChoice>,
@@ -220,11 +230,12 @@ impl App {
             }
         );
         let (soft, hard) = open_files_limit();
-        let budget = soft.saturating_sub(FD_RESERVE) / FDS_PER_FLOW / reactors as u64;
-        let max_flows = (config.node.limits.max_flows_per_reactor as u64).min(budget.max(1));
+        let max_flows = flows_per_reactor(soft, reactors, &config.node.limits);
         log::info!(
-            "open files limit {soft} (hard {hard}); a flow needs up to {FDS_PER_FLOW} descriptors, so each of \
-             {reactors} reactors takes at most {max_flows} flows (configured {})",
+            "open files limit {soft} (hard {hard}); a flow needs up to {FDS_PER_FLOW} descriptors \
+             and each of {} handshakes one, so each of {reactors} reactors takes at most \
+             {max_flows} flows (configured {})",
+            config.node.limits.max_handshakes_per_reactor,
             config.node.limits.max_flows_per_reactor
         );
         let cpus = std::thread::available_parallelism()
@@ -560,5 +571,28 @@ pub fn run_from_file(path: &Path, driver: Option<DriverChoice>, reactors: Option
             log::error!("{e}");
             exit_code::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flows_and_handshakes_fit_in_the_open_files_limit() {
+        let limits = config::Limits {
+            max_flows_per_reactor: 4096,
+            max_handshakes_per_reactor: 256,
+            max_handshakes_per_source: 16,
+            max_tunnels_per_peer: 256,
+        };
+        // 20,000 descriptors, 2 reactors: 128 reserved, 512 for handshakes, 6 per flow.
+        let flows = flows_per_reactor(20_000, 2, &limits);
+        assert_eq!(flows, (20_000 - 128 - 512) / 6 / 2);
+        assert!(2 * (flows * FDS_PER_FLOW + 256) + FD_RESERVE <= 20_000);
+        // A generous limit leaves the configured one.
+        assert_eq!(flows_per_reactor(1 << 20, 2, &limits), 4096);
+        // A tiny one still lets each reactor take a flow.
+        assert_eq!(flows_per_reactor(100, 2, &limits), 1);
     }
 }

@@ -1024,6 +1024,40 @@ fn peer_key_update_never_corrupts_or_truncates_silently() {
             retired,
             "kTLS without rekey cannot have followed the KeyUpdate"
         );
+    } else {
+        // User-space TLS, or a kernel that takes a second key: followed, and since the peer
+        // asked (rustls requests an update), our own key was updated in answer.
+        assert!(
+            followed,
+            "{mode}: the KeyUpdate was not followed; log:\n{log}"
+        );
+        let updates = |kind: &str| {
+            b.metric(
+                "ringtun_hbone_tls_key_updates_total",
+                &[&format!("kind=\"{kind}\"")],
+            )
+            .unwrap()
+        };
+        let (followed_n, sent_n) = (updates("followed"), updates("sent"));
+        fact(
+            "key-update-counted",
+            &format!("followed {followed_n}, sent {sent_n}"),
+        );
+        assert!(
+            followed_n >= 1.0 && sent_n >= 1.0,
+            "{mode}: key updates followed {followed_n}, sent {sent_n}"
+        );
+        if ktls {
+            // kTLS stayed on: the kernel counted the new keys on the node's sockets.
+            if let Some(stat) = tls_stat(Some(&tb.pod_ns(Pod::Mesh1).unwrap())) {
+                fact("key-update-tls-stat", &format!("{stat:?}"));
+                let n = |k: &str| stat.get(k).copied().unwrap_or(0);
+                assert!(
+                    n("TlsRxRekeyOk") >= 1 && n("TlsTxRekeyOk") >= 1,
+                    "the kernel counted no rekey: {stat:?}"
+                );
+            }
+        }
     }
     if retired {
         let counted = b
@@ -1101,9 +1135,11 @@ fn first_difference(want: &[u8], got: &[u8]) -> Option<String> {
     ))
 }
 
-/// With a tiny record budget the tunnels retire in the middle of streams, again and again.
-/// Every byte must arrive, in order, in both directions; on failure the message says where
-/// the first wrong byte is and what it is instead (the kernel matrix found such failures).
+/// With a tiny record budget the tunnels update their keys (where both ends follow a TLS
+/// KeyUpdate: user-space TLS, or kTLS on a kernel that takes a second key) or retire (where
+/// not) in the middle of streams, again and again. Every byte must arrive, in order, in both
+/// directions; on failure the message says where the first wrong byte is and what it is
+/// instead (the kernel matrix found such failures).
 ///
 /// `payload`: `None` runs what the configuration says (the default: spliced payload on kTLS);
 /// `Some(false)` pins `node.hbone.zero_copy: false`, the copied-payload path on kTLS.
@@ -1297,8 +1333,76 @@ fn record_budget_retirement_keeps_every_byte_in_order(driver: &str, zero_copy: O
         a.log_text(),
         b.log_text()
     );
+    // At the budget a node updates its own key where both ends follow a KeyUpdate (user-space
+    // TLS always; kTLS where the kernel takes a second key), else its tunnel retires.
+    let rekey = probe_json()["ktls"]["rekey"].as_str() == Some("supported");
+    let follows = |node: &RingtunProcess| {
+        let ktls = node
+            .metric("ringtun_hbone_tunnels_total", &["tls=\"ktls\""])
+            .unwrap();
+        ktls == 0.0 || rekey
+    };
+    let both = follows(&a) && follows(&b);
+    let updates = |node: &RingtunProcess, kind: &str| {
+        node.metric(
+            "ringtun_hbone_tls_key_updates_total",
+            &[&format!("kind=\"{kind}\"")],
+        )
+        .unwrap()
+            + 0.0
+    };
+    let (a_sent, b_sent) = (updates(&a, "sent"), updates(&b, "sent"));
+    let (a_followed, b_followed) = (updates(&a, "followed"), updates(&b, "followed"));
+    fact(
+        "record-budget-key-updates",
+        &format!(
+            "{driver}: kTLS rekey {rekey}; A sent {a_sent} followed {a_followed}, \
+             B sent {b_sent} followed {b_followed}, client handshakes {handshakes}"
+        ),
+    );
+    let retired = |node: &RingtunProcess| {
+        node.metric(
+            "ringtun_hbone_tunnels_closed_total",
+            &["reason=\"record_budget\""],
+        )
+        .unwrap()
+            + 0.0
+    };
     if budget == 64 {
-        assert!(handshakes >= 2.0, "the budget never retired a tunnel");
+        if both {
+            // 8 MiB each way in 16 KiB records at 64 records per key, over one tunnel per
+            // reactor: several updates each way, each followed by the other end, and no
+            // tunnel retired.
+            let tunnel_lines = |node: &RingtunProcess| {
+                node.log_text()
+                    .lines()
+                    .filter(|l| l.contains("tunnel") || l.contains("key"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            };
+            assert!(
+                a_sent >= 4.0 && b_sent >= 4.0,
+                "{driver}: both ends follow, yet A sent {a_sent} and B {b_sent} key updates\n\
+                 node A:\n{}\nnode B:\n{}",
+                tunnel_lines(&a),
+                tunnel_lines(&b)
+            );
+            assert_eq!(
+                (a_sent, b_sent),
+                (b_followed, a_followed),
+                "{driver}: key updates sent and followed differ"
+            );
+            assert_eq!(
+                (retired(&a), retired(&b)),
+                (0.0, 0.0),
+                "{driver}: a tunnel retired although keys update"
+            );
+        } else {
+            assert!(
+                retired(&a) + retired(&b) >= 1.0,
+                "{driver}: the budget never retired a tunnel"
+            );
+        }
     }
     finish("node A", a);
     finish("node B", b);

@@ -30,6 +30,11 @@ pub struct Settings {
     pub keepalive_interval: Option<Duration>,
     /// How long a keepalive PING may go unanswered. ztunnel: 20 s.
     pub keepalive_timeout: Duration,
+    /// SETTINGS parameters beyond RFC 9113's that we announce, as (identifier, value); take
+    /// identifiers from the experimental range 0xf000–0xffff (RFC 9113 §11.3). Every peer
+    /// ignores an identifier it does not know (§6.5.2); the peer's own value for one of these
+    /// identifiers is kept ([`Session::peer_extension`](crate::Session::peer_extension)).
+    pub extensions: Vec<(u16, u32)>,
 }
 
 impl Settings {
@@ -57,6 +62,7 @@ impl Default for Settings {
             max_queued_control_frames: 1000,
             keepalive_interval: Some(Duration::from_secs(10)),
             keepalive_timeout: Duration::from_secs(20),
+            extensions: Vec::new(),
         }
     }
 }

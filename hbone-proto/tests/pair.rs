@@ -576,3 +576,31 @@ proptest::proptest! {
         proptest::prop_assert!(ended, "END_STREAM not reported");
     }
 }
+
+/// Extension settings: each side learns the other's value for the identifiers it announces
+/// itself; an identifier only one side knows is ignored by the other, as RFC 9113 §6.5.2 asks.
+#[test]
+fn extension_settings_reach_a_peer_that_announces_the_same_identifier() {
+    let with = |ext: Vec<(u16, u32)>| Settings {
+        extensions: ext,
+        ..Settings::default()
+    };
+    let p = Pair::with_settings(
+        with(vec![(0xf0c5, 1)]),
+        with(vec![(0xf0c5, 0), (0xf0aa, 7)]),
+    );
+    assert_eq!(p.client.peer_extension(0xf0c5), Some(0));
+    assert_eq!(p.server.peer_extension(0xf0c5), Some(1));
+    // The client does not announce 0xf0aa: it ignores the server's value.
+    assert_eq!(p.client.peer_extension(0xf0aa), None);
+    assert_eq!(p.server.peer_extension(0xf0aa), None);
+    // A peer that announces nothing leaves it unknown; the session still runs.
+    let p = Pair::with_settings(with(vec![(0xf0c5, 1)]), Settings::default());
+    assert_eq!(p.client.peer_extension(0xf0c5), None);
+    let failed = |events: &[Event]| {
+        events
+            .iter()
+            .any(|e| matches!(e, Event::ConnectionError(_)))
+    };
+    assert!(!failed(&p.client_events) && !failed(&p.server_events));
+}

@@ -238,11 +238,15 @@ pub(crate) mod tests {
             readiness_addr: None,
             timeouts: Timeouts {
                 connect: Duration::from_secs(5),
+                handshake: Duration::from_secs(2),
                 idle: Duration::from_secs(3600),
                 drain: Duration::from_secs(30),
             },
             limits: Limits {
                 max_flows_per_reactor: 4096,
+                max_handshakes_per_reactor: 256,
+                max_handshakes_per_source: 16,
+                max_tunnels_per_peer: 256,
             },
             splice: SpliceSettings {
                 pipe_size: 1 << 18,

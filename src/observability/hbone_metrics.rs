@@ -127,6 +127,27 @@ label_enum!(
         RecordBudget => "record_budget",
         /// The peer closed its side first.
         PeerClosed => "peer_closed",
+        /// Closed to keep a budget (`ringtun_hbone_tunnels_shed_total` says which).
+        Shed => "shed",
+    }
+);
+
+label_enum!(
+    /// Why a server tunnel was refused or closed to keep a budget
+    /// (`ringtun_hbone_tunnels_shed_total{reason}`).
+    TunnelShed {
+        /// The reactor held `limits.max_handshakes_per_reactor` connections in their handshake.
+        HandshakeBudget => "handshake_budget",
+        /// The client address held `limits.max_handshakes_per_source` of them.
+        HandshakePerSource => "handshake_per_source",
+        /// The peer identity held `limits.max_tunnels_per_peer` tunnels, none idle.
+        PeerIdentity => "peer_identity",
+        /// The peer address held `limits.max_tunnels_per_peer` tunnels, none idle.
+        PeerAddress => "peer_address",
+        /// The flow budget was full and no idle tunnel could make room.
+        FlowLimit => "flow_limit",
+        /// A tunnel without streams closed to make room (for the same peer, or the flow budget).
+        IdleUnderPressure => "idle_under_pressure",
     }
 );
 
@@ -143,6 +164,12 @@ label_enum!(
         KeyUpdate => "key_update",
         Alert => "alert",
     }
+);
+
+label_enum!(
+    /// A TLS 1.3 key update: the peer's followed (a new receive key), or our own sent (a
+    /// KeyUpdate record, then a new send key).
+    KeyUpdateKind { Followed => "followed", Sent => "sent" }
 );
 
 label_enum!(
@@ -180,7 +207,10 @@ pub struct HboneMetrics {
     streams: PerRole<[AtomicU64; STATUS_SLOTS]>,
     pool: [AtomicU64; PoolOutcome::COUNT],
     tls_records: [AtomicU64; TlsRecordKind::COUNT],
+    key_updates: [AtomicU64; KeyUpdateKind::COUNT],
     payload: [[AtomicU64; PayloadPath::COUNT]; PayloadDirection::COUNT],
+    shed: [AtomicU64; TunnelShed::COUNT],
+    handshaking: AtomicI64,
 }
 
 impl HboneMetrics {
@@ -220,8 +250,30 @@ impl HboneMetrics {
         self.pool[outcome.index()].fetch_add(1, Relaxed);
     }
 
+    pub fn shed(&self, why: TunnelShed) {
+        self.shed[why.index()].fetch_add(1, Relaxed);
+    }
+
+    /// Server connections in their TLS handshake: one more (`+1`) or one fewer (`-1`).
+    pub fn handshaking(&self, delta: i64) {
+        self.handshaking.fetch_add(delta, Relaxed);
+    }
+
+    /// Tunnels shed for `why` so far.
+    pub fn shed_count(&self, why: TunnelShed) -> u64 {
+        self.shed[why.index()].load(Relaxed)
+    }
+
     pub fn tls_record(&self, kind: TlsRecordKind) {
         self.tls_records[kind.index()].fetch_add(1, Relaxed);
+    }
+
+    pub fn key_update(&self, kind: KeyUpdateKind) {
+        self.key_updates[kind.index()].fetch_add(1, Relaxed);
+    }
+
+    pub fn key_updates(&self, kind: KeyUpdateKind) -> u64 {
+        self.key_updates[kind.index()].load(Relaxed)
     }
 
     pub fn payload(&self, direction: PayloadDirection, path: PayloadPath, bytes: u64) {
@@ -343,6 +395,30 @@ pub(super) fn render(out: &mut String, shards: &[&HboneMetrics]) {
         lines,
     );
 
+    let name = "ringtun_hbone_handshakes_in_progress";
+    header(
+        out,
+        name,
+        "gauge",
+        "Connections to port 15008 in their TLS handshake now (their own budget)",
+    );
+    let v: i64 = shards.iter().map(|m| m.handshaking.load(Relaxed)).sum();
+    let _ = writeln!(out, "{name} {v}");
+
+    let lines = TunnelShed::ALL
+        .iter()
+        .map(|&w| {
+            let v = sum(&|m| m.shed[w.index()].load(Relaxed));
+            (format!("reason=\"{}\"", w.label()), v)
+        })
+        .collect();
+    counter(
+        out,
+        "ringtun_hbone_tunnels_shed_total",
+        "Server tunnels refused or closed to keep a budget, by reason",
+        lines,
+    );
+
     let mut lines = Vec::new();
     for &role in Role::ALL {
         for slot in 0..STATUS_SLOTS {
@@ -385,6 +461,20 @@ pub(super) fn render(out: &mut String, shards: &[&HboneMetrics]) {
         out,
         "ringtun_hbone_tls_records_total",
         "Non-data TLS records a tunnel received, by kind",
+        lines,
+    );
+
+    let lines = KeyUpdateKind::ALL
+        .iter()
+        .map(|&k| {
+            let v = sum(&|m| m.key_updates[k.index()].load(Relaxed));
+            (format!("kind=\"{}\"", k.label()), v)
+        })
+        .collect();
+    counter(
+        out,
+        "ringtun_hbone_tls_key_updates_total",
+        "TLS 1.3 key updates of running tunnels: the peer's followed, our own sent",
         lines,
     );
 

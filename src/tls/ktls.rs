@@ -9,9 +9,11 @@
 //! messages; it owns no socket and makes no policy. After offload, non-data records reach the
 //! tunnel as `recvmsg` control messages ([`recv_record`]) and are judged by [`control_record`]:
 //! NewSessionTicket is ignored (the tunnel configs disable resumption; ztunnel's server still
-//! sends two), close_notify is EOF, a KeyUpdate from the peer ends the tunnel. This side never
-//! rekeys either, so a tunnel retires before its suite's confidentiality limit
-//! ([`record_limit`], [`RecordBudget`]).
+//! sends two), close_notify is EOF, a KeyUpdate is the peer's new key. Kernels from 6.14 take a
+//! second key on a live socket ([`install_next_key`]; `ringtun probe` tries it): there a
+//! tunnel follows its peer's KeyUpdate and updates its own key at the record budget
+//! ([`record_limit`], [`RecordBudget`]); on older kernels a peer's KeyUpdate ends the tunnel
+//! and a tunnel retires at the budget (`tunnel::transport` decides).
 
 use std::fmt;
 use std::io;
@@ -39,9 +41,9 @@ pub const MAX_RECORD_PAYLOAD: usize = 16384;
 /// keeping a safety margin of approximately 2^-57"; rustls uses 2^24 for these suites.
 pub const AES_GCM_RECORD_LIMIT: u64 = 1 << 24;
 
-/// Records one tunnel may send before it must retire (GOAWAY, new tunnel): half the limit,
-/// about 137 GB of full records. The kernel cannot re-key a socket whose keys were extracted
-/// (and kernels before ~6.14 cannot re-key at all), so this holds on every kernel.
+/// Records one tunnel may send under one key before it updates the key (where both ends can
+/// follow a KeyUpdate) or retires (GOAWAY, new tunnel): half the limit, about 137 GB of full
+/// records.
 pub const TX_RECORD_BUDGET: u64 = AES_GCM_RECORD_LIMIT / 2;
 
 /// TLS record content types (RFC 8446 §5.1).
@@ -309,9 +311,15 @@ impl RecordBudget {
         self.sent
     }
 
-    /// True once the tunnel should stop taking new streams and close after draining.
+    /// True once the records under the current key reached the limit: the tunnel updates its
+    /// key, or, where it cannot, stops taking new streams and closes after draining.
     pub fn should_retire(&self) -> bool {
         self.sent >= self.limit
+    }
+
+    /// A new send key: the count starts again.
+    pub fn rekeyed(&mut self) {
+        self.sent = 0;
     }
 }
 
@@ -322,9 +330,9 @@ pub enum ControlRecord {
     Ignore,
     /// close_notify: the peer finished sending (EOF for the tunnel).
     PeerClosed,
-    /// KeyUpdate: the peer changed its keys, which extracted secrets cannot follow. Stop using
-    /// the tunnel for new streams and close it.
-    Retire(&'static str),
+    /// KeyUpdate (RFC 8446 §4.6.3): every later record of the peer is sealed with its next
+    /// key; `update_requested` asks us to update ours too.
+    KeyUpdate { update_requested: bool },
     /// A fatal alert or a record that has no business here: close the tunnel.
     Fatal(String),
 }
@@ -342,7 +350,7 @@ pub fn control_record(record_type: u8, payload: &[u8]) -> ControlRecord {
         CONTENT_HANDSHAKE => {
             // RFC 8446 §4: msg_type (1), length (3), body; one record may carry several.
             let mut rest = payload;
-            let mut retire = false;
+            let mut key_update = None;
             while !rest.is_empty() {
                 let [kind, a, b, c, ref tail @ ..] = *rest else {
                     return ControlRecord::Fatal("truncated handshake message".into());
@@ -351,10 +359,23 @@ pub fn control_record(record_type: u8, payload: &[u8]) -> ControlRecord {
                 if tail.len() < len {
                     return ControlRecord::Fatal("truncated handshake message".into());
                 }
-                match kind {
-                    4 => {}
-                    24 => retire = true,
-                    other => {
+                //= rfc8446#section-5.1
+                //# Handshake messages MUST NOT span key changes.  Implementations
+                //# MUST verify that all messages immediately preceding a key change
+                //# align with a record boundary
+                if key_update.is_some() {
+                    return ControlRecord::Fatal(
+                        "a message follows KeyUpdate in its record".into(),
+                    );
+                }
+                match (kind, &tail[..len]) {
+                    (4, _) => {}
+                    //= rfc8446#section-4.6.3
+                    //# If an implementation receives any other value [than 0 or 1],
+                    //# it MUST terminate the connection with an "illegal_parameter" alert.
+                    (24, [requested @ (0 | 1)]) => key_update = Some(*requested == 1),
+                    (24, _) => return ControlRecord::Fatal("malformed KeyUpdate".into()),
+                    (other, _) => {
                         return ControlRecord::Fatal(format!(
                             "unexpected post-handshake message type {other}"
                         ))
@@ -362,14 +383,52 @@ pub fn control_record(record_type: u8, payload: &[u8]) -> ControlRecord {
                 }
                 rest = &tail[len..];
             }
-            if retire {
-                ControlRecord::Retire("peer sent KeyUpdate; kTLS keys cannot follow")
-            } else {
-                ControlRecord::Ignore
+            match key_update {
+                Some(update_requested) => ControlRecord::KeyUpdate { update_requested },
+                None => ControlRecord::Ignore,
             }
         }
         other => ControlRecord::Fatal(format!("unexpected TLS record type {other}")),
     }
+}
+
+/// RFC 8446 §4.6.3: the KeyUpdate handshake message (type 24, length 1).
+pub fn key_update_message(update_requested: bool) -> [u8; 5] {
+    [24, 0, 0, 1, u8::from(update_requested)]
+}
+
+/// Sends our KeyUpdate on a kTLS socket, as a handshake record under the current key; the
+/// kernel first closes any record it holds open. Then [`install_next_key`] for `TLS_TX`.
+pub fn send_key_update(fd: RawFd, update_requested: bool) -> io::Result<()> {
+    crate::sys::tls::send_record(fd, CONTENT_HANDSHAKE, &key_update_message(update_requested))
+        .map(drop)
+}
+
+/// Which way a key goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyDirection {
+    Send,
+    Receive,
+}
+
+/// Installs the next key of one direction on a live kTLS socket (TLS 1.3 KeyUpdate; kernels
+/// 6.14+, EBUSY before). A new key starts at record sequence 0.
+pub fn install_next_key(
+    sock: RawFd,
+    direction: KeyDirection,
+    secrets: &ConnectionTrafficSecrets,
+) -> Result<(), KtlsError> {
+    let (option, name) = match direction {
+        KeyDirection::Send => (TLS_TX, "TLS_TX"),
+        KeyDirection::Receive => (TLS_RX, "TLS_RX"),
+    };
+    let mut info = crypto_info(secrets, 0);
+    let result = set_crypto_info(sock, option, &info);
+    wipe(&mut info);
+    result.map_err(|errno| KtlsError::Kernel {
+        option: name,
+        errno,
+    })
 }
 
 /// Sends a close_notify alert on a kTLS socket (an alert record, warning level).
@@ -465,10 +524,39 @@ pub(crate) mod tests {
             control_record(CONTENT_HANDSHAKE, &two),
             ControlRecord::Ignore
         );
-        assert!(matches!(
+        assert_eq!(
             control_record(CONTENT_HANDSHAKE, &[24, 0, 0, 1, 0]),
-            ControlRecord::Retire(_)
+            ControlRecord::KeyUpdate {
+                update_requested: false
+            }
+        );
+        assert_eq!(
+            control_record(CONTENT_HANDSHAKE, &[24, 0, 0, 1, 1]),
+            ControlRecord::KeyUpdate {
+                update_requested: true
+            }
+        );
+        // A NewSessionTicket before it is fine; anything after it, or a bad value, is not.
+        assert_eq!(
+            control_record(CONTENT_HANDSHAKE, &[4, 0, 0, 1, 7, 24, 0, 0, 1, 1]),
+            ControlRecord::KeyUpdate {
+                update_requested: true
+            }
+        );
+        assert!(matches!(
+            control_record(CONTENT_HANDSHAKE, &[24, 0, 0, 1, 0, 4, 0, 0, 0]),
+            ControlRecord::Fatal(s) if s.contains("follows KeyUpdate")
         ));
+        for bad in [
+            &[24u8, 0, 0, 1, 2][..],
+            &[24, 0, 0, 2, 0, 0],
+            &[24, 0, 0, 0],
+        ] {
+            assert!(matches!(
+                control_record(CONTENT_HANDSHAKE, bad),
+                ControlRecord::Fatal(s) if s == "malformed KeyUpdate"
+            ));
+        }
         assert!(matches!(
             control_record(CONTENT_HANDSHAKE, &[4, 0, 0, 9, 1]),
             ControlRecord::Fatal(s) if s.contains("truncated")

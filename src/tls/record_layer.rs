@@ -10,9 +10,9 @@
 //!
 //! The semantics match the kernel's, so a tunnel behaves the same in both modes: non-data
 //! records come back with their content type for `ktls::control_record` to judge (a
-//! NewSessionTicket is dropped, close_notify is EOF, a KeyUpdate — which extracted keys
-//! cannot follow — ends the tunnel), and the sender never re-keys: the tunnel retires at its
-//! record budget, long before the AES-GCM limit.
+//! NewSessionTicket is dropped, close_notify is EOF, a KeyUpdate gets the next key), and a
+//! key update of our own ([`RecordWriter::key_update`]) seals the KeyUpdate under the old key
+//! and every later record under the next.
 
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM, AES_256_GCM};
 use rustls::ConnectionTrafficSecrets;
@@ -25,6 +25,7 @@ const TAG: usize = 16;
 const MAX_CIPHERTEXT: usize = MAX_PLAINTEXT + 256;
 const APPLICATION_DATA: u8 = 23;
 const ALERT: u8 = 21;
+const HANDSHAKE: u8 = 22;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RecordError {
@@ -116,6 +117,11 @@ impl Sealer {
     /// Appends a close_notify alert record.
     pub fn seal_close_notify(&mut self, out: &mut Vec<u8>) -> Result<(), RecordError> {
         self.seal_one(ALERT, &[1, 0], out)
+    }
+
+    /// Appends a handshake record carrying `message` (a KeyUpdate).
+    pub fn seal_handshake(&mut self, message: &[u8], out: &mut Vec<u8>) -> Result<(), RecordError> {
+        self.seal_one(HANDSHAKE, message, out)
     }
 
     /// Seals `inner` as it stands — content, content type, padding: a TLSInnerPlaintext a
@@ -369,12 +375,28 @@ impl RecordWriter {
         self.seal_open()?;
         let mut alert = Vec::new();
         self.sealer.seal_close_notify(&mut alert)?;
-        self.grow(self.len + alert.len());
-        self.buf[self.len..self.len + alert.len()].copy_from_slice(&alert);
-        self.len += alert.len();
+        self.push_sealed(&alert);
+        Ok(())
+    }
+
+    /// Our TLS 1.3 key update: what is open is sealed, then `message` (the KeyUpdate) under the
+    /// current key; every later record is sealed by `next`.
+    pub fn key_update(&mut self, message: &[u8], next: Sealer) -> Result<(), RecordError> {
+        self.seal_open()?;
+        let mut record = Vec::new();
+        self.sealer.seal_handshake(message, &mut record)?;
+        self.push_sealed(&record);
+        self.sealer = next;
+        Ok(())
+    }
+
+    /// Appends one record sealed outside the buffer.
+    fn push_sealed(&mut self, record: &[u8]) {
+        self.grow(self.len + record.len());
+        self.buf[self.len..self.len + record.len()].copy_from_slice(record);
+        self.len += record.len();
         self.sealed = self.len;
         self.records += 1;
-        Ok(())
     }
 
     fn open_len(&self) -> usize {

@@ -28,7 +28,7 @@ pub enum TunnelError {
     #[error("{0}")]
     TlsAlert(String),
     #[error("{0}")]
-    KeyUpdate(&'static str),
+    KeyUpdate(String),
     #[error("peer closed TCP without close_notify")]
     PeerClosedWithoutCloseNotify,
     #[error("peer closed TCP inside a TLS record")]

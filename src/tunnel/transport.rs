@@ -6,13 +6,16 @@
 //! and [`consume`] shortens; in kTLS mode the tunnel may instead splice DATA payload straight
 //! off the socket ([`Transport::can_splice`]) whenever nothing is buffered. Non-data records are
 //! judged the same way in both modes ([`ktls::control_record`]): NewSessionTicket is dropped,
-//! close_notify is EOF, KeyUpdate and alerts end the tunnel with their reason.
+//! close_notify is EOF, alerts end the tunnel with their reason, and a KeyUpdate is followed
+//! where this end can install the peer's next key ([`KeyUpdates`]), else ends the tunnel.
 //!
 //! Writing: the session's frames are queued with [`queue`], a copied DATA frame is read from a
 //! stream's socket straight into the output behind its header ([`read_data_frame`]: into the
 //! records that will seal it in user-space mode), and [`flush`] writes until the socket is full.
 //! Zero-copy DATA frames go around this queue, onto the socket directly, and only when it is
-//! empty. Every record sent is charged to the [`RecordBudget`].
+//! empty. Every record sent is charged to the [`RecordBudget`]; at the budget our own key is
+//! updated (a KeyUpdate record, then the next send key) when this end can and the peer said it
+//! follows, else the tunnel retires ([`Transport::must_retire`]).
 //!
 //! [`buffered`]: Transport::buffered
 //! [`consume`]: Transport::consume
@@ -28,8 +31,9 @@ use hbone_proto::frame::FRAME_HEADER_LEN;
 
 use super::error::{errno, TunnelError};
 use crate::data_plane::socket;
-use crate::observability::hbone_metrics::{HboneMetrics, TlsRecordKind};
-use crate::tls::ktls::{self, ControlRecord, RecordBudget};
+use crate::observability::hbone_metrics::{HboneMetrics, KeyUpdateKind, TlsRecordKind};
+use crate::tls::handshake::KernelSide;
+use crate::tls::ktls::{self, ControlRecord, KeyDirection, RecordBudget};
 use crate::tls::record_layer::{self, Opener, RecordWriter, Sealer};
 
 /// Plaintext queued for the peer before streams must wait (back-pressure).
@@ -124,6 +128,44 @@ enum Mode {
     User(Box<UserTls>),
 }
 
+/// TLS 1.3 key updates (RFC 8446 §4.6.3) of one tunnel: rustls's key schedule after the
+/// handover, and what this end can do with it.
+pub struct KeyUpdates {
+    keys: KernelSide,
+    /// A new receive key can be installed: always in user space; on kTLS where the kernel takes
+    /// a second key (6.14+).
+    can_follow: bool,
+    /// A new send key can be installed (the same conditions).
+    can_update: bool,
+    /// The peer said it follows a KeyUpdate ([`KEY_UPDATE_SETTING`]): ours may go out at the
+    /// record budget instead of retiring the tunnel.
+    peer_follows: bool,
+    /// Our KeyUpdate goes out before any more bytes: the peer asked, or the budget is reached.
+    due: bool,
+    /// Our KeyUpdates sent and not yet counted by the tunnel.
+    sent_uncounted: u32,
+}
+
+/// The HTTP/2 SETTINGS parameter (from the experimental range, RFC 9113 §11.3; unknown
+/// settings are ignored by every peer) by which a ringtun end says it follows its peer's TLS
+/// KeyUpdate: 1 yes, 0 no. A peer that does not send it is not asked to follow ours.
+pub const KEY_UPDATE_SETTING: u16 = 0xf0c5;
+
+impl KeyUpdates {
+    /// `kernel_rekey`: the socket's TLS is in the kernel and the kernel takes a second key, or
+    /// the record layer runs in user space (which always can).
+    pub fn new(keys: KernelSide, can_rekey: bool) -> KeyUpdates {
+        KeyUpdates {
+            keys,
+            can_follow: can_rekey,
+            can_update: can_rekey,
+            peer_follows: false,
+            due: false,
+            sent_uncounted: 0,
+        }
+    }
+}
+
 /// See the module docs.
 pub struct Transport {
     mode: Mode,
@@ -132,6 +174,8 @@ pub struct Transport {
     /// kTLS: plaintext queued for the peer. User-space TLS queues into its records instead.
     out: Bytes,
     budget: RecordBudget,
+    /// `None` where no TLS session stands behind the socket (the tests' plaintext tunnels).
+    keys: Option<KeyUpdates>,
 }
 
 impl std::fmt::Debug for Transport {
@@ -146,12 +190,13 @@ impl std::fmt::Debug for Transport {
 
 impl Transport {
     /// The socket does TLS itself (kTLS). `plaintext` is what the handover already decrypted.
-    pub fn kernel(plaintext: Vec<u8>, budget: RecordBudget) -> Transport {
+    pub fn kernel(plaintext: Vec<u8>, budget: RecordBudget, keys: Option<KeyUpdates>) -> Transport {
         let mut t = Transport {
             mode: Mode::Kernel,
             input: Bytes::default(),
             out: Bytes::default(),
             budget,
+            keys,
         };
         t.input.append(&plaintext);
         t
@@ -162,6 +207,7 @@ impl Transport {
         secrets: &rustls::ExtractedSecrets,
         plaintext: Vec<u8>,
         budget: RecordBudget,
+        keys: Option<KeyUpdates>,
     ) -> Result<Transport, TunnelError> {
         let sealer = Sealer::new(&secrets.tx.1, secrets.tx.0).map_err(TunnelError::TlsKeys)?;
         let opener = Opener::new(&secrets.rx.1, secrets.rx.0).map_err(TunnelError::TlsKeys)?;
@@ -179,6 +225,7 @@ impl Transport {
             input: Bytes::default(),
             out: Bytes::default(),
             budget,
+            keys,
         };
         t.input.append(&plaintext);
         Ok(t)
@@ -236,8 +283,8 @@ impl Transport {
     ) -> Result<Fill, TunnelError> {
         debug_assert!(self.buffered().is_empty(), "fill with unconsumed plaintext");
         match &mut self.mode {
-            Mode::User(st) => user_fill(st, fd, metrics),
-            Mode::Kernel => kernel_fill(&mut self.input, fd, max.max(1), metrics),
+            Mode::User(st) => user_fill(st, &mut self.keys, fd, metrics),
+            Mode::Kernel => kernel_fill(&mut self.input, &mut self.keys, fd, max.max(1), metrics),
         }
     }
 
@@ -286,13 +333,18 @@ impl Transport {
         Ok(n)
     }
 
-    /// Plaintext queued for the peer and not yet written.
+    /// Plaintext queued for the peer and not yet written, our due KeyUpdate included (it
+    /// waits for room like any other bytes: a writer that finds it pending waits too).
     pub fn out_pending(&self) -> usize {
         let records = match &self.mode {
             Mode::User(st) => st.writer.pending(),
             Mode::Kernel => 0,
         };
-        self.out.len() + records
+        let key_update = match &self.keys {
+            Some(k) if k.due => ktls::key_update_message(false).len(),
+            _ => 0,
+        };
+        self.out.len() + records + key_update
     }
 
     /// Room for more DATA frames before writers must wait.
@@ -300,8 +352,12 @@ impl Transport {
         OUT_LIMIT.saturating_sub(self.out_pending())
     }
 
-    /// Writes queued bytes until the socket would block; `Ok(true)` when everything left.
+    /// Writes queued bytes until the socket would block; `Ok(true)` when everything left. A
+    /// due KeyUpdate of ours goes first.
     pub fn flush(&mut self, fd: RawFd) -> Result<bool, TunnelError> {
+        if !self.update_own_key(fd)? {
+            return Ok(false);
+        }
         match &mut self.mode {
             Mode::User(st) => {
                 st.writer.seal_open().map_err(TunnelError::TlsRecord)?;
@@ -333,6 +389,92 @@ impl Transport {
         }
     }
 
+    /// Our KeyUpdate, when due: the peer asked for it, or the record budget is reached and the
+    /// peer follows. The record goes out under the current key, then the next send key is
+    /// installed and the budget starts again. `Ok(false)`: the socket is full, try again.
+    fn update_own_key(&mut self, fd: RawFd) -> Result<bool, TunnelError> {
+        let Some(k) = self.keys.as_mut() else {
+            return Ok(true);
+        };
+        if !k.can_update {
+            return Ok(true);
+        }
+        if k.peer_follows && self.budget.should_retire() {
+            k.due = true;
+        }
+        if !k.due {
+            return Ok(true);
+        }
+        let message = ktls::key_update_message(false);
+        let next = |k: &mut KeyUpdates| {
+            k.keys
+                .next_send_secret()
+                .map_err(|e| TunnelError::KeyUpdate(format!("next send key: {e}")))
+        };
+        match &mut self.mode {
+            Mode::Kernel => {
+                // Bytes queued here but not yet written go out after it, under the new key:
+                // the order of TLS records, not of our buffer, is what the peer follows.
+                match ktls::send_key_update(fd, false) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                    Err(e) => return Err(TunnelError::write(&e)),
+                }
+                let secrets = next(k)?;
+                ktls::install_next_key(fd, KeyDirection::Send, &secrets)?;
+            }
+            Mode::User(st) => {
+                let secrets = next(k)?;
+                let sealer = Sealer::new(&secrets, 0).map_err(TunnelError::TlsKeys)?;
+                st.writer
+                    .key_update(&message, sealer)
+                    .map_err(TunnelError::TlsRecord)?;
+                // The KeyUpdate record was sealed under the old key: charged to its count.
+                let sealed = st.writer.records_sealed();
+                self.budget.charge_records(sealed - st.charged);
+                st.charged = sealed;
+            }
+        }
+        k.due = false;
+        k.sent_uncounted += 1;
+        self.budget.rekeyed();
+        Ok(true)
+    }
+
+    /// The peer's SETTINGS said whether it follows our KeyUpdate ([`KEY_UPDATE_SETTING`]).
+    pub fn set_peer_follows(&mut self, follows: bool) {
+        if let Some(k) = self.keys.as_mut() {
+            k.peer_follows = follows;
+        }
+    }
+
+    /// Whether a TLS session stands behind the socket (its keys can be updated at all).
+    pub fn has_tls_session(&self) -> bool {
+        self.keys.is_some()
+    }
+
+    /// Whether this end follows the peer's KeyUpdate (what it announces).
+    pub fn follows_key_updates(&self) -> bool {
+        self.keys.as_ref().is_some_and(|k| k.can_follow)
+    }
+
+    /// Our KeyUpdates sent since the last call (for the tunnel to count and log).
+    pub fn take_key_updates_sent(&mut self) -> u32 {
+        self.keys
+            .as_mut()
+            .map_or(0, |k| std::mem::take(&mut k.sent_uncounted))
+    }
+
+    /// True once the record budget is reached and our key cannot be updated instead: the
+    /// tunnel retires.
+    pub fn must_retire(&self) -> bool {
+        self.budget.should_retire()
+            && !self
+                .keys
+                .as_ref()
+                .is_some_and(|k| k.can_update && k.peer_follows)
+    }
+
     /// Charges bytes written around the queue (zero-copy frames) to the record budget.
     pub fn charge_written(&mut self, n: usize) {
         self.budget.charge_send(n);
@@ -360,29 +502,48 @@ impl Transport {
     }
 }
 
-/// Counts a control record and says what it means for the tunnel: `Ok(true)` is EOF.
+/// What a control record meant for the reader.
+enum Control {
+    Continue,
+    Eof,
+}
+
+/// Counts a control record and acts on it: EOF for close_notify, the peer's next key installed
+/// (`install`) for a KeyUpdate this end can follow, an error for the rest.
 fn judge_control(
     record_type: u8,
     payload: &[u8],
+    keys: &mut Option<KeyUpdates>,
     metrics: &HboneMetrics,
-    kernel: bool,
-) -> Result<bool, TunnelError> {
+    install: impl FnOnce(&rustls::ConnectionTrafficSecrets) -> Result<(), TunnelError>,
+) -> Result<Control, TunnelError> {
     match ktls::control_record(record_type, payload) {
         ControlRecord::Ignore => {
             metrics.tls_record(TlsRecordKind::NewSessionTicket);
-            Ok(false)
+            Ok(Control::Continue)
         }
         ControlRecord::PeerClosed => {
             metrics.tls_record(TlsRecordKind::CloseNotify);
-            Ok(true)
+            Ok(Control::Eof)
         }
-        ControlRecord::Retire(_) => {
+        ControlRecord::KeyUpdate { update_requested } => {
             metrics.tls_record(TlsRecordKind::KeyUpdate);
-            Err(TunnelError::KeyUpdate(if kernel {
-                "peer sent KeyUpdate; kTLS keys cannot follow"
-            } else {
-                "peer sent KeyUpdate; extracted keys cannot follow it"
-            }))
+            let Some(k) = keys.as_mut().filter(|k| k.can_follow) else {
+                return Err(TunnelError::KeyUpdate(
+                    "peer sent KeyUpdate; this kernel cannot take a second kTLS key (6.14+ can)"
+                        .into(),
+                ));
+            };
+            let secrets = k
+                .keys
+                .next_receive_secret()
+                .map_err(|e| TunnelError::KeyUpdate(format!("next receive key: {e}")))?;
+            install(&secrets)?;
+            metrics.key_update(KeyUpdateKind::Followed);
+            if update_requested {
+                k.due = true;
+            }
+            Ok(Control::Continue)
         }
         ControlRecord::Fatal(why) => {
             metrics.tls_record(TlsRecordKind::Alert);
@@ -395,6 +556,7 @@ fn judge_control(
 /// kernel returns one record type per call and stops at the end of a control record).
 fn kernel_fill(
     input: &mut Bytes,
+    keys: &mut Option<KeyUpdates>,
     fd: RawFd,
     max: usize,
     metrics: &HboneMetrics,
@@ -427,7 +589,12 @@ fn kernel_fill(
                 }
             }
         }
-        if judge_control(got.record_type, &control, metrics, true)? {
+        // After a KeyUpdate the kernel decrypts nothing (reads fail with EKEYEXPIRED, poll
+        // stays silent) until the next key is installed: at once, here.
+        let install = |secrets: &rustls::ConnectionTrafficSecrets| {
+            ktls::install_next_key(fd, KeyDirection::Receive, secrets).map_err(TunnelError::from)
+        };
+        if let Control::Eof = judge_control(got.record_type, &control, keys, metrics, install)? {
             return Ok(Fill::Eof);
         }
     }
@@ -436,7 +603,12 @@ fn kernel_fill(
 /// User space: opens every complete record already read, in place, queueing their plaintext
 /// ranges; reads more from the socket only when none is complete and every opened byte was
 /// consumed (reading may move the buffer's contents).
-fn user_fill(st: &mut UserTls, fd: RawFd, metrics: &HboneMetrics) -> Result<Fill, TunnelError> {
+fn user_fill(
+    st: &mut UserTls,
+    keys: &mut Option<KeyUpdates>,
+    fd: RawFd,
+    metrics: &HboneMetrics,
+) -> Result<Fill, TunnelError> {
     loop {
         let mut got = 0;
         while !st.closed {
@@ -454,7 +626,15 @@ fn user_fill(st: &mut UserTls, fd: RawFd, metrics: &HboneMetrics) -> Result<Fill
                 }
                 continue;
             }
-            if judge_control(r.content_type, &st.raw[a..b], metrics, false)? {
+            // Records after a KeyUpdate are opened with the next key: the loop's next turn.
+            let opener = &mut st.opener;
+            let install = |secrets: &rustls::ConnectionTrafficSecrets| {
+                *opener = Opener::new(secrets, 0).map_err(TunnelError::TlsKeys)?;
+                Ok(())
+            };
+            if let Control::Eof =
+                judge_control(r.content_type, &st.raw[a..b], keys, metrics, install)?
+            {
                 st.closed = true;
             }
         }

@@ -154,6 +154,8 @@ pub struct Session {
     role: Role,
     local: Settings,
     peer: PeerSettings,
+    /// The peer's values of the extension settings we announce ([`Settings::extensions`]).
+    peer_extensions: Vec<(u16, u32)>,
 
     read: ReadState,
     hdr: [u8; FRAME_HEADER_LEN],
@@ -218,6 +220,7 @@ impl Session {
                 // No limit until the peer's SETTINGS say otherwise.
                 max_concurrent_streams: u32::MAX,
             },
+            peer_extensions: Vec::new(),
             read: ReadState::Header,
             hdr: [0; FRAME_HEADER_LEN],
             hdr_len: 0,
@@ -262,6 +265,12 @@ impl Session {
             //# disable server push.
             params.push(Setting::EnablePush(false));
         }
+        params.extend(
+            self.local
+                .extensions
+                .iter()
+                .map(|&(id, value)| Setting::Unknown(id, value)),
+        );
         frame::Settings { ack: false, params }.encode(&mut self.out);
         //= rfc9113#section-6.9.2
         //# The connection flow-control window can only be changed using
@@ -929,6 +938,15 @@ impl Session {
                     }
                 }
                 Setting::MaxFrameSize(n) => self.peer.max_frame_size = n,
+                Setting::Unknown(id, value)
+                    if self.local.extensions.iter().any(|&(ours, _)| ours == id) =>
+                {
+                    // Bounded by our own list: one entry per identifier we announce.
+                    match self.peer_extensions.iter_mut().find(|(i, _)| *i == id) {
+                        Some(entry) => entry.1 = value,
+                        None => self.peer_extensions.push((id, value)),
+                    }
+                }
                 Setting::MaxHeaderListSize(_) | Setting::Unknown(..) => {}
             }
         }
@@ -1560,6 +1578,16 @@ impl Session {
     /// The peer's SETTINGS_MAX_FRAME_SIZE.
     pub fn peer_max_frame_size(&self) -> u32 {
         self.peer.max_frame_size
+    }
+
+    /// The peer's value of an extension setting we announce ([`Settings::extensions`]); `None`
+    /// until its SETTINGS carried that identifier (a peer that does not know it never sends
+    /// it).
+    pub fn peer_extension(&self, id: u16) -> Option<u32> {
+        self.peer_extensions
+            .iter()
+            .find(|(i, _)| *i == id)
+            .map(|&(_, v)| v)
     }
 
     /// Send credit left on the connection (may be 0).

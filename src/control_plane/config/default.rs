@@ -25,10 +25,14 @@ node:
   readiness: 0.0.0.0:15021        # readiness probe, or `off`
   timeouts:                       # durations: <integer> then ms, s, m or h
     connect: 5s                   # upstream connect, then the connection fails
+    handshake: 2s                 # TLS handshake of a connection to 15008 (at most `connect`)
     idle: 1h                      # a flow with no bytes either way is closed
     drain: 30s                    # on SIGTERM, how long open flows may finish
   limits:                         # per-reactor resource caps
     max_flows_per_reactor: 4096   # accepts beyond this are refused and counted
+    max_handshakes_per_reactor: 256  # connections to 15008 still in their TLS handshake
+    max_handshakes_per_source: 16    # of those, from one client address (IPv6: one /64)
+    max_tunnels_per_peer: 256     # server tunnels per peer identity and per peer address
   splice:                         # the zero-copy fast path (pipes between sockets)
     pipe_size: 262144             # bytes per pipe (F_SETPIPE_SZ), 4096..=16 MiB
     max_bytes_per_wakeup: 1048576 # per flow direction before yielding to other flows
@@ -37,7 +41,7 @@ node:
     max_streams_per_tunnel: 100   # connections one pooled outbound tunnel carries (ztunnel: 100)
     pool_idle_timeout: 5m         # an outbound tunnel without connections this long is closed (inbound: 2×)
     ktls: auto                    # auto (kernel TLS when offered) | off (always rustls)
-    ktls_record_budget: 8388608   # TLS records a tunnel sends before it is replaced (< 2^24)
+    ktls_record_budget: 8388608   # TLS records per key: then a key update, or a new tunnel (< 2^24)
     cipher: any                   # any (AES-128-GCM preferred) | aes_128_gcm | aes_256_gcm
     zero_copy: true               # kTLS: splice DATA payload (false: copy it once each way)
   # Mutual TLS for HBONE tunnels (optional; `ringtun certs --config <file>` makes dev certs).
@@ -217,6 +221,10 @@ mod tests {
             "drain:",
             "limits:",
             "max_flows_per_reactor:",
+            "handshake:",
+            "max_handshakes_per_reactor:",
+            "max_handshakes_per_source:",
+            "max_tunnels_per_peer:",
             "splice:",
             "pipe_size:",
             "max_bytes_per_wakeup:",

@@ -128,8 +128,9 @@ pub struct HboneSettings {
     pub pool_idle_timeout: Duration,
     /// `auto`: kTLS when the kernel offloads the negotiated cipher; `off`: always user space.
     pub ktls: KtlsChoice,
-    /// TLS records a kTLS tunnel sends before it is retired (drained, replaced), so kernels
-    /// that cannot rekey never reach the AES-GCM limit of 2^24 records.
+    /// TLS records a tunnel sends under one key before it updates the key (where both ends
+    /// follow a TLS 1.3 KeyUpdate) or retires (drained, replaced), so no tunnel reaches the
+    /// AES-GCM limit of 2^24 records.
     pub ktls_record_budget: u64,
     /// Which TLS 1.3 suites tunnels offer and accept.
     pub cipher: CipherChoice,
@@ -194,6 +195,10 @@ impl Ports {
 pub struct Timeouts {
     #[serde(with = "duration_serde")]
     pub connect: Duration,
+    /// A connection to port 15008 must finish its TLS handshake within this (shorter than
+    /// `connect`: a peer that connects and says nothing holds a handshake slot only so long).
+    #[serde(with = "duration_serde")]
+    pub handshake: Duration,
     #[serde(with = "duration_serde")]
     pub idle: Duration,
     /// How long SIGTERM waits for open flows before closing them.
@@ -205,6 +210,14 @@ pub struct Timeouts {
 pub struct Limits {
     /// Flows one reactor holds at most; accepts beyond it are refused (and counted).
     pub max_flows_per_reactor: usize,
+    /// Connections to port 15008 still in their TLS handshake, per reactor. Their own budget:
+    /// unauthenticated sockets never take room from flows and tunnels.
+    pub max_handshakes_per_reactor: usize,
+    /// Of those, from one client address (IPv6: one /64).
+    pub max_handshakes_per_source: usize,
+    /// Established server tunnels per reactor from one peer identity, and from one peer
+    /// address (idle ones are closed first to make room).
+    pub max_tunnels_per_peer: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]

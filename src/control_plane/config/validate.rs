@@ -19,9 +19,9 @@ use super::checker::{
 use super::parse::{self, Node, Pos, Value, DOCUMENT_PATH};
 use super::policies::check_policies;
 use super::{
-    Checked, CipherChoice, Config, ConfigErrors, DriverChoice, HboneSettings, KtlsChoice, Limits,
-    NodeConfig, Ports, Protocol, Service, ServicePort, SpliceSettings, Timeouts, TlsSettings,
-    Workload, WorkloadRef,
+    format_duration, Checked, CipherChoice, Config, ConfigErrors, DriverChoice, HboneSettings,
+    KtlsChoice, Limits, NodeConfig, Ports, Protocol, Service, ServicePort, SpliceSettings,
+    Timeouts, TlsSettings, Workload, WorkloadRef,
 };
 
 /// Where a bare `netns` name is looked up, as `ip netns add` creates them.
@@ -47,8 +47,13 @@ const NODE_KEYS: &[&str] = &[
     "hbone",
 ];
 const PORTS_KEYS: &[&str] = &["outbound", "inbound_plaintext", "inbound_hbone"];
-const TIMEOUT_KEYS: &[&str] = &["connect", "idle", "drain"];
-const LIMITS_KEYS: &[&str] = &["max_flows_per_reactor"];
+const TIMEOUT_KEYS: &[&str] = &["connect", "handshake", "idle", "drain"];
+const LIMITS_KEYS: &[&str] = &[
+    "max_flows_per_reactor",
+    "max_handshakes_per_reactor",
+    "max_handshakes_per_source",
+    "max_tunnels_per_peer",
+];
 const SPLICE_KEYS: &[&str] = &["pipe_size", "max_bytes_per_wakeup", "pipe_pool_size"];
 const TLS_KEYS: &[&str] = &["trust_bundle", "certificate_dir"];
 const HBONE_KEYS: &[&str] = &[
@@ -88,11 +93,15 @@ pub(super) const DEFAULT_METRICS: &str = "0.0.0.0:15020";
 pub(super) const DEFAULT_READINESS: &str = "0.0.0.0:15021";
 pub(super) const DEFAULT_TIMEOUTS: Timeouts = Timeouts {
     connect: Duration::from_secs(5),
+    handshake: Duration::from_secs(2),
     idle: Duration::from_secs(3600),
     drain: Duration::from_secs(30),
 };
 pub(super) const DEFAULT_LIMITS: Limits = Limits {
     max_flows_per_reactor: 4096,
+    max_handshakes_per_reactor: 256,
+    max_handshakes_per_source: 16,
+    max_tunnels_per_peer: 256,
 };
 pub(super) const DEFAULT_SPLICE: SpliceSettings = SpliceSettings {
     pipe_size: 256 * 1024,
@@ -403,24 +412,69 @@ fn check_node(c: &mut Checker, n: &Node) -> (Option<String>, Option<NodeConfig>)
     let timeouts = f.or_default(c, "timeouts", DEFAULT_TIMEOUTS, |c, v, path| {
         let t = fields(c, v, path, TIMEOUT_KEYS)?;
         let connect = t.or_default(c, "connect", DEFAULT_TIMEOUTS.connect, duration);
+        let handshake = t
+            .get("handshake")
+            .map(|v| (v, duration(c, v, &t.path("handshake"))));
         let idle = t.or_default(c, "idle", DEFAULT_TIMEOUTS.idle, duration);
         let drain = t.or_default(c, "drain", DEFAULT_TIMEOUTS.drain, duration);
+        let connect = connect?;
+        let handshake = match handshake {
+            // Unset: 2 s, or the connect timeout when that is shorter.
+            None => DEFAULT_TIMEOUTS.handshake.min(connect),
+            Some((node, h)) => {
+                let h = h?;
+                if h > connect {
+                    c.error(
+                        node.pos,
+                        &t.path("handshake"),
+                        format!(
+                            "must not be longer than timeouts.connect ({}): an unauthenticated \
+                             connection may not outwait an upstream connect",
+                            format_duration(connect)
+                        ),
+                    );
+                    return None;
+                }
+                h
+            }
+        };
         Some(Timeouts {
-            connect: connect?,
+            connect,
+            handshake,
             idle: idle?,
             drain: drain?,
         })
     });
     let limits = f.or_default(c, "limits", DEFAULT_LIMITS, |c, v, path| {
         let l = fields(c, v, path, LIMITS_KEYS)?;
-        let max = l.or_default(
+        let count = |c: &mut Checker, key: &str, default: usize| {
+            l.or_default(c, key, default, |c, v, p| usize_in(c, v, p, 1, 1_000_000))
+        };
+        let max = count(
             c,
             "max_flows_per_reactor",
             DEFAULT_LIMITS.max_flows_per_reactor,
-            |c, v, p| usize_in(c, v, p, 1, 1_000_000),
+        );
+        let handshakes = count(
+            c,
+            "max_handshakes_per_reactor",
+            DEFAULT_LIMITS.max_handshakes_per_reactor,
+        );
+        let per_source = count(
+            c,
+            "max_handshakes_per_source",
+            DEFAULT_LIMITS.max_handshakes_per_source,
+        );
+        let per_peer = count(
+            c,
+            "max_tunnels_per_peer",
+            DEFAULT_LIMITS.max_tunnels_per_peer,
         );
         Some(Limits {
             max_flows_per_reactor: max?,
+            max_handshakes_per_reactor: handshakes?,
+            max_handshakes_per_source: per_source?,
+            max_tunnels_per_peer: per_peer?,
         })
     });
     let splice = f.or_default(c, "splice", DEFAULT_SPLICE, |c, v, path| {
@@ -1175,11 +1229,13 @@ policies:
                 readiness_addr: Some("127.0.0.1:9021".parse().expect("addr")),
                 timeouts: Timeouts {
                     connect: Duration::from_millis(250),
+                    handshake: Duration::from_millis(250),
                     idle: Duration::from_secs(600),
                     drain: Duration::from_secs(2),
                 },
                 limits: Limits {
                     max_flows_per_reactor: 100,
+                    ..DEFAULT_LIMITS
                 },
                 splice: SpliceSettings {
                     pipe_size: 65536,
@@ -1341,6 +1397,48 @@ policies:
         assert!(ok(&format!("{HEAD}workloads:\nservices:\n"))
             .workloads
             .is_empty());
+    }
+
+    #[test]
+    fn the_handshake_budget_has_defaults_and_never_outwaits_connect() {
+        let cfg = ok(HEAD);
+        assert_eq!(cfg.node.timeouts.handshake, Duration::from_secs(2));
+        assert_eq!(cfg.node.limits, DEFAULT_LIMITS);
+        // Unset, it follows a connect timeout shorter than its default.
+        let short = ok(&format!("{HEAD}  timeouts: {{connect: 500ms}}\n"));
+        assert_eq!(short.node.timeouts.handshake, Duration::from_millis(500));
+        let set = ok(&format!(
+            "{HEAD}  timeouts: {{handshake: 300ms}}\n  limits: {{max_handshakes_per_reactor: 8, \
+             max_handshakes_per_source: 2, max_tunnels_per_peer: 3}}\n"
+        ));
+        assert_eq!(set.node.timeouts.handshake, Duration::from_millis(300));
+        let l = set.node.limits;
+        assert_eq!(
+            (
+                l.max_handshakes_per_reactor,
+                l.max_handshakes_per_source,
+                l.max_tunnels_per_peer
+            ),
+            (8, 2, 3)
+        );
+        let errs = errors(&format!(
+            "{HEAD}  timeouts: {{connect: 1s, handshake: 3s}}\n  \
+             limits: {{max_handshakes_per_source: 0}}\n"
+        ));
+        let found: Vec<(&str, &str)> = errs
+            .iter()
+            .map(|e| (e.path.as_str(), e.message.as_str()))
+            .collect();
+        assert_eq!(found.len(), 2, "{}", ConfigErrors(errs.clone()));
+        assert_eq!(found[0].0, "node.timeouts.handshake");
+        assert!(
+            found[0]
+                .1
+                .contains("must not be longer than timeouts.connect (1s)"),
+            "{}",
+            found[0].1
+        );
+        assert_eq!(found[1].0, "node.limits.max_handshakes_per_source");
     }
 
     #[test]

@@ -492,6 +492,12 @@ impl Reactor {
         (self.hbone.as_mut(), io)
     }
 
+    /// The flow budget is full: an idle server tunnel may give its place up (true if so).
+    fn make_room(&mut self, now: Instant) -> bool {
+        let (hbone, mut io) = self.split();
+        hbone.is_some_and(|h| h.make_room(&mut io, now))
+    }
+
     /// Connections carried by tunnels, open or waiting for one.
     fn tunnelled_flows(&self) -> usize {
         self.hbone.as_ref().map_or(0, Tunnels::flow_count)
@@ -591,7 +597,6 @@ impl Reactor {
         };
         let (workload, direction, netns) = (l.workload, l.direction, l.netns.clone());
         let owner = Arc::clone(&l.name);
-        let registry = &self.state.registry;
         let mut record = FlowRecord::new(
             self.id,
             match direction {
@@ -622,7 +627,9 @@ impl Reactor {
         };
         record.original_dst = orig;
         record.upstream = orig;
-        if self.flows.len() + self.hbone.as_ref().map_or(0, Tunnels::entries) >= self.max_flows {
+        if self.flows.len() + self.hbone.as_ref().map_or(0, Tunnels::entries) >= self.max_flows
+            && !self.make_room(now)
+        {
             return self.refuse(fd, FailureKind::FlowLimit, None, record, now);
         }
         let accepted = Accepted {
@@ -632,7 +639,7 @@ impl Reactor {
             original_dst: orig,
         };
         let res = first_connection::resolve(
-            registry,
+            &self.state.registry,
             &self.state.config.node.ports,
             &accepted,
             &mut self.picker,

@@ -12,6 +12,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io;
+use std::net::IpAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -37,13 +38,13 @@ use crate::data_plane::socket;
 use crate::data_plane::timer::{Timer, TimerKind};
 use crate::observability::access_log::{self, FlowRecord};
 use crate::observability::hbone_metrics::{
-    PoolOutcome, Role as RoleLabel, TunnelClose, TunnelFailure,
+    PoolOutcome, Role as RoleLabel, TunnelClose, TunnelFailure, TunnelShed,
 };
 use crate::observability::metrics::{CloseKind, DenialAt, FailureKind, TcpCounters, TcpLabels};
 use crate::redirection::netns::{in_netns, NetNs};
 use crate::tls::credentials::{TunnelCredentials, Unusable};
 use crate::tls::{self};
-use crate::tunnel::connection::{Action, Ctx, OpenRefused, Role, Tunnel, TunnelEnv};
+use crate::tunnel::connection::{Action, Ctx, OpenRefused, Phase, Role, Tunnel, TunnelEnv};
 use crate::tunnel::inbound_rules::{outbound_connect, InboundDecision, InboundRules, RejectReason};
 use crate::tunnel::pool::{
     Checkout, CloseReason, PoolConfig, PoolEvent, PoolKey, TunnelId, TunnelPool,
@@ -67,6 +68,76 @@ pub(super) struct Tunnels {
     /// Connections carried by tunnel streams (routing entries; the tunnel owns the socket
     /// once the stream exists).
     streams: Slab<StreamEntry>,
+    /// The budgets of server tunnels (see [`Budgets`]).
+    budgets: Budgets,
+}
+
+/// What server tunnels may hold, and what they hold now. Connections still in their TLS
+/// handshake are unauthenticated: they have their own budget (per reactor and per client
+/// address) and never count against the flow budget that flows and established tunnels
+/// share, so a flood of idle connections to port 15008 cannot lock anyone out. Established
+/// server tunnels are bounded per peer identity and per peer address; a peer at its bound, or
+/// a flow budget that is full, first costs an idle tunnel (no streams) its place.
+#[derive(Debug)]
+struct Budgets {
+    limits: crate::control_plane::config::Limits,
+    handshakes: usize,
+    handshakes_by_source: HashMap<IpAddr, usize>,
+    by_identity: HashMap<SpiffeId, usize>,
+    by_address: HashMap<IpAddr, usize>,
+}
+
+/// What one server tunnel holds of the [`Budgets`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Held {
+    Nothing,
+    /// A handshake slot, for this client address.
+    Handshake(IpAddr),
+    /// An established tunnel of this peer.
+    Peer {
+        identity: SpiffeId,
+        address: IpAddr,
+    },
+}
+
+/// What the per-source handshake cap counts by: the IPv4 address, or the IPv6 /64 (one host
+/// commonly holds a whole /64, so counting single IPv6 addresses would cap nothing).
+fn source_bucket(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(
+                u128::from(v6) & !u128::from(u64::MAX),
+            )),
+        },
+    }
+}
+
+fn take_one<K: std::hash::Hash + Eq>(map: &mut HashMap<K, usize>, key: &K) {
+    if let Some(n) = map.get_mut(key) {
+        *n -= 1;
+        if *n == 0 {
+            map.remove(key);
+        }
+    }
+}
+
+impl Budgets {
+    fn release(&mut self, held: Held, metrics: &crate::observability::hbone_metrics::HboneMetrics) {
+        match held {
+            Held::Nothing => {}
+            Held::Handshake(source) => {
+                self.handshakes -= 1;
+                take_one(&mut self.handshakes_by_source, &source);
+                metrics.handshaking(-1);
+            }
+            Held::Peer { identity, address } => {
+                take_one(&mut self.by_identity, &identity);
+                take_one(&mut self.by_address, &address);
+            }
+        }
+    }
 }
 
 impl Tunnels {
@@ -92,6 +163,7 @@ impl Tunnels {
                 record_budget: node.hbone.ktls_record_budget,
                 max_bytes_per_wakeup: node.splice.max_bytes_per_wakeup,
                 connect_timeout: node.timeouts.connect,
+                handshake_timeout: node.timeouts.handshake,
                 idle_timeout: node.timeouts.idle,
                 server_idle: node.hbone.pool_idle_timeout * 2,
             },
@@ -99,12 +171,20 @@ impl Tunnels {
             logged_modes: HashSet::new(),
             tunnels: Slab::new(),
             streams: Slab::new(),
+            budgets: Budgets {
+                limits: node.limits,
+                handshakes: 0,
+                handshakes_by_source: HashMap::new(),
+                by_identity: HashMap::new(),
+                by_address: HashMap::new(),
+            },
         }
     }
 
-    /// Tunnels and tunnel-carried connections: what counts against the flow budget.
+    /// Tunnels past their handshake and tunnel-carried connections: what counts against the
+    /// flow budget (handshakes have their own).
     pub fn entries(&self) -> usize {
-        self.tunnels.len() + self.streams.len()
+        self.tunnels.len() - self.budgets.handshakes + self.streams.len()
     }
 
     /// Tunnel-carried connections, open or waiting for a stream.
@@ -168,10 +248,14 @@ fn refuse_unusable_certificate(
     );
 }
 
-/// A tunnel in the reactor's slab, with the driver's state for its socket.
+/// A tunnel in the reactor's slab, with the driver's state for its socket and what it holds
+/// of the server budgets.
 pub(super) struct TunnelEntry {
     pub tunnel: Tunnel,
     pub armed: u8,
+    pub held: Held,
+    /// When the reactor took it (the oldest handshake of a source is shed first).
+    pub since: Instant,
 }
 
 impl Keyed for TunnelEntry {
@@ -464,8 +548,36 @@ impl Tunnels {
             refuse_unusable_certificate(io, RoleLabel::Server, &entry.identity, why);
             return socket::close_with_reset(fd);
         }
-        if self.at_flow_limit(io) {
-            io.metrics.failure(FailureKind::FlowLimit);
+        // Unauthenticated: the handshake budget, never the flow budget.
+        let source = source_bucket(peer.ip());
+        let limits = self.budgets.limits;
+        let from_source = self
+            .budgets
+            .handshakes_by_source
+            .get(&source)
+            .copied()
+            .unwrap_or(0);
+        let refused = if from_source >= limits.max_handshakes_per_source {
+            Some(TunnelShed::HandshakePerSource)
+        } else if self.budgets.handshakes >= limits.max_handshakes_per_reactor
+            && !self.shed_handshake(io, from_source, now)
+        {
+            Some(TunnelShed::HandshakeBudget)
+        } else {
+            None
+        };
+        if let Some(why) = refused {
+            io.metrics.hbone.shed(why);
+            crate::log_limited!(
+                log::Level::Warn,
+                why.label(),
+                "reactor {}: connection from {peer} to {local} refused: {} handshakes in \
+                 progress ({} from its source {source}); budget {}",
+                io.id,
+                self.budgets.handshakes,
+                self.budgets.handshakes_by_source.get(&source).unwrap_or(&0),
+                why.label()
+            );
             return socket::close_with_reset(fd);
         }
         let conn = match UnbufferedServerConnection::new(config) {
@@ -482,9 +594,12 @@ impl Tunnels {
             peer,
             netns,
         };
-        let Some(tkey) =
-            self.insert_tunnel(io, now, |key, ctx| Tunnel::server(key, fd, role, conn, ctx))
-        else {
+        self.budgets.handshakes += 1;
+        *self.budgets.handshakes_by_source.entry(source).or_default() += 1;
+        io.metrics.hbone.handshaking(1);
+        let Some(tkey) = self.insert_tunnel(io, now, Held::Handshake(source), |key, ctx| {
+            Tunnel::server(key, fd, role, conn, ctx)
+        }) else {
             return;
         };
         if let Err(e) = io.driver.register(tkey, Side::Upstream, raw) {
@@ -818,7 +933,9 @@ impl Tunnels {
             source,
         };
         let tkey = self
-            .insert_tunnel(io, now, |key, ctx| Tunnel::client(key, fd, role, conn, ctx))
+            .insert_tunnel(io, now, Held::Nothing, |key, ctx| {
+                Tunnel::client(key, fd, role, conn, ctx)
+            })
             .ok_or_else(|| io::Error::other("tunnels are off"))?;
         self.by_pool_id.insert(tid, tkey);
         let started = io
@@ -956,7 +1073,7 @@ impl Tunnels {
             }
         }
         let Some(tid) = pool_id else {
-            return;
+            return self.admit_established(io, tkey, now);
         };
         let ready = self.pool.tunnel_ready(tid, u32::MAX, now);
         if let Ok(ready) = ready {
@@ -1129,6 +1246,7 @@ impl Tunnels {
             return;
         }
         let e = self.tunnels.remove(slot(tkey));
+        self.budgets.release(e.held.clone(), &io.metrics.hbone);
         log::debug!(
             "reactor {}: {} tunnel fd {} removed (reset: {reset})",
             io.id,
@@ -1264,6 +1382,7 @@ impl Tunnels {
         &mut self,
         io: &mut Shared<'_>,
         now: Instant,
+        held: Held,
         make: impl FnOnce(FlowKey, &mut Ctx<'_>) -> Tunnel,
     ) -> Option<FlowKey> {
         let generation = io.next_gen();
@@ -1276,7 +1395,12 @@ impl Tunnels {
             now,
         };
         let tunnel = make(key, &mut ctx);
-        entry.insert(TunnelEntry { tunnel, armed: 0 });
+        entry.insert(TunnelEntry {
+            tunnel,
+            armed: 0,
+            held,
+            since: now,
+        });
         self.apply_actions(io, key, now);
         Some(key)
     }
@@ -1302,8 +1426,182 @@ impl Tunnels {
         Some(e.armed)
     }
 
-    /// Tunnels, their connections and plain flows share one per-reactor budget.
+    /// Established tunnels, their connections and plain flows share one per-reactor budget.
     fn at_flow_limit(&self, io: &Shared<'_>) -> bool {
-        io.plain_flows + self.streams.len() + self.tunnels.len() >= io.max_flows
+        io.plain_flows + self.entries() >= io.max_flows
+    }
+
+    /// Under pressure: closes one server tunnel without streams (of `identity`, or from
+    /// `address`, when given), never `except`: the one whose peer opened a stream longest
+    /// ago (never one first, oldest first), so a tunnel in use between two connections keeps
+    /// its place while parked ones go. True when one was closed.
+    fn shed_idle(
+        &mut self,
+        io: &mut Shared<'_>,
+        now: Instant,
+        identity: Option<&SpiffeId>,
+        address: Option<IpAddr>,
+        except: FlowKey,
+    ) -> bool {
+        let victim = self
+            .tunnels
+            .iter()
+            .map(|(_, e)| e)
+            .filter(|e| e.key() != except && e.tunnel.phase() == Phase::Open)
+            .filter(|e| e.tunnel.stream_count() == 0)
+            .filter(|e| match &e.held {
+                Held::Peer {
+                    identity: i,
+                    address: a,
+                } => identity.is_none_or(|want| want == i) && address.is_none_or(|want| want == *a),
+                _ => false,
+            })
+            .min_by_key(|e| (e.tunnel.last_request(), e.since))
+            .map(Keyed::key);
+        let Some(victim) = victim else {
+            return false;
+        };
+        io.metrics.hbone.shed(TunnelShed::IdleUnderPressure);
+        self.with_tunnel(io, victim, now, |t, ctx| t.close(TunnelClose::Shed, ctx));
+        true
+    }
+
+    /// The handshake budget is full and a source holding `newcomer` handshakes wants one:
+    /// the source holding the most gives up its oldest, if it holds more — so a flood from
+    /// many addresses cannot keep a peer that holds none (a node opening its first tunnel)
+    /// out. True when one was shed.
+    fn shed_handshake(&mut self, io: &mut Shared<'_>, newcomer: usize, now: Instant) -> bool {
+        let Some((&busiest, &held)) = self
+            .budgets
+            .handshakes_by_source
+            .iter()
+            .max_by_key(|(_, n)| **n)
+        else {
+            return false;
+        };
+        if held <= newcomer {
+            return false;
+        }
+        let victim = self
+            .tunnels
+            .iter()
+            .map(|(_, e)| e)
+            .filter(|e| e.held == Held::Handshake(busiest))
+            .min_by_key(|e| e.since)
+            .map(Keyed::key);
+        let Some(victim) = victim else {
+            return false;
+        };
+        io.metrics.hbone.shed(TunnelShed::HandshakeBudget);
+        self.with_tunnel(io, victim, now, |t, ctx| t.close(TunnelClose::Shed, ctx));
+        true
+    }
+
+    /// The flow budget is full: an idle server tunnel gives its place up, if there is one.
+    /// True when the budget has room now.
+    pub fn make_room(&mut self, io: &mut Shared<'_>, now: Instant) -> bool {
+        !self.at_flow_limit(io) || self.shed_idle(io, now, None, None, FlowKey::NONE)
+    }
+
+    /// A server tunnel finished its handshake: it leaves the handshake budget and joins the
+    /// flow budget and its peer's. Over a bound, an idle tunnel makes room (of the same peer
+    /// for the peer bounds); without one the new tunnel is closed (GOAWAY) and counted.
+    fn admit_established(&mut self, io: &mut Shared<'_>, tkey: FlowKey, now: Instant) {
+        let Some(e) = entry_mut(&mut self.tunnels, tkey) else {
+            return;
+        };
+        let Role::Server { peer, .. } = e.tunnel.role() else {
+            return;
+        };
+        let address = peer.ip();
+        let identity = e.tunnel.peer_identity().cloned();
+        let held = std::mem::replace(&mut e.held, Held::Nothing);
+        self.budgets.release(held, &io.metrics.hbone);
+        // An established server tunnel always proved an identity (the handshake demands a
+        // client certificate); without one there is no peer to count it against.
+        let Some(identity) = identity else {
+            return;
+        };
+        let max = self.budgets.limits.max_tunnels_per_peer;
+        let identity_full = self
+            .budgets
+            .by_identity
+            .get(&identity)
+            .is_some_and(|n| *n >= max);
+        let address_full = self
+            .budgets
+            .by_address
+            .get(&address)
+            .is_some_and(|n| *n >= max);
+        // One idle tunnel makes room for one new one: of this identity and/or from this
+        // address, whichever bound is reached; of anyone when only the flow budget is full.
+        let refused = if identity_full || address_full {
+            let shed = self.shed_idle(
+                io,
+                now,
+                identity_full.then_some(&identity),
+                address_full.then_some(address),
+                tkey,
+            );
+            match (shed, identity_full) {
+                (true, _) => None,
+                (false, true) => Some(TunnelShed::PeerIdentity),
+                (false, false) => Some(TunnelShed::PeerAddress),
+            }
+        } else if io.plain_flows + self.entries() > io.max_flows
+            && !self.shed_idle(io, now, None, None, tkey)
+        {
+            Some(TunnelShed::FlowLimit)
+        } else {
+            None
+        };
+        if let Some(why) = refused {
+            io.metrics.hbone.shed(why);
+            crate::log_limited!(
+                log::Level::Warn,
+                why.label(),
+                "reactor {}: tunnel from {} ({}) closed at once: {} (limit {max} per peer, \
+                 {} flows per reactor)",
+                io.id,
+                address,
+                identity.to_uri(),
+                why.label(),
+                io.max_flows
+            );
+            self.with_tunnel(io, tkey, now, |t, ctx| t.close(TunnelClose::Shed, ctx));
+            return;
+        }
+        *self
+            .budgets
+            .by_identity
+            .entry(identity.clone())
+            .or_default() += 1;
+        *self.budgets.by_address.entry(address).or_default() += 1;
+        if let Some(e) = entry_mut(&mut self.tunnels, tkey) {
+            e.held = Held::Peer { identity, address };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::source_bucket;
+    use std::net::IpAddr;
+
+    #[test]
+    fn handshakes_count_per_ipv4_address_and_per_ipv6_64() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(source_bucket(ip("10.1.2.3")), ip("10.1.2.3"));
+        assert_ne!(source_bucket(ip("10.1.2.3")), source_bucket(ip("10.1.2.4")));
+        assert_eq!(source_bucket(ip("::ffff:10.1.2.3")), ip("10.1.2.3"));
+        assert_eq!(source_bucket(ip("fd00:1:2:3:a::1")), ip("fd00:1:2:3::"));
+        assert_eq!(
+            source_bucket(ip("fd00:1:2:3:ffff::9")),
+            source_bucket(ip("fd00:1:2:3::1"))
+        );
+        assert_ne!(
+            source_bucket(ip("fd00:1:2:3::1")),
+            source_bucket(ip("fd00:1:2:4::1"))
+        );
     }
 }

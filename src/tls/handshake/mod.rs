@@ -64,6 +64,28 @@ pub enum KernelSide {
     Server(KernelConnection<ServerConnectionData>),
 }
 
+impl KernelSide {
+    /// The next send secret (TLS 1.3 KeyUpdate), with its first sequence number.
+    pub fn next_send_secret(&mut self) -> Result<rustls::ConnectionTrafficSecrets, rustls::Error> {
+        match self {
+            KernelSide::Client(k) => k.update_tx_secret(),
+            KernelSide::Server(k) => k.update_tx_secret(),
+        }
+        .map(|(_, secrets)| secrets)
+    }
+
+    /// The next receive secret, once the peer's KeyUpdate was read.
+    pub fn next_receive_secret(
+        &mut self,
+    ) -> Result<rustls::ConnectionTrafficSecrets, rustls::Error> {
+        match self {
+            KernelSide::Client(k) => k.update_rx_secret(),
+            KernelSide::Server(k) => k.update_rx_secret(),
+        }
+        .map(|(_, secrets)| secrets)
+    }
+}
+
 impl fmt::Debug for KernelSide {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {

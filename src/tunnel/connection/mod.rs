@@ -45,7 +45,7 @@ use super::error::TunnelError;
 use super::inbound_rules::RejectReason;
 use super::pool::TunnelId;
 use super::streams::{EndedStream, Stream, StreamEnd, StreamPhase, StreamSetup};
-use super::transport::Transport;
+use super::transport::{KeyUpdates, Transport, KEY_UPDATE_SETTING};
 use crate::control_plane::identity::SpiffeId;
 use crate::control_plane::workload_registry::WorkloadId;
 use crate::data_plane::authorization::Admission;
@@ -60,7 +60,7 @@ use crate::observability::hbone_metrics::{
 };
 use crate::observability::metrics::{CloseKind, FailureKind};
 use crate::redirection::netns::NetNs;
-use crate::tls::handshake::{Handshake, KernelSide, Progress};
+use crate::tls::handshake::{Handshake, Progress};
 use crate::tls::ktls::{self, RecordBudget, TunnelTlsMode, UserSpaceReason};
 
 mod closing;
@@ -136,8 +136,11 @@ pub struct TunnelEnv {
     /// `node.hbone.ktls_record_budget` (capped by the suite's confidentiality limit).
     pub record_budget: u64,
     pub max_bytes_per_wakeup: usize,
-    /// Connect + TLS handshake deadline.
+    /// Connect + TLS handshake deadline (client tunnels).
     pub connect_timeout: Duration,
+    /// TLS handshake deadline of an accepted connection (server tunnels): shorter, so a peer
+    /// that connects and says nothing holds a handshake slot only briefly.
+    pub handshake_timeout: Duration,
     /// A stream without a byte either way for this long is cut.
     pub idle_timeout: Duration,
     /// A server tunnel without streams for this long is closed.
@@ -222,8 +225,6 @@ pub struct Tunnel {
     phase: Phase,
     handshake: Option<Box<Handshake>>,
     transport: Option<Transport>,
-    /// rustls's state after the handover (derives the keys of a TLS 1.3 KeyUpdate).
-    kernel_tls: Option<KernelSide>,
     session: Option<Session>,
     streams: HashMap<StreamId, Stream>,
     mode: Option<TunnelTlsMode>,
@@ -251,6 +252,9 @@ pub struct Tunnel {
     queued: bool,
     timer_at: Option<Instant>,
     idle_since: Option<Instant>,
+    /// When the peer last opened a stream (server tunnels): under pressure the tunnel idle
+    /// longest gives its place up first, never one a client is using right now.
+    last_request: Option<Instant>,
     actions: VecDeque<Action>,
     /// Frames polled from the session, reused.
     frames: Vec<u8>,
@@ -304,7 +308,7 @@ impl Tunnel {
             Some(Handshake::server(conn)),
             Phase::Handshaking,
         );
-        t.push_timer(key, ctx.now + ctx.env.connect_timeout, TimerKind::Connect);
+        t.push_timer(key, ctx.now + ctx.env.handshake_timeout, TimerKind::Connect);
         t
     }
 
@@ -322,7 +326,6 @@ impl Tunnel {
             phase,
             handshake: handshake.map(Box::new),
             transport: None,
-            kernel_tls: None,
             session: None,
             streams: HashMap::new(),
             mode: None,
@@ -339,6 +342,7 @@ impl Tunnel {
             queued: false,
             timer_at: None,
             idle_since: None,
+            last_request: None,
             actions: VecDeque::new(),
             frames: Vec::new(),
         }
@@ -378,6 +382,11 @@ impl Tunnel {
 
     pub fn stream_count(&self) -> usize {
         self.streams.len()
+    }
+
+    /// When the peer last opened a stream on it (`None`: never).
+    pub fn last_request(&self) -> Option<Instant> {
+        self.last_request
     }
 
     /// The stream's local socket and the side it is registered as.
@@ -590,13 +599,19 @@ impl Tunnel {
                 reason: UserSpaceReason::NoKtls("kTLS turned off by node.hbone.ktls".into()),
             }
         };
+        // Keys can be updated in user space always; on kTLS where the kernel takes a second
+        // key (`ringtun probe` tried it at start).
+        let kernel_rekey = ctx.env.ktls.rekey == crate::kernel_features::Rekey::Supported;
         let transport = match mode {
-            TunnelTlsMode::Kernel { .. } => Transport::kernel(est.plaintext, budget),
+            TunnelTlsMode::Kernel { .. } => {
+                let keys = KeyUpdates::new(est.kernel, kernel_rekey);
+                Transport::kernel(est.plaintext, budget, Some(keys))
+            }
             TunnelTlsMode::UserSpace { .. } => {
-                Transport::user_space(&est.secrets, est.plaintext, budget)?
+                let keys = KeyUpdates::new(est.kernel, true);
+                Transport::user_space(&est.secrets, est.plaintext, budget, Some(keys))?
             }
         };
-        self.kernel_tls = Some(est.kernel);
         self.peer_identity = Some(est.negotiated.peer.clone());
         self.start_session(transport, ctx);
         let role = self.role.label();
@@ -625,8 +640,16 @@ impl Tunnel {
     /// The HTTP/2 session starts over `transport` (its preface and SETTINGS queued first).
     fn start_session(&mut self, transport: Transport, ctx: &Ctx<'_>) {
         self.zero_copy = transport.is_kernel() && ctx.env.zero_copy;
+        let mut settings = Settings::default();
+        if transport.has_tls_session() {
+            // Whether we follow the peer's KeyUpdate; a ringtun peer updates its own key at
+            // the record budget only when we say 1.
+            settings.extensions = vec![(
+                KEY_UPDATE_SETTING,
+                u32::from(transport.follows_key_updates()),
+            )];
+        }
         self.transport = Some(transport);
-        let settings = Settings::default();
         let mut session = match self.role {
             Role::Client { .. } => Session::client(settings, ctx.now),
             Role::Server { .. } => Session::server(settings, ctx.now),
@@ -654,7 +677,7 @@ impl Tunnel {
     ) -> Tunnel {
         let mut t = Tunnel::new(key, fd, role, None, Phase::Open);
         let budget = RecordBudget::new(ctx.env.record_budget);
-        t.start_session(Transport::kernel(Vec::new(), budget), ctx);
+        t.start_session(Transport::kernel(Vec::new(), budget, None), ctx);
         t.mode = Some(TunnelTlsMode::Kernel {
             cipher: crate::kernel_features::KtlsCipher::Aes128Gcm,
         });
@@ -876,15 +899,13 @@ impl Tunnel {
         );
         self.forget_queued(id);
         if !s.stream_gone && end != StreamEnd::Clean {
-            // A cut (idle, drain deadline, a policy that denies it now) resets the local
-            // socket, so the peer must reset its side too: CANCEL would reach it as EOF, and
-            // its client would take the cut-off stream for a complete one.
-            let code = match end {
-                StreamEnd::LocalBroken { .. } | StreamEnd::Cut(_) => ErrorCode::CONNECT_ERROR,
-                _ => ErrorCode::CANCEL,
-            };
+            // Every end but a clean one resets the local socket, so the peer must reset its
+            // side too: CANCEL (or NO_ERROR) would reach it as EOF, and its client would take
+            // the cut-off stream for a complete one (the kernel matrix caught exactly that: a
+            // stream ended here by a refused frame header reached the other node's client as
+            // a clean end, 0.7 MB short).
             if let Some(session) = self.session.as_mut() {
-                let _ = session.reset(id, code);
+                let _ = session.reset(id, ErrorCode::CONNECT_ERROR);
             }
         }
         let was_requested = s.phase == StreamPhase::Requested;

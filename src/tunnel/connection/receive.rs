@@ -211,6 +211,7 @@ impl Tunnel {
                         Stream::requested(stream, FlowKey::NONE, window, ctx.now),
                     );
                     self.idle_since = None;
+                    self.last_request = Some(ctx.now);
                     self.actions.push_back(Action::Request {
                         id: stream,
                         request,

@@ -10,12 +10,14 @@ use hbone_proto::{Session, StreamId};
 
 use super::{Action, Ctx, Phase, Role, Tunnel, MIN_ROOM};
 use crate::data_plane::driver::Interest;
-use crate::observability::hbone_metrics::{PayloadDirection, PayloadPath, TunnelClose};
+use crate::observability::hbone_metrics::{
+    KeyUpdateKind, PayloadDirection, PayloadPath, TunnelClose,
+};
 use crate::observability::metrics::FailureKind;
 use crate::tunnel::error::{errno, TunnelError};
 use crate::tunnel::frames::{DataFrameHeaders, SendError, SendStatus};
 use crate::tunnel::streams::{Outgoing, Stream, StreamEnd, StreamPhase};
-use crate::tunnel::transport::Transport;
+use crate::tunnel::transport::{Transport, KEY_UPDATE_SETTING};
 
 /// The zero-copy sender's view of the session for one stream. Called only between frames, so
 /// the session's own frames are written first, right here; if the socket cannot take them the
@@ -320,7 +322,17 @@ impl Tunnel {
         self.frames.clear();
         session.poll_transmit(&mut self.frames);
         transport.queue(&self.frames);
-        match transport.flush(fd) {
+        transport.set_peer_follows(session.peer_extension(KEY_UPDATE_SETTING) == Some(1));
+        let flushed = transport.flush(fd);
+        for _ in 0..transport.take_key_updates_sent() {
+            ctx.metrics.key_update(KeyUpdateKind::Sent);
+            log::debug!(
+                "reactor {}: {} tunnel updated its TLS send key",
+                ctx.env.reactor,
+                self.role.label().label()
+            );
+        }
+        match flushed {
             Ok(true) => {
                 if self.close_when_written {
                     self.close_when_written = false;
@@ -334,11 +346,12 @@ impl Tunnel {
             Err(e) => return self.fail(e, ctx),
         }
         let transport = self.transport.as_ref().expect("open");
-        if transport.budget().should_retire() && !self.retiring {
+        if transport.must_retire() && !self.retiring {
             self.retiring = true;
             let role = self.role.label();
             log::info!(
-                "reactor {}: {} tunnel sent {} TLS records (budget reached); retiring it",
+                "reactor {}: {} tunnel sent {} TLS records (budget reached) and cannot update its \
+                 key (this kernel or the peer cannot follow); retiring it",
                 ctx.env.reactor,
                 role.label(),
                 transport.budget().records_sent()

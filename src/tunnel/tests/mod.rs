@@ -75,6 +75,7 @@ pub(super) fn env() -> TunnelEnv {
         record_budget: crate::tls::ktls::TX_RECORD_BUDGET,
         max_bytes_per_wakeup: 256 * 1024,
         connect_timeout: Duration::from_secs(10),
+        handshake_timeout: Duration::from_secs(10),
         idle_timeout: Duration::from_secs(60),
         server_idle: Duration::from_secs(600),
     }

@@ -5,7 +5,9 @@ use std::io::{ErrorKind, Read, Write};
 use std::sync::mpsc;
 
 use super::*;
-use crate::observability::hbone_metrics::{PayloadDirection, PayloadPath, Role as RoleLabel};
+use crate::observability::hbone_metrics::{
+    KeyUpdateKind, PayloadDirection, PayloadPath, Role as RoleLabel,
+};
 use crate::tunnel::streams::StreamEnd;
 
 const PATHS: [Tls; 3] = [
@@ -201,12 +203,17 @@ fn a_stalled_reader_holds_only_its_own_stream() {
     }
 }
 
-/// A tiny record budget: both ends retire their tunnel mid-transfer (the client asks its pool
-/// to, the server sends GOAWAY); the streams already open finish with every byte, then both
-/// tunnels close politely.
+/// A tiny record budget where the keys cannot be updated (the plaintext sockets stand for kTLS
+/// on a kernel without rekey): both ends retire their tunnel mid-transfer (the client asks its
+/// pool to, the server sends GOAWAY); the streams already open finish with every byte, then
+/// both tunnels close politely.
 #[test]
 fn retirement_finishes_open_streams_then_closes_politely() {
-    for (tls, readiness) in PATHS.into_iter().flat_map(|t| READINESS.map(|r| (t, r))) {
+    let paths = [
+        Tls::Plain { zero_copy: true },
+        Tls::Plain { zero_copy: false },
+    ];
+    for (tls, readiness) in paths.into_iter().flat_map(|t| READINESS.map(|r| (t, r))) {
         let mut env = env();
         env.record_budget = 64;
         let mut h = Harness::pair(tls, readiness, env);
@@ -252,6 +259,54 @@ fn retirement_finishes_open_streams_then_closes_politely() {
                 >= 1,
             "{tls:?} {readiness:?}: the client retired on its budget"
         );
+    }
+}
+
+/// A tiny record budget where both ends can update their keys (real TLS 1.3, records in user
+/// space; each end announces that it follows a KeyUpdate): at every budget the sender updates
+/// its key and the other end follows, mid-transfer, again and again; every byte arrives and
+/// no tunnel retires.
+#[test]
+fn key_updates_at_the_record_budget_keep_every_byte_and_the_tunnel() {
+    for readiness in READINESS {
+        let mut env = env();
+        env.record_budget = 64;
+        let mut h = Harness::pair(Tls::Rustls, readiness, env);
+        h.wait_established();
+        let apps: Vec<_> = (0..3)
+            .map(|i| {
+                let payload = data(1_000_000, 30 + i);
+                let want = sha(&payload);
+                (client_app(h.open(), payload), want)
+            })
+            .collect();
+        h.run_until(|h| h.client.ended.len() == 3 && h.server.ended.len() == 3);
+        for (app, want) in apps {
+            assert_eq!(sha(&app.join().unwrap().unwrap()), want, "{readiness:?}");
+        }
+        assert!(
+            all_clean(&h.client) && all_clean(&h.server),
+            "{readiness:?}"
+        );
+        assert_eq!(
+            (h.client.closed, h.server.closed),
+            (None, None),
+            "{readiness:?}"
+        );
+        // 3 MB each way in 16 KiB records: about 190 records per direction, so updates both
+        // ways (the last budget of a direction may be reached after its last flush), and
+        // every update sent was followed.
+        let sent = h.metrics.key_updates(KeyUpdateKind::Sent);
+        let followed = h.metrics.key_updates(KeyUpdateKind::Followed);
+        assert!(sent >= 2, "{readiness:?}: {sent} key updates sent");
+        assert_eq!(sent, followed, "{readiness:?}");
+        for role in [RoleLabel::Client, RoleLabel::Server] {
+            assert_eq!(
+                h.metrics.closed_count(role, TunnelClose::RecordBudget),
+                0,
+                "{readiness:?}: {role:?} retired"
+            );
+        }
     }
 }
 
