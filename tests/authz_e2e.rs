@@ -445,15 +445,28 @@ impl Live {
         }
     }
 
-    /// Waits (up to 10 s) for the client to see its connection reset; when it did.
-    fn cut_at(self) -> Instant {
+    /// Waits (up to 10 s) for the client to see its connection reset; when it did. `m`'s node
+    /// logs are shown if it did not.
+    fn cut_at(self, m: &Mesh, what: &str) -> Instant {
+        let logs = || {
+            format!(
+                "node A:\n{}\nnode B:\n{}",
+                m.a().log_text(),
+                m.b().log_text()
+            )
+        };
         let (e, at) = match self.reader.join().unwrap() {
             Err(cut) => cut,
-            Ok((n, _)) => {
-                panic!("the connection ended cleanly after {n} bytes; a reset was expected")
-            }
+            Ok((n, _)) => panic!(
+                "the {what} connection ended cleanly after {n} bytes; a reset was expected\n{}",
+                logs()
+            ),
         };
-        assert!(testbed::is_reset(&e), "expected a reset, got {e}");
+        assert!(
+            testbed::is_reset(&e),
+            "the {what} connection: expected a reset, got {e}\n{}",
+            logs()
+        );
         self.stop.store(true, SeqCst);
         let _ = self.writer.join();
         let _ = self.server.join();
@@ -517,7 +530,7 @@ fn a_reload_cuts_what_it_denies_within_a_second_and_leaves_the_rest_intact() {
     let asked = Instant::now();
     b.hangup().unwrap();
     for (what, live) in [("tunnelled", tunnelled), ("plaintext", plaintext)] {
-        let took = live.cut_at().saturating_duration_since(asked);
+        let took = live.cut_at(&m, what).saturating_duration_since(asked);
         eprintln!("{what} connection cut {took:?} after SIGHUP");
         assert!(
             took < Duration::from_secs(1),
@@ -600,7 +613,9 @@ fn a_workload_a_reload_adds_is_served_and_one_it_removes_is_drained() {
     let removed = Instant::now();
     metric_reaches(b, "ringtun_config_generation", &[], 3.0);
     m.expect_reset(mesh2(MESH_PORT));
-    let cut = open.cut_at().saturating_duration_since(removed);
+    let cut = open
+        .cut_at(&m, "drained")
+        .saturating_duration_since(removed);
     assert!(
         cut >= Duration::from_millis(1500) && cut < Duration::from_secs(5),
         "the open connection of a removed workload ended {cut:?} after the reload; \
