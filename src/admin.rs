@@ -5,7 +5,8 @@
 //! - readiness (default 0.0.0.0:15021): `GET /healthz/ready` — 200 once every reactor runs
 //!   (naming the workloads it could not serve, if any), 503 before that and while draining
 //! - admin (default 127.0.0.1:15000): `GET /config_dump` (the effective config and runtime
-//!   facts as JSON), `GET /metrics`, `GET /healthz/ready`
+//!   facts as JSON), `GET /certificates` (the local certificates in use, never a key),
+//!   `GET /metrics`, `GET /healthz/ready`
 //!
 //! Readiness listens on every address, so any pod can reach it: no client may hold it. Each
 //! endpoint's thread serves all its connections at once from one `poll(2)` loop (non-blocking
@@ -91,6 +92,8 @@ pub struct AdminState {
     pub draining: AtomicBool,
     /// `/config_dump`'s body, made per request (it follows reloads).
     pub config_dump: Box<dyn Fn() -> String + Send + Sync>,
+    /// `/certificates`' body, made per request (it follows certificate reloads).
+    pub certificates: Box<dyn Fn() -> String + Send + Sync>,
     pub stop: AtomicBool,
     /// Local workloads the node could not serve (pod mode: their listeners failed), with why;
     /// readiness names them.
@@ -109,6 +112,7 @@ impl AdminState {
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             config_dump,
+            certificates: Box::new(|| r#"{"certificates":[]}"#.into()),
             stop: AtomicBool::new(false),
             not_served: Mutex::new(Vec::new()),
             shed: Default::default(),
@@ -436,6 +440,9 @@ fn answer_for(request: &[u8], endpoint: Endpoint, state: &AdminState) -> Option<
         }
         (Endpoint::Admin, "/config_dump") => {
             response(200, "application/json", &(state.config_dump)())
+        }
+        (Endpoint::Admin, "/certificates") => {
+            response(200, "application/json", &(state.certificates)())
         }
         _ => response(404, "text/plain", "not found\n"),
     })

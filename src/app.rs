@@ -9,7 +9,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::admin::{self, AdminState, Endpoint};
 use crate::control_plane::config::{self, Config, DriverChoice, FileError};
@@ -115,6 +115,34 @@ impl From<StartError> for String {
 /// `check-config` reports beyond the file itself; `run` exits 64 for the same.
 pub fn check_files(config: &Config) -> Vec<String> {
     credentials::check_files(&State::new(config.clone(), 0))
+}
+
+/// The local certificates `run` would load but not present now (expired, not valid yet), each
+/// as one line: `check-config` warns, `run` starts and logs the same.
+pub fn certificate_warnings(config: &Config) -> Vec<String> {
+    credentials::check_validity(&State::new(config.clone(), 0), SystemTime::now())
+}
+
+/// `/certificates`: every local certificate the snapshot presents, with its state at `now`.
+fn certificates_json(snapshot: &Snapshot, now: SystemTime) -> String {
+    let listing = snapshot
+        .credentials
+        .as_ref()
+        .map(|c| c.listing())
+        .unwrap_or_default();
+    let certificates: Vec<serde_json::Value> = listing
+        .iter()
+        .map(|info| {
+            let mut v = serde_json::to_value(info).unwrap_or_default();
+            let state = match info.usable_at(now) {
+                Ok(()) => "valid".to_string(),
+                Err(why) => why.to_string(),
+            };
+            v["state"] = serde_json::Value::String(state);
+            v
+        })
+        .collect();
+    serde_json::json!({ "certificates": certificates }).to_string()
 }
 
 /// Probes kTLS once (every snapshot's credentials carry the answer) and says what tunnels will
@@ -316,7 +344,12 @@ impl App {
                 .to_string()
             })
         };
-        let admin = Arc::new(AdminState::new(metrics.clone(), config_dump));
+        let mut admin = AdminState::new(metrics.clone(), config_dump);
+        admin.certificates = {
+            let published = Arc::clone(&published);
+            Box::new(move || certificates_json(&published.load(), SystemTime::now()))
+        };
+        let admin = Arc::new(admin);
         *admin.not_served.lock().unwrap_or_else(|p| p.into_inner()) = not_served;
         let watcher_stop = Arc::new(AtomicBool::new(false));
         let mut app = App {

@@ -4,7 +4,8 @@
 //! connections carry their bytes intact, denied CONNECTs are answered 401 and the client is
 //! reset, denied plaintext is reset, the destination application never sees a denied
 //! connection, and every refusal is in node B's access log and metrics with the policy and
-//! rule that decided.
+//! rule that decided. The certificates the tunnels present are here too: listed, rotated
+//! under open tunnels, and never presented outside their validity.
 //!
 //! Policy enforcement does not depend on the readiness driver (it runs once per connection,
 //! before any byte moves), so these tests run on io_uring only; `hbone_e2e` covers the drivers.
@@ -17,12 +18,21 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
 use sha2::{Digest, Sha256};
 
+use ringtun::control_plane::certs::{
+    identity_dir, load_trust_bundle, load_workload_credentials, DevCa, CA_CERT_FILE, CA_KEY_FILE,
+    CERT_FILE, KEY_FILE,
+};
+use ringtun::control_plane::config::CipherChoice;
+use ringtun::control_plane::identity::SpiffeId;
 use ringtun::testbed::two_nodes::{expect_reset_from, wait_for, Mesh};
 use ringtun::testbed::{self, root_or_skip, MeshNode, Pod, RingtunProcess, MESH_PORT};
+use ringtun::tls::{server_name, ClientTls};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ringtun");
 
@@ -321,6 +331,8 @@ fn a_broken_reload_changes_nothing_and_a_good_one_applies_to_new_connections() {
 /// they saw. A cut shows up as an error on the client, with the moment it came.
 struct Live {
     stop: Arc<AtomicBool>,
+    /// The destination application accepted the connection: the node admitted it.
+    admitted: Arc<AtomicBool>,
     writer: JoinHandle<Hashed>,
     reader: JoinHandle<Hashed>,
     server: JoinHandle<io::Result<(u64, [u8; 32])>>,
@@ -342,8 +354,11 @@ struct LiveEnd {
 impl Live {
     fn start(m: &Mesh, from: Pod, to: SocketAddr, server_pod: Pod) -> Live {
         let listener = testbed::listen_in(&m.tb.pod_ns(server_pod).unwrap(), to).unwrap();
+        let admitted = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::clone(&admitted);
         let server = std::thread::spawn(move || -> io::Result<(u64, [u8; 32])> {
             let (mut s, _) = listener.accept()?;
+            accepted.store(true, SeqCst);
             s.set_read_timeout(Some(Duration::from_secs(60)))?;
             let mut h = Sha256::new();
             let mut n = 0u64;
@@ -390,10 +405,20 @@ impl Live {
             std::thread::spawn(move || testbed::recv_hash(&mut r).map_err(|e| (e, Instant::now())));
         Live {
             stop,
+            admitted,
             writer,
             reader,
             server,
         }
+    }
+
+    /// Waits until the destination application has the connection, so a change made next
+    /// meets it open (a fixed sleep is not enough on a loaded machine).
+    fn wait_admitted(&self) {
+        assert!(
+            wait_for(|| self.admitted.load(SeqCst)),
+            "the connection never reached the application"
+        );
     }
 
     /// Stops sending and waits for both ends: the bytes each way, hashed.
@@ -420,15 +445,28 @@ impl Live {
         }
     }
 
-    /// Waits (up to 10 s) for the client to see its connection reset; when it did.
-    fn cut_at(self) -> Instant {
+    /// Waits (up to 10 s) for the client to see its connection reset; when it did. `m`'s node
+    /// logs are shown if it did not.
+    fn cut_at(self, m: &Mesh, what: &str) -> Instant {
+        let logs = || {
+            format!(
+                "node A:\n{}\nnode B:\n{}",
+                m.a().log_text(),
+                m.b().log_text()
+            )
+        };
         let (e, at) = match self.reader.join().unwrap() {
             Err(cut) => cut,
-            Ok((n, _)) => {
-                panic!("the connection ended cleanly after {n} bytes; a reset was expected")
-            }
+            Ok((n, _)) => panic!(
+                "the {what} connection ended cleanly after {n} bytes; a reset was expected\n{}",
+                logs()
+            ),
         };
-        assert!(testbed::is_reset(&e), "expected a reset, got {e}");
+        assert!(
+            testbed::is_reset(&e),
+            "the {what} connection: expected a reset, got {e}\n{}",
+            logs()
+        );
         self.stop.store(true, SeqCst);
         let _ = self.writer.join();
         let _ = self.server.join();
@@ -478,7 +516,11 @@ fn a_reload_cuts_what_it_denies_within_a_second_and_leaves_the_rest_intact() {
     let keeps = Live::start(&m, Pod::Client, mesh1(MESH_PORT), Pod::Mesh1);
     let tunnelled = Live::start(&m, Pod::Client, mesh1(9090), Pod::Mesh1);
     let plaintext = Live::start(&m, Pod::Ext, mesh1(8081), Pod::Mesh1);
-    std::thread::sleep(Duration::from_millis(500));
+    for live in [&keeps, &tunnelled, &plaintext] {
+        live.wait_admitted();
+    }
+    // Bytes flowing both ways before the reload.
+    std::thread::sleep(Duration::from_millis(200));
 
     let running = std::fs::read_to_string(&b.config).unwrap();
     rewrite_config(
@@ -488,7 +530,7 @@ fn a_reload_cuts_what_it_denies_within_a_second_and_leaves_the_rest_intact() {
     let asked = Instant::now();
     b.hangup().unwrap();
     for (what, live) in [("tunnelled", tunnelled), ("plaintext", plaintext)] {
-        let took = live.cut_at().saturating_duration_since(asked);
+        let took = live.cut_at(&m, what).saturating_duration_since(asked);
         eprintln!("{what} connection cut {took:?} after SIGHUP");
         assert!(
             took < Duration::from_secs(1),
@@ -566,12 +608,14 @@ fn a_workload_a_reload_adds_is_served_and_one_it_removes_is_drained() {
     // Removed again while a connection is open: new connections are refused at once, the
     // open one goes on until the drain deadline (2 s), then is reset.
     let open = Live::start(&m, Pod::Client, mesh2(9090), Pod::Mesh2);
-    std::thread::sleep(Duration::from_millis(300));
+    open.wait_admitted();
     rewrite_config(b, &without);
     let removed = Instant::now();
     metric_reaches(b, "ringtun_config_generation", &[], 3.0);
     m.expect_reset(mesh2(MESH_PORT));
-    let cut = open.cut_at().saturating_duration_since(removed);
+    let cut = open
+        .cut_at(&m, "drained")
+        .saturating_duration_since(removed);
     assert!(
         cut >= Duration::from_millis(1500) && cut < Duration::from_secs(5),
         "the open connection of a removed workload ended {cut:?} after the reload; \
@@ -579,5 +623,213 @@ fn a_workload_a_reload_adds_is_served_and_one_it_removes_is_drained() {
     );
     let rec = record(b, |r| r["end"] == "drained");
     assert_eq!(rec["destination"], "workload:default/mesh-2", "{rec}");
+    m.finish();
+}
+
+// ------------------------------------------------------------------------ certificates
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+fn spiffe(sa: &str) -> SpiffeId {
+    SpiffeId::new("cluster.local", "default", sa).unwrap()
+}
+
+/// Issues `sa` a new certificate from the mesh's CA, valid from `from` for `validity`, and
+/// writes it the way a certificate agent does (new files renamed over the old); its serial.
+fn reissue(m: &Mesh, sa: &str, from: SystemTime, validity: Duration) -> String {
+    let read = |f: &str| std::fs::read_to_string(m.certs.join(f)).unwrap();
+    let ca = DevCa::from_pem(&read(CA_CERT_FILE), &read(CA_KEY_FILE)).unwrap();
+    let issued = ca.issue(&spiffe(sa), from, validity).unwrap();
+    let dir = identity_dir(&m.certs, &spiffe(sa));
+    for (file, text) in [(KEY_FILE, &issued.key_pem), (CERT_FILE, &issued.cert_pem)] {
+        let tmp = dir.join(format!("{file}.new"));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, dir.join(file)).unwrap();
+    }
+    serial_of(&issued.cert_der)
+}
+
+fn serial_of(der: &[u8]) -> String {
+    x509_parser::parse_x509_certificate(der)
+        .expect("an X.509 certificate")
+        .1
+        .raw_serial_as_string()
+}
+
+/// `GET /certificates` on `r`'s admin endpoint: the entry of `sa`, and the whole body.
+fn listed(r: &RingtunProcess, node: MeshNode, sa: &str) -> (serde_json::Value, String) {
+    let (status, body) = r
+        .get(node.port_base(), "/certificates")
+        .expect("admin endpoint");
+    assert_eq!(status, 200, "{body}");
+    let all: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    let entry = all["certificates"]
+        .as_array()
+        .expect("a list")
+        .iter()
+        .find(|c| c["identity"] == spiffe(sa).to_uri())
+        .cloned()
+        .unwrap_or(serde_json::Value::Null);
+    (entry, body)
+}
+
+fn wait_listed(r: &RingtunProcess, node: MeshNode, sa: &str, field: &str, value: &str) {
+    let ok = wait_for(|| listed(r, node, sa).0[field] == value);
+    assert!(
+        ok,
+        "{sa}'s {field} never became {value}: {}\n{}",
+        listed(r, node, sa).1,
+        r.log_text()
+    );
+}
+
+/// Waits until `r` logged its `n`th certificate rotation: every reactor runs on the new
+/// credentials (the listing shows them a moment before).
+fn rotated(r: &RingtunProcess, n: usize) {
+    let line = "certificate files changed";
+    let ok = wait_for(|| r.log_text().matches(line).count() >= n);
+    assert!(ok, "no {n}th `{line}`:\n{}", r.log_text());
+}
+
+fn logged(r: &RingtunProcess, line: &str) {
+    assert!(
+        wait_for(|| r.log_text().contains(line)),
+        "no `{line}` in:\n{}",
+        r.log_text()
+    );
+}
+
+/// Serial of the certificate node B's port 15008 presents for mesh-1 to a new tunnel: a TLS
+/// handshake from the ext pod with the client's certificate, as node A would make it.
+fn presented_for_mesh1(m: &Mesh) -> String {
+    let trust = load_trust_bundle(&m.certs.join(CA_CERT_FILE)).unwrap();
+    let creds = load_workload_credentials(&m.certs, &spiffe("client")).unwrap();
+    let config = ClientTls::new_for(&creds, &trust, CipherChoice::Any)
+        .unwrap()
+        .config_for(&spiffe("mesh-1"))
+        .unwrap();
+    let mut conn = rustls::ClientConnection::new(config, server_name(Pod::Mesh1.v4())).unwrap();
+    let mut sock =
+        testbed::connect_in(&m.tb.pod_ns(Pod::Ext).unwrap(), mesh1(15008)).expect("connects");
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    while conn.is_handshaking() {
+        conn.complete_io(&mut sock).expect("handshake");
+    }
+    let leaf = conn.peer_certificates().expect("a certificate")[0].clone();
+    serial_of(leaf.as_ref())
+}
+
+/// What an operator of a node sees of its certificates, and what rotation does: `/certificates`
+/// lists each local identity's serial and validity (never a key); certificate files rewritten
+/// on disk are taken without a restart — a new tunnel presents the new certificate while an
+/// open tunnel's stream goes on, every byte intact; a certificate not valid yet (client side)
+/// or expired (server side) is never presented: the tunnel is refused, counted and logged, and
+/// the destination application never sees the connection.
+#[test]
+fn certificate_files_rotate_under_open_tunnels_and_unusable_ones_are_never_presented() {
+    if !root_or_skip(
+        "certificate_files_rotate_under_open_tunnels_and_unusable_ones_are_never_presented",
+    ) {
+        return;
+    }
+    let m = Mesh::start(bin(), "io-uring", "");
+    let (a, b) = (m.a(), m.b());
+    let file = |sa: &str| {
+        let pem = std::fs::read(identity_dir(&m.certs, &spiffe(sa)).join(CERT_FILE)).unwrap();
+        let der = CertificateDer::from_pem_slice(&pem).unwrap();
+        serial_of(der.as_ref())
+    };
+    let first = file("mesh-1");
+    let (entry, body) = listed(b, MeshNode::B, "mesh-1");
+    assert_eq!(entry["serial"], first.as_str(), "{body}");
+    assert_eq!(entry["state"], "valid", "{body}");
+    assert!(
+        entry["not_after"].as_str().unwrap_or("").ends_with('Z'),
+        "{body}"
+    );
+    assert!(
+        entry["source"]
+            .as_str()
+            .unwrap_or("")
+            .contains("mesh-1/cert.pem"),
+        "{body}"
+    );
+    assert!(!body.contains("PRIVATE KEY"), "{body}");
+    assert_eq!(
+        listed(b, MeshNode::B, "mesh-2").0["serial"],
+        file("mesh-2").as_str()
+    );
+    assert!(listed(b, MeshNode::B, "client").0.is_null(), "{body}");
+    assert_eq!(
+        listed(a, MeshNode::A, "client").0["serial"],
+        file("client").as_str()
+    );
+    assert_eq!(presented_for_mesh1(&m), first);
+
+    // Rotation under a busy tunnel.
+    let live = Live::start(&m, Pod::Client, mesh1(MESH_PORT), Pod::Mesh1);
+    live.wait_admitted();
+    std::thread::sleep(Duration::from_millis(200));
+    let second = reissue(&m, "mesh-1", SystemTime::now(), HOUR);
+    assert_ne!(second, first);
+    wait_listed(b, MeshNode::B, "mesh-1", "serial", &second);
+    rotated(b, 1);
+    assert_eq!(
+        presented_for_mesh1(&m),
+        second,
+        "a new tunnel presents the new certificate"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_intact(&live.finish());
+
+    // Client side: the client's new certificate is valid only from an hour hence. Node A
+    // opens no tunnel with it (mesh-2 has none pooled yet); the client is reset.
+    let app = m.listen(Pod::Mesh2, MESH_PORT);
+    app.set_nonblocking(true).unwrap();
+    reissue(&m, "client", SystemTime::now() + HOUR, HOUR);
+    wait_listed(a, MeshNode::A, "client", "state", "not valid yet");
+    rotated(a, 1);
+    expect_reset_from(&m.tb, Pod::Client, mesh2(MESH_PORT));
+    metric_reaches(
+        a,
+        "ringtun_hbone_tunnel_failures_total",
+        &[
+            "role=\"client\"",
+            "reason=\"local_certificate_not_yet_valid\"",
+        ],
+        1.0,
+    );
+    logged(
+        a,
+        "client tunnel for spiffe://cluster.local/ns/default/sa/client refused: its \
+         certificate is not valid yet",
+    );
+
+    // Server side: the client is valid again, mesh-2's certificate expired an hour ago.
+    // Node B refuses the handshake on mesh-2's port 15008.
+    reissue(&m, "client", SystemTime::now(), HOUR);
+    reissue(&m, "mesh-2", SystemTime::now() - 2 * HOUR, HOUR);
+    wait_listed(a, MeshNode::A, "client", "state", "valid");
+    wait_listed(b, MeshNode::B, "mesh-2", "state", "expired");
+    rotated(a, 2);
+    rotated(b, 2);
+    expect_reset_from(&m.tb, Pod::Client, mesh2(MESH_PORT));
+    metric_reaches(
+        b,
+        "ringtun_hbone_tunnel_failures_total",
+        &["role=\"server\"", "reason=\"local_certificate_expired\""],
+        1.0,
+    );
+    logged(
+        b,
+        "server tunnel for spiffe://cluster.local/ns/default/sa/mesh-2 refused: its \
+         certificate is expired",
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        app.accept().is_err(),
+        "a connection reached mesh-2 through an unusable certificate"
+    );
     m.finish();
 }

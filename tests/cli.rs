@@ -244,6 +244,65 @@ fn files_the_config_names_are_checked_by_check_config_and_run() {
     assert_eq!(out.status.code(), Some(0), "{out:?}");
 }
 
+/// An expired local certificate is a warning, not a refusal: `run` would start (every other
+/// workload is served, and a rewritten certificate is taken without a restart), so
+/// `check-config` exits 0 and names the certificate, its serial and why it is unusable.
+#[test]
+fn an_expired_certificate_is_a_check_config_warning() {
+    use ringtun::control_plane::certs::{identity_dir, DevCa, CA_CERT_FILE, CA_KEY_FILE};
+    use ringtun::control_plane::identity::SpiffeId;
+    use std::time::{Duration, SystemTime};
+
+    let dir = std::env::temp_dir().join(format!("ringtun-cli-expired-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let certs = dir.join("certs");
+    let text = format!(
+        "version: 1\nnode:\n  name: node-a\n  admin: off\n  metrics: off\n  readiness: off\n  tls:\n    trust_bundle: {d}/ca.pem\n    certificate_dir: {d}\nworkloads:\n  - {{name: a, namespace: default, service_account: a, ips: [10.0.0.1], node: node-a, netns: pod-a}}\n  - {{name: b, namespace: default, service_account: b, ips: [10.0.0.2], node: node-a, netns: pod-b}}\n",
+        d = certs.display()
+    );
+    let path = scratch("tls-expired.yaml", &text);
+    let p = path.to_str().unwrap();
+    let out = ringtun(&["certs", "--config", p]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let out = ringtun(&["check-config", p]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("warning"),
+        "{out:?}"
+    );
+
+    // Workload a's certificate, from the same CA, ended an hour ago.
+    let read = |f: &str| std::fs::read_to_string(certs.join(f)).unwrap();
+    let ca = DevCa::from_pem(&read(CA_CERT_FILE), &read(CA_KEY_FILE)).unwrap();
+    let id = SpiffeId::new("cluster.local", "default", "a").unwrap();
+    let hour = Duration::from_secs(3600);
+    let issued = ca.issue(&id, SystemTime::now() - 2 * hour, hour).unwrap();
+    let a = identity_dir(&certs, &id);
+    std::fs::write(a.join("cert.pem"), &issued.cert_pem).unwrap();
+    std::fs::write(a.join("key.pem"), &issued.key_pem).unwrap();
+    let serial = x509_parser::parse_x509_certificate(issued.cert_der.as_ref())
+        .unwrap()
+        .1
+        .raw_serial_as_string();
+
+    let out = ringtun(&["check-config", p]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let warnings: Vec<&str> = err.lines().filter(|l| l.contains("warning")).collect();
+    assert_eq!(warnings.len(), 1, "{err}");
+    for needle in [
+        "warning: the certificate of spiffe://cluster.local/ns/default/sa/a",
+        serial.as_str(),
+        "is expired",
+        "refused until it is replaced",
+    ] {
+        assert!(warnings[0].contains(needle), "no `{needle}` in:\n{err}");
+    }
+    assert!(stdout.contains("1 warning(s)"), "{stdout}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Unprivileged, a host-mode node cannot open its transparent listeners: that is a start
 /// failure with exit 77 and the reason, never "ready".
 #[test]

@@ -177,3 +177,55 @@ fn every_reactor_runs_on_the_new_snapshot_when_reload_returns() {
     }
     node.stop();
 }
+
+/// A configuration whose certificate files are not there yet (its writer was faster than the
+/// certificate agent) is refused, then applied as soon as they are written: no signal, no
+/// second edit of the configuration file.
+#[test]
+fn a_configuration_waiting_for_its_certificate_files_is_applied_when_they_appear() {
+    use ringtun::control_plane::certs::DevCa;
+    use std::time::SystemTime;
+
+    // Node::start's directory, filled first: the bundle the first configuration names.
+    let dir = std::env::temp_dir().join(format!("ringtun-reload-certs-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("certs")).unwrap();
+    let ca = DevCa::generate(
+        "cluster.local",
+        SystemTime::now(),
+        Duration::from_secs(3600),
+    )
+    .unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.cert_pem()).unwrap();
+    let with_bundle = |bundle: &str, policies: usize| {
+        config(policies, 2).replace(
+            "node: {name: node-a, reactors: 2}",
+            &format!(
+                "node: {{name: node-a, reactors: 2, tls: {{trust_bundle: {}, certificate_dir: {}}}}}",
+                dir.join(bundle).display(),
+                dir.join("certs").display()
+            ),
+        )
+    };
+    let node = Node::start("certs", &with_bundle("ca.pem", 1));
+    assert!(node.app.published.load().credentials.is_some());
+
+    node.write(&with_bundle("next-ca.pem", 2));
+    let control = &node.app.metrics.control;
+    assert!(wait_for(APPLIED_WITHIN, || control
+        .reloads_failed
+        .load(Relaxed)
+        == 1));
+    assert_eq!(node.generation(), 1);
+
+    let tmp = dir.join("next-ca.pem.tmp");
+    std::fs::write(&tmp, ca.cert_pem()).unwrap();
+    std::fs::rename(&tmp, dir.join("next-ca.pem")).unwrap();
+    assert!(
+        wait_for(APPLIED_WITHIN, || node.generation() == 2),
+        "the bundle arrived, the node still runs generation {}",
+        node.generation()
+    );
+    assert_eq!(node.app.state().policies.policies().len(), 2);
+    assert_eq!(control.reloads_failed.load(Relaxed), 1);
+    node.stop();
+}

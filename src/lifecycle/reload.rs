@@ -1,7 +1,9 @@
 //! Live configuration changes: SIGHUP, or a change of the configuration file (seen by
 //! [`super::watch`]), builds a new node snapshot and publishes it; the reactors adopt it at
 //! their next wakeup (they are woken at once). New connections see the new workloads, services
-//! and policies from then on.
+//! and policies from then on. A change of the certificate files alone (the trust bundle, a
+//! local identity's `cert.pem` or `key.pem`) publishes the running state with new credentials:
+//! new tunnels present the new certificates, open tunnels go on with theirs.
 //!
 //! Boundary: this is the control thread's side. It reads and validates the file, builds the
 //! state (registry, compiled policies) and the tunnel credentials off the data path, publishes,
@@ -87,6 +89,13 @@ struct Status {
     /// Of the text last read (applied or refused): a file event with the same contents is
     /// not a change.
     digest: [u8; 32],
+    /// Of the certificate files last read, likewise.
+    credentials_digest: [u8; 32],
+    /// The certificate files of the last configuration refused because its certificates did
+    /// not load (a workload added before its certificate was written), and their fingerprint
+    /// then: when they change, that configuration is tried again.
+    waiting_for: Vec<PathBuf>,
+    waiting_digest: [u8; 32],
     last_error: Option<String>,
     last_error_at: Option<SystemTime>,
     last_applied_at: Option<SystemTime>,
@@ -97,6 +106,8 @@ struct Status {
 }
 
 impl Reloader {
+    /// `published` holds the snapshot the node started with; its certificate files are taken
+    /// as read now, a moment after start built its credentials from them.
     pub fn new(
         file: ConfigFile,
         published: Arc<Published>,
@@ -104,6 +115,8 @@ impl Reloader {
         metrics: Arc<Metrics>,
         ktls: KtlsSupport,
     ) -> Reloader {
+        let credentials_digest =
+            files_digest(&credentials::credential_files(&published.load().state));
         Reloader {
             path: file.path,
             published,
@@ -112,6 +125,9 @@ impl Reloader {
             ktls,
             status: Mutex::new(Status {
                 digest: file.digest,
+                credentials_digest,
+                waiting_for: Vec::new(),
+                waiting_digest: [0; 32],
                 last_error: None,
                 last_error_at: None,
                 last_applied_at: None,
@@ -127,9 +143,14 @@ impl Reloader {
         &self.path
     }
 
-    /// The files whose change a reload applies (their directories are watched).
+    /// The files whose change a reload applies (their directories are watched): the
+    /// configuration file, the certificate files the running configuration names, and those of
+    /// a configuration waiting for its certificates.
     pub fn watched_files(&self) -> Vec<PathBuf> {
-        vec![self.path.clone()]
+        let mut files = vec![self.path.clone()];
+        files.extend(credentials::credential_files(&self.published.load().state));
+        files.extend(self.status().waiting_for.iter().cloned());
+        files
     }
 
     fn status(&self) -> MutexGuard<'_, Status> {
@@ -161,9 +182,17 @@ impl Reloader {
         };
         let digest: [u8; 32] = Sha256::digest(&text).into();
         if trigger == Trigger::FileChanged && digest == status.digest {
-            return Outcome::Unchanged;
+            let waited_for_changed = !status.waiting_for.is_empty()
+                && files_digest(&status.waiting_for) != status.waiting_digest;
+            if !waited_for_changed {
+                return self.reload_credentials(&mut status, started);
+            }
+            log::info!(
+                "the certificate files a refused configuration waits for changed: trying it again"
+            );
         }
         status.digest = digest;
+        status.waiting_for.clear();
         let text = match String::from_utf8(text) {
             Ok(t) => t,
             Err(_) => {
@@ -192,10 +221,17 @@ impl Reloader {
         }
         let generation = current.state.generation + 1;
         let state = State::new(config, generation);
+        let files = credentials::credential_files(&state);
+        let files_now = files_digest(&files);
         let credentials = match credentials::load(&state, &self.ktls) {
             Ok(c) => c.map(Arc::new),
-            Err(e) => return self.failed(&mut status, e.to_string()),
+            Err(e) => {
+                status.waiting_for = files;
+                status.waiting_digest = files_now;
+                return self.failed(&mut status, e.to_string());
+            }
         };
+        status.credentials_digest = files_now;
         let serial = current.serial + 1;
         self.hand_listeners(&mut status, &current.state, &state, serial);
         drop(current);
@@ -225,6 +261,49 @@ impl Reloader {
                 ""
             } else {
                 "; some reactors had not adopted it yet"
+            }
+        );
+        Outcome::Applied { generation }
+    }
+
+    /// The configuration is what runs: if the certificate files changed, publishes the
+    /// running state with credentials built from them.
+    fn reload_credentials(&self, status: &mut Status, started: Instant) -> Outcome {
+        let current = self.published.load();
+        let digest = files_digest(&credentials::credential_files(&current.state));
+        if digest == status.credentials_digest {
+            return Outcome::Unchanged;
+        }
+        status.credentials_digest = digest;
+        let generation = current.state.generation;
+        let credentials = match credentials::load(&current.state, &self.ktls) {
+            Ok(c) => c.map(Arc::new),
+            Err(e) => return self.failed(status, format!("certificate files: {e}")),
+        };
+        let serial = current.serial + 1;
+        let state = Arc::clone(&current.state);
+        drop(current);
+        let old = self.published.store(Snapshot {
+            serial,
+            state,
+            credentials,
+        });
+        let adopted = self.await_adoption(serial);
+        drop(old);
+        let took = started.elapsed();
+        status.last_error = None;
+        status.last_error_at = None;
+        status.last_applied_at = Some(SystemTime::now());
+        let c = &self.metrics.control;
+        c.reloads_applied.fetch_add(1, Relaxed);
+        c.last_reload_ns.store(took.as_nanos() as u64, Relaxed);
+        log::info!(
+            "certificate files changed: generation {generation} runs with the new certificates \
+             (new tunnels present them), in {took:?}{}",
+            if adopted {
+                ""
+            } else {
+                "; some reactors had not adopted them yet"
             }
         );
         Outcome::Applied { generation }
@@ -309,6 +388,28 @@ impl Reloader {
             "listener_problems": status.listener_problems,
         })
     }
+}
+
+/// The fingerprint of `files` as they are now (a file that cannot be read counts by its error,
+/// so its return is a change).
+fn files_digest(files: &[PathBuf]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for file in files {
+        h.update(file.as_os_str().as_encoded_bytes());
+        h.update([0]);
+        match std::fs::read(file) {
+            Ok(bytes) => {
+                h.update([1]);
+                h.update((bytes.len() as u64).to_le_bytes());
+                h.update(bytes);
+            }
+            Err(e) => {
+                h.update([2]);
+                h.update(e.to_string());
+            }
+        }
+    }
+    h.finalize().into()
 }
 
 /// The new configuration with the `node:` settings a running node cannot change put back to

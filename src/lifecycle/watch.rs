@@ -1,8 +1,9 @@
-//! The `config-watch` thread: watches the directories holding the files a node runs from and
-//! asks for a reload when something in them changed. Events are collected until the directory
-//! has been quiet for a moment (an editor or `kubectl` writes, renames and swaps symlinks in
-//! bursts); the reload itself compares contents, so an unrelated file in the same directory
-//! costs one read and changes nothing.
+//! The `config-watch` thread: watches the directories holding the files a node runs from (the
+//! configuration file, and the certificate files it names: the trust bundle, each local
+//! identity's certificate and key) and asks for a reload when something in them changed.
+//! Events are collected until the directory has been quiet for a moment (an editor or `kubectl`
+//! writes, renames and swaps symlinks in bursts); the reload itself compares contents, so an
+//! unrelated file in the same directory costs one read and changes nothing.
 
 use std::io;
 use std::path::PathBuf;
@@ -58,7 +59,8 @@ pub fn spawn(reloader: Arc<Reloader>, stop: Arc<AtomicBool>) -> io::Result<JoinH
         })
 }
 
-/// The parent directories of the files a reload reads.
+/// The parent directories of the files a reload reads (asked again every tick: a reload that
+/// adds a local identity adds its certificate directory).
 fn watched_dirs(reloader: &Reloader) -> Vec<PathBuf> {
     let mut dirs: Vec<PathBuf> = reloader
         .watched_files()

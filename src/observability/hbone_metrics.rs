@@ -102,6 +102,10 @@ label_enum!(
         Register => "register",
         /// No certificate for the local workload the tunnel arrived for.
         NoCertificate => "no_certificate",
+        /// The local workload's certificate has expired: it is not presented.
+        LocalCertificateExpired => "local_certificate_expired",
+        /// The local workload's certificate is not valid yet: it is not presented.
+        LocalCertificateNotYetValid => "local_certificate_not_yet_valid",
         Internal => "internal",
     }
 );

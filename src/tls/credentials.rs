@@ -1,23 +1,31 @@
 //! The TLS material of one node snapshot: for every local workload identity, the client side
 //! (its certificate, for tunnels it opens) and the server config (what its port 15008 presents),
-//! all over one trust bundle; plus the kernel's kTLS support, probed once at start.
+//! all over one trust bundle; what each certificate is (serial, validity, file), so an expired
+//! or not-yet-valid one is never presented and `/certificates` can list them; plus the kernel's
+//! kTLS support, probed once at start.
 //!
-//! Boundary: built from files by [`load`] at start and again by every reload; then only read,
-//! shared by every reactor through the snapshot. A reload that cannot build it (a missing or
-//! mismatched certificate, an unreadable bundle) fails as a whole and the running credentials
-//! stay.
+//! Boundary: built from files by [`load`] at start, at every reload and whenever a certificate
+//! file changes; then only read, shared by every reactor through the snapshot. A build that
+//! fails (a missing or mismatched certificate, an unreadable bundle) changes nothing: the
+//! running credentials stay. A certificate outside its validity is loaded (it may be replaced
+//! any moment) but never presented: [`TunnelCredentials::usable`] says so per identity.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use rustls::ServerConfig;
 
 use super::{server_config_for, ClientTls, TlsError};
-use crate::control_plane::certs::{load_trust_bundle, load_workload_credentials, CertError};
+use crate::control_plane::certs::{
+    identity_dir, load_trust_bundle, load_workload_credentials, CertError, WorkloadCredentials,
+    CERT_FILE, KEY_FILE,
+};
 use crate::control_plane::identity::{IdentityError, SpiffeId};
 use crate::control_plane::state::State;
 use crate::kernel_features::KtlsSupport;
+use crate::observability::logging::rfc3339;
 
 /// TLS material for tunnels, shared by every reactor.
 pub struct TunnelCredentials {
@@ -25,7 +33,99 @@ pub struct TunnelCredentials {
     pub client: HashMap<SpiffeId, ClientTls>,
     /// Server config per local identity (what 15008 presents for that pod).
     pub server: HashMap<SpiffeId, Arc<ServerConfig>>,
+    /// What each local identity's certificate is.
+    pub certificates: HashMap<SpiffeId, CertificateInfo>,
     pub ktls: KtlsSupport,
+}
+
+/// One certificate in use, as `GET /certificates` lists it (never its key).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CertificateInfo {
+    pub identity: String,
+    /// The serial number, hex bytes separated by colons.
+    pub serial: String,
+    /// The validity, RFC 3339 in UTC.
+    pub not_before: String,
+    pub not_after: String,
+    #[serde(skip)]
+    not_before_unix: u64,
+    #[serde(skip)]
+    not_after_unix: u64,
+    /// Where it was read from: `file <path>`.
+    pub source: String,
+}
+
+/// Why a local certificate must not be presented now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Unusable {
+    #[error("expired")]
+    Expired,
+    #[error("not valid yet")]
+    NotYetValid,
+}
+
+impl Unusable {
+    /// The `reason` label of the refusal counter.
+    pub fn label(self) -> &'static str {
+        match self {
+            Unusable::Expired => "local_certificate_expired",
+            Unusable::NotYetValid => "local_certificate_not_yet_valid",
+        }
+    }
+}
+
+impl CertificateInfo {
+    fn of(id: &SpiffeId, creds: &WorkloadCredentials, source: String) -> Result<Self, String> {
+        let (_, cert) = x509_parser::parse_x509_certificate(creds.chain[0].as_ref())
+            .map_err(|e| format!("not an X.509 certificate: {e}"))?;
+        // Before 1970 is as unusable as 1970 itself; clamp rather than wrap.
+        let unix = |t: x509_parser::time::ASN1Time| u64::try_from(t.timestamp()).unwrap_or(0);
+        let not_before_unix = unix(cert.validity().not_before);
+        let not_after_unix = unix(cert.validity().not_after);
+        let text = |secs| rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(secs));
+        Ok(CertificateInfo {
+            identity: id.to_uri(),
+            serial: cert.raw_serial_as_string(),
+            not_before: text(not_before_unix),
+            not_after: text(not_after_unix),
+            not_before_unix,
+            not_after_unix,
+            source,
+        })
+    }
+
+    /// Whether it may be presented at `now`: its validity includes `now` (both ends inclusive,
+    /// as RFC 5280 4.1.2.5 has it).
+    pub fn usable_at(&self, now: SystemTime) -> Result<(), Unusable> {
+        let secs = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO)
+            .as_secs();
+        if secs < self.not_before_unix {
+            Err(Unusable::NotYetValid)
+        } else if secs > self.not_after_unix {
+            Err(Unusable::Expired)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl TunnelCredentials {
+    /// Whether `id`'s certificate may be presented at `now`. An identity without a certificate
+    /// is not this check's business: the callers already refuse it as unknown.
+    pub fn usable(&self, id: &SpiffeId, now: SystemTime) -> Result<(), Unusable> {
+        self.certificates
+            .get(id)
+            .map_or(Ok(()), |info| info.usable_at(now))
+    }
+
+    /// Every certificate in use, by identity.
+    pub fn listing(&self) -> Vec<CertificateInfo> {
+        let mut all: Vec<CertificateInfo> = self.certificates.values().cloned().collect();
+        all.sort_by(|a, b| a.identity.cmp(&b.identity));
+        all
+    }
 }
 
 /// Why the credentials of a snapshot cannot be built; each names what to fix.
@@ -82,18 +182,39 @@ pub fn load(
     state: &State,
     ktls: &KtlsSupport,
 ) -> Result<Option<TunnelCredentials>, CredentialsErrors> {
-    Ok(read(state)?.map(|(client, server)| TunnelCredentials {
-        client,
-        server,
+    let Some(sides) = read(state)? else {
+        return Ok(None);
+    };
+    let now = SystemTime::now();
+    for info in sides.certificates.values() {
+        if let Err(why) = info.usable_at(now) {
+            log::warn!("{}", unusable_line(info, why));
+        }
+    }
+    Ok(Some(TunnelCredentials {
+        client: sides.client,
+        server: sides.server,
+        certificates: sides.certificates,
         ktls: ktls.clone(),
     }))
 }
 
-/// The client and server sides per local identity.
-type Sides = (
-    HashMap<SpiffeId, ClientTls>,
-    HashMap<SpiffeId, Arc<ServerConfig>>,
-);
+/// What an operator reads about a certificate outside its validity (at start, at a reload,
+/// from `check-config`).
+fn unusable_line(info: &CertificateInfo, why: Unusable) -> String {
+    format!(
+        "the certificate of {} (serial {}, valid {} to {}, {}) is {why}: tunnels that would \
+         present it are refused until it is replaced",
+        info.identity, info.serial, info.not_before, info.not_after, info.source
+    )
+}
+
+/// The client and server sides and the certificate per local identity.
+struct Sides {
+    client: HashMap<SpiffeId, ClientTls>,
+    server: HashMap<SpiffeId, Arc<ServerConfig>>,
+    certificates: HashMap<SpiffeId, CertificateInfo>,
+}
 
 fn read(state: &State) -> Result<Option<Sides>, CredentialsErrors> {
     let node = &state.config.node;
@@ -112,6 +233,7 @@ fn read(state: &State) -> Result<Option<Sides>, CredentialsErrors> {
     }
     let mut client = HashMap::new();
     let mut server = HashMap::new();
+    let mut certificates = HashMap::new();
     let mut seen = HashSet::new();
     for (_, entry) in state.registry.local_workloads() {
         let workload = Arc::clone(&entry.name);
@@ -140,6 +262,18 @@ fn read(state: &State) -> Result<Option<Sides>, CredentialsErrors> {
                 continue;
             }
         };
+        let file = identity_dir(&tls.certificate_dir, &id).join(CERT_FILE);
+        let info = match CertificateInfo::of(&id, &creds, format!("file {}", file.display())) {
+            Ok(info) => info,
+            Err(detail) => {
+                problems.push(CredentialsError::Certificate {
+                    workload,
+                    id,
+                    source: Box::new(CertError::BadCertificate { path: file, detail }),
+                });
+                continue;
+            }
+        };
         let Some(trust) = &trust else { continue };
         let made = ClientTls::new_for(&creds, trust, node.hbone.cipher).and_then(|c| {
             server_config_for(&creds, trust, &node.trust_domain, node.hbone.cipher).map(|s| (c, s))
@@ -147,7 +281,8 @@ fn read(state: &State) -> Result<Option<Sides>, CredentialsErrors> {
         match made {
             Ok((c, s)) => {
                 client.insert(id.clone(), c);
-                server.insert(id, s);
+                server.insert(id.clone(), s);
+                certificates.insert(id, info);
             }
             Err(source) => problems.push(CredentialsError::Tls {
                 workload,
@@ -165,7 +300,11 @@ fn read(state: &State) -> Result<Option<Sides>, CredentialsErrors> {
         tls.trust_bundle.display(),
         trust.as_ref().map_or(0, |t| t.len())
     );
-    Ok(Some((client, server)))
+    Ok(Some(Sides {
+        client,
+        server,
+        certificates,
+    }))
 }
 
 /// Everything a node would refuse about the files a valid config names (the trust bundle, the
@@ -175,5 +314,180 @@ pub fn check_files(state: &State) -> Vec<String> {
     match read(state) {
         Ok(_) => Vec::new(),
         Err(e) => e.0.iter().map(ToString::to_string).collect(),
+    }
+}
+
+/// The local certificates that load but are outside their validity at `now`, each as one
+/// line. A warning, not a refusal: the node serves everything else, and a certificate agent
+/// that rewrites the files brings the identity back without a restart.
+pub fn check_validity(state: &State, now: SystemTime) -> Vec<String> {
+    let Ok(Some(sides)) = read(state) else {
+        return Vec::new();
+    };
+    let mut lines: Vec<(String, String)> = sides
+        .certificates
+        .values()
+        .filter_map(|info| {
+            let why = info.usable_at(now).err()?;
+            Some((info.identity.clone(), unusable_line(info, why)))
+        })
+        .collect();
+    lines.sort();
+    lines.into_iter().map(|(_, line)| line).collect()
+}
+
+/// The files a snapshot's credentials are read from (the trust bundle, each local identity's
+/// certificate and key): a change of any of them rebuilds the credentials.
+pub fn credential_files(state: &State) -> Vec<PathBuf> {
+    let Some(tls) = &state.config.node.tls else {
+        return Vec::new();
+    };
+    let mut files = vec![tls.trust_bundle.clone()];
+    for (_, entry) in state.registry.local_workloads() {
+        if let Ok(id) = SpiffeId::parse(&entry.identity) {
+            let dir = identity_dir(&tls.certificate_dir, &id);
+            files.push(dir.join(CERT_FILE));
+            files.push(dir.join(KEY_FILE));
+        }
+    }
+    files.sort();
+    files.dedup();
+    files
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+    use crate::control_plane::certs::{DevCa, CA_CERT_FILE};
+    use crate::control_plane::config;
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    /// A node with three local workloads, one identity each, and the dev CA's layout in `dir`.
+    fn node_state(dir: &Path) -> Arc<State> {
+        let text = format!(
+            "version: 1\nnode:\n  name: n\n  tls:\n    trust_bundle: {d}/{CA_CERT_FILE}\n    \
+             certificate_dir: {d}\nworkloads:\n\
+             - {{name: old, namespace: ns, service_account: old, ips: [10.0.0.1], node: n, netns: p1}}\n\
+             - {{name: now, namespace: ns, service_account: now, ips: [10.0.0.2], node: n, netns: p2}}\n\
+             - {{name: soon, namespace: ns, service_account: soon, ips: [10.0.0.3], node: n, netns: p3}}\n",
+            d = dir.display()
+        );
+        State::new(config::load(&text).expect("valid config"), 1)
+    }
+
+    fn write_cert(
+        ca: &DevCa,
+        dir: &Path,
+        sa: &str,
+        from: SystemTime,
+        validity: Duration,
+    ) -> String {
+        let id = SpiffeId::new("cluster.local", "ns", sa).unwrap();
+        let issued = ca.issue(&id, from, validity).unwrap();
+        let d = identity_dir(dir, &id);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join(CERT_FILE), &issued.cert_pem).unwrap();
+        std::fs::write(d.join(KEY_FILE), &issued.key_pem).unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(issued.cert_der.as_ref()).unwrap();
+        cert.raw_serial_as_string()
+    }
+
+    #[test]
+    fn a_certificate_outside_its_validity_loads_but_is_never_usable() {
+        let dir =
+            std::env::temp_dir().join(format!("ringtun-creds-validity-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let now = SystemTime::now();
+        let ca = DevCa::generate("cluster.local", now - 4 * HOUR, 24 * HOUR).unwrap();
+        std::fs::write(dir.join(CA_CERT_FILE), ca.cert_pem()).unwrap();
+        // Ended an hour ago; valid now for an hour; valid from an hour hence.
+        let expired = write_cert(&ca, &dir, "old", now - 2 * HOUR, HOUR);
+        let valid = write_cert(&ca, &dir, "now", now, HOUR);
+        let future = write_cert(&ca, &dir, "soon", now + HOUR, HOUR);
+        let state = node_state(&dir);
+
+        // Loading refuses nothing: the node starts and serves the valid identity.
+        assert!(check_files(&state).is_empty(), "{:?}", check_files(&state));
+        let ktls = KtlsSupport {
+            tx: false,
+            rx: false,
+            ciphers: Vec::new(),
+            rx_ciphers: Vec::new(),
+            rekey: crate::kernel_features::Rekey::Unsupported,
+            reason: Some("not probed in this test".into()),
+        };
+        let creds = load(&state, &ktls).expect("loads").expect("tls is on");
+        let id = |sa| SpiffeId::new("cluster.local", "ns", sa).unwrap();
+        assert_eq!(creds.usable(&id("old"), now), Err(Unusable::Expired));
+        assert_eq!(creds.usable(&id("now"), now), Ok(()));
+        assert_eq!(creds.usable(&id("soon"), now), Err(Unusable::NotYetValid));
+        // The valid one is unusable too once its hour is over.
+        assert_eq!(
+            creds.usable(&id("now"), now + 2 * HOUR),
+            Err(Unusable::Expired)
+        );
+        assert_eq!(Unusable::Expired.label(), "local_certificate_expired");
+
+        // The listing names each by serial and file, sorted by identity, no key.
+        let listing = creds.listing();
+        let serials: Vec<(&str, &str)> = listing
+            .iter()
+            .map(|c| (c.identity.as_str(), c.serial.as_str()))
+            .collect();
+        assert_eq!(
+            serials,
+            [
+                ("spiffe://cluster.local/ns/ns/sa/now", valid.as_str()),
+                ("spiffe://cluster.local/ns/ns/sa/old", expired.as_str()),
+                ("spiffe://cluster.local/ns/ns/sa/soon", future.as_str()),
+            ]
+        );
+        let json = serde_json::to_string(&listing).unwrap();
+        assert!(!json.contains("PRIVATE"), "{json}");
+        assert!(
+            listing[1].source.ends_with(&format!("ns/old/{CERT_FILE}")),
+            "{:?}",
+            listing[1]
+        );
+
+        // check-config's warnings: one line for each unusable certificate, with the reason.
+        let warnings = check_validity(&state, now);
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(
+            warnings[0].contains("sa/old") && warnings[0].contains("is expired"),
+            "{warnings:?}"
+        );
+        assert!(warnings[0].contains(&expired), "{warnings:?}");
+        assert!(
+            warnings[1].contains("sa/soon") && warnings[1].contains("is not valid yet"),
+            "{warnings:?}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_files_to_watch_are_the_bundle_and_each_local_identitys_pair() {
+        let state = node_state(Path::new("/c"));
+        let files: Vec<String> = credential_files(&state)
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        assert_eq!(
+            files,
+            [
+                "/c/ca.pem",
+                "/c/ns/now/cert.pem",
+                "/c/ns/now/key.pem",
+                "/c/ns/old/cert.pem",
+                "/c/ns/old/key.pem",
+                "/c/ns/soon/cert.pem",
+                "/c/ns/soon/key.pem",
+            ]
+        );
     }
 }

@@ -16,7 +16,7 @@ use std::net::IpAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use hbone_proto::{ConnectRequest, StreamId};
 use rustls::client::UnbufferedClientConnection;
@@ -42,7 +42,7 @@ use crate::observability::hbone_metrics::{
 };
 use crate::observability::metrics::{CloseKind, DenialAt, FailureKind, TcpCounters, TcpLabels};
 use crate::redirection::netns::{in_netns, NetNs};
-use crate::tls::credentials::TunnelCredentials;
+use crate::tls::credentials::{TunnelCredentials, Unusable};
 use crate::tls::{self};
 use crate::tunnel::connection::{Action, Ctx, OpenRefused, Phase, Role, Tunnel, TunnelEnv};
 use crate::tunnel::inbound_rules::{outbound_connect, InboundDecision, InboundRules, RejectReason};
@@ -222,6 +222,30 @@ impl Tunnels {
             self.process_pool_events(io, now);
         }
     }
+}
+
+/// A tunnel that would present a local certificate outside its validity is not made: a peer
+/// would refuse it anyway, after a handshake, with a less telling alert. Counted per role
+/// under the certificate's reason; the line is rate-limited, as every new connection of the
+/// workload meets the same refusal until its files are replaced.
+fn refuse_unusable_certificate(
+    io: &mut Shared<'_>,
+    role: RoleLabel,
+    identity: &str,
+    why: Unusable,
+) {
+    let reason = match why {
+        Unusable::Expired => TunnelFailure::LocalCertificateExpired,
+        Unusable::NotYetValid => TunnelFailure::LocalCertificateNotYetValid,
+    };
+    io.metrics.hbone.failed(role, reason);
+    crate::log_limited!(
+        log::Level::Warn,
+        why.label(),
+        "reactor {}: {} tunnel for {identity} refused: its certificate is {why}",
+        io.id,
+        role.label()
+    );
 }
 
 /// A tunnel in the reactor's slab, with the driver's state for its socket and what it holds
@@ -505,10 +529,11 @@ impl Tunnels {
             _ => return socket::close_with_reset(fd),
         };
         let entry = io.state.registry.workload(workload);
-        let config = SpiffeId::parse(&entry.identity)
-            .ok()
-            .and_then(|id| self.creds.server.get(&id).cloned());
-        let Some(config) = config else {
+        let id = SpiffeId::parse(&entry.identity).ok();
+        let config = id
+            .as_ref()
+            .and_then(|id| self.creds.server.get(id).cloned());
+        let (Some(id), Some(config)) = (id, config) else {
             log::warn!(
                 "reactor {}: tunnel to {local} refused: no server certificate for {}",
                 io.id,
@@ -519,6 +544,10 @@ impl Tunnels {
                 .failed(RoleLabel::Server, TunnelFailure::NoCertificate);
             return socket::close_with_reset(fd);
         };
+        if let Err(why) = self.creds.usable(&id, SystemTime::now()) {
+            refuse_unusable_certificate(io, RoleLabel::Server, &entry.identity, why);
+            return socket::close_with_reset(fd);
+        }
         // Unauthenticated: the handshake budget, never the flow budget.
         let source = source_bucket(peer.ip());
         let limits = self.budgets.limits;
@@ -833,6 +862,11 @@ impl Tunnels {
                     _ => return self.pool_tunnel_failed(io, tid, now),
                 };
                 let peer = target.peer;
+                if let Err(why) = self.creds.usable(&target.source_id, SystemTime::now()) {
+                    let id = target.source_id.to_uri();
+                    refuse_unusable_certificate(io, RoleLabel::Client, &id, why);
+                    return self.pool_tunnel_failed(io, tid, now);
+                }
                 if let Err(e) = self.start_client_tunnel(io, tid, target, now) {
                     log::warn!("reactor {}: cannot open a tunnel to {peer}: {e}", io.id);
                     self.pool_tunnel_failed(io, tid, now);
