@@ -97,6 +97,47 @@ fn bytes_cross_two_nodes_intact(driver: &str) {
         )
         .unwrap();
     assert!(ok >= 2.0, "server answered {ok} CONNECTs with 200");
+    // Istio's TCP metrics call tunnelled connections what they are, at both ends, and the
+    // destination names the source workload from the tunnel's proven identity.
+    let mtls = "connection_security_policy=\"mutual_tls\"";
+    let counts = || {
+        let source = m
+            .a()
+            .metric(
+                "istio_tcp_connections_closed_total",
+                &["reporter=\"source\"", mtls],
+            )
+            .unwrap();
+        let destination = m
+            .b()
+            .metric(
+                "istio_tcp_connections_closed_total",
+                &[
+                    "reporter=\"destination\"",
+                    "source_workload=\"client\"",
+                    "source_workload_namespace=\"default\"",
+                    mtls,
+                ],
+            )
+            .unwrap();
+        (source, destination)
+    };
+    // The closes are counted as each end finishes, a moment after the bytes arrived.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let (source, destination) = loop {
+        let (s, d) = counts();
+        if (s >= 2.0 && d >= 1.0) || std::time::Instant::now() > deadline {
+            break (s, d);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(
+        source >= 2.0 && destination >= 1.0,
+        "mutual_tls connections: {source} at the source, {destination} named at the \
+         destination:\n{}\n{}",
+        m.a().metrics().unwrap(),
+        m.b().metrics().unwrap()
+    );
     let said = if tls_mode().contains("ktls") {
         "client tunnels use kTLS"
     } else {

@@ -191,6 +191,26 @@ pub struct TcpLabels {
     pub destination_workload: String,
     pub destination_workload_namespace: String,
     pub destination_service: String,
+    /// `mutual_tls` for connections carried by an HBONE tunnel (either end), `none` for plain
+    /// TCP, as Istio labels them.
+    pub security: SecurityPolicy,
+}
+
+/// Istio's `connection_security_policy` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub enum SecurityPolicy {
+    #[default]
+    None,
+    MutualTls,
+}
+
+impl SecurityPolicy {
+    pub fn label(self) -> &'static str {
+        match self {
+            SecurityPolicy::None => "none",
+            SecurityPolicy::MutualTls => "mutual_tls",
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -355,6 +375,7 @@ impl ReactorMetrics {
                 destination_workload: "overflow".into(),
                 destination_workload_namespace: "overflow".into(),
                 destination_service: "overflow".into(),
+                security: labels.security,
             }
         } else {
             labels
@@ -529,13 +550,14 @@ impl Metrics {
             for (l, v) in &rows {
                 let _ = writeln!(
                     out,
-                    "{name}{{reporter=\"{}\",source_workload=\"{}\",source_workload_namespace=\"{}\",destination_workload=\"{}\",destination_workload_namespace=\"{}\",destination_service=\"{}\",request_protocol=\"tcp\",connection_security_policy=\"none\"}} {}",
+                    "{name}{{reporter=\"{}\",source_workload=\"{}\",source_workload_namespace=\"{}\",destination_workload=\"{}\",destination_workload_namespace=\"{}\",destination_service=\"{}\",request_protocol=\"tcp\",connection_security_policy=\"{}\"}} {}",
                     l.reporter,
                     esc(&l.source_workload),
                     esc(&l.source_workload_namespace),
                     esc(&l.destination_workload),
                     esc(&l.destination_workload_namespace),
                     esc(&l.destination_service),
+                    l.security.label(),
                     v[i]
                 );
             }
@@ -736,6 +758,7 @@ mod tests {
             destination_workload: "unknown".into(),
             destination_workload_namespace: "unknown".into(),
             destination_service: "unknown".into(),
+            security: SecurityPolicy::None,
         }
     }
 

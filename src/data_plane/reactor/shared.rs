@@ -10,12 +10,14 @@ use std::time::Instant;
 
 use crate::control_plane::state::State;
 use crate::data_plane::driver::{Driver, FlowKey};
-use crate::data_plane::first_connection::{Destination, Direction, Resolution};
+use crate::data_plane::first_connection::{Destination, Direction, Resolution, Route};
 use crate::data_plane::socket;
 use crate::data_plane::splice::PipePool;
 use crate::data_plane::timer::{Timer, TimerKind};
 use crate::observability::access_log::{self, FlowRecord, Observer};
-use crate::observability::metrics::{CloseKind, FailureKind, ReactorMetrics, TcpLabels};
+use crate::observability::metrics::{
+    CloseKind, FailureKind, ReactorMetrics, SecurityPolicy, TcpLabels,
+};
 
 pub(super) struct Shared<'a> {
     pub id: usize,
@@ -132,5 +134,9 @@ pub(super) fn tcp_labels(res: &Resolution, state: &State) -> TcpLabels {
         destination_workload: dw,
         destination_workload_namespace: dns,
         destination_service: service,
+        security: match res.route {
+            Route::HboneTunnel { .. } => SecurityPolicy::MutualTls,
+            _ => SecurityPolicy::None,
+        },
     }
 }

@@ -40,7 +40,9 @@ use crate::observability::access_log::{self, FlowRecord};
 use crate::observability::hbone_metrics::{
     PoolOutcome, Role as RoleLabel, TunnelClose, TunnelFailure, TunnelShed,
 };
-use crate::observability::metrics::{CloseKind, DenialAt, FailureKind, TcpCounters, TcpLabels};
+use crate::observability::metrics::{
+    CloseKind, DenialAt, FailureKind, SecurityPolicy, TcpCounters, TcpLabels,
+};
 use crate::redirection::netns::{in_netns, NetNs};
 use crate::tls::credentials::{TunnelCredentials, Unusable};
 use crate::tls::{self};
@@ -708,9 +710,16 @@ impl Tunnels {
             }
         };
         let w = &io.state.registry.workload(workload).workload;
+        // The source workload is named only when the tunnel's proven identity is the identity
+        // of the workload at the tunnel's peer address (an address alone proves nothing).
+        let registry = &io.state.registry;
+        let source = peer_identity.as_ref().and_then(|id| {
+            let e = registry.workload(registry.workload_by_ip(peer.ip())?);
+            (e.identity == id.to_uri()).then(|| e.workload.name.clone())
+        });
         let labels = TcpLabels {
             reporter: "destination",
-            source_workload: "unknown".into(),
+            source_workload: source.unwrap_or_else(|| "unknown".into()),
             source_workload_namespace: peer_identity
                 .as_ref()
                 .map(|p| p.namespace().to_string())
@@ -718,6 +727,7 @@ impl Tunnels {
             destination_workload: w.name.clone(),
             destination_workload_namespace: w.namespace.clone(),
             destination_service: "unknown".into(),
+            security: SecurityPolicy::MutualTls,
         };
         let counters = io.metrics.tcp_counters(labels);
         let raw = fd.as_raw_fd();
