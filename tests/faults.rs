@@ -117,10 +117,11 @@ fn a_peer_node_that_vanishes_resets_its_streams_and_the_rest_is_served() {
     drop(s);
 }
 
-/// Two streams on one tunnel (node A runs one reactor, so one pool), to two ports of mesh-1:
-/// the destination of the first stops reading. The second must not wait for it (its own flow-control window, not the tunnel's,
-/// is what fills): 8 MiB each way with both hashes equal, on the same tunnel, while the first
-/// is still stalled. Then the first destination reads and every byte it was sent arrives.
+/// Two streams on one tunnel (node A runs one reactor, so one pool), to two ports of mesh-1: the
+/// destination of the first stops reading. The second must not wait for it (its own flow-control
+/// window, not the tunnel's, is what fills): 8 MiB each way with both hashes equal, on the same
+/// tunnel, while the first is still stalled. Then the first destination reads and every byte it was
+/// sent arrives.
 #[test]
 fn a_destination_that_stops_reading_stalls_only_its_own_stream() {
     if !root_or_skip("a_destination_that_stops_reading_stalls_only_its_own_stream") {
@@ -178,7 +179,8 @@ fn a_destination_that_stops_reading_stalls_only_its_own_stream() {
     m.finish();
 }
 
-/// The open-files limit a node is started with in [`a_node_short_of_descriptors_refuses_over_its_budget`].
+/// The open-files limit the node of [`a_node_short_of_descriptors_refuses_over_its_budget`]
+/// is started with.
 const NOFILE: u64 = 256;
 
 /// ringtun in the node namespace under `ulimit -n NOFILE`, set by the shell that then execs

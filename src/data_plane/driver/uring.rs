@@ -35,7 +35,8 @@ pub struct UringDriver {
     /// Kernels before 5.19 have no multishot accept: re-arm a single-shot accept instead.
     multishot_accept: bool,
     /// Requests submitted whose last completion has not been reaped. Each one may hold a file
-    /// (an armed accept keeps its listening socket alive after close(2)), see [`Self::cancel_in_flight`].
+    /// (an armed accept keeps its listening socket alive after close(2)), see
+    /// [`Self::cancel_in_flight`].
     in_flight: usize,
 }
 
