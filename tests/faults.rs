@@ -5,8 +5,9 @@
 //! - a peer node that vanishes mid-transfer (node B killed with SIGKILL): node A resets the
 //!   client streams it carried at once, refuses new ones to B with a reset, keeps serving
 //!   everything else, and gives back every descriptor;
-//! - a destination that stops reading: only its own stream stalls; another stream on the same
-//!   tunnel keeps flowing with every byte intact, and the stalled one completes afterwards;
+//! - a destination that stops reading: only its own stream stalls, with no CPU spent on it;
+//!   another stream on the same tunnel keeps flowing with every byte intact, and the stalled
+//!   one completes afterwards;
 //! - descriptor exhaustion: a node started with a low open-files limit sizes its flow budget
 //!   to it, refuses the connections over the budget (reset, counter, access record) without
 //!   ever failing an accept, serves the others, and serves again once they close.
@@ -120,8 +121,8 @@ fn a_peer_node_that_vanishes_resets_its_streams_and_the_rest_is_served() {
 /// Two streams on one tunnel (node A runs one reactor, so one pool), to two ports of mesh-1: the
 /// destination of the first stops reading. The second must not wait for it (its own flow-control
 /// window, not the tunnel's, is what fills): 8 MiB each way with both hashes equal, on the same
-/// tunnel, while the first is still stalled. Then the first destination reads and every byte it was
-/// sent arrives.
+/// tunnel, while the first is still stalled. Neither node spends CPU while only the stalled stream
+/// has bytes to move. Then the first destination reads and every byte it was sent arrives.
 #[test]
 fn a_destination_that_stops_reading_stalls_only_its_own_stream() {
     if !root_or_skip("a_destination_that_stops_reading_stalls_only_its_own_stream") {
@@ -148,6 +149,15 @@ fn a_destination_that_stops_reading_stalls_only_its_own_stream() {
     assert!(
         !writer.is_finished(),
         "the stalled destination took all {bytes} bytes"
+    );
+    // Nothing moves now: both nodes must wait asleep, not spin on the stalled stream.
+    let cpu = || m.a().cpu_seconds().unwrap() + m.b().cpu_seconds().unwrap();
+    let before = cpu();
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu() - before;
+    assert!(
+        used < 0.3,
+        "{used:.2} CPU seconds in 2 s with one stream stalled (a busy loop)"
     );
 
     let flowing = MESH_PORT + 1;
