@@ -269,13 +269,12 @@ impl App {
                 max_flows_per_reactor: max_flows,
             },
         ));
-        let mut controls = Vec::new();
+        let controls = ReactorControl::group(reactors)
+            .map_err(|e| StartError::failure(format!("reactor eventfds: {e}")))?;
         let mut threads = Vec::new();
         let (tx, rx) = mpsc::channel();
         for (id, listeners) in per_reactor.into_iter().enumerate() {
-            let control = ReactorControl::new()
-                .map_err(|e| StartError::failure(format!("reactor {id}: eventfd: {e}")))?;
-            controls.push(control.clone());
+            let control = Arc::clone(&controls[id]);
             let spec = ReactorSpec {
                 id,
                 published: Arc::clone(&published),
@@ -427,10 +426,12 @@ impl App {
         if let Some(r) = &self.reloader {
             r.stop();
         }
-        self.admin.draining.store(true, SeqCst);
+        // Reactors first, readiness after: a client that saw 503 must find every reactor
+        // already refusing (see the reactor's loop).
         for c in &self.controls {
             c.drain();
         }
+        self.admin.draining.store(true, SeqCst);
     }
 
     /// Resets every flow and stops now.

@@ -112,4 +112,10 @@ pub trait Driver {
     fn release(&mut self, flow: FlowKey, armed: u8, connecting: bool);
     /// Wait for events until `timeout` (None = until something happens).
     fn wait(&mut self, timeout: Option<Duration>, events: &mut Vec<Event>) -> io::Result<()>;
+    /// The reactor is about to return: cancel what is still in flight and hand back, in `late`,
+    /// the connections accepted meanwhile, so they are refused (a reset, counted) rather than
+    /// closed as if served. Nothing to do where accepting happens inside `wait` (epoll).
+    fn quiesce(&mut self, late: &mut Vec<Event>) {
+        let _ = late;
+    }
 }

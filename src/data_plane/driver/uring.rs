@@ -35,7 +35,8 @@ pub struct UringDriver {
     /// Kernels before 5.19 have no multishot accept: re-arm a single-shot accept instead.
     multishot_accept: bool,
     /// Requests submitted whose last completion has not been reaped. Each one may hold a file
-    /// (an armed accept keeps its listening socket alive after close(2)), see [`Self::quiesce`].
+    /// (an armed accept keeps its listening socket alive after close(2)), see
+    /// [`Self::cancel_in_flight`].
     in_flight: usize,
 }
 
@@ -111,7 +112,7 @@ impl UringDriver {
     /// Flow sockets' polls were removed when their flows closed; what is left is long-lived:
     /// accepts, the waker's poll, the wakeup timer. One `ASYNC_CANCEL_ANY` (5.19) catches
     /// everything; the cancels by tag cover older kernels. Gives up after [`QUIESCE_LIMIT`].
-    fn quiesce(&mut self) {
+    fn cancel_in_flight(&mut self, late: &mut Vec<Event>) {
         let accepts = self.listeners.len();
         self.listeners.clear();
         self.waker = None;
@@ -154,8 +155,12 @@ impl UringDriver {
                 log::warn!("io_uring: waiting for cancelled requests failed: {e}");
                 return;
             }
-            // Descriptors accepted meanwhile close here.
-            events.clear();
+            // Connections accepted meanwhile go back to the reactor, which refuses them.
+            late.extend(
+                events
+                    .drain(..)
+                    .filter(|e| matches!(e, Event::Accepted { .. })),
+            );
         }
         log::warn!("io_uring: requests still in flight {QUIESCE_LIMIT:?} after cancelling them");
     }
@@ -170,7 +175,15 @@ impl UringDriver {
 
 impl Drop for UringDriver {
     fn drop(&mut self) {
-        self.quiesce();
+        // Normally a no-op: the reactor quiesced the ring before returning. On an early error
+        // path it did not; a connection accepted then is still refused, not ended as if served.
+        let mut late = Vec::new();
+        self.cancel_in_flight(&mut late);
+        for ev in late {
+            if let Event::Accepted { fd, .. } = ev {
+                crate::data_plane::socket::close_with_reset(fd);
+            }
+        }
     }
 }
 
@@ -197,6 +210,10 @@ impl Driver for UringDriver {
             .build()
             .user_data(token::simple(Op::Cancel, 0));
         self.push(e);
+    }
+
+    fn quiesce(&mut self, late: &mut Vec<Event>) {
+        self.cancel_in_flight(late);
     }
 
     fn watch_waker(&mut self, fd: RawFd) -> io::Result<()> {

@@ -16,7 +16,7 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 
 use crate::sys::eventfd::Waker;
@@ -44,10 +44,24 @@ use crate::redirection::original_dst::original_dst;
 /// Ring entries: room for accepts, connects and two polls per busy flow per wakeup.
 const RING_ENTRIES: u32 = 4096;
 
+/// The node's reactors, seen together for the drain: how many still serve connections, and
+/// every reactor's waker. A reactor whose connections are all done keeps refusing on its
+/// listeners until the last one is done too: its listeners closing early would have the
+/// kernel drop the captured SYNs the `SO_REUSEPORT` group still hands them, and those clients
+/// would wait out a SYN retransmit instead of being refused at once.
+#[derive(Debug)]
+struct ReactorGroup {
+    wakers: Vec<Waker>,
+    /// Reactors that have not finished yet (drained, stopped or failed).
+    running: AtomicUsize,
+}
+
 /// How other threads talk to a reactor: flags plus an eventfd that wakes its driver.
 #[derive(Debug)]
 pub struct ReactorControl {
-    waker: Waker,
+    group: Arc<ReactorGroup>,
+    /// This reactor's place in `group`.
+    index: usize,
     draining: AtomicBool,
     stop: AtomicBool,
     /// The serial of the snapshot the reactor runs on.
@@ -58,14 +72,45 @@ pub struct ReactorControl {
 }
 
 impl ReactorControl {
-    pub fn new() -> io::Result<Arc<Self>> {
-        Ok(Arc::new(ReactorControl {
-            waker: Waker::new()?,
-            draining: AtomicBool::new(false),
-            stop: AtomicBool::new(false),
-            adopted: AtomicU64::new(0),
-            listener_updates: Mutex::new(Vec::new()),
-        }))
+    /// The controls of a node's `reactors` reactors, in reactor order.
+    pub fn group(reactors: usize) -> io::Result<Vec<Arc<Self>>> {
+        let group = Arc::new(ReactorGroup {
+            wakers: (0..reactors)
+                .map(|_| Waker::new())
+                .collect::<io::Result<_>>()?,
+            running: AtomicUsize::new(reactors),
+        });
+        Ok((0..reactors)
+            .map(|index| {
+                Arc::new(ReactorControl {
+                    group: Arc::clone(&group),
+                    index,
+                    draining: AtomicBool::new(false),
+                    stop: AtomicBool::new(false),
+                    adopted: AtomicU64::new(0),
+                    listener_updates: Mutex::new(Vec::new()),
+                })
+            })
+            .collect())
+    }
+
+    fn waker(&self) -> &Waker {
+        &self.group.wakers[self.index]
+    }
+
+    /// This reactor is done (called once): the last one wakes the others, which were
+    /// waiting for it with their listeners still refusing.
+    fn finished(&self) {
+        if self.group.running.fetch_sub(1, SeqCst) == 1 {
+            for w in &self.group.wakers {
+                w.wake();
+            }
+        }
+    }
+
+    /// Every reactor of the node is done.
+    fn all_finished(&self) -> bool {
+        self.group.running.load(SeqCst) == 0
     }
 
     /// Listeners for the reactor to take when it adopts snapshot `update.serial` (hand them
@@ -90,7 +135,7 @@ impl ReactorControl {
     /// A new snapshot was published: wake the reactor so it adopts it now rather than at
     /// its next event.
     pub fn refresh(&self) {
-        self.waker.wake();
+        self.waker().wake();
     }
 
     /// The serial of the snapshot the reactor runs on (0 before it started).
@@ -101,13 +146,13 @@ impl ReactorControl {
     /// Stop accepting; let open flows finish until the drain timeout.
     pub fn drain(&self) {
         self.draining.store(true, SeqCst);
-        self.waker.wake();
+        self.waker().wake();
     }
 
     /// Close every flow now and exit.
     pub fn stop(&self) {
         self.stop.store(true, SeqCst);
-        self.waker.wake();
+        self.waker().wake();
     }
 }
 
@@ -155,6 +200,8 @@ pub struct Reactor {
     drain_deadline: Option<Instant>,
     /// Draining, and every flow is done: the tunnels were asked to close.
     tunnels_closing: bool,
+    /// Told the other reactors it is done (see [`ReactorGroup`]).
+    finished: bool,
     warned_tunnel: bool,
 }
 
@@ -198,13 +245,14 @@ impl Reactor {
             max_flows: spec.max_flows.min(SLOT_MASK as usize),
             drain_deadline: None,
             tunnels_closing: false,
+            finished: false,
             warned_tunnel: false,
             published: spec.published,
             snapshot,
             state,
         };
         r.control.adopted.store(r.snapshot.serial, SeqCst);
-        r.driver.watch_waker(r.control.waker.raw_fd())?;
+        r.driver.watch_waker(r.control.waker().raw_fd())?;
         for i in 0..r.listeners.len() {
             let fd = r.listeners[i]
                 .as_ref()
@@ -221,6 +269,23 @@ impl Reactor {
 
     /// Runs until drained or stopped.
     pub fn run(mut self) -> io::Result<()> {
+        let served = self.serve();
+        if !self.finished {
+            self.control.finished();
+        }
+        // The listeners close with the reactor; connections the driver accepted while it
+        // cancelled its requests are refused like any other during a drain, with a reset.
+        let mut late = Vec::new();
+        self.driver.quiesce(&mut late);
+        for ev in late {
+            if let Event::Accepted { listener, fd } = ev {
+                self.refuse_while_draining(listener, fd);
+            }
+        }
+        served
+    }
+
+    fn serve(&mut self) -> io::Result<()> {
         let mut events = Vec::with_capacity(256);
         loop {
             let now = Instant::now();
@@ -241,6 +306,12 @@ impl Reactor {
             };
             self.driver.wait(timeout, &mut events)?;
             let now = Instant::now();
+            // Before this wakeup's events: the flag is raised before readiness turns 503, so
+            // a connection made after a client saw 503 is among these events at the earliest,
+            // and is refused rather than served.
+            if self.control.draining.load(SeqCst) && self.drain_deadline.is_none() {
+                self.start_drain(now);
+            }
             if !self.published.is_current(&self.snapshot) {
                 self.adopt(now);
             }
@@ -260,9 +331,6 @@ impl Reactor {
                 self.close_all(CloseKind::Drained, now);
                 return Ok(());
             }
-            if self.control.draining.load(SeqCst) && self.drain_deadline.is_none() {
-                self.start_drain(now);
-            }
             if let Some(deadline) = self.drain_deadline {
                 if self.flows.is_empty() && self.tunnelled_flows() == 0 {
                     // Tunnels close politely: what their streams handed over is written first,
@@ -274,8 +342,15 @@ impl Reactor {
                         self.with_hbone(|h, io| h.close_tunnels(io, now));
                     }
                     if self.hbone.as_ref().is_none_or(|h| h.tunnel_count() == 0) {
-                        log::info!("reactor {}: drained", self.id);
-                        return Ok(());
+                        if !self.finished {
+                            self.finished = true;
+                            log::info!("reactor {}: drained", self.id);
+                            self.control.finished();
+                        }
+                        // Its listeners keep refusing until the other reactors are done.
+                        if self.control.all_finished() {
+                            return Ok(());
+                        }
                     }
                 }
                 if now >= deadline {
@@ -503,27 +578,31 @@ impl Reactor {
         self.hbone.as_ref().map_or(0, Tunnels::flow_count)
     }
 
+    /// Draining: the listeners stay open and refuse with a reset. Closed, a TPROXY listener
+    /// would make the kernel drop captured SYNs silently, and clients would wait out their
+    /// connect timeout instead of trying elsewhere.
+    fn refuse_while_draining(&mut self, listener: usize, fd: OwnedFd) {
+        self.metrics.accepted.fetch_add(1, Relaxed);
+        self.metrics.failure(FailureKind::Draining);
+        let addr = self
+            .listeners
+            .get(listener)
+            .and_then(|l| l.as_ref())
+            .map(|l| l.addr.to_string())
+            .unwrap_or_default();
+        crate::log_limited!(
+            log::Level::Info,
+            "draining-refused",
+            "reactor {}: draining: refused a new connection on {addr} with a reset",
+            self.id
+        );
+        socket::close_with_reset(fd);
+    }
+
     fn handle(&mut self, ev: Event, now: Instant) {
         match ev {
             Event::Accepted { listener, fd } if self.drain_deadline.is_some() => {
-                // Draining: the listeners stay open and refuse with a reset. Closed, a TPROXY
-                // listener would make the kernel drop captured SYNs silently, and clients would
-                // wait out their connect timeout instead of trying elsewhere.
-                self.metrics.accepted.fetch_add(1, Relaxed);
-                self.metrics.failure(FailureKind::Draining);
-                let addr = self
-                    .listeners
-                    .get(listener)
-                    .and_then(|l| l.as_ref())
-                    .map(|l| l.addr.to_string())
-                    .unwrap_or_default();
-                crate::log_limited!(
-                    log::Level::Info,
-                    "draining-refused",
-                    "reactor {}: draining: refused a new connection on {addr} with a reset",
-                    self.id
-                );
-                socket::close_with_reset(fd);
+                self.refuse_while_draining(listener, fd)
             }
             Event::Accepted { listener, fd } => {
                 let hbone = self
@@ -580,7 +659,7 @@ impl Reactor {
                 }
             }
             Event::Woken => {
-                self.control.waker.drain();
+                self.control.waker().drain();
             }
         }
     }

@@ -1,0 +1,352 @@
+//! The faults of issue 11, as root, on the testbed: what a node does when something around it
+//! breaks, judged by what a user would see (resets rather than hangs, hashed bytes, counters,
+//! descriptors back to their baseline).
+//!
+//! - a peer node that vanishes mid-transfer (node B killed with SIGKILL): node A resets the
+//!   client streams it carried at once, refuses new ones to B with a reset, keeps serving
+//!   everything else, and gives back every descriptor;
+//! - a destination that stops reading: only its own stream stalls, with no CPU spent on it;
+//!   another stream on the same tunnel keeps flowing with every byte intact, and the stalled
+//!   one completes afterwards;
+//! - descriptor exhaustion: a node started with a low open-files limit sizes its flow budget
+//!   to it, refuses the connections over the budget (reset, counter, access record) without
+//!   ever failing an accept, serves the others, and serves again once they close.
+//!
+//! Without root each test prints `SKIPPED (needs root)`; with `CI` set it fails.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ringtun::testbed::two_nodes::{settle_to, settled_fds, wait_for, Mesh};
+use ringtun::testbed::{
+    self, connect_in, exchange, hex, is_reset, listen_in, read_until_end, root_or_skip,
+    serve_exchanges, MeshNode, Pattern, Pod, RingtunProcess, Testbed, MESH_PORT,
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_ringtun");
+
+/// A port outside the mesh (the ext pod), served by node A without any tunnel.
+fn ext(port: u16) -> SocketAddr {
+    SocketAddr::new(Pod::Ext.v4(), port)
+}
+
+fn mesh1(port: u16) -> SocketAddr {
+    SocketAddr::new(Pod::Mesh1.v4(), port)
+}
+
+/// Node B is killed (SIGKILL: no goodbye, its sockets closed by the kernel) while node A
+/// carries a stream to it mid-transfer and a plaintext flow to the ext pod. The client of the
+/// stream must see a reset (never a clean end: it would take a cut transfer for a complete
+/// one) within seconds; A's other flow goes on with every byte intact; a new connection to B's
+/// pods is refused with a reset, not left hanging; A ends at its descriptor baseline and
+/// exits 0 on SIGTERM.
+#[test]
+fn a_peer_node_that_vanishes_resets_its_streams_and_the_rest_is_served() {
+    if !root_or_skip("a_peer_node_that_vanishes_resets_its_streams_and_the_rest_is_served") {
+        return;
+    }
+    let mut m = Mesh::start(Path::new(BIN), "io-uring", "");
+    // The stream through the tunnel, mid-transfer: 1 MiB went through, more is coming.
+    let l = m.listen(Pod::Mesh1, MESH_PORT);
+    let mut c = m.connect(mesh1(MESH_PORT));
+    let (mut s, _) = l.accept().unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut block = vec![0u8; 1 << 20];
+    Pattern::new(11).fill(&mut block);
+    c.write_all(&block).unwrap();
+    let mut got = vec![0u8; block.len()];
+    s.read_exact(&mut got).unwrap();
+    assert!(got == block, "the stream's bytes differ before the fault");
+    // The plaintext flow, open across the fault.
+    let other_listener = listen_in(&m.tb.pod_ns(Pod::Ext).unwrap(), ext(9300)).unwrap();
+    let other_server = serve_exchanges(other_listener, 1, 4 << 20, 2);
+    let other = m.connect(ext(9300));
+    assert_eq!(
+        m.a().metric("ringtun_hbone_tunnels_open", &[]).unwrap(),
+        1.0
+    );
+
+    let mut b = m.b.process.take().unwrap();
+    b.child.kill().unwrap();
+    b.child.wait().unwrap();
+
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let cut = Instant::now();
+    match read_until_end(&mut c) {
+        Ok(bytes) => panic!(
+            "the stream to the vanished node ended cleanly after {} more bytes; a reset was \
+             expected\n{}",
+            bytes.len(),
+            m.a().log_text()
+        ),
+        Err(e) => assert!(
+            is_reset(&e),
+            "the stream to the vanished node ended with {e}, not a reset, after {:?}",
+            cut.elapsed()
+        ),
+    }
+    eprintln!("stream reset {:?} after node B was killed", cut.elapsed());
+    // The flow that never needed B is served to its end, every byte intact.
+    let mine = exchange(other, 4 << 20, 1).expect("the other flow goes on");
+    let theirs = other_server.join().unwrap().expect("ext side")[0];
+    assert_eq!((mine.received, theirs.received), (4 << 20, 4 << 20));
+    assert_eq!(hex(&mine.sent_hash), hex(&theirs.received_hash));
+    assert_eq!(hex(&theirs.sent_hash), hex(&mine.received_hash));
+    // New work that needs B is refused at once; new work that does not is served.
+    m.expect_reset(mesh1(MESH_PORT));
+    testbed::exchange_intact(&m.tb, Pod::Ext, ext(9301), 1 << 20);
+
+    let a = m.a.process.take().unwrap();
+    assert!(
+        wait_for(
+            || a.metric("ringtun_hbone_tunnels_open", &[]).unwrap() == 0.0
+                && a.metric("ringtun_flows_open", &[]).unwrap() == 0.0
+        ),
+        "node A still holds the vanished node's tunnel or flows:\n{}",
+        a.log_text()
+    );
+    let failed = a
+        .metric("ringtun_hbone_tunnels_closed_total", &["role=\"client\""])
+        .unwrap();
+    assert!(failed >= 1.0, "the lost tunnel was not counted as closed");
+    settle_to(&a, m.a.baseline_fds);
+    let log = a.log_text();
+    assert_eq!(a.terminate().unwrap(), 0, "node A's exit code; log:\n{log}");
+    drop(s);
+}
+
+/// Two streams on one tunnel (node A runs one reactor, so one pool), to two ports of mesh-1: the
+/// destination of the first stops reading. The second must not wait for it (its own flow-control
+/// window, not the tunnel's, is what fills): 8 MiB each way with both hashes equal, on the same
+/// tunnel, while the first is still stalled. Neither node spends CPU while only the stalled stream
+/// has bytes to move. Then the first destination reads and every byte it was sent arrives.
+#[test]
+fn a_destination_that_stops_reading_stalls_only_its_own_stream() {
+    if !root_or_skip("a_destination_that_stops_reading_stalls_only_its_own_stream") {
+        return;
+    }
+    let m = Mesh::start_with(Path::new(BIN), "io-uring", "", |n, config| match n {
+        MeshNode::A => config.replacen("reactors: 2", "reactors: 1", 1),
+        MeshNode::B => config,
+    });
+    let stalled_listener = m.listen(Pod::Mesh1, MESH_PORT);
+    let stalled_client = m.connect(mesh1(MESH_PORT));
+    let (mut stalled_server, _) = stalled_listener.accept().unwrap();
+    let bytes = 32 << 20;
+    let mut data = vec![0u8; bytes];
+    Pattern::new(5).fill(&mut data);
+    let mut w = stalled_client.try_clone().unwrap();
+    let sent = data.clone();
+    let writer = std::thread::spawn(move || {
+        w.write_all(&sent).unwrap();
+        w.shutdown(Shutdown::Write).unwrap();
+    });
+    // Let the stalled stream fill its window, the pipes and the socket buffers.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        !writer.is_finished(),
+        "the stalled destination took all {bytes} bytes"
+    );
+    // Nothing moves now: both nodes must wait asleep, not spin on the stalled stream.
+    let cpu = || m.a().cpu_seconds().unwrap() + m.b().cpu_seconds().unwrap();
+    let before = cpu();
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu() - before;
+    assert!(
+        used < 0.3,
+        "{used:.2} CPU seconds in 2 s with one stream stalled (a busy loop)"
+    );
+
+    let flowing = MESH_PORT + 1;
+    let server = serve_exchanges(m.listen(Pod::Mesh1, flowing), 1, 8 << 20, 2);
+    let c = exchange(m.connect(mesh1(flowing)), 8 << 20, 1).expect("the other stream flows");
+    let s = server.join().unwrap().expect("mesh-1 side")[0];
+    assert_eq!((c.received, s.received), (8 << 20, 8 << 20), "bytes lost");
+    assert_eq!(hex(&c.sent_hash), hex(&s.received_hash));
+    assert_eq!(hex(&s.sent_hash), hex(&c.received_hash));
+    assert!(
+        !writer.is_finished(),
+        "the stalled stream moved while its destination read nothing"
+    );
+    let opened = m
+        .a()
+        .metric("ringtun_hbone_tunnels_total", &["role=\"client\""])
+        .unwrap();
+    assert_eq!(opened, 1.0, "both streams were to share one tunnel");
+
+    stalled_server
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut got = Vec::new();
+    stalled_server.read_to_end(&mut got).unwrap();
+    writer.join().unwrap();
+    assert_eq!(got.len(), bytes, "bytes missing after the stall");
+    assert!(got == data, "bytes differ after the stall");
+    drop((stalled_client, stalled_server));
+    m.finish();
+}
+
+/// The open-files limit the node of [`a_node_short_of_descriptors_refuses_over_its_budget`]
+/// is started with.
+const NOFILE: u64 = 256;
+
+/// ringtun in the node namespace under `ulimit -n NOFILE`, set by the shell that then execs
+/// it (same pid, so signals and `/proc` reach ringtun itself).
+fn spawn_with_nofile(tb: &Testbed, config: &str) -> RingtunProcess {
+    let dir = std::env::temp_dir().join(&tb.prefix);
+    std::fs::create_dir_all(&dir).unwrap();
+    let wrapper = dir.join("ringtun-nofile.sh");
+    std::fs::write(
+        &wrapper,
+        format!("#!/bin/sh\nulimit -n {NOFILE} || exit 70\nexec {BIN} \"$@\"\n"),
+    )
+    .unwrap();
+    let chmod = Command::new("chmod").arg("+x").arg(&wrapper).status();
+    assert!(chmod.unwrap().success());
+    RingtunProcess::spawn(&wrapper, tb, config, &["--driver", "io-uring"]).expect("ringtun starts")
+}
+
+/// Accepts connections on `l`: each answers one byte with one byte, then reads to its end.
+fn serve_one_byte_each(l: TcpListener) {
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            std::thread::spawn(move || {
+                let mut b = [0u8; 1];
+                if s.read_exact(&mut b).is_ok() && s.write_all(&b).is_ok() {
+                    let _ = read_until_end(&mut s);
+                }
+            });
+        }
+    });
+}
+
+/// Connects `n` clients and asks each for one byte back: the served ones (kept open), and how
+/// many were refused with a reset.
+fn try_connections(tb: &Testbed, to: SocketAddr, n: usize) -> (Vec<TcpStream>, usize) {
+    let ns = tb.pod_ns(Pod::Client).unwrap();
+    let (mut served, mut refused) = (Vec::new(), 0);
+    let mut clients = Vec::new();
+    for _ in 0..n {
+        match connect_in(&ns, to) {
+            Ok(c) => clients.push(c),
+            // Refused before the connect call even returned.
+            Err(e) if is_reset(&e) => refused += 1,
+            Err(e) => panic!("connect: {e}"),
+        }
+    }
+    for mut c in clients {
+        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut b = [0u8; 1];
+        match c.write_all(b"x").and_then(|_| c.read_exact(&mut b)) {
+            Ok(()) => served.push(c),
+            Err(e) if is_reset(&e) => refused += 1,
+            Err(e) => panic!("a connection neither served nor reset: {e}"),
+        }
+    }
+    (served, refused)
+}
+
+/// With 256 descriptors, 2 reactors and 4 handshakes each, the budget is (256 − 128 reserved
+/// − 8) / 6 per flow / 2 = 10 flows per reactor. 60 clients: 20 served, 40 refused with a
+/// reset and counted as `flow_limit` (each with an access record), and no accept ever fails
+/// for want of a descriptor — the budget kept the node inside its limit. When the served
+/// ones close, new clients are served again, and the descriptors return to the baseline.
+#[test]
+fn a_node_short_of_descriptors_refuses_over_its_budget() {
+    if !root_or_skip("a_node_short_of_descriptors_refuses_over_its_budget") {
+        return;
+    }
+    let tb = Testbed::create("fd").expect("testbed");
+    let config = tb.config_yaml(2, "  limits: {max_handshakes_per_reactor: 4}\n");
+    let cfg_path = std::env::temp_dir().join(&tb.prefix).join("capture.yaml");
+    std::fs::create_dir_all(cfg_path.parent().unwrap()).unwrap();
+    std::fs::write(&cfg_path, &config).unwrap();
+    for pod in Testbed::captured_pods() {
+        let out = Command::new(BIN)
+            .args([
+                "redirect",
+                "install",
+                "--netns",
+                &tb.pod_name(pod),
+                "--config",
+            ])
+            .arg(&cfg_path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "redirect install: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let r = spawn_with_nofile(&tb, &config);
+    assert!(
+        r.log_text()
+            .contains(&format!("open files limit {NOFILE} (hard {NOFILE})")),
+        "the lowered limit is not the node's:\n{}",
+        r.log_text()
+    );
+    let baseline = settled_fds(&r);
+    let to = ext(9400);
+    serve_one_byte_each(listen_in(&tb.pod_ns(Pod::Ext).unwrap(), to).unwrap());
+
+    let (served, refused) = try_connections(&tb, to, 60);
+    assert_eq!(
+        (served.len(), refused),
+        (20, 40),
+        "served and refused with a budget of 10 flows per reactor"
+    );
+    let limited = |r: &RingtunProcess| {
+        r.metric(
+            "ringtun_connection_failures_total",
+            &["reason=\"flow_limit\""],
+        )
+        .unwrap()
+    };
+    assert!(
+        wait_for(|| limited(&r) == 40.0),
+        "flow_limit refusals counted: {}",
+        limited(&r)
+    );
+    let records = r
+        .access_records()
+        .iter()
+        .filter(|rec| rec["failure_reason"] == "flow_limit")
+        .count();
+    assert_eq!(records, 40, "an access record for every refusal");
+    let accept_failures = r
+        .metric("ringtun_connection_failures_total", &["reason=\"accept\""])
+        .unwrap();
+    assert_eq!(
+        accept_failures, 0.0,
+        "an accept failed: the budget did not fit the limit"
+    );
+
+    drop(served);
+    assert!(
+        wait_for(|| r.metric("ringtun_flows_open", &[]).unwrap() == 0.0),
+        "flows still open after their clients left"
+    );
+    let (again, refused_again) = try_connections(&tb, to, 10);
+    assert_eq!(
+        (again.len(), refused_again),
+        (10, 0),
+        "served again once there was room"
+    );
+    drop(again);
+    assert!(wait_for(
+        || r.metric("ringtun_flows_open", &[]).unwrap() == 0.0
+    ));
+    settle_to(&r, baseline);
+    assert_eq!(limited(&r), 40.0);
+    let log = r.log_text();
+    assert_eq!(
+        r.terminate().unwrap(),
+        0,
+        "exit code after SIGTERM; log:\n{log}"
+    );
+}
