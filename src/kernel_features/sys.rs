@@ -49,14 +49,11 @@ pub(crate) fn setsockopt_bytes(
 /// TLS record content types (RFC 8446 §5.1) the probes send and expect.
 pub(crate) const TLS_CONTENT_HANDSHAKE: u8 = 22;
 pub(crate) const TLS_CONTENT_APPLICATION_DATA: u8 = 23;
-/// `TLS_SET_RECORD_TYPE` / `TLS_GET_RECORD_TYPE` control messages at `SOL_TLS` (linux/tls.h).
-const TLS_SET_RECORD_TYPE: libc::c_int = 1;
-const TLS_GET_RECORD_TYPE: libc::c_int = 2;
 
-/// Room for one control message with a one-byte payload (CMSG_SPACE(1) is 24 on 64-bit
-/// Linux), aligned for `cmsghdr`.
-#[repr(C, align(8))]
-struct RecordTypeCmsg([u8; 32]);
+/// An `io::Error` from `crate::sys` as the errno this module's callers report.
+fn errno_of(e: std::io::Error) -> Errno {
+    Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))
+}
 
 /// Sends `payload` as one TLS record of content type `record_type` on a kTLS (`TLS_TX`)
 /// socket: the kernel encrypts it under the socket's current key.
@@ -65,69 +62,16 @@ pub(crate) fn send_tls_record(
     record_type: u8,
     payload: &[u8],
 ) -> Result<usize, Errno> {
-    let mut control = RecordTypeCmsg([0; 32]);
-    let mut iov = libc::iovec {
-        iov_base: payload.as_ptr().cast_mut().cast(),
-        iov_len: payload.len(),
-    };
-    // SAFETY: an all-zero msghdr is a valid "no name, no iov, no control" header.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.0.as_mut_ptr().cast();
-    // SAFETY: CMSG_SPACE only computes a size.
-    msg.msg_controllen = unsafe { libc::CMSG_SPACE(1) } as _;
-    // SAFETY: msg_control points at `control`, aligned for cmsghdr and larger than
-    // CMSG_SPACE(1), so the first header and its one data byte lie inside it.
-    unsafe {
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        (*cmsg).cmsg_level = libc::SOL_TLS;
-        (*cmsg).cmsg_type = TLS_SET_RECORD_TYPE;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(1) as _;
-        *libc::CMSG_DATA(cmsg) = record_type;
-    }
-    // SAFETY: every pointer in `msg` refers to live buffers of the stated lengths; the kernel
-    // only reads them (the iovec's mutability is the C API's, not a write).
-    let n = unsafe { libc::sendmsg(fd.as_raw_fd(), &msg, 0) };
-    Errno::result(n).map(|n| n as usize)
+    crate::sys::tls::send_record(fd.as_raw_fd(), record_type, payload).map_err(errno_of)
 }
 
 /// Receives one record's plaintext from a kTLS (`TLS_RX`) socket into `buf`: its content type
 /// and length. A control buffer is passed, so a non-data record arrives with its type instead
 /// of failing with EIO.
 pub(crate) fn recv_tls_record(fd: &impl AsRawFd, buf: &mut [u8]) -> Result<(u8, usize), Errno> {
-    let mut control = RecordTypeCmsg([0; 32]);
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    // SAFETY: an all-zero msghdr is a valid empty header.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.0.as_mut_ptr().cast();
-    msg.msg_controllen = control.0.len() as _;
-    // SAFETY: `msg` points at `iov` (covering `buf`) and `control`, live and writable for the
-    // whole call; the kernel writes at most their lengths.
-    let n = Errno::result(unsafe { libc::recvmsg(fd.as_raw_fd(), &mut msg, 0) })?;
-    let mut record_type = TLS_CONTENT_APPLICATION_DATA;
-    // SAFETY: `msg` is the header recvmsg just filled in: CMSG_FIRSTHDR/NXTHDR stay within
-    // msg_control[..msg_controllen] (which the kernel set to what it wrote) and return null
-    // past the end; CMSG_DATA of a SOL_TLS header with a payload points at its first byte.
-    unsafe {
-        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
-        while !cmsg.is_null() {
-            if (*cmsg).cmsg_level == libc::SOL_TLS
-                && (*cmsg).cmsg_type == TLS_GET_RECORD_TYPE
-                && (*cmsg).cmsg_len as usize > libc::CMSG_LEN(0) as usize
-            {
-                record_type = *libc::CMSG_DATA(cmsg);
-                break;
-            }
-            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
-        }
-    }
-    Ok((record_type, n as usize))
+    crate::sys::tls::recv_record(fd.as_raw_fd(), buf, 0)
+        .map(|r| (r.record_type, r.len))
+        .map_err(errno_of)
 }
 
 /// A connected loopback TCP pair: `(client, server)`. Tries IPv4 unless `v6` is asked for.
