@@ -324,6 +324,30 @@ impl Testbed {
     pub fn captured_pods() -> [Pod; 3] {
         [Pod::Client, Pod::Mesh1, Pod::Mesh2]
     }
+
+    /// `ringtun redirect install` in each of `pods` for the node `config` (a file) describes;
+    /// panics with ringtun's own words when one fails (test support).
+    pub fn install_capture(&self, bin: &Path, pods: &[Pod], config: &Path) {
+        for &pod in pods {
+            let out = Command::new(bin)
+                .args([
+                    "redirect",
+                    "install",
+                    "--netns",
+                    &self.pod_name(pod),
+                    "--config",
+                ])
+                .arg(config)
+                .output()
+                .expect("ringtun redirect install runs");
+            assert!(
+                out.status.success(),
+                "redirect install in {}: {}",
+                self.pod_name(pod),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
 }
 
 impl Drop for Testbed {

@@ -265,24 +265,7 @@ fn a_node_short_of_descriptors_refuses_over_its_budget() {
     let cfg_path = std::env::temp_dir().join(&tb.prefix).join("capture.yaml");
     std::fs::create_dir_all(cfg_path.parent().unwrap()).unwrap();
     std::fs::write(&cfg_path, &config).unwrap();
-    for pod in Testbed::captured_pods() {
-        let out = Command::new(BIN)
-            .args([
-                "redirect",
-                "install",
-                "--netns",
-                &tb.pod_name(pod),
-                "--config",
-            ])
-            .arg(&cfg_path)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "redirect install: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    tb.install_capture(Path::new(BIN), &Testbed::captured_pods(), &cfg_path);
     let r = spawn_with_nofile(&tb, &config);
     assert!(
         r.log_text()

@@ -789,25 +789,7 @@ impl Mesh {
         testbed::write_certs(Path::new(BIN), &config, &certs).expect("ringtun certs");
         let cfg_path = dir.join(format!("{}-rules.yaml", node.name()));
         std::fs::write(&cfg_path, &config).unwrap();
-        for pod in node.pods() {
-            let out = Command::new(BIN)
-                .args([
-                    "redirect",
-                    "install",
-                    "--netns",
-                    &tb.pod_name(*pod),
-                    "--config",
-                ])
-                .arg(&cfg_path)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "redirect install in {:?}: {}",
-                pod,
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        tb.install_capture(Path::new(BIN), node.pods(), &cfg_path);
         let ringtun = RingtunProcess::spawn_mesh_node(Path::new(BIN), &tb, node, &config, &[])
             .expect("ringtun starts");
         Mesh {

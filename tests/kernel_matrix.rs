@@ -167,25 +167,7 @@ fn wait_for(mut f: impl FnMut() -> bool) -> bool {
 }
 
 fn install_rules(tb: &Testbed, pods: &[Pod], config_path: &Path) {
-    for pod in pods {
-        let out = Command::new(BIN)
-            .args([
-                "redirect",
-                "install",
-                "--netns",
-                &tb.pod_name(*pod),
-                "--config",
-            ])
-            .arg(config_path)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "redirect install in {}: {}",
-            tb.pod_name(*pod),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    tb.install_capture(Path::new(BIN), pods, config_path);
 }
 
 /// Every flow gone, SIGTERM, exit 0.

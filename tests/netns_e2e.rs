@@ -36,24 +36,7 @@ impl Node {
         std::fs::create_dir_all(&dir).unwrap();
         let cfg_path = dir.join("capture.yaml");
         std::fs::write(&cfg_path, &config).unwrap();
-        for pod in Testbed::captured_pods() {
-            let out = Command::new(BIN)
-                .args([
-                    "redirect",
-                    "install",
-                    "--netns",
-                    &tb.pod_name(pod),
-                    "--config",
-                ])
-                .arg(&cfg_path)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "redirect install: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        tb.install_capture(Path::new(BIN), &Testbed::captured_pods(), &cfg_path);
         let ringtun = RingtunProcess::spawn(Path::new(BIN), &tb, &config, &["--driver", driver])
             .expect("ringtun starts");
         let metrics = ringtun.metrics().unwrap();

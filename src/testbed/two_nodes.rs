@@ -5,7 +5,6 @@
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use super::{connect_in, is_reset, listen_in, read_until_end, write_certs};
@@ -48,24 +47,7 @@ impl Mesh {
             let config = edit(n, cfg(n));
             let path = dir.join(format!("{}-capture.yaml", n.name()));
             std::fs::write(&path, &config).unwrap();
-            for pod in n.pods() {
-                let out = Command::new(bin)
-                    .args([
-                        "redirect",
-                        "install",
-                        "--netns",
-                        &tb.pod_name(*pod),
-                        "--config",
-                    ])
-                    .arg(&path)
-                    .output()
-                    .unwrap();
-                assert!(
-                    out.status.success(),
-                    "redirect install: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
+            tb.install_capture(bin, n.pods(), &path);
             let p = RingtunProcess::spawn_mesh_node(bin, &tb, n, &config, &["--driver", driver])
                 .expect("ringtun starts");
             let baseline_fds = settled_fds(&p);
