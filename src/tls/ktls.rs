@@ -400,8 +400,16 @@ pub fn key_update_message(update_requested: bool) -> [u8; 5] {
 /// Sends our KeyUpdate on a kTLS socket, as a handshake record under the current key; the
 /// kernel first closes any record it holds open. Then [`install_next_key`] for `TLS_TX`.
 pub fn send_key_update(fd: RawFd, update_requested: bool) -> io::Result<()> {
-    crate::sys::tls::send_record(fd, CONTENT_HANDSHAKE, &key_update_message(update_requested))
-        .map(drop)
+    let message = key_update_message(update_requested);
+    let n = crate::sys::tls::send_record(fd, CONTENT_HANDSHAKE, &message)?;
+    if n != message.len() {
+        // One record either way: a part of it would end the tunnel at the peer anyway.
+        return Err(io::Error::new(
+            io::ErrorKind::WriteZero,
+            format!("KeyUpdate record: {n} of {} bytes written", message.len()),
+        ));
+    }
+    Ok(())
 }
 
 /// Which way a key goes.
