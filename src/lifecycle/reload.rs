@@ -237,23 +237,17 @@ impl Reloader {
         drop(current);
         let workloads = state.registry.local_workloads().count();
         let policies = state.policies.policies().len();
-        let old = self.published.store(Snapshot {
-            serial,
-            state,
-            credentials,
-        });
-        let adopted = self.await_adoption(serial);
-        // Every reactor let go of the old snapshot: it is freed here, on the control thread.
-        drop(old);
-        let took = started.elapsed();
-        status.last_error = None;
-        status.last_error_at = None;
-        status.last_applied_at = Some(SystemTime::now());
+        let (adopted, took) = self.publish(
+            &mut status,
+            Snapshot {
+                serial,
+                state,
+                credentials,
+            },
+            started,
+        );
         status.pending_restart = pending;
-        let c = &self.metrics.control;
-        c.reloads_applied.fetch_add(1, Relaxed);
-        c.generation.store(generation, Relaxed);
-        c.last_reload_ns.store(took.as_nanos() as u64, Relaxed);
+        self.metrics.control.generation.store(generation, Relaxed);
         log::info!(
             "configuration generation {generation} applied ({trigger:?}): {workloads} local \
              workloads, {policies} policies, in {took:?}{}",
@@ -283,20 +277,15 @@ impl Reloader {
         let serial = current.serial + 1;
         let state = Arc::clone(&current.state);
         drop(current);
-        let old = self.published.store(Snapshot {
-            serial,
-            state,
-            credentials,
-        });
-        let adopted = self.await_adoption(serial);
-        drop(old);
-        let took = started.elapsed();
-        status.last_error = None;
-        status.last_error_at = None;
-        status.last_applied_at = Some(SystemTime::now());
-        let c = &self.metrics.control;
-        c.reloads_applied.fetch_add(1, Relaxed);
-        c.last_reload_ns.store(took.as_nanos() as u64, Relaxed);
+        let (adopted, took) = self.publish(
+            status,
+            Snapshot {
+                serial,
+                state,
+                credentials,
+            },
+            started,
+        );
         log::info!(
             "certificate files changed: generation {generation} runs with the new certificates \
              (new tunnels present them), in {took:?}{}",
@@ -307,6 +296,29 @@ impl Reloader {
             }
         );
         Outcome::Applied { generation }
+    }
+
+    /// Publishes `snapshot`, waits for the reactors to adopt it, frees the old one here on the
+    /// control thread (no reactor holds it any more), and records the reload as applied.
+    /// Returns whether every reactor adopted it in time, and how long the reload took.
+    fn publish(
+        &self,
+        status: &mut Status,
+        snapshot: Snapshot,
+        started: Instant,
+    ) -> (bool, Duration) {
+        let serial = snapshot.serial;
+        let old = self.published.store(snapshot);
+        let adopted = self.await_adoption(serial);
+        drop(old);
+        let took = started.elapsed();
+        status.last_error = None;
+        status.last_error_at = None;
+        status.last_applied_at = Some(SystemTime::now());
+        let c = &self.metrics.control;
+        c.reloads_applied.fetch_add(1, Relaxed);
+        c.last_reload_ns.store(took.as_nanos() as u64, Relaxed);
+        (adopted, took)
     }
 
     /// Makes the listeners of the workloads `next` adds to this node (or changes: another
