@@ -227,6 +227,22 @@ fn server_settings(tls: &mut rustls::StreamOwned<rustls::ClientConnection, TcpSt
     tls.read_exact(&mut header).is_ok() && header[3] == 0x4
 }
 
+/// `count` attempts of [`park_tunnel`], 20 ms apart: the tunnels that could be parked.
+fn park_tunnels(
+    m: &Mesh,
+    cfg: &Arc<rustls::ClientConfig>,
+    count: usize,
+) -> Vec<rustls::StreamOwned<rustls::ClientConnection, TcpStream>> {
+    let mut parked = Vec::new();
+    for _ in 0..count {
+        if let Some(t) = park_tunnel(m, cfg.clone()) {
+            parked.push(t);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    parked
+}
+
 /// A certificate holder (mesh-2's certificate, from outside the mesh) opens tunnel after
 /// tunnel to mesh-1's 15008, each with an HTTP/2 preface and nothing more.
 fn park_tunnel(
@@ -253,13 +269,7 @@ fn parked_authenticated_tunnels_are_bounded() {
     let m = mesh("io-uring", "  limits: {max_tunnels_per_peer: 4}\n");
     let good = GoodClient::start(&m, Pod::Mesh1, MESH_PORT, 256 << 10);
     let cfg = mesh2_certificate(&m);
-    let mut parked = Vec::new();
-    for _ in 0..40 {
-        if let Some(t) = park_tunnel(&m, cfg.clone()) {
-            parked.push(t);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let parked = park_tunnels(&m, &cfg, 40);
     assert!(
         parked.len() >= 30,
         "only {} tunnels could be parked",
@@ -308,13 +318,7 @@ fn idle_tunnels_give_their_place_up_under_flow_pressure() {
     let m = mesh("io-uring", "  limits: {max_flows_per_reactor: 8}\n");
     let good = GoodClient::start(&m, Pod::Mesh1, MESH_PORT, 256 << 10);
     let cfg = mesh2_certificate(&m);
-    let mut parked = Vec::new();
-    for _ in 0..30 {
-        if let Some(t) = park_tunnel(&m, cfg.clone()) {
-            parked.push(t);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let parked = park_tunnels(&m, &cfg, 30);
     assert!(
         parked.len() >= 25,
         "only {} tunnels could be parked",
