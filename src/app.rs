@@ -246,10 +246,20 @@ impl App {
         let pin = config.node.pin_reactors;
         let ktls = probe_ktls(&config.node);
         let state = State::new(config, 1);
-        let tunnels = credentials::load(&state, &ktls).map_err(|e| StartError {
-            code: exit_code::CONFIG,
-            message: e.to_string(),
-        })?;
+        let mut node_ca = None;
+        let tunnels =
+            credentials::load(&state, &ktls, &mut node_ca, SystemTime::now()).map_err(|e| {
+                StartError {
+                    code: exit_code::CONFIG,
+                    message: e.to_string(),
+                }
+            })?;
+        if node_ca.is_some() && opts.config_file.is_none() {
+            log::warn!(
+                "node CA mode without a configuration file to reload: certificates are issued \
+                 once and not renewed"
+            );
+        }
         let (per_reactor, problems) = listeners::create_all(&state, reactors, tunnels.is_some(), 1);
         let not_served = judge_listeners(&problems, state.registry.local_workloads().count())?;
         let published = Published::new(Snapshot {
@@ -319,6 +329,7 @@ impl App {
                 controls.clone(),
                 Arc::clone(&metrics),
                 ktls,
+                node_ca,
             ))
         });
         let runtime = serde_json::json!({

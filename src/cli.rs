@@ -43,15 +43,18 @@ pub enum Command {
     /// Print a commented example configuration.
     PrintDefaultConfig,
     /// Create a development CA (if absent) and a short-lived certificate for every workload
-    /// identity in a config, in the layout `node.tls` reads. For demos and tests.
+    /// identity in a config, in the layout `node.tls` reads; in node CA mode (`node.tls.node_ca`)
+    /// the node CA's certificate and key instead. For demos and tests.
     Certs {
         #[arg(long, short)]
         config: PathBuf,
-        /// Output directory (default: the config's node.tls.certificate_dir; the trust bundle
-        /// then goes to node.tls.trust_bundle, else to <out>/ca.pem).
+        /// Output directory (default: the config's node.tls.certificate_dir, in node CA mode the
+        /// trust bundle's directory; the trust bundle then goes to node.tls.trust_bundle, else
+        /// to <out>/ca.pem). The node CA always goes where node.tls.node_ca names.
         #[arg(long)]
         out: Option<PathBuf>,
-        /// Lifetime of each workload certificate: <integer> then ms, s, m or h.
+        /// Lifetime of each workload certificate (of the node CA in node CA mode): <integer>
+        /// then ms, s, m or h.
         #[arg(long, default_value = "24h")]
         validity: String,
     },
@@ -205,7 +208,13 @@ fn certs(file: &std::path::Path, out: Option<PathBuf>, validity: &str) -> i32 {
             certificate_dir: dir,
         },
         (None, Some(tls)) => CertsLayout {
-            certificate_dir: tls.certificate_dir.clone(),
+            // Node CA mode has no certificate directory: the CA lives beside the bundle.
+            certificate_dir: tls.certificate_dir.clone().unwrap_or_else(|| {
+                tls.trust_bundle
+                    .parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .map_or_else(|| PathBuf::from("."), PathBuf::from)
+            }),
             trust_bundle: tls.trust_bundle.clone(),
         },
         (None, None) => {
@@ -216,14 +225,23 @@ fn certs(file: &std::path::Path, out: Option<PathBuf>, validity: &str) -> i32 {
             return exit_code::CONFIG;
         }
     };
-    match certs::write_dev_certificates(&cfg, &layout, std::time::SystemTime::now(), validity) {
+    let now = std::time::SystemTime::now();
+    let written = match cfg.node.tls.as_ref().and_then(|t| t.node_ca.as_ref()) {
+        Some(node_ca) => certs::write_node_ca(&cfg, &layout, node_ca, now, validity),
+        None => certs::write_dev_certificates(&cfg, &layout, now, validity),
+    };
+    match written {
         Ok(report) => {
             for line in &report.lines {
                 println!("{line}");
             }
             exit_code::OK
         }
-        Err(e @ (certs::CertError::Identity { .. } | certs::CertError::OutlivesCa { .. })) => {
+        Err(
+            e @ (certs::CertError::Identity { .. }
+            | certs::CertError::OutlivesCa { .. }
+            | certs::CertError::NoRoomForIntermediate),
+        ) => {
             eprintln!("{}: {e}", file.display());
             exit_code::CONFIG
         }

@@ -23,7 +23,7 @@ use rustls::RootCertStore;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
-use super::config::Config;
+use super::config::{Config, NodeCaSettings};
 use super::identity::{IdentityError, SpiffeId};
 
 /// File names inside `<certificate_dir>/<ns>/<sa>/`.
@@ -98,6 +98,13 @@ pub enum CertError {
     },
     #[error("certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
+    #[error("the CA key is not the key of the CA certificate")]
+    CaKeyMismatch,
+    #[error(
+        "the CA allows no CA below it (pathLenConstraint 0, made by an older `ringtun certs`); \
+         move its ca.pem and ca-key.pem away to make a new one"
+    )]
+    NoRoomForIntermediate,
 }
 
 /// The CA certificates a peer's chain must lead to, with the file they came from.
@@ -329,7 +336,8 @@ impl DevCa {
         dn.push(DnType::OrganizationName, trust_domain);
         dn.push(DnType::CommonName, "ringtun development CA");
         params.distinguished_name = dn;
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        // One CA may sit below: the node CA `ringtun certs` makes for node CA mode.
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         params.not_before = offset_time(now - CLOCK_SKEW);
         params.not_after = offset_time(now + validity);
@@ -343,14 +351,65 @@ impl DevCa {
 
     /// An existing CA from its certificate and PKCS#8 key in PEM.
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, CertError> {
-        let key = KeyPair::from_pem(key_pem)?;
         let cert_der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
             .map_err(|_| CertError::Generate(rcgen::Error::CouldNotParseCertificate))?;
+        Self::from_der(cert_der, cert_pem, key_pem)
+    }
+
+    /// An existing CA from its certificate (DER, and the PEM text it came in) and PKCS#8 key
+    /// in PEM. The key must be the certificate's: a CA that signed with another key would
+    /// issue certificates no peer can verify.
+    pub fn from_der(
+        cert_der: CertificateDer<'static>,
+        cert_pem: &str,
+        key_pem: &str,
+    ) -> Result<Self, CertError> {
+        let key = KeyPair::from_pem(key_pem)?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(cert_der.as_ref())
+            .map_err(|_| CertError::Generate(rcgen::Error::CouldNotParseCertificate))?;
+        if parsed.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+            return Err(CertError::CaKeyMismatch);
+        }
         let issuer = Issuer::from_ca_cert_der(&cert_der, key)?;
         Ok(Self {
             issuer,
             cert_der,
             cert_pem: cert_pem.to_string(),
+        })
+    }
+
+    /// A node CA under this one for node CA mode: path length 0 (it signs workload
+    /// certificates only), valid from a little before `now` for `validity`, which this CA
+    /// must outlive.
+    pub fn issue_intermediate(
+        &self,
+        name: &str,
+        now: SystemTime,
+        validity: Duration,
+    ) -> Result<IssuedCert, CertError> {
+        let (_, parsed) = x509_parser::parse_x509_certificate(self.cert_der.as_ref())
+            .map_err(|_| CertError::Generate(rcgen::Error::CouldNotParseCertificate))?;
+        if let Ok(Some(bc)) = parsed.basic_constraints() {
+            if bc.value.path_len_constraint == Some(0) {
+                return Err(CertError::NoRoomForIntermediate);
+            }
+        }
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, format!("ringtun node CA {name}"));
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.use_authority_key_identifier_extension = true;
+        params.not_before = offset_time(now - CLOCK_SKEW);
+        params.not_after = offset_time(now + validity);
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(IssuedCert {
+            cert_der: cert.der().clone(),
+            cert_pem: cert.pem(),
+            key_der: PrivatePkcs8KeyDer::from(key.serialize_der()),
+            key_pem: key.serialize_pem(),
         })
     }
 
@@ -457,6 +516,68 @@ pub fn write_dev_certificates(
 ) -> Result<CertsReport, CertError> {
     let ids = config_identities(config)?;
     let mut report = CertsReport::default();
+    let ca = dev_ca(config, layout, now, validity, &mut report)?;
+    let dir = &layout.certificate_dir;
+    for id in &ids {
+        let issued = ca.issue(id, now, validity)?;
+        let idir = identity_dir(dir, id);
+        create_dir(&idir)?;
+        let key_path = idir.join(KEY_FILE);
+        let cert_path = idir.join(CERT_FILE);
+        write_file(&key_path, issued.key_pem.as_bytes(), 0o600, false)?;
+        write_file(&cert_path, issued.cert_pem.as_bytes(), 0o644, false)?;
+        report.lines.push(format!(
+            "wrote {} and {} ({id}, valid {})",
+            cert_path.display(),
+            key_path.display(),
+            super::config::format_duration(validity)
+        ));
+    }
+    Ok(report)
+}
+
+/// Node CA mode's files from the development CA: creates (or reuses) the CA in
+/// `layout.certificate_dir`, writes the trust bundle, and issues a node CA (an intermediate,
+/// path length 0, valid `validity`) for `config`'s node into `node_ca.certificate` (the node
+/// CA, then the root) and `node_ca.key`. The node issues its workloads' certificates itself.
+pub fn write_node_ca(
+    config: &Config,
+    layout: &CertsLayout,
+    node_ca: &NodeCaSettings,
+    now: SystemTime,
+    validity: Duration,
+) -> Result<CertsReport, CertError> {
+    let mut report = CertsReport::default();
+    let ca = dev_ca(config, layout, now, validity, &mut report)?;
+    let issued = ca.issue_intermediate(&config.node.name, now, validity)?;
+    for file in [&node_ca.certificate, &node_ca.key] {
+        if let Some(parent) = file.parent().filter(|p| !p.as_os_str().is_empty()) {
+            create_dir(parent)?;
+        }
+    }
+    write_file(&node_ca.key, issued.key_pem.as_bytes(), 0o600, false)?;
+    let chain = format!("{}{}", issued.cert_pem, ca.cert_pem());
+    write_file(&node_ca.certificate, chain.as_bytes(), 0o644, false)?;
+    report.lines.push(format!(
+        "wrote {} and {} (node CA for node {}, valid {}; the node issues its workloads' \
+         certificates)",
+        node_ca.certificate.display(),
+        node_ca.key.display(),
+        config.node.name,
+        super::config::format_duration(validity)
+    ));
+    Ok(report)
+}
+
+/// The development CA of `layout` (made if absent, never replacing a key), with the trust
+/// bundle written, refusing `validity` when the CA would not outlive it.
+fn dev_ca(
+    config: &Config,
+    layout: &CertsLayout,
+    now: SystemTime,
+    validity: Duration,
+    report: &mut CertsReport,
+) -> Result<DevCa, CertError> {
     let dir = &layout.certificate_dir;
     create_dir(dir)?;
     let ca_cert_path = dir.join(CA_CERT_FILE);
@@ -527,22 +648,7 @@ pub fn write_dev_certificates(
             validity,
         });
     }
-    for id in &ids {
-        let issued = ca.issue(id, now, validity)?;
-        let idir = identity_dir(dir, id);
-        create_dir(&idir)?;
-        let key_path = idir.join(KEY_FILE);
-        let cert_path = idir.join(CERT_FILE);
-        write_file(&key_path, issued.key_pem.as_bytes(), 0o600, false)?;
-        write_file(&cert_path, issued.cert_pem.as_bytes(), 0o644, false)?;
-        report.lines.push(format!(
-            "wrote {} and {} ({id}, valid {})",
-            cert_path.display(),
-            key_path.display(),
-            super::config::format_duration(validity)
-        ));
-    }
-    Ok(report)
+    Ok(ca)
 }
 
 fn read_string(path: &Path) -> Result<String, CertError> {

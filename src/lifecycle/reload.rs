@@ -13,6 +13,12 @@
 //! error is logged, counted (`ringtun_config_reloads_total{result="failed"}`) and shown in
 //! `/config_dump` until a reload succeeds.
 //!
+//! In node CA mode the same publish step serves renewal: [`Reloader::renew`] (called by the
+//! `config-watch` thread when a certificate is due) issues the certificates that passed half
+//! their lifetime and publishes the running state with them. A renewal that fails (the CA
+//! expired, its files became unreadable) keeps the current certificates, is logged and counted
+//! (`ringtun_certificate_renewals_total{result="failed"}`) and is retried with backoff.
+//!
 //! Only the mesh is reloaded: `workloads`, `services`, `policies`, `node.root_namespace` and
 //! `node.tls` (its files are read again). Every other `node:` setting (ports, reactors,
 //! timeouts, …) shapes sockets and threads that already exist: a changed one is kept at its
@@ -26,6 +32,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use sha2::{Digest, Sha256};
 
 use crate::control_plane::config::{check_file_text, Config, NodeConfig};
+use crate::control_plane::node_ca::NodeCa;
 use crate::control_plane::state::State;
 use crate::data_plane::listeners::{self, ListenerUpdate};
 use crate::data_plane::reactor::ReactorControl;
@@ -36,6 +43,10 @@ use crate::tls::credentials;
 
 /// How long a reload waits for every reactor to adopt its snapshot before it says so.
 const ADOPTION_LIMIT: Duration = Duration::from_secs(2);
+/// A failed renewal is tried again after this, doubling at each failure up to
+/// [`RENEWAL_BACKOFF_MAX`].
+const RENEWAL_BACKOFF_MIN: Duration = Duration::from_secs(1);
+const RENEWAL_BACKOFF_MAX: Duration = Duration::from_secs(60);
 
 /// The configuration file a node runs from, and the fingerprint of the text it started with.
 #[derive(Debug, Clone)]
@@ -103,17 +114,34 @@ struct Status {
     /// Workloads the last reload could not make listeners for.
     listener_problems: Vec<String>,
     draining: bool,
+    /// Node CA mode: the CA and what it issued for the running snapshot.
+    node_ca: Option<NodeCa>,
+    /// After a failed renewal: the next attempt is not before this, and the backoff after it.
+    renewal_retry: Option<(SystemTime, Duration)>,
+}
+
+/// What [`Reloader::renew`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Renewal {
+    /// Nothing was due (or the node is not in node CA mode, or is draining).
+    NotDue,
+    /// This many certificates were issued anew and are presented by new tunnels.
+    Renewed(u64),
+    /// Nothing changed; the error says why. Tried again after the backoff.
+    Failed(String),
 }
 
 impl Reloader {
     /// `published` holds the snapshot the node started with; its certificate files are taken
-    /// as read now, a moment after start built its credentials from them.
+    /// as read now, a moment after start built its credentials from them. `node_ca` is what
+    /// built them in node CA mode.
     pub fn new(
         file: ConfigFile,
         published: Arc<Published>,
         controls: Vec<Arc<ReactorControl>>,
         metrics: Arc<Metrics>,
         ktls: KtlsSupport,
+        node_ca: Option<NodeCa>,
     ) -> Reloader {
         let credentials_digest =
             files_digest(&credentials::credential_files(&published.load().state));
@@ -134,6 +162,8 @@ impl Reloader {
                 pending_restart: Vec::new(),
                 listener_problems: Vec::new(),
                 draining: false,
+                node_ca,
+                renewal_retry: None,
             }),
         }
     }
@@ -223,14 +253,15 @@ impl Reloader {
         let state = State::new(config, generation);
         let files = credentials::credential_files(&state);
         let files_now = files_digest(&files);
-        let credentials = match credentials::load(&state, &self.ktls) {
-            Ok(c) => c.map(Arc::new),
-            Err(e) => {
-                status.waiting_for = files;
-                status.waiting_digest = files_now;
-                return self.failed(&mut status, e.to_string());
-            }
-        };
+        let credentials =
+            match credentials::load(&state, &self.ktls, &mut status.node_ca, SystemTime::now()) {
+                Ok(c) => c.map(Arc::new),
+                Err(e) => {
+                    status.waiting_for = files;
+                    status.waiting_digest = files_now;
+                    return self.failed(&mut status, e.to_string());
+                }
+            };
         status.credentials_digest = files_now;
         let serial = current.serial + 1;
         self.hand_listeners(&mut status, &current.state, &state, serial);
@@ -270,7 +301,12 @@ impl Reloader {
         }
         status.credentials_digest = digest;
         let generation = current.state.generation;
-        let credentials = match credentials::load(&current.state, &self.ktls) {
+        let credentials = match credentials::load(
+            &current.state,
+            &self.ktls,
+            &mut status.node_ca,
+            SystemTime::now(),
+        ) {
             Ok(c) => c.map(Arc::new),
             Err(e) => return self.failed(status, format!("certificate files: {e}")),
         };
@@ -307,11 +343,7 @@ impl Reloader {
         snapshot: Snapshot,
         started: Instant,
     ) -> (bool, Duration) {
-        let serial = snapshot.serial;
-        let old = self.published.store(snapshot);
-        let adopted = self.await_adoption(serial);
-        drop(old);
-        let took = started.elapsed();
+        let (adopted, took) = self.swap(snapshot, started);
         status.last_error = None;
         status.last_error_at = None;
         status.last_applied_at = Some(SystemTime::now());
@@ -319,6 +351,94 @@ impl Reloader {
         c.reloads_applied.fetch_add(1, Relaxed);
         c.last_reload_ns.store(took.as_nanos() as u64, Relaxed);
         (adopted, took)
+    }
+
+    /// Publishes `snapshot`, waits for the reactors to adopt it and frees the old one here on
+    /// the control thread (no reactor holds it any more). Returns whether every reactor
+    /// adopted it in time, and how long it took since `started`.
+    fn swap(&self, snapshot: Snapshot, started: Instant) -> (bool, Duration) {
+        let serial = snapshot.serial;
+        let old = self.published.store(snapshot);
+        let adopted = self.await_adoption(serial);
+        drop(old);
+        (adopted, started.elapsed())
+    }
+
+    /// When node CA mode has something to renew next: the earliest half-life of what it
+    /// issued, or the retry time after a failure. `None` when not in node CA mode.
+    pub fn next_renewal(&self) -> Option<SystemTime> {
+        let status = self.status();
+        if status.draining {
+            return None;
+        }
+        let due = status.node_ca.as_ref()?.next_renewal()?;
+        Some(match status.renewal_retry {
+            Some((retry_at, _)) => retry_at,
+            None => due,
+        })
+    }
+
+    /// Node CA mode: if a certificate passed half its lifetime at `now`, issues it (and any
+    /// other due) anew and publishes the running state with them; new tunnels present them,
+    /// open tunnels go on. Not a configuration reload: the generation stays.
+    pub fn renew(&self, now: SystemTime) -> Renewal {
+        let started = Instant::now();
+        let mut status = self.status();
+        if status.draining {
+            return Renewal::NotDue;
+        }
+        let Some(due) = status.node_ca.as_ref().and_then(|ca| ca.next_renewal()) else {
+            return Renewal::NotDue;
+        };
+        let retry_at = status.renewal_retry.map(|(at, _)| at);
+        if now < retry_at.unwrap_or(due) {
+            return Renewal::NotDue;
+        }
+        let before = status.node_ca.as_ref().map_or(0, NodeCa::issued_total);
+        let current = self.published.load();
+        let c = &self.metrics.control;
+        let credentials = match credentials::load(
+            &current.state,
+            &self.ktls,
+            &mut status.node_ca,
+            now,
+        ) {
+            Ok(c) => c.map(Arc::new),
+            Err(e) => {
+                c.certificate_renewals_failed.fetch_add(1, Relaxed);
+                let backoff = status.renewal_retry.map_or(RENEWAL_BACKOFF_MIN, |(_, b)| {
+                    (b * 2).min(RENEWAL_BACKOFF_MAX)
+                });
+                status.renewal_retry = Some((now + backoff, backoff));
+                log::error!(
+                        "node CA: renewing certificates failed; the current ones stay in use,                          next attempt in {backoff:?}: {e}"
+                    );
+                return Renewal::Failed(e.to_string());
+            }
+        };
+        status.renewal_retry = None;
+        let renewed = status.node_ca.as_ref().map_or(0, NodeCa::issued_total) - before;
+        c.certificate_renewals.fetch_add(renewed, Relaxed);
+        let serial = current.serial + 1;
+        let state = Arc::clone(&current.state);
+        drop(current);
+        let (adopted, took) = self.swap(
+            Snapshot {
+                serial,
+                state,
+                credentials,
+            },
+            started,
+        );
+        log::info!(
+            "node CA: {renewed} certificate(s) renewed at half their lifetime (new tunnels              present them), in {took:?}{}",
+            if adopted {
+                ""
+            } else {
+                "; some reactors had not adopted them yet"
+            }
+        );
+        Renewal::Renewed(renewed)
     }
 
     /// Makes the listeners of the workloads `next` adds to this node (or changes: another
@@ -495,7 +615,7 @@ mod tests {
         let (merged, pending) = keep_running_node_settings(&with, moved);
         assert_eq!(
             merged.node.tls.unwrap().certificate_dir,
-            PathBuf::from("/d")
+            Some(PathBuf::from("/d"))
         );
         assert!(pending.is_empty());
     }

@@ -460,6 +460,10 @@ pub struct ControlMetrics {
     /// How long the last applied reload took, from reading the file to every reactor running
     /// on the new snapshot, nanoseconds.
     pub last_reload_ns: AtomicU64,
+    /// Node CA mode: certificates issued anew at half their lifetime.
+    pub certificate_renewals: AtomicU64,
+    /// Node CA mode: renewal attempts that failed (the current certificates stayed).
+    pub certificate_renewals_failed: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -718,6 +722,12 @@ impl Metrics {
             out,
             "# HELP ringtun_config_reload_seconds How long the last applied reload took, until every reactor ran on it.\n# TYPE ringtun_config_reload_seconds gauge\nringtun_config_reload_seconds {:.6}",
             c.last_reload_ns.load(Relaxed) as f64 / 1e9
+        );
+        let _ = writeln!(
+            out,
+            "# HELP ringtun_certificate_renewals_total Node CA mode: certificates renewed at half their lifetime, and renewal attempts that failed (the current certificates stay).\n# TYPE ringtun_certificate_renewals_total counter\nringtun_certificate_renewals_total{{result=\"renewed\"}} {}\nringtun_certificate_renewals_total{{result=\"failed\"}} {}",
+            c.certificate_renewals.load(Relaxed),
+            c.certificate_renewals_failed.load(Relaxed)
         );
         let shards: Vec<&HboneMetrics> = self.reactors.iter().map(|r| &r.hbone).collect();
         super::hbone_metrics::render(&mut out, &shards);

@@ -1,13 +1,16 @@
 //! The TLS material of one node snapshot: for every local workload identity, the client side
 //! (its certificate, for tunnels it opens) and the server config (what its port 15008 presents),
-//! all over one trust bundle; what each certificate is (serial, validity, file), so an expired
-//! or not-yet-valid one is never presented and `/certificates` can list them; plus the kernel's
-//! kTLS support, probed once at start.
+//! all over one trust bundle; what each certificate is (serial, validity, source), so an
+//! expired or not-yet-valid one is never presented and `/certificates` can list them; plus the
+//! kernel's kTLS support, probed once at start. The certificates come from files
+//! (`node.tls.certificate_dir`) or, in node CA mode, from the node's own CA
+//! ([`crate::control_plane::node_ca`]), which issues them in memory.
 //!
-//! Boundary: built from files by [`load`] at start, at every reload and whenever a certificate
-//! file changes; then only read, shared by every reactor through the snapshot. A build that
-//! fails (a missing or mismatched certificate, an unreadable bundle) changes nothing: the
-//! running credentials stay. A certificate outside its validity is loaded (it may be replaced
+//! Boundary: built by [`load`] at start, at every reload, whenever a certificate file changes
+//! and whenever node CA mode renews a certificate; then only read, shared by every reactor
+//! through the snapshot. A build that fails (a missing or mismatched certificate, an
+//! unreadable bundle, a node CA that cannot issue) changes nothing: the running credentials
+//! (and what the node CA issued) stay. A certificate outside its validity is loaded (it may be replaced
 //! any moment) but never presented: [`TunnelCredentials::usable`] says so per identity.
 
 use std::collections::{HashMap, HashSet};
@@ -23,6 +26,7 @@ use crate::control_plane::certs::{
     CERT_FILE, KEY_FILE,
 };
 use crate::control_plane::identity::{IdentityError, SpiffeId};
+use crate::control_plane::node_ca::{NodeCa, NodeCaError};
 use crate::control_plane::state::State;
 use crate::kernel_features::KtlsSupport;
 use crate::observability::logging::rfc3339;
@@ -51,7 +55,7 @@ pub struct CertificateInfo {
     not_before_unix: u64,
     #[serde(skip)]
     not_after_unix: u64,
-    /// Where it was read from: `file <path>`.
+    /// Where it came from: `file <path>`, or `node CA` (issued by this node).
     pub source: String,
 }
 
@@ -156,7 +160,12 @@ pub enum CredentialsError {
         id: SpiffeId,
         source: Box<TlsError>,
     },
+    #[error("node.tls.node_ca: {0}")]
+    NodeCa(Box<NodeCaError>),
 }
+
+/// The `source` of a certificate node CA mode issued, as `/certificates` shows it.
+pub const NODE_CA_SOURCE: &str = "node CA";
 
 /// Every problem [`load`] found, not just the first: an operator fixes them in one round.
 #[derive(Debug)]
@@ -176,16 +185,25 @@ impl std::fmt::Display for CredentialsErrors {
 
 impl std::error::Error for CredentialsErrors {}
 
-/// Loads the trust bundle and every local workload's certificate. `None` without `node.tls`:
-/// tunnels are off and HBONE routes refused.
+/// Loads the trust bundle and every local workload's certificate at `now`. `None` without
+/// `node.tls`: tunnels are off and HBONE routes refused.
+///
+/// In node CA mode the CA is read from its files again and `node_ca` (what the running node
+/// issued) is replaced by it once everything loaded: certificates still short of half their
+/// lifetime are kept (when the CA is the same), the others and those of new local identities
+/// are issued now, those of identities no longer local forgotten. Otherwise `node_ca` becomes
+/// `None`. On an error `node_ca` is left as it was.
 pub fn load(
     state: &State,
     ktls: &KtlsSupport,
+    node_ca: &mut Option<NodeCa>,
+    now: SystemTime,
 ) -> Result<Option<TunnelCredentials>, CredentialsErrors> {
-    let Some(sides) = read(state)? else {
+    let Some(sides) = read(state, node_ca.as_ref(), now)? else {
+        *node_ca = None;
         return Ok(None);
     };
-    let now = SystemTime::now();
+    *node_ca = sides.node_ca;
     for info in sides.certificates.values() {
         if let Err(why) = info.usable_at(now) {
             log::warn!("{}", unusable_line(info, why));
@@ -209,14 +227,27 @@ fn unusable_line(info: &CertificateInfo, why: Unusable) -> String {
     )
 }
 
-/// The client and server sides and the certificate per local identity.
+/// The client and server sides and the certificate per local identity, and in node CA mode
+/// the CA that issued them.
 struct Sides {
     client: HashMap<SpiffeId, ClientTls>,
     server: HashMap<SpiffeId, Arc<ServerConfig>>,
     certificates: HashMap<SpiffeId, CertificateInfo>,
+    node_ca: Option<NodeCa>,
 }
 
-fn read(state: &State) -> Result<Option<Sides>, CredentialsErrors> {
+/// Where the local certificates come from.
+enum Source<'a> {
+    Files(&'a std::path::Path),
+    /// `None` when the node CA did not load (its error is already collected).
+    NodeCa(Option<Box<NodeCa>>),
+}
+
+fn read(
+    state: &State,
+    previous: Option<&NodeCa>,
+    now: SystemTime,
+) -> Result<Option<Sides>, CredentialsErrors> {
     let node = &state.config.node;
     let Some(tls) = &node.tls else {
         return Ok(None);
@@ -225,12 +256,33 @@ fn read(state: &State) -> Result<Option<Sides>, CredentialsErrors> {
     let trust = load_trust_bundle(&tls.trust_bundle)
         .map_err(|e| problems.push(CredentialsError::TrustBundle(Box::new(e))))
         .ok();
-    if let Err(source) = std::fs::read_dir(&tls.certificate_dir) {
-        problems.push(CredentialsError::CertificateDir {
-            dir: tls.certificate_dir.clone(),
-            source,
-        });
-    }
+    let mut source = match (&tls.certificate_dir, &tls.node_ca) {
+        (Some(dir), _) => {
+            if let Err(source) = std::fs::read_dir(dir) {
+                problems.push(CredentialsError::CertificateDir {
+                    dir: dir.clone(),
+                    source,
+                });
+            }
+            Source::Files(dir)
+        }
+        (None, Some(settings)) => {
+            match NodeCa::load(settings, trust.as_ref(), &node.trust_domain, now) {
+                Ok(mut ca) => {
+                    if let Some(previous) = previous {
+                        ca.carry_over(previous);
+                    }
+                    Source::NodeCa(Some(Box::new(ca)))
+                }
+                Err(e) => {
+                    problems.push(CredentialsError::NodeCa(Box::new(e)));
+                    Source::NodeCa(None)
+                }
+            }
+        }
+        // The config checker requires exactly one of the two.
+        (None, None) => Source::NodeCa(None),
+    };
     let mut client = HashMap::new();
     let mut server = HashMap::new();
     let mut certificates = HashMap::new();
@@ -251,19 +303,31 @@ fn read(state: &State) -> Result<Option<Sides>, CredentialsErrors> {
         if !seen.insert(id.clone()) {
             continue;
         }
-        let creds = match load_workload_credentials(&tls.certificate_dir, &id) {
-            Ok(c) => c,
-            Err(source) => {
-                problems.push(CredentialsError::Certificate {
-                    workload,
-                    id,
-                    source: Box::new(source),
-                });
-                continue;
-            }
+        let (creds, origin, file) = match &mut source {
+            Source::Files(dir) => match load_workload_credentials(dir, &id) {
+                Ok(c) => {
+                    let file = identity_dir(dir, &id).join(CERT_FILE);
+                    (c, format!("file {}", file.display()), file)
+                }
+                Err(source) => {
+                    problems.push(CredentialsError::Certificate {
+                        workload,
+                        id,
+                        source: Box::new(source),
+                    });
+                    continue;
+                }
+            },
+            Source::NodeCa(None) => continue,
+            Source::NodeCa(Some(ca)) => match ca.credentials(&id, now) {
+                Ok(c) => (c, NODE_CA_SOURCE.to_string(), PathBuf::from(id.to_uri())),
+                Err(e) => {
+                    problems.push(CredentialsError::NodeCa(Box::new(e)));
+                    continue;
+                }
+            },
         };
-        let file = identity_dir(&tls.certificate_dir, &id).join(CERT_FILE);
-        let info = match CertificateInfo::of(&id, &creds, format!("file {}", file.display())) {
+        let info = match CertificateInfo::of(&id, &creds, origin) {
             Ok(info) => info,
             Err(detail) => {
                 problems.push(CredentialsError::Certificate {
@@ -294,6 +358,13 @@ fn read(state: &State) -> Result<Option<Sides>, CredentialsErrors> {
     if !problems.is_empty() {
         return Err(CredentialsErrors(problems));
     }
+    let node_ca = match source {
+        Source::NodeCa(Some(mut ca)) => {
+            ca.retain(|id| client.contains_key(id));
+            Some(*ca)
+        }
+        _ => None,
+    };
     log::info!(
         "HBONE tunnels: {} local identities, trust bundle {} ({} CA certificates)",
         client.len(),
@@ -304,14 +375,17 @@ fn read(state: &State) -> Result<Option<Sides>, CredentialsErrors> {
         client,
         server,
         certificates,
+        node_ca,
     }))
 }
 
 /// Everything a node would refuse about the files a valid config names (the trust bundle, the
-/// certificate directory, each local workload's certificate and key), each as one line: what
-/// `check-config` reports beyond the file itself; `run` exits 64 for the same.
+/// certificate directory and each local workload's certificate and key, or the node CA's
+/// certificate and key), each as one line: what `check-config` reports beyond the file itself;
+/// `run` exits 64 for the same. In node CA mode the certificates are issued, checked and
+/// dropped.
 pub fn check_files(state: &State) -> Vec<String> {
-    match read(state) {
+    match read(state, None, SystemTime::now()) {
         Ok(_) => Vec::new(),
         Err(e) => e.0.iter().map(ToString::to_string).collect(),
     }
@@ -321,7 +395,7 @@ pub fn check_files(state: &State) -> Vec<String> {
 /// line. A warning, not a refusal: the node serves everything else, and a certificate agent
 /// that rewrites the files brings the identity back without a restart.
 pub fn check_validity(state: &State, now: SystemTime) -> Vec<String> {
-    let Ok(Some(sides)) = read(state) else {
+    let Ok(Some(sides)) = read(state, None, now) else {
         return Vec::new();
     };
     let mut lines: Vec<(String, String)> = sides
@@ -336,18 +410,25 @@ pub fn check_validity(state: &State, now: SystemTime) -> Vec<String> {
     lines.into_iter().map(|(_, line)| line).collect()
 }
 
-/// The files a snapshot's credentials are read from (the trust bundle, each local identity's
-/// certificate and key): a change of any of them rebuilds the credentials.
+/// The files a snapshot's credentials are read from (the trust bundle, and each local
+/// identity's certificate and key or the node CA's): a change of any of them rebuilds the
+/// credentials.
 pub fn credential_files(state: &State) -> Vec<PathBuf> {
     let Some(tls) = &state.config.node.tls else {
         return Vec::new();
     };
     let mut files = vec![tls.trust_bundle.clone()];
-    for (_, entry) in state.registry.local_workloads() {
-        if let Ok(id) = SpiffeId::parse(&entry.identity) {
-            let dir = identity_dir(&tls.certificate_dir, &id);
-            files.push(dir.join(CERT_FILE));
-            files.push(dir.join(KEY_FILE));
+    if let Some(ca) = &tls.node_ca {
+        files.push(ca.certificate.clone());
+        files.push(ca.key.clone());
+    }
+    if let Some(certificate_dir) = &tls.certificate_dir {
+        for (_, entry) in state.registry.local_workloads() {
+            if let Ok(id) = SpiffeId::parse(&entry.identity) {
+                let dir = identity_dir(certificate_dir, &id);
+                files.push(dir.join(CERT_FILE));
+                files.push(dir.join(KEY_FILE));
+            }
         }
     }
     files.sort();
@@ -421,7 +502,9 @@ mod tests {
             rekey: crate::kernel_features::Rekey::Unsupported,
             reason: Some("not probed in this test".into()),
         };
-        let creds = load(&state, &ktls).expect("loads").expect("tls is on");
+        let creds = load(&state, &ktls, &mut None, now)
+            .expect("loads")
+            .expect("tls is on");
         let id = |sa| SpiffeId::new("cluster.local", "ns", sa).unwrap();
         assert_eq!(creds.usable(&id("old"), now), Err(Unusable::Expired));
         assert_eq!(creds.usable(&id("now"), now), Ok(()));
@@ -489,5 +572,143 @@ mod tests {
                 "/c/ns/soon/key.pem",
             ]
         );
+    }
+
+    /// A node in node CA mode with local workloads `local` (service accounts in namespace
+    /// ns) and one workload on another node; the node CA and the root in `dir`.
+    fn node_ca_state(dir: &Path, local: &[&str], lifetime: &str) -> Arc<State> {
+        let mut text = format!(
+            "version: 1\nnode:\n  name: n\n  tls:\n    trust_bundle: {d}/root.pem\n    \
+             node_ca: {{certificate: {d}/ica.pem, key: {d}/ica-key.pem, certificate_lifetime: {lifetime}}}\n\
+             workloads:\n\
+             - {{name: far, namespace: ns, service_account: far, ips: [10.0.1.1], node: m}}\n",
+            d = dir.display()
+        );
+        for (i, sa) in local.iter().enumerate() {
+            text.push_str(&format!(
+                "- {{name: {sa}, namespace: ns, service_account: {sa}, ips: [10.0.0.{}], node: n, netns: p{i}}}\n",
+                i + 1
+            ));
+        }
+        State::new(config::load(&text).expect("valid config"), 1)
+    }
+
+    fn no_ktls() -> KtlsSupport {
+        KtlsSupport {
+            tx: false,
+            rx: false,
+            ciphers: Vec::new(),
+            rx_ciphers: Vec::new(),
+            rekey: crate::kernel_features::Rekey::Unsupported,
+            reason: Some("not probed in this test".into()),
+        }
+    }
+
+    #[test]
+    fn node_ca_mode_issues_for_local_identities_only_and_renews_at_half_life() {
+        let dir = std::env::temp_dir().join(format!("ringtun-creds-nodeca-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let now = SystemTime::now();
+        let root = DevCa::generate("cluster.local", now, 24 * HOUR).unwrap();
+        let ica = root.issue_intermediate("n", now, 2 * HOUR).unwrap();
+        std::fs::write(dir.join("root.pem"), root.cert_pem()).unwrap();
+        std::fs::write(
+            dir.join("ica.pem"),
+            format!("{}{}", ica.cert_pem, root.cert_pem()),
+        )
+        .unwrap();
+        std::fs::write(dir.join("ica-key.pem"), &ica.key_pem).unwrap();
+        let id = |sa| SpiffeId::new("cluster.local", "ns", sa).unwrap();
+
+        let state = node_ca_state(&dir, &["web", "db"], "60s");
+        assert!(check_files(&state).is_empty(), "{:?}", check_files(&state));
+        let mut node_ca = None;
+        let creds = load(&state, &no_ktls(), &mut node_ca, now)
+            .expect("loads")
+            .expect("tls");
+        // The local identities only: never the workload on node m.
+        let listed: Vec<(String, String)> = creds
+            .listing()
+            .into_iter()
+            .map(|c| (c.identity, c.source))
+            .collect();
+        assert_eq!(
+            listed,
+            [
+                (id("db").to_uri(), NODE_CA_SOURCE.to_string()),
+                (id("web").to_uri(), NODE_CA_SOURCE.to_string()),
+            ]
+        );
+        let json = serde_json::to_string(&creds.listing()).unwrap();
+        assert!(!json.contains("PRIVATE") && !json.contains("key"), "{json}");
+        let serial = |c: &TunnelCredentials, sa| c.certificates[&id(sa)].serial.clone();
+        let next = node_ca.as_ref().and_then(NodeCa::next_renewal);
+        assert_eq!(next, Some(now + Duration::from_secs(30)));
+
+        // Before half-life a rebuild presents the same certificates; after it, new ones.
+        let early = load(
+            &state,
+            &no_ktls(),
+            &mut node_ca,
+            now + Duration::from_secs(29),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(serial(&early, "web"), serial(&creds, "web"));
+        let late = load(
+            &state,
+            &no_ktls(),
+            &mut node_ca,
+            now + Duration::from_secs(31),
+        )
+        .unwrap()
+        .unwrap();
+        assert_ne!(serial(&late, "web"), serial(&creds, "web"));
+        assert_ne!(serial(&late, "db"), serial(&creds, "db"));
+        assert_eq!(node_ca.as_ref().unwrap().issued_total(), 4);
+
+        // A workload added is issued at once; one removed is forgotten.
+        let state = node_ca_state(&dir, &["web", "cache"], "60s");
+        let t = now + Duration::from_secs(32);
+        let added = load(&state, &no_ktls(), &mut node_ca, t).unwrap().unwrap();
+        assert_eq!(serial(&added, "web"), serial(&late, "web"));
+        assert!(added.certificates.contains_key(&id("cache")));
+        assert!(!added.certificates.contains_key(&id("db")));
+        assert_eq!(node_ca.as_ref().unwrap().issued_total(), 5);
+
+        // A failed build (the CA's key replaced by another) changes nothing it issued.
+        let stranger = DevCa::generate("cluster.local", now, HOUR).unwrap();
+        std::fs::write(dir.join("ica-key.pem"), stranger.key_pem()).unwrap();
+        let err = load(
+            &state,
+            &no_ktls(),
+            &mut node_ca,
+            t + Duration::from_secs(60),
+        )
+        .err()
+        .expect("a foreign key is refused");
+        assert!(err.to_string().contains("node.tls.node_ca"), "{err}");
+        assert!(err.to_string().contains("ica-key.pem"), "{err}");
+        assert_eq!(node_ca.as_ref().unwrap().issued_total(), 5);
+        let lines = check_files(&state);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(lines[0].contains("not the private key"), "{lines:?}");
+
+        // A CA outside the trust bundle: check-config names both files.
+        std::fs::write(dir.join("ica-key.pem"), &ica.key_pem).unwrap();
+        std::fs::write(dir.join("root.pem"), stranger.cert_pem()).unwrap();
+        let lines = check_files(&state);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(
+            lines[0].contains("ica.pem") && lines[0].contains("does not chain to the trust bundle"),
+            "{lines:?}"
+        );
+        let files: Vec<String> = credential_files(&state)
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(files, ["ica-key.pem", "ica.pem", "root.pem"]);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -48,6 +48,9 @@ node:
   # tls:
   #   trust_bundle: /etc/ringtun/certs/ca.pem    # PEM CA certificates peers must chain to
   #   certificate_dir: /etc/ringtun/certs        # <dir>/<ns>/<sa>/cert.pem and key.pem
+  #   # Or node CA mode instead of certificate_dir: ringtun issues its own workloads'
+  #   # certificates from an intermediate CA, in memory, renewed at half their lifetime.
+  #   # node_ca: {certificate: /etc/ringtun/node-ca.pem, key: /etc/ringtun/node-ca-key.pem, certificate_lifetime: 1h}
 
 workloads:
   # Host mode: the one local workload without `netns` is the host itself. In pod mode each
@@ -165,7 +168,25 @@ mod tests {
         };
         let tls = cfg.node.tls.expect("tls section");
         assert_eq!(tls.trust_bundle.to_str(), Some("/etc/ringtun/certs/ca.pem"));
-        assert_eq!(tls.certificate_dir.to_str(), Some("/etc/ringtun/certs"));
+        assert_eq!(
+            tls.certificate_dir.as_deref().and_then(|d| d.to_str()),
+            Some("/etc/ringtun/certs")
+        );
+        // The node CA example, uncommented in place of the directory.
+        let text = DEFAULT_CONFIG_YAML
+            .replace("  # tls:", "  tls:")
+            .replace("  #   trust_bundle:", "    trust_bundle:")
+            .replace("  #   # node_ca:", "    node_ca:");
+        let cfg = match load(&text) {
+            Ok(cfg) => cfg,
+            Err(e) => panic!("uncommented node CA example has errors:\n{e}"),
+        };
+        let ca = cfg.node.tls.and_then(|t| t.node_ca).expect("node_ca");
+        assert_eq!(ca.certificate.to_str(), Some("/etc/ringtun/node-ca.pem"));
+        assert_eq!(
+            ca.certificate_lifetime,
+            std::time::Duration::from_secs(3600)
+        );
     }
 
     #[test]

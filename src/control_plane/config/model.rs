@@ -164,7 +164,25 @@ pub struct TlsSettings {
     /// PEM file of the CA certificates a peer's chain must lead to.
     pub trust_bundle: PathBuf,
     /// The certificate and key of identity ns/sa are `<dir>/<ns>/<sa>/cert.pem` and `key.pem`.
-    pub certificate_dir: PathBuf,
+    /// Exactly one of this and `node_ca` is set.
+    pub certificate_dir: Option<PathBuf>,
+    /// Node CA mode: ringtun issues its local workloads' certificates itself.
+    pub node_ca: Option<NodeCaSettings>,
+}
+
+/// Node CA mode (`node.tls.node_ca`): an intermediate CA whose certificate and key this node
+/// holds; ringtun issues short-lived certificates for the identities of its own local
+/// workloads only, in memory, and renews each at half its lifetime.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct NodeCaSettings {
+    /// PEM: the CA certificate that signs (first), then any intermediates up to the trust
+    /// bundle's root; all are sent after the workload certificate.
+    pub certificate: PathBuf,
+    /// PEM (PKCS#8): the CA's private key.
+    pub key: PathBuf,
+    /// How long an issued certificate is valid (default 1h); renewed at half of it.
+    #[serde(with = "duration_serde")]
+    pub certificate_lifetime: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]

@@ -20,8 +20,8 @@ use super::parse::{self, Node, Pos, Value, DOCUMENT_PATH};
 use super::policies::check_policies;
 use super::{
     format_duration, Checked, CipherChoice, Config, ConfigErrors, DriverChoice, HboneSettings,
-    KtlsChoice, Limits, NodeConfig, Ports, Protocol, Service, ServicePort, SpliceSettings,
-    Timeouts, TlsSettings, Workload, WorkloadRef,
+    KtlsChoice, Limits, NodeCaSettings, NodeConfig, Ports, Protocol, Service, ServicePort,
+    SpliceSettings, Timeouts, TlsSettings, Workload, WorkloadRef,
 };
 
 /// Where a bare `netns` name is looked up, as `ip netns add` creates them.
@@ -55,7 +55,13 @@ const LIMITS_KEYS: &[&str] = &[
     "max_tunnels_per_peer",
 ];
 const SPLICE_KEYS: &[&str] = &["pipe_size", "max_bytes_per_wakeup", "pipe_pool_size"];
-const TLS_KEYS: &[&str] = &["trust_bundle", "certificate_dir"];
+const TLS_KEYS: &[&str] = &["trust_bundle", "certificate_dir", "node_ca"];
+const NODE_CA_KEYS: &[&str] = &["certificate", "key", "certificate_lifetime"];
+/// Node CA mode's default certificate lifetime.
+pub const DEFAULT_NODE_CA_LIFETIME: Duration = Duration::from_secs(3600);
+/// The shortest certificate lifetime node CA mode accepts: renewal at half-life needs time to
+/// issue and publish.
+const MIN_NODE_CA_LIFETIME: Duration = Duration::from_secs(2);
 const HBONE_KEYS: &[&str] = &[
     "max_streams_per_tunnel",
     "pool_idle_timeout",
@@ -505,12 +511,29 @@ fn check_node(c: &mut Checker, n: &Node) -> (Option<String>, Option<NodeConfig>)
         let trust_bundle = t
             .require(c, "trust_bundle")
             .and_then(|v| file_path(c, v, &t.path("trust_bundle")));
-        let certificate_dir = t
-            .require(c, "certificate_dir")
-            .and_then(|v| file_path(c, v, &t.path("certificate_dir")));
+        // Certificates come from files or from the node CA: exactly one.
+        let (certificate_dir, node_ca) = match (t.get("certificate_dir"), t.get("node_ca")) {
+            (Some(_), Some(ca)) => {
+                c.error(
+                    ca.pos,
+                    &t.path("node_ca"),
+                    "set either `certificate_dir` (certificates from files) or `node_ca` \
+                     (issued by this node), not both",
+                );
+                (None, None)
+            }
+            (None, Some(ca)) => (Some(None), node_ca(c, ca, &t.path("node_ca")).map(Some)),
+            _ => (
+                t.require(c, "certificate_dir")
+                    .and_then(|v| file_path(c, v, &t.path("certificate_dir")))
+                    .map(Some),
+                Some(None),
+            ),
+        };
         Some(Some(TlsSettings {
             trust_bundle: trust_bundle?,
             certificate_dir: certificate_dir?,
+            node_ca: node_ca?,
         }))
     });
     let hbone = f.or_default(c, "hbone", DEFAULT_HBONE, |c, v, path| {
@@ -834,6 +857,40 @@ fn check_workloads(
         });
     }
     drafts
+}
+
+/// `node.tls.node_ca`: the issuing CA's certificate and key files, the lifetime of what it
+/// issues. The files are read by `check-config` and at start, not here.
+fn node_ca(c: &mut Checker, node: &Node, path: &str) -> Option<NodeCaSettings> {
+    let f = fields(c, node, path, NODE_CA_KEYS)?;
+    let certificate = f
+        .require(c, "certificate")
+        .and_then(|v| file_path(c, v, &f.path("certificate")));
+    let key = f
+        .require(c, "key")
+        .and_then(|v| file_path(c, v, &f.path("key")));
+    let lifetime = f.or_default(
+        c,
+        "certificate_lifetime",
+        DEFAULT_NODE_CA_LIFETIME,
+        |c, v, p| {
+            let d = duration(c, v, p)?;
+            if d < MIN_NODE_CA_LIFETIME {
+                c.error(
+                    v.pos,
+                    p,
+                    "a certificate lifetime under 2s leaves no time to renew it at half-life",
+                );
+                return None;
+            }
+            Some(d)
+        },
+    );
+    Some(NodeCaSettings {
+        certificate: certificate?,
+        key: key?,
+        certificate_lifetime: lifetime?,
+    })
 }
 
 /// A file or directory path (absolute, or relative to the working directory); not read here.
@@ -1244,7 +1301,8 @@ policies:
                 },
                 tls: Some(TlsSettings {
                     trust_bundle: PathBuf::from("/etc/ringtun/ca.pem"),
-                    certificate_dir: PathBuf::from("certs"),
+                    certificate_dir: Some(PathBuf::from("certs")),
+                    node_ca: None,
                 }),
                 hbone: HboneSettings {
                     max_streams_per_tunnel: 7,
@@ -1640,6 +1698,53 @@ services:
         let errs = errors(&format!("{HEAD}  tls: {{trust_bundle: ca.pem}}\n"));
         assert_eq!(places(&errs), vec![(4, 8, "node.tls.certificate_dir")]);
         assert!(errs[0].message.contains("required key `certificate_dir`"));
+    }
+
+    #[test]
+    fn node_ca_mode_replaces_the_certificate_directory() {
+        let cfg = ok(&format!(
+            "{HEAD}  tls:\n    trust_bundle: ca.pem\n    node_ca: {{certificate: ica.pem, key: ica-key.pem, certificate_lifetime: 10m}}\n"
+        ));
+        let tls = cfg.node.tls.expect("tls");
+        assert_eq!(tls.certificate_dir, None);
+        let ca = tls.node_ca.expect("node_ca");
+        assert_eq!(ca.certificate, PathBuf::from("ica.pem"));
+        assert_eq!(ca.key, PathBuf::from("ica-key.pem"));
+        assert_eq!(ca.certificate_lifetime, Duration::from_secs(600));
+        let cfg = ok(&format!(
+            "{HEAD}  tls: {{trust_bundle: ca.pem, node_ca: {{certificate: i.pem, key: k.pem}}}}\n"
+        ));
+        assert_eq!(
+            cfg.node.tls.unwrap().node_ca.unwrap().certificate_lifetime,
+            DEFAULT_NODE_CA_LIFETIME
+        );
+
+        // Both sources at once: one error, at `node_ca`.
+        let errs = errors(&format!(
+            "{HEAD}  tls:\n    trust_bundle: ca.pem\n    certificate_dir: certs\n    node_ca: {{key: k.pem, certificate_lifetime: 1s}}\n"
+        ));
+        assert_eq!(
+            places(&errs),
+            vec![(7, 14, "node.tls.node_ca")],
+            "{}",
+            ConfigErrors(errs.clone())
+        );
+        assert!(errs[0].message.contains("not both"), "{}", errs[0]);
+        // Every problem inside `node_ca`, each at its place.
+        let errs = errors(&format!(
+            "{HEAD}  tls:\n    trust_bundle: ca.pem\n    node_ca: {{key: k.pem, certificate_lifetime: 1s, chain: x}}\n"
+        ));
+        assert_eq!(
+            places(&errs),
+            vec![
+                (6, 14, "node.tls.node_ca.certificate"),
+                (6, 49, "node.tls.node_ca.certificate_lifetime"),
+                (6, 53, "node.tls.node_ca.chain"),
+            ],
+            "{}",
+            ConfigErrors(errs.clone())
+        );
+        assert!(errs[1].message.contains("under 2s"), "{}", errs[1]);
     }
 
     #[test]
