@@ -572,7 +572,103 @@ pub fn keep_running_node_settings(running: &Config, mut next: Config) -> (Config
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::control_plane::certs::DevCa;
     use crate::control_plane::config::load;
+    use crate::observability::metrics::ProcessFacts;
+
+    /// Node CA mode's renewal through the reloader, on a simulated clock and without
+    /// reactors: due at half-life and not before, published without a configuration reload,
+    /// and a failure keeps the certificate in use, is counted and backs off (1 s, then 2 s).
+    #[test]
+    fn renewal_publishes_at_half_life_and_a_failure_keeps_the_certificate_and_backs_off() {
+        let dir = std::env::temp_dir().join(format!("ringtun-renew-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let t0 = SystemTime::now();
+        let root = DevCa::generate("cluster.local", t0, Duration::from_secs(3600)).unwrap();
+        let ica = root
+            .issue_intermediate("n", t0, Duration::from_secs(3600))
+            .unwrap();
+        std::fs::write(dir.join("root.pem"), root.cert_pem()).unwrap();
+        std::fs::write(dir.join("ica.pem"), &ica.cert_pem).unwrap();
+        std::fs::write(dir.join("ica-key.pem"), &ica.key_pem).unwrap();
+        let text = format!(
+            "version: 1\nnode:\n  name: n\n  tls:\n    trust_bundle: {d}/root.pem\n    \
+             node_ca: {{certificate: {d}/ica.pem, key: {d}/ica-key.pem, certificate_lifetime: 2s}}\n\
+             workloads:\n- {{name: web, namespace: ns, service_account: web, ips: [10.0.0.1], node: n, netns: p1}}\n",
+            d = dir.display()
+        );
+        let path = dir.join("node.yaml");
+        std::fs::write(&path, &text).unwrap();
+        let ktls = KtlsSupport {
+            tx: false,
+            rx: false,
+            ciphers: Vec::new(),
+            rx_ciphers: Vec::new(),
+            rekey: crate::kernel_features::Rekey::Unsupported,
+            reason: Some("not probed in this test".into()),
+        };
+        let state = State::new(load(&text).unwrap(), 1);
+        let mut node_ca = None;
+        let credentials = credentials::load(&state, &ktls, &mut node_ca, t0)
+            .unwrap()
+            .map(Arc::new);
+        let published = Published::new(Snapshot {
+            serial: 1,
+            state,
+            credentials,
+        });
+        let metrics = Arc::new(Metrics::new(0, ProcessFacts::default()));
+        let reloader = Reloader::new(
+            ConfigFile::new(&path, text.as_bytes()),
+            Arc::clone(&published),
+            Vec::new(),
+            Arc::clone(&metrics),
+            ktls,
+            node_ca,
+        );
+        let serial = || {
+            let snapshot = published.load();
+            snapshot.credentials.as_ref().unwrap().listing()[0]
+                .serial
+                .clone()
+        };
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let first = serial();
+        let c = &metrics.control;
+
+        assert_eq!(reloader.next_renewal(), Some(at(1000)));
+        assert_eq!(reloader.renew(at(999)), Renewal::NotDue);
+        assert_eq!(serial(), first);
+        assert_eq!(reloader.renew(at(1000)), Renewal::Renewed(1));
+        let second = serial();
+        assert_ne!(second, first);
+        assert_eq!(c.certificate_renewals.load(Relaxed), 1);
+        // Not a configuration reload.
+        assert_eq!(c.reloads_applied.load(Relaxed), 0);
+        assert_eq!(published.load().state.generation, 1);
+        assert_eq!(reloader.next_renewal(), Some(at(2000)));
+
+        // The CA's key goes away: the renewal fails, the certificate stays, retried after 1 s.
+        std::fs::remove_file(dir.join("ica-key.pem")).unwrap();
+        assert!(
+            matches!(reloader.renew(at(2000)), Renewal::Failed(e) if e.contains("ica-key.pem"))
+        );
+        assert_eq!(serial(), second);
+        assert_eq!(c.certificate_renewals_failed.load(Relaxed), 1);
+        assert_eq!(reloader.next_renewal(), Some(at(3000)));
+        assert_eq!(reloader.renew(at(2500)), Renewal::NotDue);
+        assert!(matches!(reloader.renew(at(3000)), Renewal::Failed(_)));
+        assert_eq!(c.certificate_renewals_failed.load(Relaxed), 2);
+        assert_eq!(reloader.next_renewal(), Some(at(5000)));
+
+        // The key is back: the next attempt renews.
+        std::fs::write(dir.join("ica-key.pem"), &ica.key_pem).unwrap();
+        assert_eq!(reloader.renew(at(5000)), Renewal::Renewed(1));
+        assert_ne!(serial(), second);
+        assert_eq!(reloader.next_renewal(), Some(at(6000)));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn node_settings_that_shape_threads_and_sockets_wait_for_a_restart() {
