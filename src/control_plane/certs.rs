@@ -404,6 +404,11 @@ impl DevCa {
         params.use_authority_key_identifier_extension = true;
         params.not_before = offset_time(now - CLOCK_SKEW);
         params.not_after = offset_time(now + validity);
+        self.sign(&params, key)
+    }
+
+    /// `params` signed by this CA for `key`, which is handed out with it.
+    fn sign(&self, params: &CertificateParams, key: KeyPair) -> Result<IssuedCert, CertError> {
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(IssuedCert {
             cert_der: cert.der().clone(),
@@ -466,13 +471,7 @@ impl DevCa {
         params.use_authority_key_identifier_extension = true;
         params.not_before = offset_time(now - CLOCK_SKEW);
         params.not_after = offset_time(now + validity);
-        let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(IssuedCert {
-            cert_der: cert.der().clone(),
-            cert_pem: cert.pem(),
-            key_der: PrivatePkcs8KeyDer::from(key.serialize_der()),
-            key_pem: key.serialize_pem(),
-        })
+        self.sign(&params, key)
     }
 }
 

@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime};
 
 use rustls::client::verify_server_cert_signed_by_trust_anchor;
 use rustls::pki_types::UnixTime;
-use rustls::server::ParsedCertificate;
+use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
 use rustls_pki_types::CertificateDer;
 
 use super::certs::{read_certificates, CertError, DevCa, TrustBundle, WorkloadCredentials};
@@ -295,24 +295,56 @@ fn check_ca_certificate(
     Ok(not_after)
 }
 
-/// Whether `creds`' chain leads to `trust` at `now` (what a peer checks).
+/// Whether `creds`' chain leads to `trust` at `now` as both peers check it: a tunnel's client
+/// verifying the server, and a server verifying its client (each with rustls's verifier).
 fn chains_to(
     trust: &TrustBundle,
     creds: &WorkloadCredentials,
     now: SystemTime,
 ) -> Result<(), String> {
-    let leaf = ParsedCertificate::try_from(&creds.chain[0]).map_err(|e| e.to_string())?;
+    let provider = crate::tls::provider();
     let since = now
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or(Duration::ZERO);
+    let now = UnixTime::since_unix_epoch(since);
+    let (leaf, intermediates) = (&creds.chain[0], &creds.chain[1..]);
+    let parsed = ParsedCertificate::try_from(leaf).map_err(|e| e.to_string())?;
     verify_server_cert_signed_by_trust_anchor(
-        &leaf,
+        &parsed,
         &trust.roots(),
-        &creds.chain[1..],
-        UnixTime::since_unix_epoch(since),
-        crate::tls::provider().signature_verification_algorithms.all,
+        intermediates,
+        now,
+        provider.signature_verification_algorithms.all,
     )
-    .map_err(|e| e.to_string())
+    .map_err(|e| format!("as a server: {e}"))?;
+    WebPkiClientVerifier::builder_with_provider(trust.roots(), provider)
+        .build()
+        .map_err(|e| e.to_string())?
+        .verify_client_cert(leaf, intermediates, now)
+        .map_err(|e| format!("as a client: {e}"))?;
+    Ok(())
+}
+
+/// Test support: a development root and a node CA under it, valid from `from` for `validity`,
+/// written to `dir` as an operator would hand them to a node: `root.pem` (the trust bundle),
+/// `ica.pem` (the node CA, then the root) and `ica-key.pem`.
+#[cfg(test)]
+pub(crate) fn write_test_node_ca(
+    dir: &Path,
+    from: SystemTime,
+    validity: Duration,
+) -> (DevCa, super::certs::IssuedCert) {
+    let root =
+        DevCa::generate("cluster.local", from, Duration::from_secs(24 * 3600)).expect("root CA");
+    let ica = root
+        .issue_intermediate("node-a", from, validity)
+        .expect("node CA");
+    std::fs::create_dir_all(dir).expect("directory");
+    std::fs::write(dir.join("root.pem"), root.cert_pem()).expect("root.pem");
+    let chain = format!("{}{}", ica.cert_pem, root.cert_pem());
+    std::fs::write(dir.join("ica.pem"), chain).expect("ica.pem");
+    std::fs::write(dir.join("ica-key.pem"), &ica.key_pem).expect("ica-key.pem");
+    (root, ica)
 }
 
 #[cfg(test)]
@@ -338,18 +370,7 @@ mod tests {
                 std::thread::current().id()
             ));
             let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).unwrap();
-            let root = DevCa::generate("cluster.local", from, 24 * HOUR).unwrap();
-            let ica = root
-                .issue_intermediate("node-a", from, validity)
-                .expect("intermediate");
-            std::fs::write(dir.join("root.pem"), root.cert_pem()).unwrap();
-            std::fs::write(
-                dir.join("ica.pem"),
-                format!("{}{}", ica.cert_pem, root.cert_pem()),
-            )
-            .unwrap();
-            std::fs::write(dir.join("ica-key.pem"), &ica.key_pem).unwrap();
+            let (root, _) = write_test_node_ca(&dir, from, validity);
             let settings = NodeCaSettings {
                 certificate: dir.join("ica.pem"),
                 key: dir.join("ica-key.pem"),
@@ -402,6 +423,11 @@ mod tests {
             lifetime <= Duration::from_secs(60) && lifetime > Duration::from_secs(58),
             "{lifetime:?}"
         );
+        // notBefore a little in the past, for peers whose clocks are slow.
+        let (_, parsed) = x509_parser::parse_x509_certificate(web.chain[0].as_ref()).unwrap();
+        let not_before = SystemTime::UNIX_EPOCH
+            + Duration::from_secs(parsed.validity().not_before.timestamp() as u64);
+        assert!(not_before + Duration::from_secs(60) < now, "{not_before:?}");
         // A fresh key per certificate: two identities, two keys.
         let db = ca.credentials(&id("db"), now).unwrap();
         assert_ne!(web.key.secret_der(), db.key.secret_der());
@@ -515,6 +541,30 @@ mod tests {
         let files = Files::new("future", now + HOUR, HOUR);
         let err = files.load(now).err().expect("a future CA is refused");
         assert!(err.to_string().contains("not valid yet"), "{err}");
+
+        // A node CA limited to server authentication: peers would refuse its certificates
+        // as clients (the check verifies both ways, as the two ends of a tunnel do).
+        let files = Files::new("server-only", now, HOUR);
+        let server_only = {
+            use rcgen::{
+                BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer,
+                KeyPair, KeyUsagePurpose,
+            };
+            let root_key = KeyPair::from_pem(&files.root.key_pem()).unwrap();
+            let root = Issuer::from_ca_cert_der(files.root.cert_der(), root_key).unwrap();
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::default();
+            params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+            params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+            let cert = params.signed_by(&key, &root).unwrap();
+            (cert.pem(), key.serialize_pem())
+        };
+        std::fs::write(&files.settings.certificate, &server_only.0).unwrap();
+        std::fs::write(&files.settings.key, &server_only.1).unwrap();
+        let err = files.load(now).err().expect("a server-only CA is refused");
+        assert!(matches!(err, NodeCaError::Untrusted { .. }), "{err}");
+        assert!(err.to_string().contains("as a client"), "{err}");
 
         // A missing file names itself.
         let files = Files::new("missing", now, HOUR);

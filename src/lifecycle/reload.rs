@@ -282,11 +282,7 @@ impl Reloader {
         log::info!(
             "configuration generation {generation} applied ({trigger:?}): {workloads} local \
              workloads, {policies} policies, in {took:?}{}",
-            if adopted {
-                ""
-            } else {
-                "; some reactors had not adopted it yet"
-            }
+            not_adopted(adopted)
         );
         Outcome::Applied { generation }
     }
@@ -310,26 +306,11 @@ impl Reloader {
             Ok(c) => c.map(Arc::new),
             Err(e) => return self.failed(status, format!("certificate files: {e}")),
         };
-        let serial = current.serial + 1;
-        let state = Arc::clone(&current.state);
-        drop(current);
-        let (adopted, took) = self.publish(
-            status,
-            Snapshot {
-                serial,
-                state,
-                credentials,
-            },
-            started,
-        );
+        let (adopted, took) = self.publish(status, with_credentials(current, credentials), started);
         log::info!(
             "certificate files changed: generation {generation} runs with the new certificates \
              (new tunnels present them), in {took:?}{}",
-            if adopted {
-                ""
-            } else {
-                "; some reactors had not adopted them yet"
-            }
+            not_adopted(adopted)
         );
         Outcome::Applied { generation }
     }
@@ -397,46 +378,30 @@ impl Reloader {
         let before = status.node_ca.as_ref().map_or(0, NodeCa::issued_total);
         let current = self.published.load();
         let c = &self.metrics.control;
-        let credentials = match credentials::load(
-            &current.state,
-            &self.ktls,
-            &mut status.node_ca,
-            now,
-        ) {
-            Ok(c) => c.map(Arc::new),
-            Err(e) => {
-                c.certificate_renewals_failed.fetch_add(1, Relaxed);
-                let backoff = status.renewal_retry.map_or(RENEWAL_BACKOFF_MIN, |(_, b)| {
-                    (b * 2).min(RENEWAL_BACKOFF_MAX)
-                });
-                status.renewal_retry = Some((now + backoff, backoff));
-                log::error!(
-                        "node CA: renewing certificates failed; the current ones stay in use,                          next attempt in {backoff:?}: {e}"
+        let credentials =
+            match credentials::load(&current.state, &self.ktls, &mut status.node_ca, now) {
+                Ok(c) => c.map(Arc::new),
+                Err(e) => {
+                    c.certificate_renewals_failed.fetch_add(1, Relaxed);
+                    let backoff = status.renewal_retry.map_or(RENEWAL_BACKOFF_MIN, |(_, b)| {
+                        (b * 2).min(RENEWAL_BACKOFF_MAX)
+                    });
+                    status.renewal_retry = Some((now + backoff, backoff));
+                    log::error!(
+                        "node CA: renewing certificates failed; the current ones stay in use, \
+                         next attempt in {backoff:?}: {e}"
                     );
-                return Renewal::Failed(e.to_string());
-            }
-        };
+                    return Renewal::Failed(e.to_string());
+                }
+            };
         status.renewal_retry = None;
         let renewed = status.node_ca.as_ref().map_or(0, NodeCa::issued_total) - before;
         c.certificate_renewals.fetch_add(renewed, Relaxed);
-        let serial = current.serial + 1;
-        let state = Arc::clone(&current.state);
-        drop(current);
-        let (adopted, took) = self.swap(
-            Snapshot {
-                serial,
-                state,
-                credentials,
-            },
-            started,
-        );
+        let (adopted, took) = self.swap(with_credentials(current, credentials), started);
         log::info!(
-            "node CA: {renewed} certificate(s) renewed at half their lifetime (new tunnels              present them), in {took:?}{}",
-            if adopted {
-                ""
-            } else {
-                "; some reactors had not adopted them yet"
-            }
+            "node CA: {renewed} certificate(s) renewed at half their lifetime (new tunnels \
+             present them), in {took:?}{}",
+            not_adopted(adopted)
         );
         Renewal::Renewed(renewed)
     }
@@ -522,6 +487,27 @@ impl Reloader {
     }
 }
 
+/// The next snapshot: the running state (`current`'s, let go of here) with new credentials.
+fn with_credentials(
+    current: Arc<Snapshot>,
+    credentials: Option<Arc<credentials::TunnelCredentials>>,
+) -> Snapshot {
+    Snapshot {
+        serial: current.serial + 1,
+        state: Arc::clone(&current.state),
+        credentials,
+    }
+}
+
+/// The log's note on a publication some reactor had not adopted within [`ADOPTION_LIMIT`].
+fn not_adopted(adopted: bool) -> &'static str {
+    if adopted {
+        ""
+    } else {
+        "; some reactors had not adopted it yet"
+    }
+}
+
 /// The fingerprint of `files` as they are now (a file that cannot be read counts by its error,
 /// so its return is a change).
 fn files_digest(files: &[PathBuf]) -> [u8; 32] {
@@ -572,8 +558,8 @@ pub fn keep_running_node_settings(running: &Config, mut next: Config) -> (Config
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control_plane::certs::DevCa;
     use crate::control_plane::config::load;
+    use crate::control_plane::node_ca::write_test_node_ca;
     use crate::observability::metrics::ProcessFacts;
 
     /// Node CA mode's renewal through the reloader, on a simulated clock and without
@@ -585,13 +571,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let t0 = SystemTime::now();
-        let root = DevCa::generate("cluster.local", t0, Duration::from_secs(3600)).unwrap();
-        let ica = root
-            .issue_intermediate("n", t0, Duration::from_secs(3600))
-            .unwrap();
-        std::fs::write(dir.join("root.pem"), root.cert_pem()).unwrap();
-        std::fs::write(dir.join("ica.pem"), &ica.cert_pem).unwrap();
-        std::fs::write(dir.join("ica-key.pem"), &ica.key_pem).unwrap();
+        let (_, ica) = write_test_node_ca(&dir, t0, Duration::from_secs(3600));
         let text = format!(
             "version: 1\nnode:\n  name: n\n  tls:\n    trust_bundle: {d}/root.pem\n    \
              node_ca: {{certificate: {d}/ica.pem, key: {d}/ica-key.pem, certificate_lifetime: 2s}}\n\
@@ -600,14 +580,7 @@ mod tests {
         );
         let path = dir.join("node.yaml");
         std::fs::write(&path, &text).unwrap();
-        let ktls = KtlsSupport {
-            tx: false,
-            rx: false,
-            ciphers: Vec::new(),
-            rx_ciphers: Vec::new(),
-            rekey: crate::kernel_features::Rekey::Unsupported,
-            reason: Some("not probed in this test".into()),
-        };
+        let ktls = credentials::unprobed_ktls();
         let state = State::new(load(&text).unwrap(), 1);
         let mut node_ca = None;
         let credentials = credentials::load(&state, &ktls, &mut node_ca, t0)

@@ -436,6 +436,19 @@ pub fn credential_files(state: &State) -> Vec<PathBuf> {
     files
 }
 
+/// Test support: no kTLS, as on a host without it (nothing is probed).
+#[cfg(test)]
+pub(crate) fn unprobed_ktls() -> KtlsSupport {
+    KtlsSupport {
+        tx: false,
+        rx: false,
+        ciphers: Vec::new(),
+        rx_ciphers: Vec::new(),
+        rekey: crate::kernel_features::Rekey::Unsupported,
+        reason: Some("not probed in this test".into()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
@@ -444,6 +457,7 @@ mod tests {
     use super::*;
     use crate::control_plane::certs::{DevCa, CA_CERT_FILE};
     use crate::control_plane::config;
+    use crate::control_plane::node_ca::write_test_node_ca;
 
     const HOUR: Duration = Duration::from_secs(3600);
 
@@ -494,15 +508,7 @@ mod tests {
 
         // Loading refuses nothing: the node starts and serves the valid identity.
         assert!(check_files(&state).is_empty(), "{:?}", check_files(&state));
-        let ktls = KtlsSupport {
-            tx: false,
-            rx: false,
-            ciphers: Vec::new(),
-            rx_ciphers: Vec::new(),
-            rekey: crate::kernel_features::Rekey::Unsupported,
-            reason: Some("not probed in this test".into()),
-        };
-        let creds = load(&state, &ktls, &mut None, now)
+        let creds = load(&state, &unprobed_ktls(), &mut None, now)
             .expect("loads")
             .expect("tls is on");
         let id = |sa| SpiffeId::new("cluster.local", "ns", sa).unwrap();
@@ -593,38 +599,19 @@ mod tests {
         State::new(config::load(&text).expect("valid config"), 1)
     }
 
-    fn no_ktls() -> KtlsSupport {
-        KtlsSupport {
-            tx: false,
-            rx: false,
-            ciphers: Vec::new(),
-            rx_ciphers: Vec::new(),
-            rekey: crate::kernel_features::Rekey::Unsupported,
-            reason: Some("not probed in this test".into()),
-        }
-    }
-
     #[test]
     fn node_ca_mode_issues_for_local_identities_only_and_renews_at_half_life() {
         let dir = std::env::temp_dir().join(format!("ringtun-creds-nodeca-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let now = SystemTime::now();
-        let root = DevCa::generate("cluster.local", now, 24 * HOUR).unwrap();
-        let ica = root.issue_intermediate("n", now, 2 * HOUR).unwrap();
-        std::fs::write(dir.join("root.pem"), root.cert_pem()).unwrap();
-        std::fs::write(
-            dir.join("ica.pem"),
-            format!("{}{}", ica.cert_pem, root.cert_pem()),
-        )
-        .unwrap();
-        std::fs::write(dir.join("ica-key.pem"), &ica.key_pem).unwrap();
+        let (_, ica) = write_test_node_ca(&dir, now, 2 * HOUR);
         let id = |sa| SpiffeId::new("cluster.local", "ns", sa).unwrap();
 
         let state = node_ca_state(&dir, &["web", "db"], "60s");
         assert!(check_files(&state).is_empty(), "{:?}", check_files(&state));
         let mut node_ca = None;
-        let creds = load(&state, &no_ktls(), &mut node_ca, now)
+        let creds = load(&state, &unprobed_ktls(), &mut node_ca, now)
             .expect("loads")
             .expect("tls");
         // The local identities only: never the workload on node m.
@@ -649,7 +636,7 @@ mod tests {
         // Before half-life a rebuild presents the same certificates; after it, new ones.
         let early = load(
             &state,
-            &no_ktls(),
+            &unprobed_ktls(),
             &mut node_ca,
             now + Duration::from_secs(29),
         )
@@ -658,7 +645,7 @@ mod tests {
         assert_eq!(serial(&early, "web"), serial(&creds, "web"));
         let late = load(
             &state,
-            &no_ktls(),
+            &unprobed_ktls(),
             &mut node_ca,
             now + Duration::from_secs(31),
         )
@@ -671,7 +658,9 @@ mod tests {
         // A workload added is issued at once; one removed is forgotten.
         let state = node_ca_state(&dir, &["web", "cache"], "60s");
         let t = now + Duration::from_secs(32);
-        let added = load(&state, &no_ktls(), &mut node_ca, t).unwrap().unwrap();
+        let added = load(&state, &unprobed_ktls(), &mut node_ca, t)
+            .unwrap()
+            .unwrap();
         assert_eq!(serial(&added, "web"), serial(&late, "web"));
         assert!(added.certificates.contains_key(&id("cache")));
         assert!(!added.certificates.contains_key(&id("db")));
@@ -682,7 +671,7 @@ mod tests {
         std::fs::write(dir.join("ica-key.pem"), stranger.key_pem()).unwrap();
         let err = load(
             &state,
-            &no_ktls(),
+            &unprobed_ktls(),
             &mut node_ca,
             t + Duration::from_secs(60),
         )
