@@ -407,7 +407,8 @@ impl App {
             match watch::spawn(Arc::clone(r), Arc::clone(&app.watcher_stop)) {
                 Ok(handle) => app.watcher = Some(handle),
                 Err(e) => log::warn!(
-                    "cannot watch {} for changes ({e}); reload with SIGHUP",
+                    "cannot start the config-watch thread ({e}): changes of {} wait for SIGHUP \
+                     and node CA certificates are not renewed",
                     r.path().display()
                 ),
             }
