@@ -268,6 +268,9 @@ impl Reloader {
         drop(current);
         let workloads = state.registry.local_workloads().count();
         let policies = state.policies.policies().len();
+        // The gauge first: whoever sees the new generation published (a reactor, `/config_dump`,
+        // a test) must not read the old one here.
+        self.metrics.control.generation.store(generation, Relaxed);
         let (adopted, took) = self.publish(
             &mut status,
             Snapshot {
@@ -278,7 +281,6 @@ impl Reloader {
             started,
         );
         status.pending_restart = pending;
-        self.metrics.control.generation.store(generation, Relaxed);
         log::info!(
             "configuration generation {generation} applied ({trigger:?}): {workloads} local \
              workloads, {policies} policies, in {took:?}{}",
