@@ -118,6 +118,19 @@ struct Status {
     node_ca: Option<NodeCa>,
     /// After a failed renewal: the next attempt is not before this, and the backoff after it.
     renewal_retry: Option<(SystemTime, Duration)>,
+    /// Why the last renewal failed, until one succeeds (`/config_dump`).
+    renewal_error: Option<String>,
+}
+
+impl Status {
+    /// When node CA mode has something to renew next (see [`Reloader::next_renewal`]).
+    fn renewal_due(&self) -> Option<SystemTime> {
+        if self.draining {
+            return None;
+        }
+        let due = self.node_ca.as_ref()?.next_renewal()?;
+        Some(self.renewal_retry.map_or(due, |(retry_at, _)| retry_at))
+    }
 }
 
 /// What [`Reloader::renew`] did.
@@ -164,6 +177,7 @@ impl Reloader {
                 draining: false,
                 node_ca,
                 renewal_retry: None,
+                renewal_error: None,
             }),
         }
     }
@@ -350,15 +364,7 @@ impl Reloader {
     /// When node CA mode has something to renew next: the earliest half-life of what it
     /// issued, or the retry time after a failure. `None` when not in node CA mode.
     pub fn next_renewal(&self) -> Option<SystemTime> {
-        let status = self.status();
-        if status.draining {
-            return None;
-        }
-        let due = status.node_ca.as_ref()?.next_renewal()?;
-        Some(match status.renewal_retry {
-            Some((retry_at, _)) => retry_at,
-            None => due,
-        })
+        self.status().renewal_due()
     }
 
     /// Node CA mode: if a certificate passed half its lifetime at `now`, issues it (and any
@@ -367,15 +373,9 @@ impl Reloader {
     pub fn renew(&self, now: SystemTime) -> Renewal {
         let started = Instant::now();
         let mut status = self.status();
-        if status.draining {
-            return Renewal::NotDue;
-        }
-        let Some(due) = status.node_ca.as_ref().and_then(|ca| ca.next_renewal()) else {
-            return Renewal::NotDue;
-        };
-        let retry_at = status.renewal_retry.map(|(at, _)| at);
-        if now < retry_at.unwrap_or(due) {
-            return Renewal::NotDue;
+        match status.renewal_due() {
+            Some(due) if due <= now => {}
+            _ => return Renewal::NotDue,
         }
         let before = status.node_ca.as_ref().map_or(0, NodeCa::issued_total);
         let current = self.published.load();
@@ -389,6 +389,7 @@ impl Reloader {
                         (b * 2).min(RENEWAL_BACKOFF_MAX)
                     });
                     status.renewal_retry = Some((now + backoff, backoff));
+                    status.renewal_error = Some(e.to_string());
                     log::error!(
                         "node CA: renewing certificates failed; the current ones stay in use, \
                          next attempt in {backoff:?}: {e}"
@@ -397,6 +398,7 @@ impl Reloader {
                 }
             };
         status.renewal_retry = None;
+        status.renewal_error = None;
         let renewed = status.node_ca.as_ref().map_or(0, NodeCa::issued_total) - before;
         c.certificate_renewals.fetch_add(renewed, Relaxed);
         let (adopted, took) = self.swap(with_credentials(current, credentials), started);
@@ -485,6 +487,13 @@ impl Reloader {
             "last_error_unix": secs(status.last_error_at),
             "pending_restart": status.pending_restart,
             "listener_problems": status.listener_problems,
+            // Node CA mode only: the next renewal, and why the last one failed.
+            "certificate_renewal": status.node_ca.as_ref().map(|_| serde_json::json!({
+                "next_unix": secs(status.renewal_due()),
+                "last_error": status.renewal_error,
+                "renewed": c.certificate_renewals.load(Relaxed),
+                "failed": c.certificate_renewals_failed.load(Relaxed),
+            })),
         })
     }
 }
@@ -633,6 +642,12 @@ mod tests {
         assert_eq!(c.certificate_renewals_failed.load(Relaxed), 1);
         assert_eq!(reloader.next_renewal(), Some(at(3000)));
         assert_eq!(reloader.renew(at(2500)), Renewal::NotDue);
+        let dump = reloader.dump();
+        let last_error = dump["certificate_renewal"]["last_error"]
+            .as_str()
+            .unwrap_or("");
+        assert!(last_error.contains("ica-key.pem"), "{dump}");
+        assert_eq!(dump["certificate_renewal"]["failed"], 1, "{dump}");
         assert!(matches!(reloader.renew(at(3000)), Renewal::Failed(_)));
         assert_eq!(c.certificate_renewals_failed.load(Relaxed), 2);
         assert_eq!(reloader.next_renewal(), Some(at(5000)));
@@ -642,6 +657,7 @@ mod tests {
         assert_eq!(reloader.renew(at(5000)), Renewal::Renewed(1));
         assert_ne!(serial(), second);
         assert_eq!(reloader.next_renewal(), Some(at(6000)));
+        assert!(reloader.dump()["certificate_renewal"]["last_error"].is_null());
         let _ = std::fs::remove_dir_all(&dir);
     }
 
