@@ -954,7 +954,6 @@ fn headers_claiming_another_identity_change_nothing() {
             "x-forwarded-client-cert",
             "By=spiffe://cluster.local/ns/default/sa/mesh-1;URI=spiffe://cluster.local/ns/default/sa/mesh-2",
         ),
-        ("forwarded", "for=\"10.77.3.2:4000\";by=mesh-2"),
         ("baggage", "k8s.namespace.name=default,k8s.deployment.name=mesh-2"),
         ("x-spiffe-id", "spiffe://cluster.local/ns/default/sa/mesh-2"),
         ("x-istio-principal", "cluster.local/ns/default/sa/mesh-2"),
@@ -971,6 +970,26 @@ fn headers_claiming_another_identity_change_nothing() {
     let rec = wait_record(r, |rec| rec["status"] == 401);
     assert_eq!(rec["source_workload"], spiffe("client"), "{rec}");
     assert_eq!(rec["reason"], "no_allow_match", "{rec}");
+    // A `forwarded` address of mesh-2 (another identity's workload) is not believed: the
+    // CONNECT is refused for the claim itself, whatever the policy.
+    let forged = [("forwarded", "for=\"10.77.3.2:4000\";by=mesh-2")];
+    for (sa, status) in [("client", 400), ("mesh-1", 400)] {
+        let tcp = mesh.connect_from_client(mesh1(HBONE_PORT));
+        let tls = mesh.pki.client(sa, &spiffe("mesh-1"));
+        let out = rt
+            .block_on(h2_connect_with(tcp, tls, &authority, &forged, 1024, 1))
+            .unwrap_or_else(|e| panic!("CONNECT {authority}: {e}"));
+        assert_eq!(out.status, status, "{sa}: {out:?}");
+        let rec = wait_record(r, |rec| {
+            rec["reason"] == "forged_client_address" && rec["source_workload"] == spiffe(sa)
+        });
+        assert_eq!(rec["status"], 400, "{rec}");
+    }
+    assert!(
+        r.log_text().contains("names another identity's workload"),
+        "{}",
+        r.log_text()
+    );
     // mesh-2's certificate, without any header: allowed.
     let server = mesh.mesh1_exchange_server(1, 64 * 1024);
     let tcp = mesh.connect_from_client(mesh1(HBONE_PORT));

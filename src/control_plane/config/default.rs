@@ -16,6 +16,8 @@ node:
   pin_reactors: true              # pin reactor N to CPU N (off when nodes share a machine)
   driver: auto                    # auto (io_uring, else epoll) | io_uring | epoll
   socket_mark: 0x539              # SO_MARK on ringtun's own sockets so capture rules skip them
+  deliver_client_address: auto    # inbound reaches the app from the client's address: auto (where
+                                  # the capture rules route replies back) | on (required) | off
   ports:                          # listeners inside every captured workload; must be distinct
     outbound: 15001               # outbound capture (nat REDIRECT)
     inbound_plaintext: 15006      # inbound plain TCP (TPROXY)
@@ -103,7 +105,7 @@ mod tests {
         DEFAULT_ROOT_NAMESPACE, DEFAULT_SOCKET_MARK, DEFAULT_SPLICE, DEFAULT_TIMEOUTS,
         DEFAULT_TRUST_DOMAIN,
     };
-    use super::super::{load, DriverChoice, Protocol};
+    use super::super::{load, ClientAddressChoice, DriverChoice, Protocol};
     use super::DEFAULT_CONFIG_YAML;
 
     #[test]
@@ -133,6 +135,7 @@ mod tests {
         assert_eq!(n.reactors, None);
         assert_eq!(n.driver, DriverChoice::Auto);
         assert_eq!(n.socket_mark, DEFAULT_SOCKET_MARK);
+        assert_eq!(n.deliver_client_address, ClientAddressChoice::Auto);
         assert_eq!(n.ports, DEFAULT_PORTS);
         assert_eq!(n.admin_addr, DEFAULT_ADMIN.parse().ok());
         assert_eq!(n.metrics_addr, DEFAULT_METRICS.parse().ok());
@@ -208,6 +211,7 @@ mod tests {
             "pin_reactors:",
             "driver:",
             "socket_mark:",
+            "deliver_client_address:",
             "ports:",
             "outbound:",
             "inbound_plaintext:",

@@ -100,6 +100,8 @@ pub struct NodeConfig {
     pub driver: DriverChoice,
     /// `SO_MARK` put on every socket ringtun opens (default 0x539), so capture rules skip it.
     pub socket_mark: u32,
+    /// Whether inbound connections reach the application from the client's own address.
+    pub deliver_client_address: ClientAddressChoice,
     pub ports: Ports,
     /// Address the admin endpoint binds (default 127.0.0.1:15000).
     pub admin_addr: Option<SocketAddr>,
@@ -165,6 +167,22 @@ pub struct TlsSettings {
     pub trust_bundle: PathBuf,
     /// The certificate and key of identity ns/sa are `<dir>/<ns>/<sa>/cert.pem` and `key.pem`.
     pub certificate_dir: PathBuf,
+}
+
+/// `node.deliver_client_address`: whether an inbound connection (plaintext on 15006, or a
+/// tunnel stream from 15008) reaches the destination application from the client's address
+/// (`IP_TRANSPARENT` on the delivery socket) or from the workload's own address. The replies
+/// must be routed back to ringtun, which the capture rules (`ringtun redirect install`) do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAddressChoice {
+    /// Per workload, where its namespace routes the replies back (checked when its listeners
+    /// are made); elsewhere from the workload's address, said in the log.
+    Auto,
+    /// Always; a workload whose namespace cannot route the replies back is not served.
+    On,
+    /// Never: the application sees its own address as the client (hosts without the rules).
+    Off,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]

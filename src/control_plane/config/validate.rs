@@ -19,9 +19,9 @@ use super::checker::{
 use super::parse::{self, Node, Pos, Value, DOCUMENT_PATH};
 use super::policies::check_policies;
 use super::{
-    format_duration, Checked, CipherChoice, Config, ConfigErrors, DriverChoice, HboneSettings,
-    KtlsChoice, Limits, NodeConfig, Ports, Protocol, Service, ServicePort, SpliceSettings,
-    Timeouts, TlsSettings, Workload, WorkloadRef,
+    format_duration, Checked, CipherChoice, ClientAddressChoice, Config, ConfigErrors,
+    DriverChoice, HboneSettings, KtlsChoice, Limits, NodeConfig, Ports, Protocol, Service,
+    ServicePort, SpliceSettings, Timeouts, TlsSettings, Workload, WorkloadRef,
 };
 
 /// Where a bare `netns` name is looked up, as `ip netns add` creates them.
@@ -36,6 +36,7 @@ const NODE_KEYS: &[&str] = &[
     "pin_reactors",
     "driver",
     "socket_mark",
+    "deliver_client_address",
     "ports",
     "admin",
     "metrics",
@@ -405,6 +406,12 @@ fn check_node(c: &mut Checker, n: &Node) -> (Option<String>, Option<NodeConfig>)
         }
     });
     let mark = f.or_default(c, "socket_mark", DEFAULT_SOCKET_MARK, socket_mark);
+    let client_address = f.or_default(
+        c,
+        "deliver_client_address",
+        ClientAddressChoice::Auto,
+        client_address_choice,
+    );
     let ports = f.or_default(c, "ports", DEFAULT_PORTS, check_ports);
     let admin = f.or_default(c, "admin", DEFAULT_ADMIN.parse().ok(), listen_addr);
     let metrics = f.or_default(c, "metrics", DEFAULT_METRICS.parse().ok(), listen_addr);
@@ -586,6 +593,7 @@ fn check_node(c: &mut Checker, n: &Node) -> (Option<String>, Option<NodeConfig>)
             pin_reactors: pin_reactors?,
             driver: driver?,
             socket_mark: mark?,
+            deliver_client_address: client_address?,
             ports: ports?,
             admin_addr: admin?,
             metrics_addr: metrics?,
@@ -834,6 +842,27 @@ fn check_workloads(
         });
     }
     drafts
+}
+
+/// `node.deliver_client_address`: `auto`, `on` or `off` (`true`/`false` too).
+fn client_address_choice(c: &mut Checker, v: &Node, path: &str) -> Option<ClientAddressChoice> {
+    match &v.value {
+        Value::Bool(true) => Some(ClientAddressChoice::On),
+        Value::Bool(false) => Some(ClientAddressChoice::Off),
+        _ => match string(c, v, path)? {
+            "auto" => Some(ClientAddressChoice::Auto),
+            "on" => Some(ClientAddressChoice::On),
+            "off" => Some(ClientAddressChoice::Off),
+            other => {
+                c.error(
+                    v.pos,
+                    path,
+                    format!("unknown value `{other}`; accepted: auto, on, off"),
+                );
+                None
+            }
+        },
+    }
 }
 
 /// A file or directory path (absolute, or relative to the working directory); not read here.
@@ -1155,6 +1184,7 @@ node:
   pin_reactors: false
   driver: epoll
   socket_mark: 0x100
+  deliver_client_address: off
   ports: {outbound: 16001, inbound_plaintext: 16006, inbound_hbone: 16008}
   admin: "[::1]:9000"
   metrics: off
@@ -1219,6 +1249,7 @@ policies:
                 pin_reactors: false,
                 driver: DriverChoice::Epoll,
                 socket_mark: 0x100,
+                deliver_client_address: ClientAddressChoice::Off,
                 ports: Ports {
                     outbound: 16001,
                     inbound_plaintext: 16006,

@@ -90,6 +90,9 @@ pub enum Role {
         peer: SocketAddr,
         /// The workload's namespace, where connections to it are made.
         netns: Option<NetNs>,
+        /// Deliveries reach the application from the client's address (the CONNECT's
+        /// `forwarded`, checked against the peer's identity, or the tunnel's peer address).
+        deliver_client: bool,
     },
 }
 

@@ -153,6 +153,7 @@ impl Harness {
             local: peer,
             peer: "127.0.0.1:40000".parse().unwrap(),
             netns: None,
+            deliver_client: false,
         };
         let mut h = Harness {
             env: TunnelEnv {
