@@ -41,6 +41,8 @@ node:
     pipe_pool_size: 64            # empty pipes kept per reactor for reuse
   hbone:                          # mesh tunnels (used when `tls` below is set)
     max_streams_per_tunnel: 100   # connections one pooled outbound tunnel carries (ztunnel: 100)
+    keepalive_interval: 10s       # PING the peer this often (`off`: never)
+    keepalive_timeout: 20s        # a PING unanswered this long closes the tunnel (a lost peer)
     pool_idle_timeout: 5m         # an outbound tunnel without connections this long is closed (inbound: 2×)
     ktls: auto                    # auto (kernel TLS when offered) | off (always rustls)
     ktls_record_budget: 8388608   # TLS records per key: then a key update, or a new tunnel (< 2^24)

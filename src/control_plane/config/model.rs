@@ -141,6 +141,14 @@ pub struct HboneSettings {
     /// kernel still encrypts), a way to rule the splice path out when chasing a problem.
     /// No effect on tunnels running user-space TLS.
     pub zero_copy: bool,
+    /// A tunnel PINGs its peer this often (`None`: `off`, never); one that goes
+    /// `keepalive_timeout` unanswered closes the tunnel and resets its streams, so a peer that
+    /// vanished without a word (a partition, a dead host) is noticed in seconds, not after TCP's
+    /// retransmissions give up.
+    #[serde(with = "optional_duration_serde")]
+    pub keepalive_interval: Option<Duration>,
+    #[serde(with = "duration_serde")]
+    pub keepalive_timeout: Duration,
 }
 
 /// `node.hbone.cipher`: both AES-GCM suites (AES-128 preferred, as rustls), or just one (to
@@ -301,6 +309,16 @@ mod duration_serde {
     use std::time::Duration;
     pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&super::format_duration(*d))
+    }
+}
+
+mod optional_duration_serde {
+    use std::time::Duration;
+    pub fn serialize<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_str(&super::format_duration(*d)),
+            None => s.serialize_str("off"),
+        }
     }
 }
 

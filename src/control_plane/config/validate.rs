@@ -64,6 +64,8 @@ const HBONE_KEYS: &[&str] = &[
     "ktls_record_budget",
     "cipher",
     "zero_copy",
+    "keepalive_interval",
+    "keepalive_timeout",
 ];
 const WORKLOAD_KEYS: &[&str] = &[
     "name",
@@ -117,6 +119,9 @@ pub const DEFAULT_HBONE: HboneSettings = HboneSettings {
     ktls_record_budget: 1 << 23,
     cipher: CipherChoice::Any,
     zero_copy: true,
+    // ztunnel's: a PING every 10 s, the tunnel closed when one goes 20 s unanswered.
+    keepalive_interval: Some(Duration::from_secs(10)),
+    keepalive_timeout: Duration::from_secs(20),
 };
 const DEFAULT_SERVICE_ACCOUNT: &str = "default";
 
@@ -575,7 +580,24 @@ fn check_node(c: &mut Checker, n: &Node) -> (Option<String>, Option<NodeConfig>)
             },
         );
         let zero_copy = h.or_default(c, "zero_copy", DEFAULT_HBONE.zero_copy, boolean);
+        let keepalive_interval = h.or_default(
+            c,
+            "keepalive_interval",
+            DEFAULT_HBONE.keepalive_interval,
+            |c, v, p| match &v.value {
+                Value::Str(s) if s == "off" => Some(None),
+                _ => duration(c, v, p).map(Some),
+            },
+        );
+        let keepalive_timeout = h.or_default(
+            c,
+            "keepalive_timeout",
+            DEFAULT_HBONE.keepalive_timeout,
+            duration,
+        );
         Some(HboneSettings {
+            keepalive_interval: keepalive_interval?,
+            keepalive_timeout: keepalive_timeout?,
             zero_copy: zero_copy?,
             cipher: cipher?,
             max_streams_per_tunnel: streams?,
@@ -1195,7 +1217,7 @@ node:
   tls:
     trust_bundle: /etc/ringtun/ca.pem
     certificate_dir: certs
-  hbone: {max_streams_per_tunnel: 7, pool_idle_timeout: 90s, ktls: "off", ktls_record_budget: 1000, cipher: aes_256_gcm, zero_copy: true}
+  hbone: {max_streams_per_tunnel: 7, pool_idle_timeout: 90s, ktls: "off", ktls_record_budget: 1000, cipher: aes_256_gcm, zero_copy: true, keepalive_interval: "off", keepalive_timeout: 3s}
 workloads:
   - name: client
     namespace: default
@@ -1284,6 +1306,8 @@ policies:
                     ktls_record_budget: 1000,
                     cipher: CipherChoice::Aes256Gcm,
                     zero_copy: true,
+                    keepalive_interval: None,
+                    keepalive_timeout: Duration::from_secs(3),
                 },
             },
             workloads: vec![

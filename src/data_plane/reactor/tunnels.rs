@@ -180,6 +180,8 @@ impl Tunnels {
                 handshake_timeout: node.timeouts.handshake,
                 idle_timeout: node.timeouts.idle,
                 server_idle: node.hbone.pool_idle_timeout * 2,
+                keepalive_interval: node.hbone.keepalive_interval,
+                keepalive_timeout: node.hbone.keepalive_timeout,
             },
             creds,
             logged_modes: HashSet::new(),

@@ -148,6 +148,10 @@ pub struct TunnelEnv {
     pub idle_timeout: Duration,
     /// A server tunnel without streams for this long is closed.
     pub server_idle: Duration,
+    /// `node.hbone.keepalive_interval` / `keepalive_timeout`: PINGs that notice a peer gone
+    /// without a word.
+    pub keepalive_interval: Option<Duration>,
+    pub keepalive_timeout: Duration,
 }
 
 /// What a call gets to work with besides the tunnel.
@@ -643,7 +647,11 @@ impl Tunnel {
     /// The HTTP/2 session starts over `transport` (its preface and SETTINGS queued first).
     fn start_session(&mut self, transport: Transport, ctx: &Ctx<'_>) {
         self.zero_copy = transport.is_kernel() && ctx.env.zero_copy;
-        let mut settings = Settings::default();
+        let mut settings = Settings {
+            keepalive_interval: ctx.env.keepalive_interval,
+            keepalive_timeout: ctx.env.keepalive_timeout,
+            ..Settings::default()
+        };
         if transport.has_tls_session() {
             // Whether we follow the peer's KeyUpdate; a ringtun peer updates its own key at
             // the record budget only when we say 1.
