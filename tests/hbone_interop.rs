@@ -922,6 +922,7 @@ fn h2_crate_client_unknown_authority_gets_400_and_a_record() {
     let rec = wait_record(r, |rec| rec["status"] == 400);
     assert_eq!(rec["reason"], "unknown_authority", "{rec}");
     assert_eq!(rec["failure_reason"], "hbone_bad_request", "{rec}");
+    assert_refused_counted(&mesh, "unknown_authority", "400");
     assert_eq!(rec["source_workload"], spiffe("client"), "{rec}");
     assert!(
         r.metric(
@@ -990,6 +991,8 @@ fn headers_claiming_another_identity_change_nothing() {
         "{}",
         r.log_text()
     );
+    assert_refused_counted(&mesh, "forged_client_address", "400");
+    assert_refused_counted(&mesh, "unauthorized", "401");
     // mesh-2's certificate, without any header: allowed.
     let server = mesh.mesh1_exchange_server(1, 64 * 1024);
     let tcp = mesh.connect_from_client(mesh1(HBONE_PORT));
@@ -1002,6 +1005,24 @@ fn headers_claiming_another_identity_change_nothing() {
     assert_eq!(hex(&s.received_hash), out.sent_hash);
     drop(out);
     mesh.finish();
+}
+
+/// `ringtun_hbone_connects_refused_total` counted at least one CONNECT refused for `reason`
+/// with `status`.
+fn assert_refused_counted(mesh: &Mesh, reason: &str, status: &str) {
+    let r = mesh.ringtun.as_ref().unwrap();
+    let labels = [
+        format!("reason=\"{reason}\""),
+        format!("status=\"{status}\""),
+    ];
+    let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+    let n = r
+        .metric("ringtun_hbone_connects_refused_total", &labels)
+        .unwrap();
+    assert!(
+        n >= 1.0,
+        "no CONNECT counted refused for {reason} ({status})"
+    );
 }
 
 /// The first access record `pick` accepts, waiting up to 10 s for it.
@@ -1036,6 +1057,7 @@ fn h2_crate_client_refused_upstream_gets_503() {
     let rec = wait_record(mesh.ringtun.as_ref().unwrap(), |rec| rec["status"] == 503);
     assert_eq!(rec["reason"], "upstream_unreachable", "{rec}");
     assert_eq!(rec["failure_reason"], "refused", "{rec}");
+    assert_refused_counted(&mesh, "upstream_unreachable", "503");
     mesh.finish();
 }
 

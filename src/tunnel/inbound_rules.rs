@@ -159,6 +159,24 @@ pub enum RejectReason {
 }
 
 impl RejectReason {
+    pub const ALL: [RejectReason; 9] = [
+        RejectReason::MalformedRequest,
+        RejectReason::HeaderListTooLarge,
+        RejectReason::UnknownAuthority,
+        RejectReason::NotLocalWorkload,
+        RejectReason::NotArrivalAddress,
+        RejectReason::OwnPort,
+        RejectReason::Unauthorized,
+        RejectReason::UpstreamUnreachable,
+        RejectReason::ForgedClientAddress,
+    ];
+    pub const COUNT: usize = Self::ALL.len();
+
+    /// Its slot in per-reason counters.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     /// The HTTP status answered on the stream.
     pub fn status(self) -> u16 {
         match self {
@@ -848,18 +866,12 @@ mod tests {
 
     #[test]
     fn each_reason_has_its_status_and_a_distinct_label() {
-        let all = [
-            RejectReason::MalformedRequest,
-            RejectReason::HeaderListTooLarge,
-            RejectReason::UnknownAuthority,
-            RejectReason::NotLocalWorkload,
-            RejectReason::NotArrivalAddress,
-            RejectReason::OwnPort,
-            RejectReason::Unauthorized,
-            RejectReason::UpstreamUnreachable,
-        ];
+        let all = RejectReason::ALL;
         let statuses: Vec<u16> = all.iter().map(|r| r.status()).collect();
-        assert_eq!(statuses, [400, 431, 400, 400, 400, 400, 401, 503]);
+        assert_eq!(statuses, [400, 431, 400, 400, 400, 400, 401, 503, 400]);
+        for (i, r) in all.iter().enumerate() {
+            assert_eq!(r.index(), i, "{r:?} is in its own slot");
+        }
         let mut labels: Vec<&str> = all.iter().map(|r| r.label()).collect();
         labels.sort_unstable();
         labels.dedup();

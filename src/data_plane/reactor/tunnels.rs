@@ -679,6 +679,7 @@ impl Tunnels {
                 record.destination = "unknown".into();
                 record.status = Some(status);
                 record.reason = Some(reason.label());
+                io.metrics.hbone.connect_refused(reason);
                 self.with_tunnel(io, tkey, now, |t, ctx| t.refuse_stream(id, status, ctx));
                 return io.refused(FailureKind::ConnectInvalid, record, now);
             }
@@ -709,6 +710,7 @@ impl Tunnels {
                     record.status = Some(reason.status());
                     record.reason = Some(reason.label());
                     let status = reason.status();
+                    io.metrics.hbone.connect_refused(reason);
                     self.with_tunnel(io, tkey, now, |t, ctx| t.refuse_stream(id, status, ctx));
                     return io.refused(FailureKind::ConnectInvalid, record, now);
                 }
@@ -734,6 +736,7 @@ impl Tunnels {
             );
             authorization::count_denial(io.metrics, io.state, &decision, DenialAt::Connect);
             record.status = Some(401);
+            io.metrics.hbone.connect_refused(RejectReason::Unauthorized);
             self.with_tunnel(io, tkey, now, |t, ctx| t.refuse_stream(id, 401, ctx));
             return io.refused(FailureKind::PolicyDenied, record, now);
         }
@@ -750,6 +753,9 @@ impl Tunnels {
                 );
                 record.status = Some(503);
                 record.reason = Some(RejectReason::UpstreamUnreachable.label());
+                io.metrics
+                    .hbone
+                    .connect_refused(RejectReason::UpstreamUnreachable);
                 self.with_tunnel(io, tkey, now, |t, ctx| t.refuse_stream(id, 503, ctx));
                 return io.refused(FailureKind::SocketSetup, record, now);
             }

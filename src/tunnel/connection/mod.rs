@@ -802,6 +802,8 @@ impl Tunnel {
                 s.stream_gone = true;
                 s.record.status = Some(503);
                 s.record.reason = Some(RejectReason::UpstreamUnreachable.label());
+                ctx.metrics
+                    .connect_refused(RejectReason::UpstreamUnreachable);
                 self.answer_and_reset(id, 503, ctx);
                 self.end_stream(
                     id,
