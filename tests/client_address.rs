@@ -143,6 +143,13 @@ fn probe_in(tb: &testbed::Testbed, pod: Pod) -> serde_json::Value {
     report["client_address"].clone()
 }
 
+/// The probe says no, and why.
+fn assert_unavailable(verdict: &serde_json::Value, why: &str) {
+    assert_eq!(verdict["available"], false, "{verdict}");
+    let reason = verdict["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains(why), "{verdict}");
+}
+
 #[test]
 fn probe_says_whether_a_namespace_routes_replies_to_client_addresses_back() {
     if !root_or_skip("probe_says_whether_a_namespace_routes_replies_to_client_addresses_back") {
@@ -151,14 +158,7 @@ fn probe_says_whether_a_namespace_routes_replies_to_client_addresses_back() {
     let tb = testbed::Testbed::create("ca").expect("testbed");
     let pod = Pod::Ext;
     let verdict = probe_in(&tb, pod);
-    assert_eq!(verdict["available"], false, "{verdict}");
-    assert!(
-        verdict["reason"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("not routed back"),
-        "{verdict}"
-    );
+    assert_unavailable(&verdict, "not routed back");
     let dir = std::env::temp_dir().join(&tb.prefix);
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("capture.yaml");
@@ -175,12 +175,5 @@ fn probe_says_whether_a_namespace_routes_replies_to_client_addresses_back() {
         .unwrap();
     assert!(flushed.success());
     let verdict = probe_in(&tb, pod);
-    assert_eq!(verdict["available"], false, "{verdict}");
-    assert!(
-        verdict["reason"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("not marked"),
-        "{verdict}"
-    );
+    assert_unavailable(&verdict, "not marked");
 }

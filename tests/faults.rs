@@ -41,6 +41,42 @@ fn mesh1(port: u16) -> SocketAddr {
     SocketAddr::new(Pod::Mesh1.v4(), port)
 }
 
+/// A stream from the client pod to mesh-1 through the tunnel, mid-transfer: 1 MiB (a pattern
+/// of `seed`) went through and arrived intact, more may come. Returns the listener, the
+/// client's end, the application's end and the block sent.
+fn stream_mid_transfer(m: &Mesh, seed: u64) -> (TcpListener, TcpStream, TcpStream, Vec<u8>) {
+    let l = m.listen(Pod::Mesh1, MESH_PORT);
+    let mut c = m.connect(mesh1(MESH_PORT));
+    let (mut s, _) = l.accept().unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut block = vec![0u8; 1 << 20];
+    Pattern::new(seed).fill(&mut block);
+    c.write_all(&block).unwrap();
+    let mut got = vec![0u8; block.len()];
+    s.read_exact(&mut got).unwrap();
+    assert!(got == block, "the stream's bytes differ before the fault");
+    (l, c, s, block)
+}
+
+type ExchangeServer = std::thread::JoinHandle<std::io::Result<Vec<testbed::Exchange>>>;
+
+/// A plaintext flow from the client pod to the ext pod on `port` (node A, no tunnel), open
+/// across a fault: its client end and the server's exchange.
+fn plaintext_across(m: &Mesh, port: u16) -> (TcpStream, ExchangeServer) {
+    let listener = listen_in(&m.tb.pod_ns(Pod::Ext).unwrap(), ext(port)).unwrap();
+    let server = serve_exchanges(listener, 1, 4 << 20, 2);
+    (m.connect(ext(port)), server)
+}
+
+/// The flow `plaintext_across` opened is served to its end, 4 MiB each way, hashes equal.
+fn plaintext_intact(other: TcpStream, server: ExchangeServer) {
+    let mine = exchange(other, 4 << 20, 1).expect("the other flow goes on");
+    let theirs = server.join().unwrap().expect("ext side")[0];
+    assert_eq!((mine.received, theirs.received), (4 << 20, 4 << 20));
+    assert_eq!(hex(&mine.sent_hash), hex(&theirs.received_hash));
+    assert_eq!(hex(&theirs.sent_hash), hex(&mine.received_hash));
+}
+
 /// Node B is killed (SIGKILL: no goodbye, its sockets closed by the kernel) while node A
 /// carries a stream to it mid-transfer and a plaintext flow to the ext pod. The client of the
 /// stream must see a reset (never a clean end: it would take a cut transfer for a complete
@@ -53,21 +89,8 @@ fn a_peer_node_that_vanishes_resets_its_streams_and_the_rest_is_served() {
         return;
     }
     let mut m = Mesh::start(Path::new(BIN), "io-uring", "");
-    // The stream through the tunnel, mid-transfer: 1 MiB went through, more is coming.
-    let l = m.listen(Pod::Mesh1, MESH_PORT);
-    let mut c = m.connect(mesh1(MESH_PORT));
-    let (mut s, _) = l.accept().unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut block = vec![0u8; 1 << 20];
-    Pattern::new(11).fill(&mut block);
-    c.write_all(&block).unwrap();
-    let mut got = vec![0u8; block.len()];
-    s.read_exact(&mut got).unwrap();
-    assert!(got == block, "the stream's bytes differ before the fault");
-    // The plaintext flow, open across the fault.
-    let other_listener = listen_in(&m.tb.pod_ns(Pod::Ext).unwrap(), ext(9300)).unwrap();
-    let other_server = serve_exchanges(other_listener, 1, 4 << 20, 2);
-    let other = m.connect(ext(9300));
+    let (_l, mut c, s, _) = stream_mid_transfer(&m, 11);
+    let (other, other_server) = plaintext_across(&m, 9300);
     assert_eq!(
         m.a().metric("ringtun_hbone_tunnels_open", &[]).unwrap(),
         1.0
@@ -94,11 +117,7 @@ fn a_peer_node_that_vanishes_resets_its_streams_and_the_rest_is_served() {
     }
     eprintln!("stream reset {:?} after node B was killed", cut.elapsed());
     // The flow that never needed B is served to its end, every byte intact.
-    let mine = exchange(other, 4 << 20, 1).expect("the other flow goes on");
-    let theirs = other_server.join().unwrap().expect("ext side")[0];
-    assert_eq!((mine.received, theirs.received), (4 << 20, 4 << 20));
-    assert_eq!(hex(&mine.sent_hash), hex(&theirs.received_hash));
-    assert_eq!(hex(&theirs.sent_hash), hex(&mine.received_hash));
+    plaintext_intact(other, other_server);
     // New work that needs B is refused at once; new work that does not is served.
     m.expect_reset(mesh1(MESH_PORT));
     testbed::exchange_intact(&m.tb, Pod::Ext, ext(9301), 1 << 20);
@@ -174,19 +193,8 @@ fn a_partitioned_peer_is_noticed_by_keepalive_and_the_rest_is_served() {
     }
     let keepalive = "  hbone:\n    keepalive_interval: 1s\n    keepalive_timeout: 2s\n";
     let m = Mesh::start(Path::new(BIN), "io-uring", keepalive);
-    let l = m.listen(Pod::Mesh1, MESH_PORT);
-    let mut c = m.connect(mesh1(MESH_PORT));
-    let (mut s, _) = l.accept().unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut block = vec![0u8; 1 << 20];
-    Pattern::new(12).fill(&mut block);
-    c.write_all(&block).unwrap();
-    let mut got = vec![0u8; block.len()];
-    s.read_exact(&mut got).unwrap();
-    assert!(got == block, "the stream's bytes differ before the fault");
-    let other_listener = listen_in(&m.tb.pod_ns(Pod::Ext).unwrap(), ext(9310)).unwrap();
-    let other_server = serve_exchanges(other_listener, 1, 4 << 20, 2);
-    let other = m.connect(ext(9310));
+    let (l, mut c, mut s, block) = stream_mid_transfer(&m, 12);
+    let (other, other_server) = plaintext_across(&m, 9310);
 
     let partition = Partition::start(&m.tb);
     let cut = Instant::now();
@@ -228,11 +236,7 @@ fn a_partitioned_peer_is_noticed_by_keepalive_and_the_rest_is_served() {
         );
     }
     // The plaintext flow never crossed the partition: it ends with every byte intact.
-    let mine = exchange(other, 4 << 20, 1).expect("the other flow goes on");
-    let theirs = other_server.join().unwrap().expect("ext side")[0];
-    assert_eq!((mine.received, theirs.received), (4 << 20, 4 << 20));
-    assert_eq!(hex(&mine.sent_hash), hex(&theirs.received_hash));
-    assert_eq!(hex(&theirs.sent_hash), hex(&mine.received_hash));
+    plaintext_intact(other, other_server);
     // Healed: a new connection gets a new tunnel.
     drop(partition);
     testbed::exchange_intact(&m.tb, Pod::Mesh1, mesh1(MESH_PORT + 1), 1 << 20);
