@@ -391,8 +391,12 @@ impl Reactor {
                 state.generation
             );
         }
-        self.control.adopted.store(snapshot.serial, SeqCst);
-        self.snapshot = snapshot;
+        // The old snapshot is let go before the adoption is announced: the control thread
+        // drops its own reference once every reactor announced, so the last reference, and
+        // freeing a state of thousands of workloads and policies, stays on its side.
+        let serial = snapshot.serial;
+        drop(std::mem::replace(&mut self.snapshot, snapshot));
+        self.control.adopted.store(serial, SeqCst);
         self.metrics.adopt_took(now.elapsed());
     }
 
