@@ -282,10 +282,18 @@ fn soak() {
     traffic.push(spawn(attacks));
 
     let nodes: [&RingtunProcess; 2] = [m.a(), m.b()];
-    let mut csv = String::from(
+    if let Some(dir) = csv_path.parent() {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    // Each sample is written as it is taken: a run cut short keeps what it measured.
+    let mut csv = std::fs::File::create(&csv_path).expect("CSV file");
+    let mut row = |line: String| {
+        csv.write_all(line.as_bytes()).expect("CSV write");
+    };
+    row(String::from(
         "t_s,a_rss_kib,b_rss_kib,a_fds,b_fds,a_cpu_pct,b_cpu_pct,bulk_ok,rr_ok,churn_ok,\
          byte_errors,failures,rr_worst_ms,attack_connections\n",
-    );
+    ));
     let started = Instant::now();
     let mut cpu_before = nodes.map(|n| n.cpu_seconds().unwrap_or(0.0));
     let mut samples: Vec<Sample> = Vec::new();
@@ -300,7 +308,7 @@ fn soak() {
             rss: nodes.map(|n| rss_kib(n.pid())),
             fds: nodes.map(|n| n.fd_count()),
         };
-        csv += &format!(
+        row(format!(
             "{},{},{},{},{},{:.1},{:.1},{},{},{},{},{},{:.2},{}\n",
             started.elapsed().as_secs(),
             s.rss[0],
@@ -316,7 +324,7 @@ fn soak() {
             c.failures.load(Relaxed),
             c.rr_worst_us.swap(0, Relaxed) as f64 / 1000.0,
             c.attack_connections.load(Relaxed),
-        );
+        ));
         samples.push(s);
     }
     stop.store(true, Relaxed);
@@ -326,10 +334,6 @@ fn soak() {
     for s in servers {
         s.join().expect("server thread");
     }
-    if let Some(dir) = csv_path.parent() {
-        std::fs::create_dir_all(dir).unwrap();
-    }
-    std::fs::write(&csv_path, &csv).unwrap();
     let (first, last) = (&samples[0], samples.last().unwrap());
     println!(
         "soak: {secs} s; node A RSS {} → {} KiB, fds {} → {}; node B RSS {} → {} KiB, fds {} → {}; \
