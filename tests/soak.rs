@@ -238,6 +238,9 @@ fn soak() {
         });
     let m = Arc::new(Mesh::start(Path::new(BIN), "io-uring", ""));
     let stop = Arc::new(AtomicBool::new(false));
+    // Servers stop only after the traffic did: a listener closed under a client's connection
+    // would reset it and count as a failure of the proxy.
+    let servers_stop = Arc::new(AtomicBool::new(false));
     let c = Arc::new(Counters::default());
     let mut servers = Vec::new();
     for (pod, port) in [(Pod::Mesh1, BULK_PORT), (Pod::Mesh1, CHURN_PORT)] {
@@ -246,16 +249,19 @@ fn soak() {
             m.listen(pod, port),
             bytes,
             c.clone(),
-            stop.clone(),
+            servers_stop.clone(),
         ));
     }
     servers.push(exchange_server(
         m.listen(Pod::Mesh2, CHURN_PORT),
         CHURN,
         c.clone(),
-        stop.clone(),
+        servers_stop.clone(),
     ));
-    servers.push(rr_server(m.listen(Pod::Mesh2, RR_PORT), stop.clone()));
+    servers.push(rr_server(
+        m.listen(Pod::Mesh2, RR_PORT),
+        servers_stop.clone(),
+    ));
 
     let mut traffic = Vec::new();
     let spawn = |f: fn(&Mesh, &Counters, &AtomicBool)| {
@@ -331,6 +337,7 @@ fn soak() {
     for t in traffic {
         t.join().expect("traffic thread");
     }
+    servers_stop.store(true, Relaxed);
     for s in servers {
         s.join().expect("server thread");
     }
