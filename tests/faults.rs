@@ -5,6 +5,10 @@
 //! - a peer node that vanishes mid-transfer (node B killed with SIGKILL): node A resets the
 //!   client streams it carried at once, refuses new ones to B with a reset, keeps serving
 //!   everything else, and gives back every descriptor;
+//! - a partition (every packet between the client pod and mesh-1 dropped mid-transfer): both
+//!   ends notice within the keepalive's interval and timeout, reset the stream (the client
+//!   and the application each see a reset), count the tunnel as closed for `keepalive`, serve
+//!   everything else, and open a new tunnel once the network heals;
 //! - a destination that stops reading: only its own stream stalls, with no CPU spent on it;
 //!   another stream on the same tunnel keeps flowing with every byte intact, and the stalled
 //!   one completes afterwards;
@@ -37,6 +41,42 @@ fn mesh1(port: u16) -> SocketAddr {
     SocketAddr::new(Pod::Mesh1.v4(), port)
 }
 
+/// A stream from the client pod to mesh-1 through the tunnel, mid-transfer: 1 MiB (a pattern
+/// of `seed`) went through and arrived intact, more may come. Returns the listener, the
+/// client's end, the application's end and the block sent.
+fn stream_mid_transfer(m: &Mesh, seed: u64) -> (TcpListener, TcpStream, TcpStream, Vec<u8>) {
+    let l = m.listen(Pod::Mesh1, MESH_PORT);
+    let mut c = m.connect(mesh1(MESH_PORT));
+    let (mut s, _) = l.accept().unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut block = vec![0u8; 1 << 20];
+    Pattern::new(seed).fill(&mut block);
+    c.write_all(&block).unwrap();
+    let mut got = vec![0u8; block.len()];
+    s.read_exact(&mut got).unwrap();
+    assert!(got == block, "the stream's bytes differ before the fault");
+    (l, c, s, block)
+}
+
+type ExchangeServer = std::thread::JoinHandle<std::io::Result<Vec<testbed::Exchange>>>;
+
+/// A plaintext flow from the client pod to the ext pod on `port` (node A, no tunnel), open
+/// across a fault: its client end and the server's exchange.
+fn plaintext_across(m: &Mesh, port: u16) -> (TcpStream, ExchangeServer) {
+    let listener = listen_in(&m.tb.pod_ns(Pod::Ext).unwrap(), ext(port)).unwrap();
+    let server = serve_exchanges(listener, 1, 4 << 20, 2);
+    (m.connect(ext(port)), server)
+}
+
+/// The flow `plaintext_across` opened is served to its end, 4 MiB each way, hashes equal.
+fn plaintext_intact(other: TcpStream, server: ExchangeServer) {
+    let mine = exchange(other, 4 << 20, 1).expect("the other flow goes on");
+    let theirs = server.join().unwrap().expect("ext side")[0];
+    assert_eq!((mine.received, theirs.received), (4 << 20, 4 << 20));
+    assert_eq!(hex(&mine.sent_hash), hex(&theirs.received_hash));
+    assert_eq!(hex(&theirs.sent_hash), hex(&mine.received_hash));
+}
+
 /// Node B is killed (SIGKILL: no goodbye, its sockets closed by the kernel) while node A
 /// carries a stream to it mid-transfer and a plaintext flow to the ext pod. The client of the
 /// stream must see a reset (never a clean end: it would take a cut transfer for a complete
@@ -49,21 +89,8 @@ fn a_peer_node_that_vanishes_resets_its_streams_and_the_rest_is_served() {
         return;
     }
     let mut m = Mesh::start(Path::new(BIN), "io-uring", "");
-    // The stream through the tunnel, mid-transfer: 1 MiB went through, more is coming.
-    let l = m.listen(Pod::Mesh1, MESH_PORT);
-    let mut c = m.connect(mesh1(MESH_PORT));
-    let (mut s, _) = l.accept().unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut block = vec![0u8; 1 << 20];
-    Pattern::new(11).fill(&mut block);
-    c.write_all(&block).unwrap();
-    let mut got = vec![0u8; block.len()];
-    s.read_exact(&mut got).unwrap();
-    assert!(got == block, "the stream's bytes differ before the fault");
-    // The plaintext flow, open across the fault.
-    let other_listener = listen_in(&m.tb.pod_ns(Pod::Ext).unwrap(), ext(9300)).unwrap();
-    let other_server = serve_exchanges(other_listener, 1, 4 << 20, 2);
-    let other = m.connect(ext(9300));
+    let (_l, mut c, s, _) = stream_mid_transfer(&m, 11);
+    let (other, other_server) = plaintext_across(&m, 9300);
     assert_eq!(
         m.a().metric("ringtun_hbone_tunnels_open", &[]).unwrap(),
         1.0
@@ -90,11 +117,7 @@ fn a_peer_node_that_vanishes_resets_its_streams_and_the_rest_is_served() {
     }
     eprintln!("stream reset {:?} after node B was killed", cut.elapsed());
     // The flow that never needed B is served to its end, every byte intact.
-    let mine = exchange(other, 4 << 20, 1).expect("the other flow goes on");
-    let theirs = other_server.join().unwrap().expect("ext side")[0];
-    assert_eq!((mine.received, theirs.received), (4 << 20, 4 << 20));
-    assert_eq!(hex(&mine.sent_hash), hex(&theirs.received_hash));
-    assert_eq!(hex(&theirs.sent_hash), hex(&mine.received_hash));
+    plaintext_intact(other, other_server);
     // New work that needs B is refused at once; new work that does not is served.
     m.expect_reset(mesh1(MESH_PORT));
     testbed::exchange_intact(&m.tb, Pod::Ext, ext(9301), 1 << 20);
@@ -116,6 +139,109 @@ fn a_peer_node_that_vanishes_resets_its_streams_and_the_rest_is_served() {
     let log = a.log_text();
     assert_eq!(a.terminate().unwrap(), 0, "node A's exit code; log:\n{log}");
     drop(s);
+}
+
+/// iptables in the router namespace dropping every packet between the client pod and mesh-1
+/// (both directions) while it lives.
+struct Partition<'a> {
+    tb: &'a Testbed,
+}
+
+impl<'a> Partition<'a> {
+    const RULES: [[&'static str; 4]; 2] = [
+        ["-s", "10.77.1.2", "-d", "10.77.2.2"],
+        ["-s", "10.77.2.2", "-d", "10.77.1.2"],
+    ];
+
+    fn iptables(tb: &Testbed, op: &str, rule: &[&str]) {
+        let node = tb.node_name();
+        let out = Command::new("ip")
+            .args(["netns", "exec", &node, "iptables-nft", op, "FORWARD"])
+            .args(rule)
+            .args(["-j", "DROP"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+
+    fn start(tb: &'a Testbed) -> Partition<'a> {
+        for rule in Self::RULES {
+            Self::iptables(tb, "-I", &rule);
+        }
+        Partition { tb }
+    }
+}
+
+impl Drop for Partition<'_> {
+    fn drop(&mut self) {
+        for rule in Self::RULES {
+            Self::iptables(self.tb, "-D", &rule);
+        }
+    }
+}
+
+/// The client pod and mesh-1 are cut off from each other mid-transfer (their packets dropped,
+/// no FIN, no RST: a partition or a dead host). With a 1 s keepalive and a 2 s timeout both
+/// nodes notice within seconds (TCP alone would retransmit for many minutes): the client and
+/// mesh-1's application each see a reset, never a clean end; both tunnels are counted closed
+/// for `keepalive`; a plaintext flow through node A goes on intact; once the network heals a
+/// new connection to mesh-1 is served through a new tunnel; descriptors return to baseline.
+#[test]
+fn a_partitioned_peer_is_noticed_by_keepalive_and_the_rest_is_served() {
+    if !root_or_skip("a_partitioned_peer_is_noticed_by_keepalive_and_the_rest_is_served") {
+        return;
+    }
+    let keepalive = "  hbone:\n    keepalive_interval: 1s\n    keepalive_timeout: 2s\n";
+    let m = Mesh::start(Path::new(BIN), "io-uring", keepalive);
+    let (l, mut c, mut s, block) = stream_mid_transfer(&m, 12);
+    let (other, other_server) = plaintext_across(&m, 9310);
+
+    let partition = Partition::start(&m.tb);
+    let cut = Instant::now();
+    // Bytes sent into the partition are never delivered: the stream must end in a reset.
+    let _ = c.write_all(&block[..64 << 10]);
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    match read_until_end(&mut c) {
+        Ok(bytes) => panic!(
+            "the partitioned stream ended cleanly after {} more bytes; a reset was expected\n{}",
+            bytes.len(),
+            m.a().log_text()
+        ),
+        Err(e) => assert!(is_reset(&e), "the client saw {e}, not a reset"),
+    }
+    let noticed = cut.elapsed();
+    eprintln!("client stream reset {noticed:?} into the partition");
+    assert!(
+        noticed < Duration::from_secs(10),
+        "the partition took {noticed:?} to notice with a 1 s + 2 s keepalive"
+    );
+    match read_until_end(&mut s) {
+        Ok(bytes) => panic!(
+            "mesh-1's application saw a clean end after {} bytes; a reset was expected",
+            bytes.len()
+        ),
+        Err(e) => assert!(is_reset(&e), "mesh-1's application saw {e}, not a reset"),
+    }
+    for (node, role) in [(m.a(), "client"), (m.b(), "server")] {
+        assert!(
+            wait_for(|| node
+                .metric(
+                    "ringtun_hbone_tunnels_closed_total",
+                    &[&format!("role=\"{role}\""), "reason=\"keepalive\""]
+                )
+                .unwrap()
+                >= 1.0),
+            "the {role} tunnel was not closed for keepalive:\n{}",
+            node.log_text()
+        );
+    }
+    // The plaintext flow never crossed the partition: it ends with every byte intact.
+    plaintext_intact(other, other_server);
+    // Healed: a new connection gets a new tunnel.
+    drop(partition);
+    testbed::exchange_intact(&m.tb, Pod::Mesh1, mesh1(MESH_PORT + 1), 1 << 20);
+    drop((c, s, l));
+    m.finish();
 }
 
 /// Two streams on one tunnel (node A runs one reactor, so one pool), to two ports of mesh-1: the

@@ -922,6 +922,7 @@ fn h2_crate_client_unknown_authority_gets_400_and_a_record() {
     let rec = wait_record(r, |rec| rec["status"] == 400);
     assert_eq!(rec["reason"], "unknown_authority", "{rec}");
     assert_eq!(rec["failure_reason"], "hbone_bad_request", "{rec}");
+    assert_refused_counted(&mesh, "unknown_authority", "400");
     assert_eq!(rec["source_workload"], spiffe("client"), "{rec}");
     assert!(
         r.metric(
@@ -954,7 +955,6 @@ fn headers_claiming_another_identity_change_nothing() {
             "x-forwarded-client-cert",
             "By=spiffe://cluster.local/ns/default/sa/mesh-1;URI=spiffe://cluster.local/ns/default/sa/mesh-2",
         ),
-        ("forwarded", "for=\"10.77.3.2:4000\";by=mesh-2"),
         ("baggage", "k8s.namespace.name=default,k8s.deployment.name=mesh-2"),
         ("x-spiffe-id", "spiffe://cluster.local/ns/default/sa/mesh-2"),
         ("x-istio-principal", "cluster.local/ns/default/sa/mesh-2"),
@@ -971,6 +971,28 @@ fn headers_claiming_another_identity_change_nothing() {
     let rec = wait_record(r, |rec| rec["status"] == 401);
     assert_eq!(rec["source_workload"], spiffe("client"), "{rec}");
     assert_eq!(rec["reason"], "no_allow_match", "{rec}");
+    // A `forwarded` address of mesh-2 (another identity's workload) is not believed: the
+    // CONNECT is refused for the claim itself, whatever the policy.
+    let forged = [("forwarded", "for=\"10.77.3.2:4000\";by=mesh-2")];
+    for (sa, status) in [("client", 400), ("mesh-1", 400)] {
+        let tcp = mesh.connect_from_client(mesh1(HBONE_PORT));
+        let tls = mesh.pki.client(sa, &spiffe("mesh-1"));
+        let out = rt
+            .block_on(h2_connect_with(tcp, tls, &authority, &forged, 1024, 1))
+            .unwrap_or_else(|e| panic!("CONNECT {authority}: {e}"));
+        assert_eq!(out.status, status, "{sa}: {out:?}");
+        let rec = wait_record(r, |rec| {
+            rec["reason"] == "forged_client_address" && rec["source_workload"] == spiffe(sa)
+        });
+        assert_eq!(rec["status"], 400, "{rec}");
+    }
+    assert!(
+        r.log_text().contains("names another identity's workload"),
+        "{}",
+        r.log_text()
+    );
+    assert_refused_counted(&mesh, "forged_client_address", "400");
+    assert_refused_counted(&mesh, "unauthorized", "401");
     // mesh-2's certificate, without any header: allowed.
     let server = mesh.mesh1_exchange_server(1, 64 * 1024);
     let tcp = mesh.connect_from_client(mesh1(HBONE_PORT));
@@ -983,6 +1005,24 @@ fn headers_claiming_another_identity_change_nothing() {
     assert_eq!(hex(&s.received_hash), out.sent_hash);
     drop(out);
     mesh.finish();
+}
+
+/// `ringtun_hbone_connects_refused_total` counted at least one CONNECT refused for `reason`
+/// with `status`.
+fn assert_refused_counted(mesh: &Mesh, reason: &str, status: &str) {
+    let r = mesh.ringtun.as_ref().unwrap();
+    let labels = [
+        format!("reason=\"{reason}\""),
+        format!("status=\"{status}\""),
+    ];
+    let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+    let n = r
+        .metric("ringtun_hbone_connects_refused_total", &labels)
+        .unwrap();
+    assert!(
+        n >= 1.0,
+        "no CONNECT counted refused for {reason} ({status})"
+    );
 }
 
 /// The first access record `pick` accepts, waiting up to 10 s for it.
@@ -1017,6 +1057,7 @@ fn h2_crate_client_refused_upstream_gets_503() {
     let rec = wait_record(mesh.ringtun.as_ref().unwrap(), |rec| rec["status"] == 503);
     assert_eq!(rec["reason"], "upstream_unreachable", "{rec}");
     assert_eq!(rec["failure_reason"], "refused", "{rec}");
+    assert_refused_counted(&mesh, "upstream_unreachable", "503");
     mesh.finish();
 }
 

@@ -219,8 +219,20 @@ fn cli_round_trip(test: &str, backend: &str) {
             1,
             "{save}"
         );
+        // One jump in nat (REDIRECT) and one in mangle (the replies' mark).
         assert_eq!(
             count_lines(&save, "-A OUTPUT -j RINGTUN_OUTPUT"),
+            2,
+            "{save}"
+        );
+        assert_eq!(
+            save.matches("-j CONNMARK --set-xmark 0x111/0xfff").count(),
+            1,
+            "{save}"
+        );
+        assert_eq!(
+            save.matches("-j CONNMARK --restore-mark --nfmask 0xfff --ctmask 0xfff")
+                .count(),
             1,
             "{save}"
         );

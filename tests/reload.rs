@@ -178,6 +178,49 @@ fn every_reactor_runs_on_the_new_snapshot_when_reload_returns() {
     node.stop();
 }
 
+/// What a reload cost the data path is exported: each reactor times every adoption (one
+/// histogram sample per reactor per publication), and the longest stays visible.
+#[test]
+fn every_reactor_times_each_adoption_in_the_metrics() {
+    let node = Node::start("adoption", &config(50, 2));
+    let reactors = &node.app.metrics.reactors;
+    assert!(reactors.iter().all(|r| r.adoption.count() == 0));
+    for generation in 2..5 {
+        assert_eq!(node.app.reload(), Some(Outcome::Applied { generation }));
+    }
+    let metrics = node.app.metrics.render();
+    for r in 0..2 {
+        let count =
+            format!("ringtun_reactor_snapshot_adoption_seconds_count{{reactor=\"{r}\"}} 3\n");
+        assert!(metrics.contains(&count), "no `{count}` in\n{metrics}");
+        let inf = format!(
+            "ringtun_reactor_snapshot_adoption_seconds_bucket{{reactor=\"{r}\",le=\"+Inf\"}} 3\n"
+        );
+        assert!(metrics.contains(&inf), "no `{inf}` in\n{metrics}");
+        // An adoption takes some time, and not a second.
+        let longest = metrics
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!(
+                    "ringtun_reactor_snapshot_adoption_longest_seconds{{reactor=\"{r}\"}} "
+                ))
+            })
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no longest adoption for reactor {r} in\n{metrics}"));
+        assert!(
+            longest > 0.0 && longest < 1.0,
+            "longest adoption {longest} s"
+        );
+    }
+    let reload = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("ringtun_config_reload_seconds "))
+        .and_then(|v| v.parse::<f64>().ok())
+        .expect("reload time exported");
+    assert!(reload > 0.0, "{reload}");
+    node.stop();
+}
+
 /// A configuration whose certificate files are not there yet (its writer was faster than the
 /// certificate agent) is refused, then applied as soon as they are written: no signal, no
 /// second edit of the configuration file.

@@ -228,6 +228,7 @@ pub(crate) mod tests {
             pin_reactors: true,
             driver: DriverChoice::Auto,
             socket_mark: 0x539,
+            deliver_client_address: crate::control_plane::config::ClientAddressChoice::Auto,
             ports: Ports {
                 outbound: 15001,
                 inbound_plaintext: 15006,

@@ -9,6 +9,7 @@ use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use super::client_address::{self, Delivery};
 use super::first_connection::Direction;
 use super::socket;
 use crate::control_plane::config::{Protocol, Workload};
@@ -35,6 +36,9 @@ pub struct Listener {
     pub netns: Option<NetNs>,
     /// Port 15008: HBONE tunnels to this workload (TLS server), not captured plaintext.
     pub hbone: bool,
+    /// Connections accepted here reach the application from the client's address
+    /// (`node.deliver_client_address` and the workload's namespace: see `client_address`).
+    pub deliver_client: bool,
 }
 
 /// Listeners a reload made for one reactor: those of workloads new on this node or changed,
@@ -140,6 +144,7 @@ pub fn create_for(
     let mut problems = Vec::new();
     let ports = state.config.node.ports;
     let mark = state.config.node.socket_mark;
+    let choice = state.config.node.deliver_client_address;
     for &id in ids {
         let entry = state.registry.workload(id);
         let w = &entry.workload;
@@ -203,7 +208,18 @@ pub fn create_for(
                 ));
             }
         }
+        // One address of each family the workload has, to check the return path from.
+        let mut own: Vec<IpAddr> = Vec::new();
+        for ip in &w.ips {
+            if !own.iter().any(|o| o.is_ipv4() == ip.is_ipv4()) {
+                own.push(*ip);
+            }
+        }
         let made = on_helper_thread(netns.clone(), move || {
+            let delivery = client_address::decide(choice, || {
+                own.iter()
+                    .try_for_each(|ip| client_address::check_return_path(*ip, mark))
+            });
             let mut out = Vec::new();
             for _ in 0..reactors {
                 let mut set = Vec::new();
@@ -217,10 +233,36 @@ pub fn create_for(
                 }
                 out.push(set);
             }
-            out
+            (delivery, out)
         });
         match made {
-            Ok(sets) => {
+            Ok((Delivery::Unservable(why), _)) => {
+                let kind = match why {
+                    client_address::ReturnPathError::Transparent(_) => {
+                        std::io::ErrorKind::PermissionDenied
+                    }
+                    _ => std::io::ErrorKind::Other,
+                };
+                let e = std::io::Error::new(kind, why.to_string());
+                let what = format!(
+                    "node.deliver_client_address is on but the client's address cannot be \
+                     delivered here: {why}"
+                );
+                problems.push(problem(name, pod, &e, what));
+            }
+            Ok((delivery, sets)) => {
+                let deliver_client = delivery.from_client();
+                match &delivery {
+                    Delivery::FromClient => log::info!(
+                        "workload {name}: inbound connections reach the application from the \
+                         client's address"
+                    ),
+                    Delivery::FromWorkload(Some(why)) => log::info!(
+                        "workload {name}: inbound connections reach the application from the \
+                         workload's own address: {why}"
+                    ),
+                    _ => {}
+                }
                 for (r, set) in sets.into_iter().enumerate() {
                     for (direction, addr, hbone, fd) in set {
                         match fd {
@@ -233,6 +275,7 @@ pub fn create_for(
                                 addr,
                                 netns: netns.clone(),
                                 hbone,
+                                deliver_client,
                             }),
                             Err(e) => {
                                 if r == 0 {

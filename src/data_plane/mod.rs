@@ -3,6 +3,7 @@
 //! touches io_uring or epoll; flows and pumps are the same state machines under both.
 
 pub mod authorization;
+pub mod client_address;
 pub mod driver;
 pub mod first_connection;
 pub mod flow;

@@ -26,6 +26,41 @@ pub fn outbound_socket(addr: &SocketAddr, mark: u32) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// The socket that delivers an inbound connection to the local application: an
+/// [`outbound_socket`] and, with `client`, one whose source is the client's IP
+/// (`IP_TRANSPARENT`; see `data_plane::client_address` for how the replies come back). Its port
+/// is the kernel's choice but never the client's own: a plaintext client's connection to the
+/// same application is in this namespace's conntrack table under its port, and a delivery with
+/// the same four-tuple would be taken for it.
+pub fn delivery_socket(
+    upstream: &SocketAddr,
+    mark: u32,
+    client: Option<SocketAddr>,
+) -> io::Result<OwnedFd> {
+    let Some(client) = client else {
+        return outbound_socket(upstream, mark);
+    };
+    let bound = || -> io::Result<OwnedFd> {
+        let fd = outbound_socket(upstream, mark)?;
+        sys::set_transparent(fd.as_raw_fd(), upstream.is_ipv6()).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("IP_TRANSPARENT (needs CAP_NET_ADMIN): {e}"),
+            )
+        })?;
+        let from = SocketAddr::new(client.ip(), 0);
+        sys::bind(fd.as_raw_fd(), from)
+            .map_err(|e| io::Error::new(e.kind(), format!("bind {from}: {e}")))?;
+        Ok(fd)
+    };
+    let fd = bound()?;
+    if sys::local_addr(fd.as_raw_fd())?.port() != client.port() {
+        return Ok(fd);
+    }
+    // The one port to avoid: while `fd` holds it, the kernel picks another.
+    bound()
+}
+
 /// A capture listener: `SO_REUSEPORT` so every reactor has its own accept queue on the same
 /// port; `transparent` for TPROXY (accepts connections addressed to any IP).
 pub fn listener(

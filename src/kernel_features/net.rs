@@ -116,6 +116,39 @@ fn splice_reason(errno: Errno) -> String {
     }
 }
 
+/// Whether an inbound connection can reach an application in this namespace from the
+/// client's address: the check a workload's listeners get (`client_address`), from this
+/// namespace's first address that is not loopback or link-local; with none, the route check
+/// alone.
+pub(crate) fn probe_client_address() -> Availability {
+    use crate::data_plane::client_address::{check_return_path, check_route};
+    let local = nix::ifaddrs::getifaddrs().ok().and_then(|addrs| {
+        addrs
+            .filter_map(|a| {
+                let sa = a.address?;
+                let ip = if let Some(v4) = sa.as_sockaddr_in() {
+                    std::net::IpAddr::V4(v4.ip())
+                } else {
+                    std::net::IpAddr::V6(sa.as_sockaddr_in6()?.ip())
+                };
+                let link_local = match ip {
+                    std::net::IpAddr::V4(v4) => v4.is_link_local(),
+                    std::net::IpAddr::V6(v6) => v6.segments()[0] & 0xffc0 == 0xfe80,
+                };
+                (!ip.is_loopback() && !link_local).then_some(ip)
+            })
+            .min_by_key(|ip| ip.is_ipv6())
+    });
+    let checked = match local {
+        Some(ip) => check_return_path(ip, PROXY_MARK),
+        None => check_route(),
+    };
+    match checked {
+        Ok(()) => Availability::yes(),
+        Err(e) => Availability::no(e.to_string()),
+    }
+}
+
 /// IP_TRANSPARENT on a fresh socket plus what the system says about the TPROXY target.
 pub(crate) fn probe_tproxy(kernel_release: &str) -> TproxyReport {
     let transparent =

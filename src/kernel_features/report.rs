@@ -27,6 +27,10 @@ pub struct KernelReport {
     pub splice: Availability,
     pub ktls: KtlsReport,
     pub tproxy: TproxyReport,
+    /// Inbound connections can reach applications in this namespace from the client's
+    /// address: IP_TRANSPARENT, and the capture rules route the replies back
+    /// (`node.deliver_client_address`).
+    pub client_address: Availability,
     pub original_dst: OriginalDstReport,
     /// SO_REUSEPORT, which gives every reactor its own listener on the same port.
     pub reuseport: Availability,
@@ -434,6 +438,14 @@ impl KernelReport {
                         .into(),
                 ),
             },
+        );
+        row(
+            "client address to applications",
+            "in this namespace".into(),
+            status_of(
+                &self.client_address,
+                Some("applications see the workload's own address"),
+            ),
         );
         row(
             "SO_ORIGINAL_DST (IPv4)",

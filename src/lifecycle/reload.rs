@@ -110,6 +110,9 @@ struct Status {
     last_error: Option<String>,
     last_error_at: Option<SystemTime>,
     last_applied_at: Option<SystemTime>,
+    /// How long the last applied reload took, from reading the files to every reactor
+    /// running on its snapshot.
+    last_applied_in: Option<Duration>,
     pending_restart: Vec<String>,
     /// Workloads the last reload could not make listeners for.
     listener_problems: Vec<String>,
@@ -172,6 +175,7 @@ impl Reloader {
                 last_error: None,
                 last_error_at: None,
                 last_applied_at: None,
+                last_applied_in: None,
                 pending_restart: Vec::new(),
                 listener_problems: Vec::new(),
                 draining: false,
@@ -344,6 +348,7 @@ impl Reloader {
         status.last_error = None;
         status.last_error_at = None;
         status.last_applied_at = Some(SystemTime::now());
+        status.last_applied_in = Some(took);
         let c = &self.metrics.control;
         c.reloads_applied.fetch_add(1, Relaxed);
         c.last_reload_ns.store(took.as_nanos() as u64, Relaxed);
@@ -483,6 +488,7 @@ impl Reloader {
             "applied": c.reloads_applied.load(Relaxed),
             "failed": c.reloads_failed.load(Relaxed),
             "last_applied_unix": secs(status.last_applied_at),
+            "last_applied_in_seconds": status.last_applied_in.map(|d| d.as_secs_f64()),
             "last_error": status.last_error,
             "last_error_unix": secs(status.last_error_at),
             "pending_restart": status.pending_restart,

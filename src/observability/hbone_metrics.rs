@@ -9,6 +9,7 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 
 use crate::kernel_features::KtlsCipher;
+use crate::tunnel::inbound_rules::RejectReason;
 
 /// An enum whose variants are a metric label's values, with `ALL` in index order.
 macro_rules! label_enum {
@@ -210,6 +211,7 @@ pub struct HboneMetrics {
     key_updates: [AtomicU64; KeyUpdateKind::COUNT],
     payload: [[AtomicU64; PayloadPath::COUNT]; PayloadDirection::COUNT],
     shed: [AtomicU64; TunnelShed::COUNT],
+    connects_refused: [AtomicU64; RejectReason::COUNT],
     handshaking: AtomicI64,
 }
 
@@ -248,6 +250,11 @@ impl HboneMetrics {
 
     pub fn pool(&self, outcome: PoolOutcome) {
         self.pool[outcome.index()].fetch_add(1, Relaxed);
+    }
+
+    /// An inbound CONNECT answered with an error status, and why.
+    pub fn connect_refused(&self, why: RejectReason) {
+        self.connects_refused[why.index()].fetch_add(1, Relaxed);
     }
 
     pub fn shed(&self, why: TunnelShed) {
@@ -416,6 +423,23 @@ pub(super) fn render(out: &mut String, shards: &[&HboneMetrics]) {
         out,
         "ringtun_hbone_tunnels_shed_total",
         "Server tunnels refused or closed to keep a budget, by reason",
+        lines,
+    );
+
+    let lines = RejectReason::ALL
+        .iter()
+        .map(|&r| {
+            let v = sum(&|m| m.connects_refused[r.index()].load(Relaxed));
+            (
+                format!("reason=\"{}\",status=\"{}\"", r.label(), r.status()),
+                v,
+            )
+        })
+        .collect();
+    counter(
+        out,
+        "ringtun_hbone_connects_refused_total",
+        "Inbound CONNECTs refused, by reason and the status answered",
         lines,
     );
 

@@ -275,8 +275,9 @@ pub struct ReactorMetrics {
     /// The longest one loop iteration took (events, queued work, timers), nanoseconds: how
     /// long the reactor stalled at worst, reloads included.
     pub longest_iteration_ns: AtomicU64,
-    /// How long adopting the last published snapshot took, nanoseconds.
-    pub last_adopt_ns: AtomicU64,
+    /// How long this reactor took to adopt each published snapshot (re-pointing listeners,
+    /// deciding every open connection again, swapping credentials): a reload's stall.
+    pub adoption: Histogram,
     failures: [AtomicU64; FailureKind::ALL.len()],
     closed: [AtomicU64; CloseKind::ALL.len()],
     tcp: Mutex<HashMap<TcpLabels, Arc<TcpCounters>>>,
@@ -302,7 +303,7 @@ impl ReactorMetrics {
             pipes_pooled: AtomicU64::new(0),
             timers_queued: AtomicU64::new(0),
             longest_iteration_ns: AtomicU64::new(0),
-            last_adopt_ns: AtomicU64::new(0),
+            adoption: Histogram::default(),
             failures: Default::default(),
             closed: Default::default(),
             tcp: Mutex::new(HashMap::new()),
@@ -338,9 +339,9 @@ impl ReactorMetrics {
             .fetch_max(took.as_nanos() as u64, Relaxed);
     }
 
-    /// How long adopting a snapshot took.
+    /// How long adopting a snapshot took (once per publication, never per event).
     pub fn adopt_took(&self, took: std::time::Duration) {
-        self.last_adopt_ns.store(took.as_nanos() as u64, Relaxed);
+        self.adoption.observe(took);
     }
 
     /// Counts a connection authorization refused.
@@ -436,6 +437,63 @@ impl AcceptModes {
 impl Default for AcceptModes {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// A latency histogram for rare events (one observation per snapshot adoption): fixed buckets
+/// from 100 µs to 1 s, the sum, the count and the longest observation, all atomics.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; Histogram::BOUNDS_NS.len()],
+    count: AtomicU64,
+    sum_ns: AtomicU64,
+    pub longest_ns: AtomicU64,
+}
+
+impl Histogram {
+    /// Upper bounds of the buckets (the `le` labels), nanoseconds; 10 ms is the reload-stall
+    /// target, so it is a bound.
+    const BOUNDS_NS: [u64; 10] = [
+        100_000,
+        250_000,
+        500_000,
+        1_000_000,
+        2_500_000,
+        5_000_000,
+        10_000_000,
+        25_000_000,
+        100_000_000,
+        1_000_000_000,
+    ];
+
+    pub fn observe(&self, took: std::time::Duration) {
+        let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        if let Some(i) = Self::BOUNDS_NS.iter().position(|b| ns <= *b) {
+            self.buckets[i].fetch_add(1, Relaxed);
+        }
+        self.count.fetch_add(1, Relaxed);
+        self.sum_ns.fetch_add(ns, Relaxed);
+        self.longest_ns.fetch_max(ns, Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(Relaxed)
+    }
+
+    /// The Prometheus text of this histogram (cumulative buckets, `+Inf`, sum and count),
+    /// each series with `labels` first.
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let mut cumulative = 0;
+        for (bound, n) in Self::BOUNDS_NS.iter().zip(&self.buckets) {
+            cumulative += n.load(Relaxed);
+            let le = *bound as f64 / 1e9;
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}");
+        }
+        let count = self.count.load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
+        let sum = self.sum_ns.load(Relaxed) as f64 / 1e9;
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum:.6}");
+        let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
     }
 }
 
@@ -629,9 +687,9 @@ impl Metrics {
                 |r| r.longest_iteration_ns.load(Relaxed),
             ),
             (
-                "ringtun_reactor_snapshot_adopt_seconds",
-                "How long the reactor took to adopt the last published snapshot",
-                |r| r.last_adopt_ns.load(Relaxed),
+                "ringtun_reactor_snapshot_adoption_longest_seconds",
+                "The longest adoption of a published snapshot (a reload's stall) since start",
+                |r| r.adoption.longest_ns.load(Relaxed),
             ),
         ];
         for (name, help, get) in seconds {
@@ -644,6 +702,15 @@ impl Metrics {
                     get(r) as f64 / 1e9
                 );
             }
+        }
+        let name = "ringtun_reactor_snapshot_adoption_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} How long each reactor took to adopt a published snapshot (configuration reload or certificate rotation).\n# TYPE {name} histogram"
+        );
+        for r in &self.reactors {
+            r.adoption
+                .render(&mut out, name, &format!("reactor=\"{}\"", r.reactor));
         }
         let _ = writeln!(out, "# HELP ringtun_driver_info Readiness driver each reactor runs.\n# TYPE ringtun_driver_info gauge");
         for r in &self.reactors {
@@ -770,6 +837,32 @@ mod tests {
             destination_service: "unknown".into(),
             security: SecurityPolicy::None,
         }
+    }
+
+    #[test]
+    fn adoption_histogram_counts_cumulative_buckets_and_the_longest() {
+        use std::time::Duration;
+        let h = Histogram::default();
+        h.observe(Duration::from_micros(80));
+        h.observe(Duration::from_micros(700));
+        h.observe(Duration::from_millis(30));
+        h.observe(Duration::from_secs(3));
+        let mut out = String::new();
+        h.render(&mut out, "x", "reactor=\"0\"");
+        for line in [
+            "x_bucket{reactor=\"0\",le=\"0.0001\"} 1\n",
+            "x_bucket{reactor=\"0\",le=\"0.0005\"} 1\n",
+            "x_bucket{reactor=\"0\",le=\"0.001\"} 2\n",
+            "x_bucket{reactor=\"0\",le=\"0.01\"} 2\n",
+            "x_bucket{reactor=\"0\",le=\"0.1\"} 3\n",
+            "x_bucket{reactor=\"0\",le=\"1\"} 3\n",
+            "x_bucket{reactor=\"0\",le=\"+Inf\"} 4\n",
+            "x_sum{reactor=\"0\"} 3.030780\n",
+            "x_count{reactor=\"0\"} 4\n",
+        ] {
+            assert!(out.contains(line), "no `{line}` in\n{out}");
+        }
+        assert_eq!(h.longest_ns.load(Relaxed), 3_000_000_000);
     }
 
     #[test]

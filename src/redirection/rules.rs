@@ -12,7 +12,8 @@ use std::fmt::{self, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// nat chain holding the outbound (`REDIRECT`) rules.
+/// nat chain holding the outbound (`REDIRECT`) rules; the mangle chain of the same name
+/// restores the mark on replies to connections ringtun delivered.
 pub const OUTPUT_CHAIN: &str = "RINGTUN_OUTPUT";
 /// mangle chain holding the inbound (`TPROXY`) rules.
 pub const PREROUTING_CHAIN: &str = "RINGTUN_PREROUTING";
@@ -538,6 +539,15 @@ pub fn plan(settings: &RedirectSettings) -> RulePlan {
             chain,
         });
         let inbound: Vec<Vec<String>> = vec![
+            // A connection ringtun delivers to the pod (its first packet arrives over lo with
+            // ringtun's mark) is marked, so the replies find their way back to it even when it
+            // delivers from the client's address (see the mangle OUTPUT chain).
+            [
+                to_strings(&["-i", "lo", "-p", "tcp"]),
+                to_strings(&["-m", "mark", "--mark", &mark(s.socket_mark)]),
+                to_strings(&["-j", "CONNMARK", "--set-xmark", &mark(s.tproxy_mark)]),
+            ]
+            .concat(),
             // What the pod sends itself over lo is not inbound traffic.
             to_strings(&[
                 "-i",
@@ -584,6 +594,36 @@ pub fn plan(settings: &RedirectSettings) -> RulePlan {
                 spec,
             });
         }
+
+        // Replies of a connection ringtun delivered carry the connection's mark again, and
+        // the policy rule routes them to the local table: back to ringtun's socket, whatever
+        // address (the client's) it was bound to.
+        let (table, chain) = ("mangle", OUTPUT_CHAIN);
+        objects.push(Object::Chain {
+            family,
+            table,
+            chain,
+        });
+        objects.push(Object::ChainRule {
+            family,
+            table,
+            chain,
+            spec: to_strings(&[
+                "-p",
+                "tcp",
+                "-m",
+                "connmark",
+                "--mark",
+                &mark(s.tproxy_mark),
+                "-j",
+                "CONNMARK",
+                "--restore-mark",
+                "--nfmask",
+                &format!("{:#x}", s.mark_mask),
+                "--ctmask",
+                &format!("{:#x}", s.mark_mask),
+            ]),
+        });
 
         let (table, chain) = ("nat", OUTPUT_CHAIN);
         objects.push(Object::Chain {
@@ -634,6 +674,12 @@ pub fn plan(settings: &RedirectSettings) -> RulePlan {
         objects.push(Object::Jump {
             family,
             table: "nat",
+            from: "OUTPUT",
+            to: OUTPUT_CHAIN,
+        });
+        objects.push(Object::Jump {
+            family,
+            table: "mangle",
             from: "OUTPUT",
             to: OUTPUT_CHAIN,
         });
@@ -1253,8 +1299,8 @@ mod tests {
                     .collect();
                 deleted.reverse();
                 assert_eq!(created, deleted);
-                // 2 chains + 2 jumps + rule + route per family.
-                assert_eq!(created.len(), if ipv6 { 12 } else { 6 });
+                // 3 chains + 3 jumps + rule + route per family.
+                assert_eq!(created.len(), if ipv6 { 16 } else { 8 });
                 // Every chain is flushed before it is deleted, and only guarded deletes are used,
                 // so remove succeeds when nothing is installed.
                 assert!(p

@@ -55,6 +55,17 @@ pub fn tcp_socket(addr: &SocketAddr) -> io::Result<OwnedFd> {
     .map_err(io_error)
 }
 
+/// A UDP socket of `addr`'s family, close-on-exec (blocking: only ever connected, never used
+/// for traffic — a connect asks the kernel which route and source address it would take).
+pub fn udp_socket(addr: &SocketAddr) -> io::Result<OwnedFd> {
+    let family = if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    nix_socket::socket(family, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None).map_err(io_error)
+}
+
 /// `setsockopt` with an `int` value (every boolean and numeric option ringtun sets).
 fn set_int(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
     // SAFETY: the kernel reads at most `size_of::<c_int>()` bytes from `value`, which lives on
@@ -329,8 +340,6 @@ pub fn original_dst(fd: RawFd, ipv6: bool) -> io::Result<SocketAddr> {
     }
 }
 
-/// Waits until `fd` is readable (for a listener: a connection is waiting) or `timeout` passes;
-/// true when readable. Interrupted waits count as not readable.
 /// `poll(2)` on `fds` for up to `timeout_ms` (-1: no limit); the number of entries with events.
 pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> io::Result<usize> {
     let n = libc::nfds_t::try_from(fds.len())
@@ -341,6 +350,8 @@ pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> io::Result<usize> {
     check(rc).map(|n| n as usize)
 }
 
+/// Waits until `fd` is readable (for a listener: a connection is waiting) or `timeout` passes;
+/// true when readable. Interrupted waits count as not readable.
 pub fn wait_readable(fd: RawFd, timeout: Duration) -> io::Result<bool> {
     let mut pfd = libc::pollfd {
         fd,

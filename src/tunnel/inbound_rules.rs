@@ -153,9 +153,30 @@ pub enum RejectReason {
     Unauthorized,
     /// The upstream connect failed (decided by the caller after an `Accept`).
     UpstreamUnreachable,
+    /// `forwarded` names an address of a workload with another identity than the tunnel
+    /// peer's: a client may not claim another workload's address.
+    ForgedClientAddress,
 }
 
 impl RejectReason {
+    pub const ALL: [RejectReason; 9] = [
+        RejectReason::MalformedRequest,
+        RejectReason::HeaderListTooLarge,
+        RejectReason::UnknownAuthority,
+        RejectReason::NotLocalWorkload,
+        RejectReason::NotArrivalAddress,
+        RejectReason::OwnPort,
+        RejectReason::Unauthorized,
+        RejectReason::UpstreamUnreachable,
+        RejectReason::ForgedClientAddress,
+    ];
+    pub const COUNT: usize = Self::ALL.len();
+
+    /// Its slot in per-reason counters.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     /// The HTTP status answered on the stream.
     pub fn status(self) -> u16 {
         match self {
@@ -166,7 +187,8 @@ impl RejectReason {
             | RejectReason::UnknownAuthority
             | RejectReason::NotLocalWorkload
             | RejectReason::NotArrivalAddress
-            | RejectReason::OwnPort => 400,
+            | RejectReason::OwnPort
+            | RejectReason::ForgedClientAddress => 400,
         }
     }
 
@@ -181,6 +203,7 @@ impl RejectReason {
             RejectReason::OwnPort => "own_port",
             RejectReason::Unauthorized => "unauthorized",
             RejectReason::UpstreamUnreachable => "upstream_unreachable",
+            RejectReason::ForgedClientAddress => "forged_client_address",
         }
     }
 
@@ -191,6 +214,60 @@ impl RejectReason {
             _ => RejectReason::MalformedRequest,
         }
     }
+}
+
+/// The client address of an inbound CONNECT: what its stream is delivered from (where the
+/// workload delivers client addresses) and what authorization's source IP blocks judge.
+///
+/// The address `forwarded` names (its last `for=`, the nearest proxy's view, as ztunnel reads
+/// it) when that is the tunnel's own peer address or an address of a workload whose identity
+/// is the peer's proven identity; otherwise the tunnel's peer address — what the network says
+/// — when the named address is no workload's, or no address is named. Naming an address of a
+/// workload with another identity is refused: a client may not claim another workload's
+/// address.
+pub fn client_address(
+    registry: &Registry,
+    request: &ConnectRequest,
+    peer: SocketAddr,
+    peer_identity: Option<&SpiffeId>,
+) -> Result<IpAddr, RejectReason> {
+    let peer_ip = canonical(peer.ip());
+    let Some(claimed) = request.forwarded.as_deref().and_then(forwarded_for_ip) else {
+        return Ok(peer_ip);
+    };
+    if claimed == peer_ip {
+        return Ok(claimed);
+    }
+    let Some(owner) = registry.workload_by_ip(claimed) else {
+        return Ok(peer_ip);
+    };
+    match peer_identity {
+        Some(id) if registry.workload(owner).identity == id.to_uri() => Ok(claimed),
+        _ => Err(RejectReason::ForgedClientAddress),
+    }
+}
+
+/// The IP of the last `for=` parameter of a `forwarded` value (RFC 7239: elements separated
+/// by `,`, pairs by `;`; a node is `ip`, `ip:port`, `"[v6]"` or `"[v6]:port"`, quoted or not).
+/// `None` when there is none or it is not an IP (`unknown`, an obfuscated `_name`).
+pub fn forwarded_for_ip(value: &str) -> Option<IpAddr> {
+    let node = value
+        .split(',')
+        .flat_map(|element| element.split(';'))
+        .filter_map(|pair| {
+            let (key, v) = pair.trim().split_once('=')?;
+            key.trim().eq_ignore_ascii_case("for").then_some(v.trim())
+        })
+        .next_back()?;
+    let node = node.trim_matches('"');
+    let ip = if let Some(rest) = node.strip_prefix('[') {
+        rest.split_once(']')?.0.parse().ok()?
+    } else if let Ok(ip) = node.parse::<IpAddr>() {
+        ip
+    } else {
+        node.parse::<SocketAddr>().ok()?.ip()
+    };
+    Some(canonical(ip))
 }
 
 /// The verdict on one inbound CONNECT.
@@ -397,6 +474,86 @@ mod tests {
         assert_eq!(out.request.authority, addr("10.1.0.20:8080"));
         assert_eq!(out.peer, addr("10.1.0.20:15008"));
         assert_eq!(out.expected_identity, id("remote"));
+    }
+
+    #[test]
+    fn forwarded_for_reads_the_last_node_in_every_form() {
+        let ip = |s: &str| s.parse::<IpAddr>().ok();
+        assert_eq!(forwarded_for_ip("for=\"10.1.0.2:5000\""), ip("10.1.0.2"));
+        assert_eq!(forwarded_for_ip("for=10.1.0.2"), ip("10.1.0.2"));
+        assert_eq!(forwarded_for_ip("For=\"[fd00::2]:5000\""), ip("fd00::2"));
+        assert_eq!(forwarded_for_ip("for=\"[fd00::2]\""), ip("fd00::2"));
+        assert_eq!(
+            forwarded_for_ip("for=10.0.0.1;proto=http, for=\"10.1.0.2:1\";by=x"),
+            ip("10.1.0.2")
+        );
+        assert_eq!(
+            forwarded_for_ip("for=\"[::ffff:10.1.0.2]:1\""),
+            ip("10.1.0.2")
+        );
+        for junk in [
+            "",
+            "for=unknown",
+            "for=_hidden",
+            "by=10.0.0.1",
+            "for=\"[fd00::2\"",
+            "for",
+        ] {
+            assert_eq!(forwarded_for_ip(junk), None, "{junk:?}");
+        }
+        // What the outbound side writes reads back as the client.
+        for client in ["10.1.0.2:5000", "[fd00::2]:5000"] {
+            assert_eq!(
+                forwarded_for_ip(&forwarded_for(addr(client))),
+                Some(addr(client).ip())
+            );
+        }
+    }
+
+    #[test]
+    fn a_client_may_claim_only_an_address_of_its_own_identity() {
+        let cfg = config("node-a");
+        let reg = Registry::new(&cfg);
+        let tunnel_peer = addr("10.1.0.20:40000");
+        let with = |forwarded: Option<&str>, identity: &str| {
+            let mut r = connect("10.1.0.11:8080");
+            r.forwarded = forwarded.map(str::to_string);
+            client_address(&reg, &r, tunnel_peer, Some(&id(identity)))
+        };
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        // No claim, or one that names no workload: the tunnel's peer address.
+        assert_eq!(with(None, "remote"), Ok(ip("10.1.0.20")));
+        assert_eq!(with(Some("for=unknown"), "remote"), Ok(ip("10.1.0.20")));
+        assert_eq!(
+            with(Some("for=\"192.0.2.4:1\""), "remote"),
+            Ok(ip("10.1.0.20"))
+        );
+        // Its own addresses (either family), or the peer address itself.
+        assert_eq!(
+            with(Some("for=\"10.1.0.20:1\""), "client"),
+            Ok(ip("10.1.0.20"))
+        );
+        assert_eq!(
+            with(Some("for=\"[fd00::20]:1\""), "remote"),
+            Ok(ip("fd00::20"))
+        );
+        assert_eq!(
+            with(Some("for=\"10.1.0.2:5\""), "client"),
+            Ok(ip("10.1.0.2"))
+        );
+        // Another identity's workload: refused.
+        assert_eq!(
+            with(Some("for=\"10.1.0.2:5\""), "remote"),
+            Err(RejectReason::ForgedClientAddress)
+        );
+        let mut r = connect("10.1.0.11:8080");
+        r.forwarded = Some("for=\"10.1.0.2:5\"".into());
+        assert_eq!(
+            client_address(&reg, &r, tunnel_peer, None),
+            Err(RejectReason::ForgedClientAddress),
+            "without a proven identity no workload's address can be claimed"
+        );
+        assert_eq!(RejectReason::ForgedClientAddress.status(), 400);
     }
 
     #[test]
@@ -709,18 +866,12 @@ mod tests {
 
     #[test]
     fn each_reason_has_its_status_and_a_distinct_label() {
-        let all = [
-            RejectReason::MalformedRequest,
-            RejectReason::HeaderListTooLarge,
-            RejectReason::UnknownAuthority,
-            RejectReason::NotLocalWorkload,
-            RejectReason::NotArrivalAddress,
-            RejectReason::OwnPort,
-            RejectReason::Unauthorized,
-            RejectReason::UpstreamUnreachable,
-        ];
+        let all = RejectReason::ALL;
         let statuses: Vec<u16> = all.iter().map(|r| r.status()).collect();
-        assert_eq!(statuses, [400, 431, 400, 400, 400, 400, 401, 503]);
+        assert_eq!(statuses, [400, 431, 400, 400, 400, 400, 401, 503, 400]);
+        for (i, r) in all.iter().enumerate() {
+            assert_eq!(r.index(), i, "{r:?} is in its own slot");
+        }
         let mut labels: Vec<&str> = all.iter().map(|r| r.label()).collect();
         labels.sort_unstable();
         labels.dedup();

@@ -16,6 +16,8 @@ node:
   pin_reactors: true              # pin reactor N to CPU N (off when nodes share a machine)
   driver: auto                    # auto (io_uring, else epoll) | io_uring | epoll
   socket_mark: 0x539              # SO_MARK on ringtun's own sockets so capture rules skip them
+  deliver_client_address: auto    # inbound reaches the app from the client's address: auto (where
+                                  # the capture rules route replies back) | on (required) | off
   ports:                          # listeners inside every captured workload; must be distinct
     outbound: 15001               # outbound capture (nat REDIRECT)
     inbound_plaintext: 15006      # inbound plain TCP (TPROXY)
@@ -39,6 +41,8 @@ node:
     pipe_pool_size: 64            # empty pipes kept per reactor for reuse
   hbone:                          # mesh tunnels (used when `tls` below is set)
     max_streams_per_tunnel: 100   # connections one pooled outbound tunnel carries (ztunnel: 100)
+    keepalive_interval: 10s       # PING the peer this often (`off`: never)
+    keepalive_timeout: 20s        # a PING unanswered this long closes the tunnel (a lost peer)
     pool_idle_timeout: 5m         # an outbound tunnel without connections this long is closed (inbound: 2×)
     ktls: auto                    # auto (kernel TLS when offered) | off (always rustls)
     ktls_record_budget: 8388608   # TLS records per key: then a key update, or a new tunnel (< 2^24)
@@ -106,7 +110,7 @@ mod tests {
         DEFAULT_ROOT_NAMESPACE, DEFAULT_SOCKET_MARK, DEFAULT_SPLICE, DEFAULT_TIMEOUTS,
         DEFAULT_TRUST_DOMAIN,
     };
-    use super::super::{load, DriverChoice, Protocol};
+    use super::super::{load, ClientAddressChoice, DriverChoice, Protocol};
     use super::DEFAULT_CONFIG_YAML;
 
     #[test]
@@ -136,6 +140,7 @@ mod tests {
         assert_eq!(n.reactors, None);
         assert_eq!(n.driver, DriverChoice::Auto);
         assert_eq!(n.socket_mark, DEFAULT_SOCKET_MARK);
+        assert_eq!(n.deliver_client_address, ClientAddressChoice::Auto);
         assert_eq!(n.ports, DEFAULT_PORTS);
         assert_eq!(n.admin_addr, DEFAULT_ADMIN.parse().ok());
         assert_eq!(n.metrics_addr, DEFAULT_METRICS.parse().ok());
@@ -229,6 +234,7 @@ mod tests {
             "pin_reactors:",
             "driver:",
             "socket_mark:",
+            "deliver_client_address:",
             "ports:",
             "outbound:",
             "inbound_plaintext:",

@@ -100,6 +100,8 @@ pub struct NodeConfig {
     pub driver: DriverChoice,
     /// `SO_MARK` put on every socket ringtun opens (default 0x539), so capture rules skip it.
     pub socket_mark: u32,
+    /// Whether inbound connections reach the application from the client's own address.
+    pub deliver_client_address: ClientAddressChoice,
     pub ports: Ports,
     /// Address the admin endpoint binds (default 127.0.0.1:15000).
     pub admin_addr: Option<SocketAddr>,
@@ -139,6 +141,14 @@ pub struct HboneSettings {
     /// kernel still encrypts), a way to rule the splice path out when chasing a problem.
     /// No effect on tunnels running user-space TLS.
     pub zero_copy: bool,
+    /// A tunnel PINGs its peer this often (`None`: `off`, never); one that goes
+    /// `keepalive_timeout` unanswered closes the tunnel and resets its streams, so a peer that
+    /// vanished without a word (a partition, a dead host) is noticed in seconds, not after TCP's
+    /// retransmissions give up.
+    #[serde(with = "optional_duration_serde")]
+    pub keepalive_interval: Option<Duration>,
+    #[serde(with = "duration_serde")]
+    pub keepalive_timeout: Duration,
 }
 
 /// `node.hbone.cipher`: both AES-GCM suites (AES-128 preferred, as rustls), or just one (to
@@ -183,6 +193,22 @@ pub struct NodeCaSettings {
     /// How long an issued certificate is valid (default 1h); renewed at half of it.
     #[serde(with = "duration_serde")]
     pub certificate_lifetime: Duration,
+}
+
+/// `node.deliver_client_address`: whether an inbound connection (plaintext on 15006, or a
+/// tunnel stream from 15008) reaches the destination application from the client's address
+/// (`IP_TRANSPARENT` on the delivery socket) or from the workload's own address. The replies
+/// must be routed back to ringtun, which the capture rules (`ringtun redirect install`) do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAddressChoice {
+    /// Per workload, where its namespace routes the replies back (checked when its listeners
+    /// are made); elsewhere from the workload's address, said in the log.
+    Auto,
+    /// Always; a workload whose namespace cannot route the replies back is not served.
+    On,
+    /// Never: the application sees its own address as the client (hosts without the rules).
+    Off,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -301,6 +327,16 @@ mod duration_serde {
     use std::time::Duration;
     pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&super::format_duration(*d))
+    }
+}
+
+mod optional_duration_serde {
+    use std::time::Duration;
+    pub fn serialize<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_str(&super::format_duration(*d)),
+            None => s.serialize_str("off"),
+        }
     }
 }
 

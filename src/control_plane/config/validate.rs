@@ -19,9 +19,9 @@ use super::checker::{
 use super::parse::{self, Node, Pos, Value, DOCUMENT_PATH};
 use super::policies::check_policies;
 use super::{
-    format_duration, Checked, CipherChoice, Config, ConfigErrors, DriverChoice, HboneSettings,
-    KtlsChoice, Limits, NodeCaSettings, NodeConfig, Ports, Protocol, Service, ServicePort,
-    SpliceSettings, Timeouts, TlsSettings, Workload, WorkloadRef,
+    format_duration, Checked, CipherChoice, ClientAddressChoice, Config, ConfigErrors,
+    DriverChoice, HboneSettings, KtlsChoice, Limits, NodeCaSettings, NodeConfig, Ports, Protocol,
+    Service, ServicePort, SpliceSettings, Timeouts, TlsSettings, Workload, WorkloadRef,
 };
 
 /// Where a bare `netns` name is looked up, as `ip netns add` creates them.
@@ -36,6 +36,7 @@ const NODE_KEYS: &[&str] = &[
     "pin_reactors",
     "driver",
     "socket_mark",
+    "deliver_client_address",
     "ports",
     "admin",
     "metrics",
@@ -69,6 +70,8 @@ const HBONE_KEYS: &[&str] = &[
     "ktls_record_budget",
     "cipher",
     "zero_copy",
+    "keepalive_interval",
+    "keepalive_timeout",
 ];
 const WORKLOAD_KEYS: &[&str] = &[
     "name",
@@ -122,6 +125,9 @@ pub const DEFAULT_HBONE: HboneSettings = HboneSettings {
     ktls_record_budget: 1 << 23,
     cipher: CipherChoice::Any,
     zero_copy: true,
+    // ztunnel's: a PING every 10 s, the tunnel closed when one goes 20 s unanswered.
+    keepalive_interval: Some(Duration::from_secs(10)),
+    keepalive_timeout: Duration::from_secs(20),
 };
 const DEFAULT_SERVICE_ACCOUNT: &str = "default";
 
@@ -411,6 +417,12 @@ fn check_node(c: &mut Checker, n: &Node) -> (Option<String>, Option<NodeConfig>)
         }
     });
     let mark = f.or_default(c, "socket_mark", DEFAULT_SOCKET_MARK, socket_mark);
+    let client_address = f.or_default(
+        c,
+        "deliver_client_address",
+        ClientAddressChoice::Auto,
+        client_address_choice,
+    );
     let ports = f.or_default(c, "ports", DEFAULT_PORTS, check_ports);
     let admin = f.or_default(c, "admin", DEFAULT_ADMIN.parse().ok(), listen_addr);
     let metrics = f.or_default(c, "metrics", DEFAULT_METRICS.parse().ok(), listen_addr);
@@ -591,7 +603,24 @@ fn check_node(c: &mut Checker, n: &Node) -> (Option<String>, Option<NodeConfig>)
             },
         );
         let zero_copy = h.or_default(c, "zero_copy", DEFAULT_HBONE.zero_copy, boolean);
+        let keepalive_interval = h.or_default(
+            c,
+            "keepalive_interval",
+            DEFAULT_HBONE.keepalive_interval,
+            |c, v, p| match &v.value {
+                Value::Str(s) if s == "off" => Some(None),
+                _ => duration(c, v, p).map(Some),
+            },
+        );
+        let keepalive_timeout = h.or_default(
+            c,
+            "keepalive_timeout",
+            DEFAULT_HBONE.keepalive_timeout,
+            duration,
+        );
         Some(HboneSettings {
+            keepalive_interval: keepalive_interval?,
+            keepalive_timeout: keepalive_timeout?,
             zero_copy: zero_copy?,
             cipher: cipher?,
             max_streams_per_tunnel: streams?,
@@ -609,6 +638,7 @@ fn check_node(c: &mut Checker, n: &Node) -> (Option<String>, Option<NodeConfig>)
             pin_reactors: pin_reactors?,
             driver: driver?,
             socket_mark: mark?,
+            deliver_client_address: client_address?,
             ports: ports?,
             admin_addr: admin?,
             metrics_addr: metrics?,
@@ -891,6 +921,27 @@ fn node_ca(c: &mut Checker, node: &Node, path: &str) -> Option<NodeCaSettings> {
         key: key?,
         certificate_lifetime: lifetime?,
     })
+}
+
+/// `node.deliver_client_address`: `auto`, `on` or `off` (`true`/`false` too).
+fn client_address_choice(c: &mut Checker, v: &Node, path: &str) -> Option<ClientAddressChoice> {
+    match &v.value {
+        Value::Bool(true) => Some(ClientAddressChoice::On),
+        Value::Bool(false) => Some(ClientAddressChoice::Off),
+        _ => match string(c, v, path)? {
+            "auto" => Some(ClientAddressChoice::Auto),
+            "on" => Some(ClientAddressChoice::On),
+            "off" => Some(ClientAddressChoice::Off),
+            other => {
+                c.error(
+                    v.pos,
+                    path,
+                    format!("unknown value `{other}`; accepted: auto, on, off"),
+                );
+                None
+            }
+        },
+    }
 }
 
 /// A file or directory path (absolute, or relative to the working directory); not read here.
@@ -1212,6 +1263,7 @@ node:
   pin_reactors: false
   driver: epoll
   socket_mark: 0x100
+  deliver_client_address: off
   ports: {outbound: 16001, inbound_plaintext: 16006, inbound_hbone: 16008}
   admin: "[::1]:9000"
   metrics: off
@@ -1222,7 +1274,7 @@ node:
   tls:
     trust_bundle: /etc/ringtun/ca.pem
     certificate_dir: certs
-  hbone: {max_streams_per_tunnel: 7, pool_idle_timeout: 90s, ktls: "off", ktls_record_budget: 1000, cipher: aes_256_gcm, zero_copy: true}
+  hbone: {max_streams_per_tunnel: 7, pool_idle_timeout: 90s, ktls: "off", ktls_record_budget: 1000, cipher: aes_256_gcm, zero_copy: true, keepalive_interval: "off", keepalive_timeout: 3s}
 workloads:
   - name: client
     namespace: default
@@ -1276,6 +1328,7 @@ policies:
                 pin_reactors: false,
                 driver: DriverChoice::Epoll,
                 socket_mark: 0x100,
+                deliver_client_address: ClientAddressChoice::Off,
                 ports: Ports {
                     outbound: 16001,
                     inbound_plaintext: 16006,
@@ -1311,6 +1364,8 @@ policies:
                     ktls_record_budget: 1000,
                     cipher: CipherChoice::Aes256Gcm,
                     zero_copy: true,
+                    keepalive_interval: None,
+                    keepalive_timeout: Duration::from_secs(3),
                 },
             },
             workloads: vec![

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use slab::Slab;
 
 use super::authorization::{self, Admission, Recheck};
+use super::client_address;
 use super::driver::{self, Driver, Event, FlowKey, Side};
 use super::first_connection::{
     self, Accepted, Destination, Direction, EndpointPicker, RefuseReason, Resolution, Route,
@@ -390,8 +391,12 @@ impl Reactor {
                 state.generation
             );
         }
-        self.control.adopted.store(snapshot.serial, SeqCst);
-        self.snapshot = snapshot;
+        // The old snapshot is let go before the adoption is announced: the control thread
+        // drops its own reference once every reactor announced, so the last reference, and
+        // freeing a state of thousands of workloads and policies, stays on its side.
+        let serial = snapshot.serial;
+        drop(std::mem::replace(&mut self.snapshot, snapshot));
+        self.control.adopted.store(serial, SeqCst);
         self.metrics.adopt_took(now.elapsed());
     }
 
@@ -609,13 +614,20 @@ impl Reactor {
                     .listeners
                     .get(listener)
                     .and_then(|l| l.as_ref())
-                    .map(|l| (l.hbone, l.workload, l.netns.clone()));
+                    .map(|l| (l.hbone, l.workload, l.netns.clone(), l.deliver_client));
                 match hbone {
-                    Some((true, workload, netns)) => {
+                    Some((true, workload, netns, deliver_client)) => {
                         self.metrics.accepted.fetch_add(1, Relaxed);
                         let (hbone, mut io) = self.split();
                         match hbone {
-                            Some(h) => h.accept_tunnel(&mut io, fd, workload, netns, now),
+                            Some(h) => {
+                                let to = tunnels::ServedWorkload {
+                                    workload,
+                                    netns,
+                                    deliver_client,
+                                };
+                                h.accept_tunnel(&mut io, fd, to, now)
+                            }
                             None => socket::close_with_reset(fd),
                         }
                     }
@@ -675,6 +687,7 @@ impl Reactor {
             return;
         };
         let (workload, direction, netns) = (l.workload, l.direction, l.netns.clone());
+        let deliver_client = l.deliver_client;
         let owner = Arc::clone(&l.name);
         let mut record = FlowRecord::new(
             self.id,
@@ -776,8 +789,15 @@ impl Reactor {
             Direction::Outbound => None,
         };
         let mark = self.state.config.node.socket_mark;
+        // Inbound: delivered from the client's address where the workload's namespace allows.
+        let source = match res.direction {
+            Direction::InboundPlaintext => {
+                client_address::delivery_source(deliver_client, peer, res.upstream)
+            }
+            Direction::Outbound => None,
+        };
         let up = match in_netns(netns.as_ref(), || {
-            socket::outbound_socket(&res.upstream, mark)
+            socket::delivery_socket(&res.upstream, mark, source)
         }) {
             Ok(Ok(s)) => s,
             Ok(Err(e)) | Err(e) => {

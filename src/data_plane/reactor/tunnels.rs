@@ -12,7 +12,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -32,6 +32,7 @@ use crate::control_plane::identity::SpiffeId;
 use crate::control_plane::state::State;
 use crate::control_plane::workload_registry::WorkloadId;
 use crate::data_plane::authorization::{self, Admission, Recheck};
+use crate::data_plane::client_address::delivery_source;
 use crate::data_plane::driver::{self, FlowKey, Interest, Side};
 use crate::data_plane::first_connection::Resolution;
 use crate::data_plane::socket;
@@ -47,11 +48,22 @@ use crate::redirection::netns::{in_netns, NetNs};
 use crate::tls::credentials::{TunnelCredentials, Unusable};
 use crate::tls::{self};
 use crate::tunnel::connection::{Action, Ctx, OpenRefused, Phase, Role, Tunnel, TunnelEnv};
-use crate::tunnel::inbound_rules::{outbound_connect, InboundDecision, InboundRules, RejectReason};
+use crate::tunnel::inbound_rules::{
+    client_address, outbound_connect, InboundDecision, InboundRules, RejectReason,
+};
 use crate::tunnel::pool::{
     Checkout, CloseReason, PoolConfig, PoolEvent, PoolKey, TunnelId, TunnelPool,
 };
 use crate::tunnel::streams::{EndedStream, StreamEnd, StreamSetup, TunnelTarget};
+
+/// The local workload a 15008 listener serves, as its tunnels need it.
+pub(super) struct ServedWorkload {
+    pub workload: WorkloadId,
+    /// Its namespace, where deliveries to it are made.
+    pub netns: Option<NetNs>,
+    /// Deliveries reach the application from the client's address.
+    pub deliver_client: bool,
+}
 
 /// The reactor's HBONE half: its tunnels, the connections they carry, the per-reactor pool
 /// and what building tunnels needs. Every call gets the reactor's [`Shared`] context.
@@ -168,6 +180,8 @@ impl Tunnels {
                 handshake_timeout: node.timeouts.handshake,
                 idle_timeout: node.timeouts.idle,
                 server_idle: node.hbone.pool_idle_timeout * 2,
+                keepalive_interval: node.hbone.keepalive_interval,
+                keepalive_timeout: node.hbone.keepalive_timeout,
             },
             creds,
             logged_modes: HashSet::new(),
@@ -521,10 +535,14 @@ impl Tunnels {
         &mut self,
         io: &mut Shared<'_>,
         fd: OwnedFd,
-        workload: WorkloadId,
-        netns: Option<NetNs>,
+        to: ServedWorkload,
         now: Instant,
     ) {
+        let ServedWorkload {
+            workload,
+            netns,
+            deliver_client,
+        } = to;
         let raw = fd.as_raw_fd();
         let (local, peer) = match (socket::local_addr(raw), socket::peer_addr(raw)) {
             (Ok(l), Ok(p)) => (l, p),
@@ -595,6 +613,7 @@ impl Tunnels {
             local,
             peer,
             netns,
+            deliver_client,
         };
         self.budgets.handshakes += 1;
         *self.budgets.handshakes_by_source.entry(source).or_default() += 1;
@@ -631,6 +650,7 @@ impl Tunnels {
             local,
             peer,
             ref netns,
+            deliver_client,
             ..
         } = *e.tunnel.role()
         else {
@@ -659,6 +679,7 @@ impl Tunnels {
                 record.destination = "unknown".into();
                 record.status = Some(status);
                 record.reason = Some(reason.label());
+                io.metrics.hbone.connect_refused(reason);
                 self.with_tunnel(io, tkey, now, |t, ctx| t.refuse_stream(id, status, ctx));
                 return io.refused(FailureKind::ConnectInvalid, record, now);
             }
@@ -671,9 +692,32 @@ impl Tunnels {
         );
         record.upstream = upstream;
         record.destination_identity = Some(entry.identity.clone());
+        let client =
+            match client_address(&io.state.registry, &request, peer, peer_identity.as_ref()) {
+                Ok(ip) => ip,
+                Err(reason) => {
+                    crate::log_limited!(
+                        log::Level::Warn,
+                        reason.label(),
+                        "reactor {}: CONNECT {} from {peer} ({}) refused with {}: `forwarded: {}` \
+                     names another identity's workload",
+                        io.id,
+                        request.authority,
+                        record.source_workload,
+                        reason.status(),
+                        request.forwarded.as_deref().unwrap_or_default()
+                    );
+                    record.status = Some(reason.status());
+                    record.reason = Some(reason.label());
+                    let status = reason.status();
+                    io.metrics.hbone.connect_refused(reason);
+                    self.with_tunnel(io, tkey, now, |t, ctx| t.refuse_stream(id, status, ctx));
+                    return io.refused(FailureKind::ConnectInvalid, record, now);
+                }
+            };
         let admission = Admission {
             destination: upstream,
-            source_ip: peer.ip(),
+            source_ip: client,
         };
         let decision = authorization::authorize(
             io.state,
@@ -692,11 +736,15 @@ impl Tunnels {
             );
             authorization::count_denial(io.metrics, io.state, &decision, DenialAt::Connect);
             record.status = Some(401);
+            io.metrics.hbone.connect_refused(RejectReason::Unauthorized);
             self.with_tunnel(io, tkey, now, |t, ctx| t.refuse_stream(id, 401, ctx));
             return io.refused(FailureKind::PolicyDenied, record, now);
         }
         let mark = io.state.config.node.socket_mark;
-        let fd = match in_netns(netns.as_ref(), || socket::outbound_socket(&upstream, mark)) {
+        let source = delivery_source(deliver_client, SocketAddr::new(client, 0), upstream);
+        let fd = match in_netns(netns.as_ref(), || {
+            socket::delivery_socket(&upstream, mark, source)
+        }) {
             Ok(Ok(fd)) => fd,
             Ok(Err(e)) | Err(e) => {
                 log::warn!(
@@ -705,6 +753,9 @@ impl Tunnels {
                 );
                 record.status = Some(503);
                 record.reason = Some(RejectReason::UpstreamUnreachable.label());
+                io.metrics
+                    .hbone
+                    .connect_refused(RejectReason::UpstreamUnreachable);
                 self.with_tunnel(io, tkey, now, |t, ctx| t.refuse_stream(id, 503, ctx));
                 return io.refused(FailureKind::SocketSetup, record, now);
             }

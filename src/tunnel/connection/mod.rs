@@ -90,6 +90,9 @@ pub enum Role {
         peer: SocketAddr,
         /// The workload's namespace, where connections to it are made.
         netns: Option<NetNs>,
+        /// Deliveries reach the application from the client's address (the CONNECT's
+        /// `forwarded`, checked against the peer's identity, or the tunnel's peer address).
+        deliver_client: bool,
     },
 }
 
@@ -145,6 +148,10 @@ pub struct TunnelEnv {
     pub idle_timeout: Duration,
     /// A server tunnel without streams for this long is closed.
     pub server_idle: Duration,
+    /// `node.hbone.keepalive_interval` / `keepalive_timeout`: PINGs that notice a peer gone
+    /// without a word.
+    pub keepalive_interval: Option<Duration>,
+    pub keepalive_timeout: Duration,
 }
 
 /// What a call gets to work with besides the tunnel.
@@ -640,7 +647,11 @@ impl Tunnel {
     /// The HTTP/2 session starts over `transport` (its preface and SETTINGS queued first).
     fn start_session(&mut self, transport: Transport, ctx: &Ctx<'_>) {
         self.zero_copy = transport.is_kernel() && ctx.env.zero_copy;
-        let mut settings = Settings::default();
+        let mut settings = Settings {
+            keepalive_interval: ctx.env.keepalive_interval,
+            keepalive_timeout: ctx.env.keepalive_timeout,
+            ..Settings::default()
+        };
         if transport.has_tls_session() {
             // Whether we follow the peer's KeyUpdate; a ringtun peer updates its own key at
             // the record budget only when we say 1.
@@ -791,6 +802,8 @@ impl Tunnel {
                 s.stream_gone = true;
                 s.record.status = Some(503);
                 s.record.reason = Some(RejectReason::UpstreamUnreachable.label());
+                ctx.metrics
+                    .connect_refused(RejectReason::UpstreamUnreachable);
                 self.answer_and_reset(id, 503, ctx);
                 self.end_stream(
                     id,

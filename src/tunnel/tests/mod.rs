@@ -78,6 +78,8 @@ pub(super) fn env() -> TunnelEnv {
         handshake_timeout: Duration::from_secs(10),
         idle_timeout: Duration::from_secs(60),
         server_idle: Duration::from_secs(600),
+        keepalive_interval: Some(Duration::from_secs(10)),
+        keepalive_timeout: Duration::from_secs(20),
     }
 }
 
@@ -153,6 +155,7 @@ impl Harness {
             local: peer,
             peer: "127.0.0.1:40000".parse().unwrap(),
             netns: None,
+            deliver_client: false,
         };
         let mut h = Harness {
             env: TunnelEnv {
