@@ -18,42 +18,54 @@ use ringtun::testbed::{self, root_or_skip, Exchange, MeshNode, Pod, MESH_PORT};
 const BIN: &str = env!("CARGO_BIN_EXE_ringtun");
 const BYTES: u64 = 256 << 10;
 
-/// One connection accepted on `listener`: the address it came from and its exchange.
-fn serve_one(listener: TcpListener) -> JoinHandle<(SocketAddr, Exchange)> {
+/// `n` connections accepted on `listener` one after the other: the address each came from
+/// and its exchange.
+fn serve(listener: TcpListener, n: usize) -> JoinHandle<Vec<(SocketAddr, Exchange)>> {
     std::thread::spawn(move || {
-        let (s, from) = listener.accept().expect("accept");
-        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        (
-            from,
-            testbed::exchange(s, BYTES, 2).expect("server exchange"),
-        )
+        (0..n)
+            .map(|_| {
+                let (s, from) = listener.accept().expect("accept");
+                s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+                (
+                    from,
+                    testbed::exchange(s, BYTES, 2).expect("server exchange"),
+                )
+            })
+            .collect()
     })
 }
 
-/// A connection from `from` to mesh-1 at `to`; returns the address mesh-1's application saw.
-fn seen_by_mesh1(m: &Mesh, from: Pod, to: SocketAddr) -> IpAddr {
+/// `n` connections, one after the other, from `from` to mesh-1 at `to` (one listener for all:
+/// a port bound again at once can still be held by the last connection's socket); the
+/// addresses mesh-1's application saw.
+fn seen_by_mesh1(m: &Mesh, from: Pod, to: SocketAddr, n: usize) -> Vec<IpAddr> {
     let listener = testbed::listen_in(&m.tb.pod_ns(Pod::Mesh1).unwrap(), to).expect("listen");
-    let server = serve_one(listener);
-    let c = testbed::connect_in(&m.tb.pod_ns(from).unwrap(), to)
-        .unwrap_or_else(|e| panic!("{from:?} → {to}: {e}"));
-    let got = testbed::exchange(c, BYTES, 1).expect("client exchange");
-    let (seen, s) = server.join().expect("server thread");
-    assert_eq!(
-        (got.received, s.received),
-        (BYTES, BYTES),
-        "{to}: bytes lost"
-    );
-    assert_eq!(
-        testbed::hex(&got.sent_hash),
-        testbed::hex(&s.received_hash),
-        "{to}: upload changed"
-    );
-    assert_eq!(
-        testbed::hex(&s.sent_hash),
-        testbed::hex(&got.received_hash),
-        "{to}: download changed"
-    );
-    seen.ip()
+    let server = serve(listener, n);
+    let mut clients = Vec::new();
+    for _ in 0..n {
+        let c = testbed::connect_in(&m.tb.pod_ns(from).unwrap(), to)
+            .unwrap_or_else(|e| panic!("{from:?} → {to}: {e}"));
+        clients.push(testbed::exchange(c, BYTES, 1).expect("client exchange"));
+    }
+    let served = server.join().expect("server thread");
+    for (got, (_, s)) in clients.iter().zip(&served) {
+        assert_eq!(
+            (got.received, s.received),
+            (BYTES, BYTES),
+            "{to}: bytes lost"
+        );
+        assert_eq!(
+            testbed::hex(&got.sent_hash),
+            testbed::hex(&s.received_hash),
+            "{to}: upload changed"
+        );
+        assert_eq!(
+            testbed::hex(&s.sent_hash),
+            testbed::hex(&got.received_hash),
+            "{to}: download changed"
+        );
+    }
+    served.iter().map(|(from, _)| from.ip()).collect()
 }
 
 /// Each case: who connects, over which family, and through what.
@@ -93,9 +105,9 @@ fn the_application_sees_the_clients_own_address() {
     for (what, from, to) in cases() {
         let client = if to.is_ipv4() { from.v4() } else { from.v6() };
         // Several connections, so a kernel-chosen port is exercised more than once.
-        for _ in 0..3 {
+        for seen in seen_by_mesh1(&m, from, to, 3) {
             assert_eq!(
-                seen_by_mesh1(&m, from, to),
+                seen,
                 client,
                 "{what}: mesh-1's application must see the client's address; node B log:\n{}",
                 m.b().log_text()
@@ -127,7 +139,7 @@ fn with_the_knob_off_the_application_sees_its_own_address() {
         } else {
             Pod::Mesh1.v6()
         };
-        assert_eq!(seen_by_mesh1(&m, from, to), own, "{what}");
+        assert_eq!(seen_by_mesh1(&m, from, to, 1), [own], "{what}");
     }
     m.finish();
 }
