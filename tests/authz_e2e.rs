@@ -332,6 +332,8 @@ fn a_broken_reload_changes_nothing_and_a_good_one_applies_to_new_connections() {
 /// they saw. A cut shows up as an error on the client, with the moment it came.
 struct Live {
     stop: Arc<AtomicBool>,
+    /// The writer stops writing but leaves the connection open (see [`Live::hold_writes`]).
+    hold: Arc<AtomicBool>,
     /// The destination application accepted the connection: the node admitted it.
     admitted: Arc<AtomicBool>,
     writer: JoinHandle<Hashed>,
@@ -383,14 +385,19 @@ impl Live {
             .set_read_timeout(Some(Duration::from_secs(60)))
             .unwrap();
         let stop = Arc::new(AtomicBool::new(false));
+        let hold = Arc::new(AtomicBool::new(false));
         let mut w = client.try_clone().unwrap();
         let stop_w = Arc::clone(&stop);
+        let hold_w = Arc::clone(&hold);
         let writer = std::thread::spawn(move || {
             let mut p = testbed::Pattern::new(7);
             let mut h = Sha256::new();
             let mut n = 0u64;
             let mut buf = vec![0u8; 16 * 1024];
             while !stop_w.load(SeqCst) {
+                if hold_w.load(SeqCst) {
+                    return Ok((n, h.finalize().into()));
+                }
                 p.fill(&mut buf);
                 w.write_all(&buf).map_err(|e| (e, Instant::now()))?;
                 h.update(&buf);
@@ -406,6 +413,7 @@ impl Live {
             std::thread::spawn(move || testbed::recv_hash(&mut r).map_err(|e| (e, Instant::now())));
         Live {
             stop,
+            hold,
             admitted,
             writer,
             reader,
@@ -419,6 +427,18 @@ impl Live {
         assert!(
             wait_for(|| self.admitted.load(SeqCst)),
             "the connection never reached the application"
+        );
+    }
+
+    /// Stops writing, leaving the connection open, and waits until the writer has stopped.
+    /// Before a cut: a reset is reported once, to whichever call meets it first, so a write
+    /// racing the reader would take the ECONNRESET and leave the reader an end of file that
+    /// looks clean.
+    fn hold_writes(&self) {
+        self.hold.store(true, SeqCst);
+        assert!(
+            wait_for(|| self.writer.is_finished()),
+            "the writer did not stop"
         );
     }
 
@@ -522,6 +542,9 @@ fn a_reload_cuts_what_it_denies_within_a_second_and_leaves_the_rest_intact() {
     }
     // Bytes flowing both ways before the reload.
     std::thread::sleep(Duration::from_millis(200));
+    for live in [&tunnelled, &plaintext] {
+        live.hold_writes();
+    }
 
     let running = std::fs::read_to_string(&b.config).unwrap();
     rewrite_config(
@@ -614,6 +637,9 @@ fn a_workload_a_reload_adds_is_served_and_one_it_removes_is_drained() {
     let removed = Instant::now();
     metric_reaches(b, "ringtun_config_generation", &[], 3.0);
     m.expect_reset(mesh2(MESH_PORT));
+    // Bytes flow for most of the drain; then only the reader waits for the cut.
+    std::thread::sleep(Duration::from_millis(1200).saturating_sub(removed.elapsed()));
+    open.hold_writes();
     let cut = open
         .cut_at(&m, "drained")
         .saturating_duration_since(removed);
