@@ -459,3 +459,157 @@ fn a_node_short_of_descriptors_refuses_over_its_budget() {
         "exit code after SIGTERM; log:\n{log}"
     );
 }
+
+/// Sets a `fs.` sysctl for as long as it lives, then puts the old value back.
+struct Sysctl {
+    key: &'static str,
+    old: String,
+}
+
+impl Sysctl {
+    fn set(key: &'static str, value: &str) -> Sysctl {
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        let old = std::fs::read_to_string(&path).unwrap().trim().to_string();
+        std::fs::write(&path, value).unwrap();
+        Sysctl { key, old }
+    }
+}
+
+impl Drop for Sysctl {
+    fn drop(&mut self) {
+        let path = format!("/proc/sys/{}", self.key.replace('.', "/"));
+        let _ = std::fs::write(path, &self.old);
+    }
+}
+
+/// The per-user pipe budget (`fs.pipe-user-pages-soft`, `-hard`) binds only a process without
+/// CAP_SYS_RESOURCE and CAP_SYS_ADMIN: a host-mode node (no `setns`) run without them. Over
+/// the soft budget its pipes are small (2 pages) and cannot be resized: it serves on, every
+/// byte intact, the refusal counted. Over the hard budget it can make no pipe: a connection that
+/// needs one is reset at both ends (never a FIN that would pass for a complete answer), counted
+/// as `pipe_unavailable`, while a connection that already holds its pipes goes on with every
+/// byte; with the budget back, new connections are served and descriptors return to their
+/// baseline.
+#[test]
+fn a_node_over_the_pipe_budget_serves_what_it_can_and_resets_only_what_needs_a_pipe() {
+    if !root_or_skip(
+        "a_node_over_the_pipe_budget_serves_what_it_can_and_resets_only_what_needs_a_pipe",
+    ) {
+        return;
+    }
+    let tb = Testbed::create("pb").expect("testbed");
+    let host = tb.pod_name(Pod::Client);
+    let config = format!(
+        "version: 1\nnode:\n  name: node-a\n  reactors: 1\n  admin: 127.0.0.1:15000\n  metrics: 127.0.0.1:15020\n  readiness: 127.0.0.1:15021\n  splice: {{pipe_pool_size: 0}}\nworkloads:\n  - name: host\n    namespace: default\n    ips: [{}]\n    node: node-a\n    protocol: TCP\n",
+        Pod::Client.v4(),
+    );
+    let out = Command::new(BIN)
+        .args(["redirect", "install", "--netns", &host])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = std::env::temp_dir().join(&tb.prefix);
+    std::fs::create_dir_all(&dir).unwrap();
+    let wrapper = dir.join("ringtun-unprivileged-pipes.sh");
+    let drop_caps = "--inh-caps=-sys_resource,-sys_admin --bounding-set=-sys_resource,-sys_admin";
+    std::fs::write(
+        &wrapper,
+        format!("#!/bin/sh\nexec setpriv {drop_caps} {BIN} \"$@\"\n"),
+    )
+    .unwrap();
+    assert!(Command::new("chmod")
+        .arg("+x")
+        .arg(&wrapper)
+        .status()
+        .unwrap()
+        .success());
+    let r = RingtunProcess::spawn_in(&wrapper, &tb, &host, &config, &["--driver", "io-uring"])
+        .expect("ringtun starts without CAP_SYS_RESOURCE and CAP_SYS_ADMIN");
+    let baseline = settled_fds(&r);
+
+    // Over the soft budget: small pipes, still every byte.
+    let soft = Sysctl::set("fs.pipe-user-pages-soft", "1");
+    testbed::exchange_intact(&tb, Pod::Ext, ext(9500), 4 << 20);
+    assert!(
+        r.metric("ringtun_pipe_resize_refused_total", &[]).unwrap() >= 1.0,
+        "no pipe resize was refused over the soft budget:\n{}",
+        r.log_text()
+    );
+
+    // A connection that has moved bytes both ways holds its pipes: it is open across the
+    // hard budget (one byte each way first, so both directions have theirs).
+    let held_listener = listen_in(&tb.pod_ns(Pod::Ext).unwrap(), ext(9501)).unwrap();
+    let held_server = std::thread::spawn(move || {
+        let (mut s, _) = held_listener.accept()?;
+        s.set_read_timeout(Some(Duration::from_secs(60)))?;
+        let mut one = [0u8; 1];
+        s.read_exact(&mut one)?;
+        s.write_all(&one)?;
+        exchange(s, 1 << 20, 2)
+    });
+    let mut held = connect_in(&tb.pod_ns(Pod::Client).unwrap(), ext(9501)).unwrap();
+    held.write_all(b"x").unwrap();
+    let mut one = [0u8; 1];
+    held.read_exact(&mut one).unwrap();
+
+    // Over the hard budget: a connection that needs a pipe is reset, both ends.
+    let hard = Sysctl::set("fs.pipe-user-pages-hard", "1");
+    let victim_listener = listen_in(&tb.pod_ns(Pod::Ext).unwrap(), ext(9502)).unwrap();
+    let victim_side = std::thread::spawn(move || {
+        let (mut s, _) = victim_listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        read_until_end(&mut s)
+    });
+    // It says nothing: with no byte waiting in either socket, a close "as is" would be a FIN,
+    // and only a reset tells the client its connection was not served.
+    let mut victim = connect_in(&tb.pod_ns(Pod::Client).unwrap(), ext(9502)).unwrap();
+    match read_until_end(&mut victim) {
+        Ok(b) => panic!(
+            "a connection that got no pipe ended cleanly after {} bytes; a reset was expected",
+            b.len()
+        ),
+        Err(e) => assert!(is_reset(&e), "the client saw {e}, not a reset"),
+    }
+    match victim_side.join().unwrap() {
+        Ok(b) => panic!(
+            "the server of a connection that got no pipe saw a clean end after {} bytes",
+            b.len()
+        ),
+        Err(e) => assert!(is_reset(&e), "the server saw {e}, not a reset"),
+    }
+    assert!(
+        wait_for(|| r
+            .metric(
+                "ringtun_connection_failures_total",
+                &["reason=\"pipe_unavailable\""]
+            )
+            .unwrap()
+            >= 1.0),
+        "the refused pipe was not counted:\n{}",
+        r.log_text()
+    );
+
+    // The connection that has its pipes goes on, still over the hard budget, every byte.
+    let mine = exchange(held, 1 << 20, 1).expect("the connection with its pipes goes on");
+    let theirs = held_server.join().unwrap().expect("ext side");
+    assert_eq!((mine.received, theirs.received), (1 << 20, 1 << 20));
+    assert_eq!(hex(&mine.sent_hash), hex(&theirs.received_hash));
+    assert_eq!(hex(&theirs.sent_hash), hex(&mine.received_hash));
+
+    // The budget back: new connections are served; descriptors return to the baseline.
+    drop(hard);
+    drop(soft);
+    testbed::exchange_intact(&tb, Pod::Ext, ext(9503), 1 << 20);
+    assert!(
+        wait_for(|| r.metric("ringtun_flows_open", &[]).unwrap() == 0.0),
+        "flows still open:\n{}",
+        r.log_text()
+    );
+    settle_to(&r, baseline);
+    let log = r.log_text();
+    assert_eq!(r.terminate().unwrap(), 0, "exit code; log:\n{log}");
+}

@@ -116,6 +116,9 @@ pub enum End {
     /// ringtun ended it (idle timeout, drain deadline): both sides are reset, so no client can
     /// take a cut-off stream for a complete one.
     Cut(CloseKind),
+    /// ringtun could not go on while both sockets were fine (no pipe to be had): both sides
+    /// are reset, as for a cut, and the failure is counted.
+    Failed { kind: FailureKind, errno: i32 },
 }
 
 impl Flow {
@@ -221,10 +224,45 @@ fn broken(e: PumpError, src: Side, dst: Side) -> End {
             kind: kind_for(dst),
             errno,
         },
-        PumpError::Pipe(errno) => End::Broken {
-            failed: src,
+        // Neither socket broke: closing the source as it is would send its peer a FIN, and a
+        // client could take the cut-off stream for a complete one.
+        PumpError::Pipe(errno) => End::Failed {
             kind: FailureKind::PipeUnavailable,
             errno,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_socket_that_broke_is_closed_as_it_is() {
+        let (down, up) = (Side::Downstream, Side::Upstream);
+        assert!(matches!(
+            broken(PumpError::Source(libc::ECONNRESET), down, up),
+            End::Broken {
+                failed: Side::Downstream,
+                kind: FailureKind::DownstreamReset,
+                errno: libc::ECONNRESET
+            }
+        ));
+        assert!(matches!(
+            broken(PumpError::Destination(libc::EPIPE), down, up),
+            End::Broken {
+                failed: Side::Upstream,
+                kind: FailureKind::UpstreamReset,
+                errno: libc::EPIPE
+            }
+        ));
+        // No pipe: both sockets are fine, so both are reset (neither gets a FIN).
+        assert!(matches!(
+            broken(PumpError::Pipe(libc::EMFILE), up, down),
+            End::Failed {
+                kind: FailureKind::PipeUnavailable,
+                errno: libc::EMFILE
+            }
+        ));
     }
 }

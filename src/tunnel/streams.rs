@@ -57,13 +57,19 @@ pub enum StreamEnd {
     TunnelBroken { kind: FailureKind },
     /// ringtun ended it (idle, drain deadline): both ends reset.
     Cut(CloseKind),
+    /// ringtun could not go on while the socket and the tunnel were fine (no pipe to be had):
+    /// both ends reset, the failure counted.
+    Failed { kind: FailureKind, errno: i32 },
 }
 
 impl StreamEnd {
     /// Whether the local socket is closed with a reset (the other side broke, or ringtun cut
     /// the flow: a FIN would let the application take a cut-off stream for a complete one).
     pub fn resets_local(self) -> bool {
-        matches!(self, StreamEnd::Cut(_) | StreamEnd::TunnelBroken { .. })
+        matches!(
+            self,
+            StreamEnd::Cut(_) | StreamEnd::TunnelBroken { .. } | StreamEnd::Failed { .. }
+        )
     }
 }
 
@@ -294,4 +300,19 @@ pub struct TunnelTarget {
     pub source_id: crate::control_plane::identity::SpiffeId,
     pub expected: crate::control_plane::identity::SpiffeId,
     pub netns: Option<crate::redirection::netns::NetNs>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_local_socket_is_reset_unless_it_broke_or_the_stream_ended_cleanly() {
+        let k = FailureKind::PipeUnavailable;
+        assert!(!StreamEnd::Clean.resets_local());
+        assert!(!StreamEnd::LocalBroken { kind: k, errno: 0 }.resets_local());
+        assert!(StreamEnd::TunnelBroken { kind: k }.resets_local());
+        assert!(StreamEnd::Cut(CloseKind::IdleTimeout).resets_local());
+        assert!(StreamEnd::Failed { kind: k, errno: 0 }.resets_local());
+    }
 }

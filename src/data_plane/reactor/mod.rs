@@ -1076,6 +1076,13 @@ impl Reactor {
                 drop(f.up);
                 (CloseKind::Clean, None, None)
             }
+            End::Failed { kind, errno } => {
+                socket::close_with_reset(f.down);
+                socket::close_with_reset(f.up);
+                self.metrics.failure(kind);
+                let close = CloseKind::broken(was_open);
+                (close, Some(kind), Some(errno).filter(|e| *e != 0))
+            }
             End::Broken {
                 failed,
                 kind,

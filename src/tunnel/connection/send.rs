@@ -245,7 +245,7 @@ impl Tunnel {
             Err(SendError::Pipe(errno)) => {
                 return self.end_stream(
                     id,
-                    StreamEnd::LocalBroken {
+                    StreamEnd::Failed {
                         kind: FailureKind::PipeUnavailable,
                         errno,
                     },
