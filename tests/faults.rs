@@ -503,17 +503,11 @@ fn a_node_over_the_pipe_budget_serves_what_it_can_and_resets_only_what_needs_a_p
         "version: 1\nnode:\n  name: node-a\n  reactors: 1\n  admin: 127.0.0.1:15000\n  metrics: 127.0.0.1:15020\n  readiness: 127.0.0.1:15021\n  splice: {{pipe_pool_size: 0}}\nworkloads:\n  - name: host\n    namespace: default\n    ips: [{}]\n    node: node-a\n    protocol: TCP\n",
         Pod::Client.v4(),
     );
-    let out = Command::new(BIN)
-        .args(["redirect", "install", "--netns", &host])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let dir = std::env::temp_dir().join(&tb.prefix);
     std::fs::create_dir_all(&dir).unwrap();
+    let cfg_path = dir.join("host.yaml");
+    std::fs::write(&cfg_path, &config).unwrap();
+    tb.install_capture(Path::new(BIN), &[Pod::Client], &cfg_path);
     let wrapper = dir.join("ringtun-unprivileged-pipes.sh");
     let drop_caps = "--inh-caps=-sys_resource,-sys_admin --bounding-set=-sys_resource,-sys_admin";
     std::fs::write(
