@@ -185,13 +185,13 @@ pub fn decide(
     choice: ClientAddressChoice,
     check: impl FnOnce() -> Result<(), ReturnPathError>,
 ) -> Delivery {
-    match (choice, choice != ClientAddressChoice::Off) {
-        (_, false) => Delivery::FromWorkload(None),
-        (ClientAddressChoice::On, true) => match check() {
+    match choice {
+        ClientAddressChoice::Off => Delivery::FromWorkload(None),
+        ClientAddressChoice::On => match check() {
             Ok(()) => Delivery::FromClient,
             Err(e) => Delivery::Unservable(e),
         },
-        _ => match check() {
+        ClientAddressChoice::Auto => match check() {
             Ok(()) => Delivery::FromClient,
             Err(e) => Delivery::FromWorkload(Some(e)),
         },
