@@ -11,9 +11,13 @@
 //! - **attacks**, every 10 s for 3 s: 200 idle TCP connections to mesh-1's 15008 (a handshake
 //!   flood from the ext pod) and 20 connections that send garbage where a TLS handshake belongs.
 //!
-//! `SOAK_SECS` (default 60) sets the duration, `SOAK_CSV` the CSV path (default
-//! `perf/results/soak-<unix time>.csv`). The test fails on any byte error or failed
-//! exchange, and when a node's descriptors do not return to their baseline at the end.
+//! The run is a warm-up (a tenth of the duration, 10–120 s), a 15 s pause, `SOAK_SECS` of
+//! traffic (default 60) and another pause. Memory is judged at rest, in the pauses: under
+//! traffic it swings with the bytes in flight, so only rest-to-rest says whether anything
+//! accumulates. `SOAK_CSV` sets the CSV path (default `perf/results/soak-<unix time>.csv`);
+//! its `traffic` column is 0 in the pauses. The test fails on any byte error or failed
+//! exchange, when a node's memory at rest grows by more than 16 MiB, and when a node's
+//! descriptors do not return to their baseline at the end.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -212,6 +216,67 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// How long the traffic pauses before memory at rest is read.
+const REST: Duration = Duration::from_secs(15);
+
+/// How far memory at rest may grow over a run. An hour makes ~300,000 connections and a
+/// million requests: a leak of ~60 bytes per connection passes this bound.
+const LEAK_BOUND_KIB: u64 = 16 << 10;
+
+/// Resident memory at rest per node: the median of the last five samples of a pause.
+fn rest_rss(rest: &[Sample]) -> [u64; 2] {
+    [0, 1].map(|i| {
+        let mut v: Vec<u64> = rest.iter().rev().take(5).map(|s| s.rss[i]).collect();
+        v.sort_unstable();
+        v[v.len() / 2]
+    })
+}
+
+/// The traffic's threads, all running until `stop`.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Traffic {
+    fn start(m: &Arc<Mesh>, c: &Arc<Counters>) -> Traffic {
+        let stop = Arc::new(AtomicBool::new(false));
+        let spawn = |f: fn(&Mesh, &Counters, &AtomicBool)| {
+            let (m, c, stop) = (m.clone(), c.clone(), stop.clone());
+            std::thread::spawn(move || f(&m, &c, &stop))
+        };
+        let threads = vec![
+            spawn(|m, c, stop| {
+                let to = SocketAddr::new(Pod::Mesh1.v4(), BULK_PORT);
+                let bulk = (BULK, pattern_hash(BULK, 2));
+                while !stop.load(Relaxed) {
+                    one_exchange(m, Pod::Client, to, bulk, &c.bulk_ok, c);
+                }
+            }),
+            spawn(request_response),
+            spawn(|m, c, stop| {
+                let hbone = SocketAddr::new(Pod::Mesh1.v4(), CHURN_PORT);
+                let plain = SocketAddr::new(Pod::Mesh2.v4(), CHURN_PORT);
+                let churn = (CHURN, pattern_hash(CHURN, 2));
+                while !stop.load(Relaxed) {
+                    one_exchange(m, Pod::Client, hbone, churn, &c.churn_ok, c);
+                    one_exchange(m, Pod::Ext, plain, churn, &c.churn_ok, c);
+                }
+            }),
+            spawn(attacks),
+        ];
+        Traffic { stop, threads }
+    }
+
+    /// Stops the traffic and waits until every exchange in progress has finished.
+    fn stop(self) {
+        self.stop.store(true, Relaxed);
+        for t in self.threads {
+            t.join().expect("traffic thread");
+        }
+    }
+}
+
 struct Sample {
     rss: [u64; 2],
     fds: [usize; 2],
@@ -237,7 +302,6 @@ fn soak() {
             Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("perf/results/soak-{unix}.csv"))
         });
     let m = Arc::new(Mesh::start(Path::new(BIN), "io-uring", ""));
-    let stop = Arc::new(AtomicBool::new(false));
     // Servers stop only after the traffic did: a listener closed under a client's connection
     // would reset it and count as a failure of the proxy.
     let servers_stop = Arc::new(AtomicBool::new(false));
@@ -263,30 +327,6 @@ fn soak() {
         servers_stop.clone(),
     ));
 
-    let mut traffic = Vec::new();
-    let spawn = |f: fn(&Mesh, &Counters, &AtomicBool)| {
-        let (m, c, stop) = (m.clone(), c.clone(), stop.clone());
-        std::thread::spawn(move || f(&m, &c, &stop))
-    };
-    traffic.push(spawn(|m, c, stop| {
-        let to = SocketAddr::new(Pod::Mesh1.v4(), BULK_PORT);
-        let bulk = (BULK, pattern_hash(BULK, 2));
-        while !stop.load(Relaxed) {
-            one_exchange(m, Pod::Client, to, bulk, &c.bulk_ok, c);
-        }
-    }));
-    traffic.push(spawn(request_response));
-    traffic.push(spawn(|m, c, stop| {
-        let hbone = SocketAddr::new(Pod::Mesh1.v4(), CHURN_PORT);
-        let plain = SocketAddr::new(Pod::Mesh2.v4(), CHURN_PORT);
-        let churn = (CHURN, pattern_hash(CHURN, 2));
-        while !stop.load(Relaxed) {
-            one_exchange(m, Pod::Client, hbone, churn, &c.churn_ok, c);
-            one_exchange(m, Pod::Ext, plain, churn, &c.churn_ok, c);
-        }
-    }));
-    traffic.push(spawn(attacks));
-
     let nodes: [&RingtunProcess; 2] = [m.a(), m.b()];
     if let Some(dir) = csv_path.parent() {
         std::fs::create_dir_all(dir).unwrap();
@@ -297,62 +337,80 @@ fn soak() {
         csv.write_all(line.as_bytes()).expect("CSV write");
     };
     row(String::from(
-        "t_s,a_rss_kib,b_rss_kib,a_fds,b_fds,a_cpu_pct,b_cpu_pct,bulk_ok,rr_ok,churn_ok,\
+        "t_s,traffic,a_rss_kib,b_rss_kib,a_fds,b_fds,a_cpu_pct,b_cpu_pct,bulk_ok,rr_ok,churn_ok,\
          byte_errors,failures,rr_worst_ms,attack_connections\n",
     ));
     let started = Instant::now();
     let mut cpu_before = nodes.map(|n| n.cpu_seconds().unwrap_or(0.0));
     let mut samples: Vec<Sample> = Vec::new();
     let mut next = started + Duration::from_secs(1);
-    while started.elapsed() < Duration::from_secs(secs) {
-        std::thread::sleep(next.saturating_duration_since(Instant::now()));
-        next += Duration::from_secs(1);
-        let cpu_now = nodes.map(|n| n.cpu_seconds().unwrap_or(0.0));
-        let cpu_pct = [0, 1].map(|i| (cpu_now[i] - cpu_before[i]) * 100.0);
-        cpu_before = cpu_now;
-        let s = Sample {
-            rss: nodes.map(|n| rss_kib(n.pid())),
-            fds: nodes.map(|n| n.fd_count()),
-        };
-        row(format!(
-            "{},{},{},{},{},{:.1},{:.1},{},{},{},{},{},{:.2},{}\n",
-            started.elapsed().as_secs(),
-            s.rss[0],
-            s.rss[1],
-            s.fds[0],
-            s.fds[1],
-            cpu_pct[0],
-            cpu_pct[1],
-            c.bulk_ok.load(Relaxed),
-            c.rr_ok.load(Relaxed),
-            c.churn_ok.load(Relaxed),
-            c.byte_errors.load(Relaxed),
-            c.failures.load(Relaxed),
-            c.rr_worst_us.swap(0, Relaxed) as f64 / 1000.0,
-            c.attack_connections.load(Relaxed),
-        ));
-        samples.push(s);
-    }
-    stop.store(true, Relaxed);
-    for t in traffic {
-        t.join().expect("traffic thread");
-    }
+    // Samples one second at a time for `d`, with or without traffic running.
+    let mut sample_for = |d: Duration, traffic: bool, samples: &mut Vec<Sample>| {
+        let end = Instant::now() + d;
+        while Instant::now() < end {
+            std::thread::sleep(next.saturating_duration_since(Instant::now()));
+            next += Duration::from_secs(1);
+            let cpu_now = nodes.map(|n| n.cpu_seconds().unwrap_or(0.0));
+            let cpu_pct = [0, 1].map(|i| (cpu_now[i] - cpu_before[i]) * 100.0);
+            cpu_before = cpu_now;
+            let s = Sample {
+                rss: nodes.map(|n| rss_kib(n.pid())),
+                fds: nodes.map(|n| n.fd_count()),
+            };
+            row(format!(
+                "{},{},{},{},{},{},{:.1},{:.1},{},{},{},{},{},{:.2},{}\n",
+                started.elapsed().as_secs(),
+                u8::from(traffic),
+                s.rss[0],
+                s.rss[1],
+                s.fds[0],
+                s.fds[1],
+                cpu_pct[0],
+                cpu_pct[1],
+                c.bulk_ok.load(Relaxed),
+                c.rr_ok.load(Relaxed),
+                c.churn_ok.load(Relaxed),
+                c.byte_errors.load(Relaxed),
+                c.failures.load(Relaxed),
+                c.rr_worst_us.swap(0, Relaxed) as f64 / 1000.0,
+                c.attack_connections.load(Relaxed),
+            ));
+            samples.push(s);
+        }
+    };
+    // A warm-up brings every pool, cache and allocator arena to its working size; the
+    // memory both nodes rest at after it is the baseline the run's end is held to.
+    let warmup = Duration::from_secs((secs / 10).clamp(10, 120));
+    let t = Traffic::start(&m, &c);
+    sample_for(warmup, true, &mut samples);
+    t.stop();
+    let mut rest = Vec::new();
+    sample_for(REST, false, &mut rest);
+    let rest_before = rest_rss(&rest);
+    let t = Traffic::start(&m, &c);
+    sample_for(Duration::from_secs(secs), true, &mut samples);
+    t.stop();
+    sample_for(REST, false, &mut rest);
+    let rest_after = rest_rss(&rest);
     servers_stop.store(true, Relaxed);
     for s in servers {
         s.join().expect("server thread");
     }
-    let (first, last) = (&samples[0], samples.last().unwrap());
+    let peak = |i: usize| samples.iter().map(|s| s.rss[i]).max().unwrap_or(0);
     println!(
-        "soak: {secs} s; node A RSS {} → {} KiB, fds {} → {}; node B RSS {} → {} KiB, fds {} → {}; \
-         bulk {} rr {} churn {} exchanges; byte errors {}, failures {}; CSV {}",
-        first.rss[0],
-        last.rss[0],
-        first.fds[0],
-        last.fds[0],
-        first.rss[1],
-        last.rss[1],
-        first.fds[1],
-        last.fds[1],
+        "soak: {secs} s after a {} s warm-up; resident memory at rest before → after, KiB \
+         (peak under traffic): node A {} → {} ({}), node B {} → {} ({}); descriptors at rest: \
+         node A {:?}, node B {:?}; bulk {} rr {} churn {} exchanges; byte errors {}, \
+         failures {}; CSV {}",
+        warmup.as_secs(),
+        rest_before[0],
+        rest_after[0],
+        peak(0),
+        rest_before[1],
+        rest_after[1],
+        peak(1),
+        rest.iter().map(|s| s.fds[0]).collect::<Vec<_>>(),
+        rest.iter().map(|s| s.fds[1]).collect::<Vec<_>>(),
         c.bulk_ok.load(Relaxed),
         c.rr_ok.load(Relaxed),
         c.churn_ok.load(Relaxed),
@@ -365,6 +423,15 @@ fn soak() {
     assert!(
         c.bulk_ok.load(Relaxed) > 0 && c.rr_ok.load(Relaxed) > 0 && c.churn_ok.load(Relaxed) > 0
     );
+    for node in 0..2 {
+        assert!(
+            rest_after[node] <= rest_before[node] + LEAK_BOUND_KIB,
+            "node {}: resident memory at rest grew from {} to {} KiB over the run",
+            ["A", "B"][node],
+            rest_before[node],
+            rest_after[node]
+        );
+    }
     // Every flow ends and the descriptors come back (Mesh::finish asserts both).
     match Arc::try_unwrap(m) {
         Ok(m) => m.finish(),

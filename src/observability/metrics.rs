@@ -272,6 +272,8 @@ pub struct ReactorMetrics {
     pub pipes_pooled: AtomicU64,
     /// Entries in the reactor's timer heap (live and stale; compacted when stale ones pile up).
     pub timers_queued: AtomicU64,
+    /// Times the reactor, quiet after connections closed, gave freed memory back to the kernel.
+    pub memory_returns: AtomicU64,
     /// The longest one loop iteration took (events, queued work, timers), nanoseconds: how
     /// long the reactor stalled at worst, reloads included.
     pub longest_iteration_ns: AtomicU64,
@@ -302,6 +304,7 @@ impl ReactorMetrics {
             pipe_resize_refused: AtomicU64::new(0),
             pipes_pooled: AtomicU64::new(0),
             timers_queued: AtomicU64::new(0),
+            memory_returns: AtomicU64::new(0),
             longest_iteration_ns: AtomicU64::new(0),
             adoption: Histogram::default(),
             failures: Default::default(),
@@ -624,7 +627,7 @@ impl Metrics {
                 );
             }
         }
-        let per_reactor: [PerReactorMetric; 8] = [
+        let per_reactor: [PerReactorMetric; 9] = [
             (
                 "ringtun_flows_open",
                 "gauge",
@@ -654,6 +657,12 @@ impl Metrics {
                 "counter",
                 "Pipes created (reuse not counted)",
                 |r| r.pipes_created.load(Relaxed),
+            ),
+            (
+                "ringtun_reactor_memory_returns_total",
+                "counter",
+                "Times a reactor, quiet after connections closed, gave freed memory back to the kernel",
+                |r| r.memory_returns.load(Relaxed),
             ),
             (
                 "ringtun_pipe_resize_refused_total",

@@ -8,8 +8,8 @@
 //! One file per topic: [`socket`] (creating, configuring, connecting, accepting, addresses,
 //! non-blocking send, queue depths, netfilter's original destination), [`pipe`] (pipes,
 //! `F_SETPIPE_SZ`, `splice(2)`), [`tls`] (kTLS options and records with a content type), [`epoll`], [`eventfd`], [`inotify`] (watching directories for changed files), [`netns`] (`setns`), [`signal`]
-//! (blocking and waiting for signals, signalling a process) and [`process`] (identity, limits,
-//! clock).
+//! (blocking and waiting for signals, signalling a process), [`process`] (identity, limits,
+//! clock) and [`allocator`] (giving freed memory back to the kernel).
 //!
 //! **Descriptors.** A function that creates a descriptor returns an `OwnedFd`. A function that
 //! acts on one takes a `RawFd`, because the drivers, reactors and pumps hold their sockets as
@@ -20,6 +20,7 @@
 //! has the call in a form that takes what the caller holds; `libc` where nix insists on a
 //! borrowed descriptor the callers only have as a `RawFd`.
 
+pub mod allocator;
 pub mod epoll;
 pub mod eventfd;
 pub mod inotify;

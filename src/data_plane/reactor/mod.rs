@@ -44,6 +44,8 @@ use crate::redirection::original_dst::original_dst;
 
 /// Ring entries: room for accepts, connects and two polls per busy flow per wakeup.
 const RING_ENTRIES: u32 = 4096;
+/// How long a reactor stays quiet after connections closed before it gives freed memory back.
+const IDLE_MEMORY_RETURN: Duration = Duration::from_secs(1);
 
 /// The node's reactors, seen together for the drain: how many still serve connections, and
 /// every reactor's waker. A reactor whose connections are all done keeps refusing on its
@@ -199,6 +201,11 @@ pub struct Reactor {
     next_generation: u32,
     max_flows: usize,
     drain_deadline: Option<Instant>,
+    /// Flows or tunnels closed, and the reactor has not yet been quiet since: when it has been
+    /// for [`IDLE_MEMORY_RETURN`], freed memory goes back to the kernel (`sys::allocator`).
+    return_memory_at: Option<Instant>,
+    /// Flows, tunnel streams and tunnels open after the last wakeup, to notice closes.
+    open_last: usize,
     /// Draining, and every flow is done: the tunnels were asked to close.
     tunnels_closing: bool,
     /// Told the other reactors it is done (see [`ReactorGroup`]).
@@ -245,6 +252,8 @@ impl Reactor {
             next_generation: 1,
             max_flows: spec.max_flows.min(SLOT_MASK as usize),
             drain_deadline: None,
+            return_memory_at: None,
+            open_last: 0,
             tunnels_closing: false,
             finished: false,
             warned_tunnel: false,
@@ -299,14 +308,17 @@ impl Reactor {
                     (Some(a), Some(b)) => Some(a.min(b)),
                     (a, b) => a.or(b),
                 };
-                let next = match (next, self.drain_deadline) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                };
+                let next = [self.drain_deadline, self.return_memory_at]
+                    .into_iter()
+                    .fold(next, |a, b| match (a, b) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    });
                 next.map(|at| at.saturating_duration_since(now))
             };
             self.driver.wait(timeout, &mut events)?;
             let now = Instant::now();
+            let quiet = events.is_empty();
             // Before this wakeup's events: the flag is raised before readiness turns 503, so
             // a connection made after a client saw 503 is among these events at the earliest,
             // and is refused rather than served.
@@ -327,6 +339,7 @@ impl Reactor {
             self.metrics
                 .timers_queued
                 .store(self.timers.len() as u64, Relaxed);
+            self.return_memory_when_quiet(quiet, now);
             self.metrics.iteration_took(now.elapsed());
             if self.control.stop.load(SeqCst) {
                 self.close_all(CloseKind::Drained, now);
@@ -364,6 +377,26 @@ impl Reactor {
                     return Ok(());
                 }
             }
+        }
+    }
+
+    /// After connections closed, gives freed memory back once a wakeup finds nothing to do
+    /// [`IDLE_MEMORY_RETURN`] after the last close: under churn the allocator's own paths
+    /// purge, and a reactor that has gone quiet would otherwise keep its burst's peak.
+    fn return_memory_when_quiet(&mut self, quiet: bool, now: Instant) {
+        let open = self.flows.len()
+            + self
+                .hbone
+                .as_ref()
+                .map_or(0, |h| h.flow_count() + h.tunnel_count());
+        if open < self.open_last {
+            self.return_memory_at = Some(now + IDLE_MEMORY_RETURN);
+        }
+        self.open_last = open;
+        if quiet && self.return_memory_at.is_some_and(|at| now >= at) {
+            self.return_memory_at = None;
+            crate::sys::allocator::return_freed_memory();
+            self.metrics.memory_returns.fetch_add(1, Relaxed);
         }
     }
 
