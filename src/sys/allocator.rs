@@ -8,9 +8,8 @@
 //! [`return_freed_memory`] once they have been quiet for a moment after connections closed.
 
 /// Frees this thread's empty pages and purges every page freed anywhere in the process,
-/// whether or not its purge delay has passed. Costs a walk over this thread's heap pages
-/// (tens of microseconds for thousands of flows), so it is called when the reactor is idle,
-/// never per event. Harmless when mimalloc is not the global allocator (the library's tests):
+/// whether or not its purge delay has passed. It walks this thread's heap pages and makes
+/// `madvise` calls, so it is called when the reactor is idle, never per event. Harmless when mimalloc is not the global allocator (the library's tests):
 /// its heaps are then empty.
 pub fn return_freed_memory() {
     // SAFETY: mi_collect takes no pointers and is safe to call from any thread at any time.
