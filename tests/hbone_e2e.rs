@@ -14,7 +14,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ringtun::testbed::two_nodes::{wait_for, Mesh};
+use ringtun::testbed::two_nodes::{settle_to, wait_for, Mesh};
 use ringtun::testbed::{
     self, connect_in, is_reset, listen_in, read_until_end, serve_exchanges, set_linger_zero,
     MeshNode, Pod, MESH_PORT, VIP, VIP_PORT,
@@ -57,6 +57,7 @@ both_drivers!(
     draining_node_finishes_its_tunnelled_flows,
     idle_tunnels_close_and_descriptors_return,
     a_stream_waiting_for_credit_sleeps,
+    idle_streams_hold_their_socket_and_no_pipe,
 );
 
 /// One driver is enough: the idle clock is the session's keepalive timer, not the driver.
@@ -627,6 +628,50 @@ fn idle_tunnels_close_and_descriptors_return(driver: &str) {
             .metric("ringtun_hbone_tunnel_failures_total", &[])
             .unwrap();
     assert_eq!(failures, 0.0, "an idle close must not look like a failure");
+    m.finish();
+}
+
+/// Streams that moved bytes and now wait hold one socket each on either node (the captured
+/// client's on A, the delivery to the pod on B) and no pipe: their pipes went back to the
+/// reactors' pools (which `settle_to` counts apart, with the open tunnels). Pipes carry DATA
+/// frames only where tunnels run kTLS, so the kernel matrix is where this says most; here,
+/// with user-space TLS, it holds the streams to their one socket.
+fn idle_streams_hold_their_socket_and_no_pipe(driver: &str) {
+    let m = Mesh::start(Path::new(BIN), driver, "");
+    const N: usize = 100;
+    let l = m.listen(Pod::Mesh1, MESH_PORT);
+    let server = std::thread::spawn(move || {
+        (0..N)
+            .map(|_| {
+                let (mut s, _) = l.accept().unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                let mut b = [0u8; 1024];
+                s.read_exact(&mut b).unwrap();
+                s.write_all(&b).unwrap();
+                s
+            })
+            .collect::<Vec<_>>()
+    });
+    let ns = m.tb.pod_ns(Pod::Client).unwrap();
+    let clients: Vec<_> = (0..N)
+        .map(|i| {
+            let mut s = connect_in(&ns, mesh1()).expect("client connects");
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            s.write_all(&[i as u8; 1024]).unwrap();
+            let mut b = [0u8; 1024];
+            s.read_exact(&mut b).unwrap();
+            assert_eq!(b, [i as u8; 1024], "stream {i}: echo differs");
+            s
+        })
+        .collect();
+    let servers = server.join().unwrap();
+    for (name, node) in [("A", &m.a), ("B", &m.b)] {
+        let r = node.process.as_ref().unwrap();
+        eprintln!("node {name}: {N} idle streams");
+        settle_to(r, node.baseline_fds + N);
+    }
+    drop(clients);
+    drop(servers);
     m.finish();
 }
 

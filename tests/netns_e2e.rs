@@ -318,6 +318,16 @@ fn thousand_concurrent_connections_complete(driver: &str) {
     let mut servers = acceptor.join().unwrap();
     // All 1,000 are open through the proxy at the same time.
     assert_eq!(node.metric("ringtun_flows_open", &[]), N as f64);
+    // Each moved its 4-byte index and now waits: an idle flow holds its two sockets and no
+    // pipe (pipes went back to the reactors' pools, counted apart).
+    let idle = settled_fds(node.ringtun(), Some(node.baseline_fds + 2 * N));
+    let pooled = node.metric("ringtun_pipes_pooled", &[]) as usize;
+    assert_eq!(
+        idle,
+        node.baseline_fds + 2 * N + 2 * pooled,
+        "{N} idle flows: fd count {idle} != baseline {} + 2 per flow + 2 x {pooled} pooled pipes",
+        node.baseline_fds
+    );
     for (i, (c, s)) in clients.iter_mut().zip(servers.iter_mut()).enumerate() {
         let mut p = testbed::Pattern::new(i as u64);
         let mut data = vec![0u8; BYTES];

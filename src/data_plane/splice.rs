@@ -292,7 +292,7 @@ impl Pump {
                 return Ok(PumpStatus::Done);
             }
             if drained {
-                return Ok(PumpStatus::WantRead);
+                return Ok(self.wait_for_source(pool));
             }
             if read_this_call >= budget {
                 return Ok(PumpStatus::Yield);
@@ -311,7 +311,7 @@ impl Pump {
                 }
                 Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
                     if self.pending == 0 {
-                        return Ok(PumpStatus::WantRead);
+                        return Ok(self.wait_for_source(pool));
                     }
                     // The pipe may be full by slots rather than bytes: drain it first.
                 }
@@ -319,6 +319,23 @@ impl Pump {
                 Err(e) => return Err(PumpError::Source(errno(&e))),
             }
         }
+    }
+
+    /// The pipe is empty and the source has nothing now: the pipe goes back to the pool, so
+    /// a flow that waits for bytes holds no pipe (the next readable source takes one again,
+    /// from the pool without a syscall while it has any).
+    fn wait_for_source(&mut self, pool: &mut PipePool) -> PumpStatus {
+        debug_assert_eq!(self.pending, 0);
+        if let Some(pipe) = self.pipe.take() {
+            pool.put_empty(pipe);
+        }
+        PumpStatus::WantRead
+    }
+
+    /// Whether the pump holds a pipe (only while bytes are in flight, or between two calls
+    /// of one wakeup's budget).
+    pub fn holds_pipe(&self) -> bool {
+        self.pipe.is_some()
     }
 
     /// Gives the pipe back if it is empty, or closes it if it may still hold bytes.
@@ -391,6 +408,37 @@ mod tests {
         assert_eq!(reader.join().unwrap(), data);
         assert_eq!(moved.0, data.len() as u64);
         assert_eq!(pool.idle(), 1, "an empty pipe goes back to the pool");
+    }
+
+    #[test]
+    fn a_pump_waiting_for_its_source_holds_no_pipe() {
+        let (mut client, proxy_in) = tcp_pair();
+        let (proxy_out, mut server) = tcp_pair();
+        proxy_in.set_nonblocking(true).unwrap();
+        proxy_out.set_nonblocking(true).unwrap();
+        let mut pool = PipePool::new(65536, 4);
+        let mut pump = Pump::default();
+        for (round, short) in [(1u8, false), (2, true)] {
+            client.write_all(&[round; 1000]).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            let status = pump
+                .pump(
+                    proxy_in.as_raw_fd(),
+                    proxy_out.as_raw_fd(),
+                    &mut pool,
+                    1 << 20,
+                    short,
+                    &mut Moved::default(),
+                )
+                .unwrap();
+            assert_eq!(status, PumpStatus::WantRead);
+            assert!(!pump.holds_pipe(), "an idle flow's pump holds no pipe");
+            assert_eq!(pool.idle(), 1, "its pipe went back to the pool");
+            let mut got = [0u8; 1000];
+            server.read_exact(&mut got).unwrap();
+            assert_eq!(got, [round; 1000]);
+        }
+        assert_eq!(pool.created, 1, "the second wakeup reused the pooled pipe");
     }
 
     #[test]

@@ -288,7 +288,7 @@ impl<P: SplicePipe> FrameSender<P> {
                         }
                         Err(e) if is_eagain(&e) => {
                             if self.pending == 0 {
-                                return Ok(SendStatus::WantRead);
+                                return Ok(self.wait_for_source(pool));
                             }
                             blocked_at = Some(self.pending);
                         }
@@ -319,7 +319,7 @@ impl<P: SplicePipe> FrameSender<P> {
             return Ok(if read >= budget {
                 SendStatus::Yield
             } else {
-                SendStatus::WantRead
+                self.wait_for_source(pool)
             });
         }
     }
@@ -343,6 +343,21 @@ impl<P: SplicePipe> FrameSender<P> {
         Ok(())
     }
 
+    /// Every byte read was framed and written, and the source has nothing now: the empty
+    /// pipe goes back, so a stream waiting for bytes holds none.
+    fn wait_for_source<S: PipeSupply<Pipe = P>>(&mut self, pool: &mut S) -> SendStatus {
+        debug_assert!(self.pending == 0 && matches!(self.frame, OutFrame::Idle));
+        if let Some(pipe) = self.pipe.take() {
+            pool.put_empty(pipe);
+        }
+        SendStatus::WantRead
+    }
+
+    /// Whether the sender holds a pipe (only while bytes read are not yet framed and sent).
+    pub fn holds_pipe(&self) -> bool {
+        self.pipe.is_some()
+    }
+
     fn finish<S: PipeSupply<Pipe = P>>(&mut self, pool: &mut S) -> SendStatus {
         self.done = true;
         self.release(pool);
@@ -356,5 +371,65 @@ impl<P: SplicePipe> FrameSender<P> {
                 pool.put_empty(pipe);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+
+    use super::*;
+    use crate::data_plane::socket::tcp_pair;
+    use crate::data_plane::splice::{Pipe, PipePool};
+
+    /// Windows that never run out, frames of up to 16 KiB, headers for stream 1.
+    struct OpenWindows;
+
+    impl DataFrameHeaders for OpenWindows {
+        fn credit(&mut self) -> usize {
+            usize::MAX
+        }
+        fn max_frame_size(&mut self) -> usize {
+            16 << 10
+        }
+        fn data_frame_header(&mut self, len: usize, end: bool) -> Option<[u8; FRAME_HEADER_LEN]> {
+            let l = (len as u32).to_be_bytes();
+            Some([l[1], l[2], l[3], 0, u8::from(end), 0, 0, 0, 1])
+        }
+    }
+
+    #[test]
+    fn a_sender_waiting_for_its_source_holds_no_pipe() {
+        let (mut client, src) = tcp_pair();
+        let (tunnel, mut peer) = tcp_pair();
+        src.set_nonblocking(true).unwrap();
+        tunnel.set_nonblocking(true).unwrap();
+        let mut pool = PipePool::new(64 << 10, 4);
+        let mut sender: FrameSender<Pipe> = FrameSender::new(false);
+        for round in 1..=2u8 {
+            client.write_all(&[round; 100]).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            let status = sender
+                .send(
+                    src.as_raw_fd(),
+                    tunnel.as_raw_fd(),
+                    &mut pool,
+                    &mut OpenWindows,
+                    1 << 20,
+                )
+                .unwrap();
+            assert_eq!(status, SendStatus::WantRead);
+            assert!(
+                !sender.holds_pipe(),
+                "an idle stream's sender holds no pipe"
+            );
+            assert_eq!(pool.idle(), 1);
+            let mut frame = [0u8; FRAME_HEADER_LEN + 100];
+            peer.read_exact(&mut frame).unwrap();
+            assert_eq!(&frame[..3], &[0, 0, 100]);
+            assert_eq!(&frame[FRAME_HEADER_LEN..], &[round; 100]);
+        }
+        assert_eq!(pool.created, 1, "the pooled pipe was reused");
     }
 }

@@ -239,6 +239,21 @@ impl<P: SplicePipe> Sink<P> {
         Ok(FlushStatus::Empty)
     }
 
+    /// Gives the pipe back once everything in it was delivered, so a stream between two DATA
+    /// frames holds no pipe (the next frame takes one from the pool).
+    pub fn return_empty_pipe<S: PipeSupply<Pipe = P>>(&mut self, pipes: &mut S) {
+        if self.in_pipe == 0 {
+            if let Some(pipe) = self.pipe.take() {
+                pipes.put_empty(pipe);
+            }
+        }
+    }
+
+    /// Whether the sink holds a pipe (only while spliced bytes wait for the local socket).
+    pub fn holds_pipe(&self) -> bool {
+        self.pipe.is_some()
+    }
+
     /// Gives the pipe back if it is empty, or closes it if it may still hold bytes.
     pub fn release<S: PipeSupply<Pipe = P>>(&mut self, pipes: &mut S) {
         if let Some(pipe) = self.pipe.take() {
@@ -303,6 +318,35 @@ mod tests {
     use super::*;
     use crate::data_plane::socket::tcp_pair;
     use crate::data_plane::splice::{Pipe, PipePool};
+
+    #[test]
+    fn a_sink_gives_its_pipe_back_once_delivered() {
+        let mut pipes = PipePool::new(64 << 10, 4);
+        let (mut src_w, src) = tcp_pair();
+        src.set_nonblocking(true).unwrap();
+        let (dst, mut peer) = tcp_pair();
+        dst.set_nonblocking(true).unwrap();
+        let mut sink: Sink<Pipe> = Sink::new(1 << 20);
+        std::io::Write::write_all(&mut src_w, b"frame").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(
+            sink.splice_in(src.as_raw_fd(), 5, None, &mut pipes)
+                .unwrap(),
+            SpliceIn::Moved(5)
+        );
+        sink.return_empty_pipe(&mut pipes);
+        assert!(
+            sink.holds_pipe(),
+            "a pipe holding bytes stays with its stream"
+        );
+        assert_eq!(sink.flush(dst.as_raw_fd()).unwrap(), FlushStatus::Empty);
+        sink.return_empty_pipe(&mut pipes);
+        assert!(!sink.holds_pipe());
+        assert_eq!(pipes.idle(), 1);
+        let mut got = [0u8; 5];
+        peer.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"frame");
+    }
 
     #[test]
     fn bytes_leave_in_arrival_order_whichever_way_they_came() {

@@ -154,6 +154,7 @@ impl Tunnel {
             // A failure is the sink's state now; it is handled below with the credit.
             let _ = s.sink.flush(dst);
         }
+        s.sink.return_empty_pipe(ctx.pipes);
         let credit = s.sink.take_delivered();
         if s.count_delivered() > 0 {
             s.last_active = ctx.now;
