@@ -499,6 +499,7 @@ mod tests {
                 open_files_soft: 1024,
                 open_files_hard: 1024,
                 max_flows_per_reactor: 10,
+                pipes_per_reactor: 4,
             },
         ));
         let state = Arc::new(AdminState::new(metrics, Box::new(|| "{}".into())));

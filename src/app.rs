@@ -27,14 +27,34 @@ use crate::tls::credentials;
 /// Descriptors kept back for listeners, the rings, logging and the admin endpoints.
 const FD_RESERVE: u64 = 128;
 
-/// The flows one reactor may hold: the configured limit, capped so every reactor's flows
-/// (up to [`FDS_PER_FLOW`] descriptors each) and TLS handshakes (one each, outside the flow
-/// budget) fit in the open-files limit `soft`.
-fn flows_per_reactor(soft: u64, reactors: usize, limits: &config::Limits) -> u64 {
+/// What one reactor may hold at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ReactorBudget {
+    flows: u64,
+    pipes: u64,
+}
+
+/// Splits the open-files limit `soft` between the reactors: after the reserve and the TLS
+/// handshakes (one descriptor each, their own budget), each reactor's share pays first for its
+/// pipes (two descriptors each: `splice.pipes_per_reactor`, but at most a quarter of the
+/// share), and the rest for flows ([`FDS_PER_FLOW`] each), capped by the configured limit.
+/// Pipes are lent to flows only while bytes are in flight, so they are budgeted per reactor,
+/// not per flow.
+fn reactor_budget(
+    soft: u64,
+    reactors: usize,
+    limits: &config::Limits,
+    splice: &config::SpliceSettings,
+) -> ReactorBudget {
     let reactors = reactors.max(1) as u64;
     let handshake_fds = limits.max_handshakes_per_reactor as u64 * reactors;
-    let budget = soft.saturating_sub(FD_RESERVE + handshake_fds) / FDS_PER_FLOW / reactors;
-    (limits.max_flows_per_reactor as u64).min(budget.max(1))
+    let share = soft.saturating_sub(FD_RESERVE + handshake_fds) / reactors;
+    let pipes = (splice.pipes_per_reactor as u64).min(share / 8);
+    let flows = share.saturating_sub(2 * pipes) / FDS_PER_FLOW;
+    ReactorBudget {
+        flows: (limits.max_flows_per_reactor as u64).min(flows.max(1)),
+        pipes,
+    }
 }
 
 #[derive(Default, Clone)]
@@ -230,11 +250,14 @@ impl App {
             }
         );
         let (soft, hard) = open_files_limit();
-        let max_flows = flows_per_reactor(soft, reactors, &config.node.limits);
+        let budget = reactor_budget(soft, reactors, &config.node.limits, &config.node.splice);
+        let max_flows = budget.flows;
         log::info!(
-            "open files limit {soft} (hard {hard}); a flow needs up to {FDS_PER_FLOW} descriptors \
-             and each of {} handshakes one, so each of {reactors} reactors takes at most \
-             {max_flows} flows (configured {})",
+            "open files limit {soft} (hard {hard}); each of {reactors} reactors has {} pipes \
+             (2 descriptors each, configured {}), {} handshakes (1 each) and at most {max_flows} \
+             flows ({FDS_PER_FLOW} each, configured {})",
+            budget.pipes,
+            config.node.splice.pipes_per_reactor,
             config.node.limits.max_handshakes_per_reactor,
             config.node.limits.max_flows_per_reactor
         );
@@ -277,6 +300,7 @@ impl App {
                 open_files_soft: soft,
                 open_files_hard: hard,
                 max_flows_per_reactor: max_flows,
+                pipes_per_reactor: budget.pipes,
             },
         ));
         let controls = ReactorControl::group(reactors)
@@ -294,6 +318,7 @@ impl App {
                 control,
                 observer: opts.observer.clone(),
                 max_flows: max_flows as usize,
+                pipes: budget.pipes as usize,
                 cpu: (pin && reactors <= cpus).then_some(id),
             };
             let tx = tx.clone();
@@ -337,6 +362,7 @@ impl App {
             "drivers": drivers,
             "open_files_limit": {"soft": soft, "hard": hard},
             "max_flows_per_reactor": max_flows,
+            "pipes_per_reactor": budget.pipes,
             "listener_problems": problems,
         });
         let config_dump = {
@@ -592,20 +618,46 @@ mod tests {
     use super::*;
 
     #[test]
-    fn flows_and_handshakes_fit_in_the_open_files_limit() {
+    fn pipes_handshakes_and_flows_fit_in_the_open_files_limit() {
         let limits = config::Limits {
-            max_flows_per_reactor: 4096,
+            max_flows_per_reactor: 16384,
             max_handshakes_per_reactor: 256,
             max_handshakes_per_source: 16,
             max_tunnels_per_peer: 256,
         };
-        // 20,000 descriptors, 2 reactors: 128 reserved, 512 for handshakes, 6 per flow.
-        let flows = flows_per_reactor(20_000, 2, &limits);
-        assert_eq!(flows, (20_000 - 128 - 512) / 6 / 2);
-        assert!(2 * (flows * FDS_PER_FLOW + 256) + FD_RESERVE <= 20_000);
+        let splice = config::SpliceSettings {
+            pipe_size: 1 << 18,
+            max_bytes_per_wakeup: 1 << 20,
+            pipe_pool_size: 64,
+            pipes_per_reactor: 256,
+        };
+        // 20,000 descriptors, 2 reactors: 128 reserved, 512 for handshakes; each reactor's
+        // 9,680 pay for 256 pipes (512) and 4,584 flows of 2: 9,168 flows on the node.
+        let b = reactor_budget(20_000, 2, &limits, &splice);
+        assert_eq!(
+            b,
+            ReactorBudget {
+                flows: 4584,
+                pipes: 256
+            }
+        );
+        assert!(2 * (b.flows * FDS_PER_FLOW + 2 * b.pipes + 256) + FD_RESERVE <= 20_000);
         // A generous limit leaves the configured one.
-        assert_eq!(flows_per_reactor(1 << 20, 2, &limits), 4096);
-        // A tiny one still lets each reactor take a flow.
-        assert_eq!(flows_per_reactor(100, 2, &limits), 1);
+        assert_eq!(reactor_budget(1 << 20, 2, &limits, &splice).flows, 16384);
+        // A small one keeps pipes to a quarter of the share, and each reactor a flow.
+        let small = reactor_budget(
+            1024,
+            2,
+            &config::Limits {
+                max_handshakes_per_reactor: 16,
+                ..limits
+            },
+            &splice,
+        );
+        assert_eq!(small.pipes, (1024 - 128 - 32) / 2 / 8);
+        assert_eq!(
+            reactor_budget(100, 2, &limits, &splice),
+            ReactorBudget { flows: 1, pipes: 0 }
+        );
     }
 }

@@ -253,6 +253,7 @@ pub(crate) mod tests {
                 pipe_size: 1 << 18,
                 max_bytes_per_wakeup: 1 << 20,
                 pipe_pool_size: 64,
+                pipes_per_reactor: 256,
             },
             tls: None,
             hbone: crate::control_plane::config::DEFAULT_HBONE,

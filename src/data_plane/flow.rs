@@ -116,9 +116,6 @@ pub enum End {
     /// ringtun ended it (idle timeout, drain deadline): both sides are reset, so no client can
     /// take a cut-off stream for a complete one.
     Cut(CloseKind),
-    /// ringtun could not go on while both sockets were fine (no pipe to be had): both sides
-    /// are reset, as for a cut, and the failure is counted.
-    Failed { kind: FailureKind, errno: i32 },
 }
 
 impl Flow {
@@ -224,12 +221,6 @@ fn broken(e: PumpError, src: Side, dst: Side) -> End {
             kind: kind_for(dst),
             errno,
         },
-        // Neither socket broke: closing the source as it is would send its peer a FIN, and a
-        // client could take the cut-off stream for a complete one.
-        PumpError::Pipe(errno) => End::Failed {
-            kind: FailureKind::PipeUnavailable,
-            errno,
-        },
     }
 }
 
@@ -238,7 +229,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_a_socket_that_broke_is_closed_as_it_is() {
+    fn the_side_that_broke_is_the_one_named() {
         let (down, up) = (Side::Downstream, Side::Upstream);
         assert!(matches!(
             broken(PumpError::Source(libc::ECONNRESET), down, up),
@@ -254,14 +245,6 @@ mod tests {
                 failed: Side::Upstream,
                 kind: FailureKind::UpstreamReset,
                 errno: libc::EPIPE
-            }
-        ));
-        // No pipe: both sockets are fine, so both are reset (neither gets a FIN).
-        assert!(matches!(
-            broken(PumpError::Pipe(libc::EMFILE), up, down),
-            End::Failed {
-                kind: FailureKind::PipeUnavailable,
-                errno: libc::EMFILE
             }
         ));
     }

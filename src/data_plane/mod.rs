@@ -14,7 +14,9 @@ pub mod socket;
 pub mod splice;
 pub mod timer;
 
-/// Descriptors one flow holds at most: two sockets and two pipes (two descriptors each). The
-/// reactors' flow limit is the open-file limit divided by this, and `ringtun probe` reports
-/// the same arithmetic.
-pub const FDS_PER_FLOW: u64 = 6;
+/// Descriptors one flow holds: its two sockets (a tunnel stream holds one; a tunnel counts as a
+/// flow). Pipes are not per flow: each reactor has a fixed budget of them
+/// (`splice.pipes_per_reactor`), lent to flows only while bytes are in flight. The reactors'
+/// flow limit is what the open-file limit leaves after the pipes, divided by this
+/// (`app::reactor_budget`); `ringtun probe` reports the same arithmetic.
+pub const FDS_PER_FLOW: u64 = 2;

@@ -9,6 +9,8 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
 
 use crate::sys;
 
@@ -22,6 +24,18 @@ pub struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
     capacity: usize,
+    /// The count of its pool's pipes in existence, if it came from a pool: dropping the pipe
+    /// (pooled, or closed because it may hold bytes) gives its place in the budget back, so no
+    /// path that lets a pipe go can leak budget.
+    live: Option<Arc<AtomicUsize>>,
+}
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        if let Some(live) = &self.live {
+            live.fetch_sub(1, Relaxed);
+        }
+    }
 }
 
 impl Pipe {
@@ -41,6 +55,7 @@ impl Pipe {
                 read,
                 write,
                 capacity,
+                live: None,
             },
             resized,
         ))
@@ -61,10 +76,20 @@ pub trait SplicePipe {
     fn capacity(&self) -> usize;
 }
 
-/// Where pipes come from and go back to. `put_empty` must only ever receive empty pipes.
+/// Why a caller got no pipe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoPipe {
+    /// Every pipe the reactor's budget allows is carrying bytes: move these by copying.
+    Budget,
+    /// The kernel refused a new pipe (descriptors or memory): the errno.
+    Os(i32),
+}
+
+/// Where pipes come from and go back to. `put_empty` must only ever receive empty pipes; a
+/// pipe that may hold bytes is dropped (closed) instead.
 pub trait PipeSupply {
     type Pipe: SplicePipe;
-    fn get(&mut self) -> io::Result<Self::Pipe>;
+    fn get(&mut self) -> Result<Self::Pipe, NoPipe>;
     fn put_empty(&mut self, pipe: Self::Pipe);
 }
 
@@ -82,7 +107,7 @@ impl SplicePipe for Pipe {
 
 impl PipeSupply for PipePool {
     type Pipe = Pipe;
-    fn get(&mut self) -> io::Result<Pipe> {
+    fn get(&mut self) -> Result<Pipe, NoPipe> {
         PipePool::get(self)
     }
     fn put_empty(&mut self, pipe: Pipe) {
@@ -90,35 +115,72 @@ impl PipeSupply for PipePool {
     }
 }
 
-/// Empty pipes kept by one reactor for reuse. Only pipes known to be empty come back here:
-/// a pipe that may still hold bytes is closed instead, so no flow ever sees another's data.
+/// One reactor's pipes: at most `budget` in existence (carrying bytes, or empty and kept for
+/// reuse), so pipes cost a fixed number of descriptors per reactor however many flows are
+/// open; flows take them only while bytes are in flight. Only pipes known to be empty come
+/// back here: a pipe that may still hold bytes is closed instead, so no flow ever sees
+/// another's data.
 #[derive(Debug)]
 pub struct PipePool {
     free: Vec<Pipe>,
     max_free: usize,
     pipe_size: usize,
+    budget: usize,
+    /// Pipes of this pool in existence (each pipe's drop counts itself out).
+    live: Arc<AtomicUsize>,
+    /// Where a pump copies when no pipe is to be had (allocated on first use).
+    scratch: Vec<u8>,
     /// Pipes whose F_SETPIPE_SZ was refused (kept at the kernel default).
     pub resize_refused: u64,
     /// Pipes created since start (not counting reuse).
     pub created: u64,
+    /// Times a caller found the budget spent and moved bytes by copying instead.
+    pub exhausted: u64,
+    /// Times the kernel would not make a pipe (descriptors, `fs.pipe-user-pages-hard`) and
+    /// the caller copied instead; the last errno.
+    pub refused: u64,
+    pub last_refusal: i32,
 }
 
+/// What a pump copies at most per `recv`/`send` pair when it has no pipe.
+const SCRATCH: usize = 64 << 10;
+
 impl PipePool {
-    pub fn new(pipe_size: usize, max_free: usize) -> Self {
+    /// `budget`: pipes this reactor may have at once; `max_free`: empty ones kept for reuse.
+    pub fn new(pipe_size: usize, max_free: usize, budget: usize) -> Self {
         PipePool {
             free: Vec::new(),
-            max_free,
+            max_free: max_free.min(budget),
             pipe_size,
+            budget,
+            live: Arc::new(AtomicUsize::new(0)),
+            scratch: Vec::new(),
             resize_refused: 0,
             created: 0,
+            exhausted: 0,
+            refused: 0,
+            last_refusal: 0,
         }
     }
 
-    pub fn get(&mut self) -> io::Result<Pipe> {
+    pub fn get(&mut self) -> Result<Pipe, NoPipe> {
         if let Some(p) = self.free.pop() {
             return Ok(p);
         }
-        let (pipe, resized) = Pipe::new(self.pipe_size)?;
+        if self.live.load(Relaxed) >= self.budget {
+            self.exhausted += 1;
+            return Err(NoPipe::Budget);
+        }
+        let (mut pipe, resized) = match Pipe::new(self.pipe_size) {
+            Ok(p) => p,
+            Err(e) => {
+                self.refused += 1;
+                self.last_refusal = errno(&e);
+                return Err(NoPipe::Os(self.last_refusal));
+            }
+        };
+        self.live.fetch_add(1, Relaxed);
+        pipe.live = Some(Arc::clone(&self.live));
         self.created += 1;
         if !resized {
             self.resize_refused += 1;
@@ -141,8 +203,25 @@ impl PipePool {
         }
     }
 
+    /// Empty pipes kept for reuse.
     pub fn idle(&self) -> usize {
         self.free.len()
+    }
+
+    /// Pipes carrying bytes now (lent to flows and streams).
+    pub fn in_flight(&self) -> usize {
+        self.live.load(Relaxed) - self.free.len()
+    }
+
+    pub fn budget(&self) -> usize {
+        self.budget
+    }
+
+    fn scratch(&mut self) -> &mut [u8] {
+        if self.scratch.is_empty() {
+            self.scratch = vec![0; SCRATCH];
+        }
+        &mut self.scratch
     }
 }
 
@@ -164,8 +243,6 @@ pub enum PumpStatus {
 pub enum PumpError {
     Source(i32),
     Destination(i32),
-    /// No pipe could be had (fd or memory exhaustion): a kernel resource problem.
-    Pipe(i32),
 }
 
 /// One direction of a flow.
@@ -298,7 +375,19 @@ impl Pump {
                 return Ok(PumpStatus::Yield);
             }
             if self.pipe.is_none() {
-                self.pipe = Some(pool.get().map_err(|e| PumpError::Pipe(errno(&e)))?);
+                match pool.get() {
+                    Ok(pipe) => self.pipe = Some(pipe),
+                    // Every pipe busy, or the kernel would not make one (the pool counts
+                    // which): this wakeup copies instead, and the flow goes on.
+                    Err(NoPipe::Budget | NoPipe::Os(_)) => {
+                        let left = budget - read_this_call;
+                        match self.copy_without_pipe(src, dst, pool, left, moved)? {
+                            Some(status) => return Ok(status),
+                            // EOF: delivered above, like a spliced one.
+                            None => continue,
+                        }
+                    }
+                }
             }
             let pipe = self.pipe.as_ref().expect("just ensured");
             let room = pipe.capacity - self.pending;
@@ -318,6 +407,55 @@ impl Pump {
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
                 Err(e) => return Err(PumpError::Source(errno(&e))),
             }
+        }
+    }
+
+    /// No pipe to be had: this wakeup's bytes go through user space instead, without being
+    /// held there. Each round peeks at what the source has, sends what
+    /// the destination takes, and only then drops exactly that much from the source, so what
+    /// the destination refused stays in the source's receive queue (and its window) and the
+    /// pump holds no bytes and no buffer between calls. `None` when the source reached EOF
+    /// with everything before it delivered (the caller passes the half-close on).
+    fn copy_without_pipe(
+        &mut self,
+        src: RawFd,
+        dst: RawFd,
+        pool: &mut PipePool,
+        budget: usize,
+        moved: &mut Moved,
+    ) -> Result<Option<PumpStatus>, PumpError> {
+        debug_assert_eq!(self.pending, 0);
+        let scratch = pool.scratch();
+        let mut copied = 0usize;
+        loop {
+            if copied >= budget {
+                return Ok(Some(PumpStatus::Yield));
+            }
+            let n = match sys::socket::peek_nonblocking(src, scratch) {
+                Ok(0) => {
+                    self.src_eof = true;
+                    return Ok(None);
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return Ok(Some(PumpStatus::WantRead))
+                }
+                Err(e) => return Err(PumpError::Source(errno(&e))),
+            };
+            let sent = match sys::socket::send_nonblocking(dst, &scratch[..n]) {
+                Ok(k) => k,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return Ok(Some(PumpStatus::WantWrite))
+                }
+                Err(e) => return Err(PumpError::Destination(errno(&e))),
+            };
+            // The peeked bytes are in the queue until this takes them: it cannot come short.
+            let dropped = sys::socket::discard(src, &mut scratch[..sent])
+                .map_err(|e| PumpError::Source(errno(&e)))?;
+            debug_assert_eq!(dropped, sent);
+            self.delivered += sent as u64;
+            moved.0 += sent as u64;
+            copied += sent;
         }
     }
 
@@ -364,11 +502,20 @@ mod tests {
     #[test]
     fn pump_delivers_every_byte_then_half_closes_destination() {
         for short in [false, true] {
-            pump_delivers_every_byte(short);
+            pump_delivers_every_byte(short, 64);
         }
     }
 
-    fn pump_delivers_every_byte(short: bool) {
+    /// With no pipe to be had (a budget of 0: every pipe busy), the pump copies, and still
+    /// delivers every byte in order and the half-close, holding nothing between calls.
+    #[test]
+    fn pump_without_a_pipe_copies_every_byte_then_half_closes_destination() {
+        for short in [false, true] {
+            pump_delivers_every_byte(short, 0);
+        }
+    }
+
+    fn pump_delivers_every_byte(short: bool, pipes: usize) {
         let (mut client, proxy_in) = tcp_pair();
         let (proxy_out, mut server) = tcp_pair();
         proxy_in.set_nonblocking(true).unwrap();
@@ -387,7 +534,7 @@ mod tests {
             server.read_to_end(&mut got).unwrap();
             got
         });
-        let mut pool = PipePool::new(65536, 4);
+        let mut pool = PipePool::new(65536, 4, pipes);
         let mut pump = Pump::default();
         let mut moved = Moved::default();
         loop {
@@ -407,7 +554,31 @@ mod tests {
         let _client = writer.join().unwrap();
         assert_eq!(reader.join().unwrap(), data);
         assert_eq!(moved.0, data.len() as u64);
-        assert_eq!(pool.idle(), 1, "an empty pipe goes back to the pool");
+        if pipes > 0 {
+            assert_eq!(pool.idle(), 1, "an empty pipe goes back to the pool");
+            assert_eq!(pool.exhausted, 0);
+        } else {
+            assert_eq!(pool.created, 0);
+            assert!(pool.exhausted > 0, "the copies are counted");
+        }
+        assert_eq!(pool.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_pool_never_has_more_pipes_than_its_budget() {
+        let mut pool = PipePool::new(65536, 4, 2);
+        let a = pool.get().unwrap();
+        let b = pool.get().unwrap();
+        assert_eq!(pool.get().unwrap_err(), NoPipe::Budget);
+        assert_eq!((pool.in_flight(), pool.exhausted), (2, 1));
+        // A pipe closed because it may hold bytes gives its place back, as one returned.
+        drop(a);
+        pool.put_empty(b);
+        assert_eq!((pool.in_flight(), pool.idle()), (0, 1));
+        let _c = pool.get().unwrap();
+        let _d = pool.get().unwrap();
+        assert_eq!(pool.created, 3);
+        assert_eq!(pool.get().unwrap_err(), NoPipe::Budget);
     }
 
     #[test]
@@ -416,7 +587,7 @@ mod tests {
         let (proxy_out, mut server) = tcp_pair();
         proxy_in.set_nonblocking(true).unwrap();
         proxy_out.set_nonblocking(true).unwrap();
-        let mut pool = PipePool::new(65536, 4);
+        let mut pool = PipePool::new(65536, 4, 64);
         let mut pump = Pump::default();
         for (round, short) in [(1u8, false), (2, true)] {
             client.write_all(&[round; 1000]).unwrap();
@@ -443,7 +614,7 @@ mod tests {
 
     #[test]
     fn a_pipe_holding_bytes_is_never_reused() {
-        let mut pool = PipePool::new(65536, 4);
+        let mut pool = PipePool::new(65536, 4, 64);
         let mut pump = Pump {
             pipe: Some(pool.get().unwrap()),
             pending: 10,

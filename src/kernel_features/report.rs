@@ -232,12 +232,13 @@ impl KernelReport {
 
         row("kernel release", self.kernel_release.clone(), Status::Ok);
         let nofile = self.open_files_limit;
-        // What the data path spends per flow: two sockets and a pipe per direction.
+        // What the data path spends per flow: its two sockets (pipes are a per-reactor budget,
+        // lent only while bytes are in flight; `run` logs the exact split).
         let per_flow = crate::data_plane::FDS_PER_FLOW;
         row(
             "open files (RLIMIT_NOFILE)",
             format!(
-                "soft {}, hard {} (~{} flows at {per_flow} fds each)",
+                "soft {}, hard {} (~{} flows at {per_flow} fds each, less the pipe budget)",
                 limit_text(nofile.soft),
                 limit_text(nofile.hard),
                 if nofile.soft == u64::MAX {

@@ -95,8 +95,6 @@ label_enum!(
         Http2 => "http2",
         /// The peer stopped answering PINGs.
         Keepalive => "keepalive",
-        /// No pipe could be had for a stream's payload.
-        Pipe => "pipe",
         /// A stream ended inside the DATA frame it was writing.
         StreamEndedMidFrame => "stream_ended_mid_frame",
         /// The socket could not be registered with the driver.

@@ -27,7 +27,6 @@ pub enum FailureKind {
     NotForThisWorkload,
     FlowLimit,
     TunnelUnavailable,
-    PipeUnavailable,
     SocketSetup,
     Accept,
     /// The HBONE tunnel could not be opened (connect, TLS handshake, peer identity) or died.
@@ -48,7 +47,7 @@ pub enum FailureKind {
 }
 
 impl FailureKind {
-    pub const ALL: [FailureKind; 22] = [
+    pub const ALL: [FailureKind; 21] = [
         FailureKind::DownstreamReset,
         FailureKind::NoOriginalDst,
         FailureKind::UpstreamRefused,
@@ -61,7 +60,6 @@ impl FailureKind {
         FailureKind::NotForThisWorkload,
         FailureKind::FlowLimit,
         FailureKind::TunnelUnavailable,
-        FailureKind::PipeUnavailable,
         FailureKind::SocketSetup,
         FailureKind::Accept,
         FailureKind::TunnelFailed,
@@ -88,7 +86,7 @@ impl FailureKind {
             | ConnectRejected
             | StreamReset => "upstream",
             Loop | NotForThisWorkload | PolicyDenied => "policy",
-            PipeUnavailable | SocketSetup | Accept => "kernel",
+            SocketSetup | Accept => "kernel",
             FlowLimit | TunnelUnavailable | TunnelPoolFull | Draining => "internal",
         }
     }
@@ -108,7 +106,6 @@ impl FailureKind {
             NotForThisWorkload => "not_for_this_workload",
             FlowLimit => "flow_limit",
             TunnelUnavailable => "hbone_tunnel_unavailable",
-            PipeUnavailable => "pipe_unavailable",
             SocketSetup => "socket_setup",
             Accept => "accept",
             TunnelFailed => "hbone_tunnel_failed",
@@ -270,6 +267,12 @@ pub struct ReactorMetrics {
     pub pipe_resize_refused: AtomicU64,
     /// Empty pipes held for reuse (two descriptors each).
     pub pipes_pooled: AtomicU64,
+    /// Pipes lent to flows and streams, carrying bytes.
+    pub pipes_in_flight: AtomicU64,
+    /// Times a flow or stream found every pipe of the budget busy and copied instead.
+    pub pipe_budget_exhausted: AtomicU64,
+    /// Times the kernel would not make a pipe and the bytes were copied instead.
+    pub pipes_refused: AtomicU64,
     /// Entries in the reactor's timer heap (live and stale; compacted when stale ones pile up).
     pub timers_queued: AtomicU64,
     /// Times the reactor, quiet after connections closed, gave freed memory back to the kernel.
@@ -303,6 +306,9 @@ impl ReactorMetrics {
             pipes_created: AtomicU64::new(0),
             pipe_resize_refused: AtomicU64::new(0),
             pipes_pooled: AtomicU64::new(0),
+            pipes_in_flight: AtomicU64::new(0),
+            pipe_budget_exhausted: AtomicU64::new(0),
+            pipes_refused: AtomicU64::new(0),
             timers_queued: AtomicU64::new(0),
             memory_returns: AtomicU64::new(0),
             longest_iteration_ns: AtomicU64::new(0),
@@ -506,6 +512,7 @@ pub struct ProcessFacts {
     pub open_files_soft: u64,
     pub open_files_hard: u64,
     pub max_flows_per_reactor: u64,
+    pub pipes_per_reactor: u64,
 }
 
 /// The control thread's counters: configuration reloads and the generation running.
@@ -627,7 +634,7 @@ impl Metrics {
                 );
             }
         }
-        let per_reactor: [PerReactorMetric; 9] = [
+        let per_reactor: [PerReactorMetric; 12] = [
             (
                 "ringtun_flows_open",
                 "gauge",
@@ -657,6 +664,24 @@ impl Metrics {
                 "counter",
                 "Pipes created (reuse not counted)",
                 |r| r.pipes_created.load(Relaxed),
+            ),
+            (
+                "ringtun_pipes_in_flight",
+                "gauge",
+                "Pipes lent to flows and tunnel streams, carrying bytes (two descriptors each)",
+                |r| r.pipes_in_flight.load(Relaxed),
+            ),
+            (
+                "ringtun_pipe_budget_exhausted_total",
+                "counter",
+                "Times a flow or stream found every pipe of its reactor's budget busy and copied its bytes through user space instead",
+                |r| r.pipe_budget_exhausted.load(Relaxed),
+            ),
+            (
+                "ringtun_pipes_refused_total",
+                "counter",
+                "Times the kernel would not make a pipe (descriptors, fs.pipe-user-pages-hard) and a flow or stream copied its bytes through user space instead",
+                |r| r.pipes_refused.load(Relaxed),
             ),
             (
                 "ringtun_reactor_memory_returns_total",
@@ -763,6 +788,11 @@ impl Metrics {
             out,
             "# HELP ringtun_max_flows_per_reactor Flow limit per reactor after the fd budget.\n# TYPE ringtun_max_flows_per_reactor gauge\nringtun_max_flows_per_reactor {}",
             self.facts.max_flows_per_reactor
+        );
+        let _ = writeln!(
+            out,
+            "# HELP ringtun_pipe_budget_per_reactor Pipes each reactor may have at once, after the fd budget.\n# TYPE ringtun_pipe_budget_per_reactor gauge\nringtun_pipe_budget_per_reactor {}",
+            self.facts.pipes_per_reactor
         );
         let mut denials: std::collections::BTreeMap<DenialLabels, u64> = Default::default();
         for r in &self.reactors {

@@ -247,6 +247,31 @@ pub fn recv_nonblocking(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
+/// One non-blocking `recv` with `MSG_PEEK`: copies what waits without taking it off the
+/// socket. `Ok(0)` is EOF, `WouldBlock` when nothing waits.
+pub fn peek_nonblocking(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        match nix_socket::recv(fd, buf, MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_PEEK) {
+            Ok(n) => return Ok(n),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(io_error(e)),
+        }
+    }
+}
+
+/// Takes `room.len()` bytes that [`peek_nonblocking`] saw off a TCP socket without copying
+/// them: `MSG_TRUNC`, which TCP implements as discard (tcp(7)); `room` only has to be as long
+/// as what is dropped. Returns how many were dropped.
+pub fn discard(fd: RawFd, room: &mut [u8]) -> io::Result<usize> {
+    loop {
+        match nix_socket::recv(fd, room, MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_TRUNC) {
+            Ok(n) => return Ok(n),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(io_error(e)),
+        }
+    }
+}
+
 /// `readv(2)` into `iov`, retrying EINTR; `Ok(0)` is EOF, `WouldBlock` on a non-blocking
 /// socket with nothing to read.
 pub fn readv(fd: RawFd, iov: &mut [io::IoSliceMut<'_>]) -> io::Result<usize> {

@@ -43,8 +43,6 @@ pub enum TunnelError {
     Http2(String),
     #[error("peer did not answer PING")]
     Keepalive,
-    #[error("no pipe for stream payload: {}", errno_text(*.0))]
-    Pipe(i32),
     #[error("a stream ended inside its DATA frame")]
     StreamEndedMidFrame,
     #[error("cannot register the socket: {}", errno_text(*.0))]
@@ -75,7 +73,6 @@ impl TunnelError {
             Write(_) => TunnelFailure::Write,
             Http2(_) => TunnelFailure::Http2,
             Keepalive => TunnelFailure::Keepalive,
-            Pipe(_) => TunnelFailure::Pipe,
             StreamEndedMidFrame => TunnelFailure::StreamEndedMidFrame,
             Register(_) => TunnelFailure::Register,
             Internal(_) => TunnelFailure::Internal,

@@ -108,8 +108,10 @@ pub enum SendStatus {
 pub enum SendError {
     Source(i32),
     Tunnel(i32),
-    /// No pipe could be had.
-    Pipe(i32),
+    /// No pipe to be had (every pipe of the reactor's budget is carrying bytes, or the kernel
+    /// would not make one: the pool counts which). Nothing was read and no frame is open, so
+    /// the caller moves this wakeup's bytes by copying.
+    NoPipe,
     /// The session refused to give a header; the caller asks it why.
     HeaderRefused,
 }
@@ -274,7 +276,7 @@ impl<P: SplicePipe> FrameSender<P> {
             let may_read = blocked_at.is_none_or(|at| self.pending < at);
             if !self.src_eof && read < budget && may_read {
                 if self.pipe.is_none() {
-                    self.pipe = Some(pool.get().map_err(|e| SendError::Pipe(errno(&e)))?);
+                    self.pipe = Some(pool.get().map_err(|_| SendError::NoPipe)?);
                 }
                 let pipe = self.pipe.as_ref().expect("just ensured");
                 let room = pipe.capacity().saturating_sub(self.pending);
@@ -405,7 +407,7 @@ mod tests {
         let (tunnel, mut peer) = tcp_pair();
         src.set_nonblocking(true).unwrap();
         tunnel.set_nonblocking(true).unwrap();
-        let mut pool = PipePool::new(64 << 10, 4);
+        let mut pool = PipePool::new(64 << 10, 4, 64);
         let mut sender: FrameSender<Pipe> = FrameSender::new(false);
         for round in 1..=2u8 {
             client.write_all(&[round; 100]).unwrap();

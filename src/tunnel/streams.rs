@@ -57,19 +57,13 @@ pub enum StreamEnd {
     TunnelBroken { kind: FailureKind },
     /// ringtun ended it (idle, drain deadline): both ends reset.
     Cut(CloseKind),
-    /// ringtun could not go on while the socket and the tunnel were fine (no pipe to be had):
-    /// both ends reset, the failure counted.
-    Failed { kind: FailureKind, errno: i32 },
 }
 
 impl StreamEnd {
     /// Whether the local socket is closed with a reset (the other side broke, or ringtun cut
     /// the flow: a FIN would let the application take a cut-off stream for a complete one).
     pub fn resets_local(self) -> bool {
-        matches!(
-            self,
-            StreamEnd::Cut(_) | StreamEnd::TunnelBroken { .. } | StreamEnd::Failed { .. }
-        )
+        matches!(self, StreamEnd::Cut(_) | StreamEnd::TunnelBroken { .. })
     }
 }
 
@@ -308,11 +302,10 @@ mod tests {
 
     #[test]
     fn the_local_socket_is_reset_unless_it_broke_or_the_stream_ended_cleanly() {
-        let k = FailureKind::PipeUnavailable;
+        let k = FailureKind::StreamReset;
         assert!(!StreamEnd::Clean.resets_local());
         assert!(!StreamEnd::LocalBroken { kind: k, errno: 0 }.resets_local());
         assert!(StreamEnd::TunnelBroken { kind: k }.resets_local());
         assert!(StreamEnd::Cut(CloseKind::IdleTimeout).resets_local());
-        assert!(StreamEnd::Failed { kind: k, errno: 0 }.resets_local());
     }
 }

@@ -62,7 +62,7 @@ docs=${RINGTUN_VM_DOCS:-1}
 lib_filters=${RINGTUN_VM_FILTERS:-tls::ktls tls::tests kernel_features}
 # Small data only: TCG runs these 20-50x slower than the host. The 1 GiB and 200-connection
 # tests stay on the host.
-hbone_tests=${RINGTUN_VM_HBONE-io_uring::bytes_cross_two_nodes_intact io_uring::client_half_close_maps_to_end_stream io_uring::upstream_reset_reaches_client_as_reset io_uring::record_budget_retires_tunnels_without_losing_bytes io_uring::wrong_server_identity_is_refused_by_the_client io_uring::a_stream_waiting_for_credit_sleeps io_uring::idle_streams_hold_their_socket_and_no_pipe epoll::bytes_cross_two_nodes_intact}
+hbone_tests=${RINGTUN_VM_HBONE-io_uring::bytes_cross_two_nodes_intact io_uring::client_half_close_maps_to_end_stream io_uring::upstream_reset_reaches_client_as_reset io_uring::record_budget_retires_tunnels_without_losing_bytes io_uring::wrong_server_identity_is_refused_by_the_client io_uring::a_stream_waiting_for_credit_sleeps io_uring::idle_streams_hold_their_socket_and_no_pipe io_uring::streams_beyond_the_pipe_budget_copy_every_byte epoll::bytes_cross_two_nodes_intact}
 # tests/kernel_matrix.rs: ringtun's own choices against kernel oracles, TLS records only an
 # independent peer sends (NewSessionTicket, KeyUpdate), and byte order across retirements.
 km_tests=${RINGTUN_VM_KM-auto_driver_follows_the_kernel_and_serves hbone_tunnel_tls_follows_the_kernel new_session_tickets_from_the_peer_do_not_break_the_tunnel peer_key_update_never_corrupts_or_truncates_silently record_budget_retirement_keeps_every_byte_in_order_epoll record_budget_retirement_keeps_every_byte_in_order_copied_payload}

@@ -31,7 +31,7 @@ node:
     idle: 1h                      # a flow with no bytes either way is closed
     drain: 30s                    # on SIGTERM, how long open flows may finish
   limits:                         # per-reactor resource caps
-    max_flows_per_reactor: 4096   # accepts beyond this are refused and counted
+    max_flows_per_reactor: 16384  # accepts beyond this are refused and counted (the fd budget may cap it lower)
     max_handshakes_per_reactor: 256  # connections to 15008 still in their TLS handshake
     max_handshakes_per_source: 16    # of those, from one client address (IPv6: one /64)
     max_tunnels_per_peer: 256     # server tunnels per peer identity and per peer address
@@ -39,6 +39,7 @@ node:
     pipe_size: 262144             # bytes per pipe (F_SETPIPE_SZ), 4096..=16 MiB
     max_bytes_per_wakeup: 1048576 # per flow direction before yielding to other flows
     pipe_pool_size: 64            # empty pipes kept per reactor for reuse
+    pipes_per_reactor: 256        # pipes carrying bytes at once (2 fds each); beyond, bytes are copied
   hbone:                          # mesh tunnels (used when `tls` below is set)
     max_streams_per_tunnel: 100   # connections one pooled outbound tunnel carries (ztunnel: 100)
     keepalive_interval: 10s       # PING the peer this often (`off`: never)
@@ -256,6 +257,7 @@ mod tests {
             "pipe_size:",
             "max_bytes_per_wakeup:",
             "pipe_pool_size:",
+            "pipes_per_reactor:",
             "hbone:",
             "max_streams_per_tunnel:",
             "pool_idle_timeout:",

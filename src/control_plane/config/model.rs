@@ -272,6 +272,10 @@ pub struct SpliceSettings {
     pub max_bytes_per_wakeup: usize,
     /// Empty pipes a reactor keeps for reuse.
     pub pipe_pool_size: usize,
+    /// Pipes a reactor may have at once (two descriptors each). Flows and tunnel streams take
+    /// one per direction only while bytes are in flight; with every one busy, bytes are
+    /// copied through user space until one is free. 0: always copy.
+    pub pipes_per_reactor: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]

@@ -55,7 +55,12 @@ const LIMITS_KEYS: &[&str] = &[
     "max_handshakes_per_source",
     "max_tunnels_per_peer",
 ];
-const SPLICE_KEYS: &[&str] = &["pipe_size", "max_bytes_per_wakeup", "pipe_pool_size"];
+const SPLICE_KEYS: &[&str] = &[
+    "pipe_size",
+    "max_bytes_per_wakeup",
+    "pipe_pool_size",
+    "pipes_per_reactor",
+];
 const TLS_KEYS: &[&str] = &["trust_bundle", "certificate_dir", "node_ca"];
 const NODE_CA_KEYS: &[&str] = &["certificate", "key", "certificate_lifetime"];
 /// Node CA mode's default certificate lifetime.
@@ -107,7 +112,7 @@ pub(super) const DEFAULT_TIMEOUTS: Timeouts = Timeouts {
     drain: Duration::from_secs(30),
 };
 pub(super) const DEFAULT_LIMITS: Limits = Limits {
-    max_flows_per_reactor: 4096,
+    max_flows_per_reactor: 16384,
     max_handshakes_per_reactor: 256,
     max_handshakes_per_source: 16,
     max_tunnels_per_peer: 256,
@@ -116,6 +121,7 @@ pub(super) const DEFAULT_SPLICE: SpliceSettings = SpliceSettings {
     pipe_size: 256 * 1024,
     max_bytes_per_wakeup: 1024 * 1024,
     pipe_pool_size: 64,
+    pipes_per_reactor: 256,
 };
 pub const DEFAULT_HBONE: HboneSettings = HboneSettings {
     max_streams_per_tunnel: 100,
@@ -512,10 +518,17 @@ fn check_node(c: &mut Checker, n: &Node) -> (Option<String>, Option<NodeConfig>)
             DEFAULT_SPLICE.pipe_pool_size,
             |c, v, p| usize_in(c, v, p, 0, 65536),
         );
+        let pipes = s.or_default(
+            c,
+            "pipes_per_reactor",
+            DEFAULT_SPLICE.pipes_per_reactor,
+            |c, v, p| usize_in(c, v, p, 0, 65536),
+        );
         Some(SpliceSettings {
             pipe_size: pipe_size?,
             max_bytes_per_wakeup: per_wakeup?,
             pipe_pool_size: pool?,
+            pipes_per_reactor: pipes?,
         })
     });
     let tls = f.or_default(c, "tls", None, |c, v, path| {
@@ -1270,7 +1283,7 @@ node:
   readiness: 127.0.0.1:9021
   timeouts: {connect: 250ms, idle: 10m, drain: 2s}
   limits: {max_flows_per_reactor: 100}
-  splice: {pipe_size: 65536, max_bytes_per_wakeup: 4096, pipe_pool_size: 0}
+  splice: {pipe_size: 65536, max_bytes_per_wakeup: 4096, pipe_pool_size: 0, pipes_per_reactor: 0}
   tls:
     trust_bundle: /etc/ringtun/ca.pem
     certificate_dir: certs
@@ -1351,6 +1364,7 @@ policies:
                     pipe_size: 65536,
                     max_bytes_per_wakeup: 4096,
                     pipe_pool_size: 0,
+                    pipes_per_reactor: 0,
                 },
                 tls: Some(TlsSettings {
                     trust_bundle: PathBuf::from("/etc/ringtun/ca.pem"),

@@ -176,6 +176,8 @@ pub struct ReactorSpec {
     pub control: Arc<ReactorControl>,
     pub observer: Option<Observer>,
     pub max_flows: usize,
+    /// Pipes this reactor may have at once (`app::reactor_budget`).
+    pub pipes: usize,
     /// Pin the thread to this CPU.
     pub cpu: Option<usize>,
 }
@@ -242,7 +244,7 @@ impl Reactor {
                 .credentials
                 .clone()
                 .map(|c| Tunnels::new(spec.id, c, &state.config.node)),
-            pool: PipePool::new(splice.pipe_size, splice.pipe_pool_size),
+            pool: PipePool::new(splice.pipe_size, splice.pipe_pool_size, spec.pipes),
             timers: BinaryHeap::new(),
             runnable: Vec::new(),
             picker: EndpointPicker::default(),
@@ -333,9 +335,7 @@ impl Reactor {
             }
             self.run_queued(now);
             self.fire_timers(now);
-            self.metrics
-                .pipes_pooled
-                .store(self.pool.idle() as u64, Relaxed);
+            self.account_pipes();
             self.metrics
                 .timers_queued
                 .store(self.timers.len() as u64, Relaxed);
@@ -377,6 +377,40 @@ impl Reactor {
                     return Ok(());
                 }
             }
+        }
+    }
+
+    /// Publishes the pipe pool's state; says (rate-limited) when flows found every pipe busy
+    /// and copied instead.
+    fn account_pipes(&mut self) {
+        let m = &self.metrics;
+        m.pipes_pooled.store(self.pool.idle() as u64, Relaxed);
+        m.pipes_in_flight
+            .store(self.pool.in_flight() as u64, Relaxed);
+        let before = m.pipe_budget_exhausted.swap(self.pool.exhausted, Relaxed);
+        if self.pool.exhausted > before {
+            crate::log_limited!(
+                log::Level::Warn,
+                "pipe_budget_exhausted",
+                "reactor {}: all {} pipes are carrying bytes; {} transfers copied through user \
+                 space instead (splice.pipes_per_reactor; ringtun_pipe_budget_exhausted_total)",
+                self.id,
+                self.pool.budget(),
+                self.pool.exhausted - before
+            );
+        }
+        let before = m.pipes_refused.swap(self.pool.refused, Relaxed);
+        if self.pool.refused > before {
+            crate::log_limited!(
+                log::Level::Warn,
+                "pipes_refused",
+                "reactor {}: the kernel would not make a pipe ({}); {} transfers copied through \
+                 user space instead (descriptors, or fs.pipe-user-pages-hard without \
+                 CAP_SYS_RESOURCE; ringtun_pipes_refused_total)",
+                self.id,
+                std::io::Error::from_raw_os_error(self.pool.last_refusal),
+                self.pool.refused - before
+            );
         }
     }
 
@@ -1108,13 +1142,6 @@ impl Reactor {
                 drop(f.down);
                 drop(f.up);
                 (CloseKind::Clean, None, None)
-            }
-            End::Failed { kind, errno } => {
-                socket::close_with_reset(f.down);
-                socket::close_with_reset(f.up);
-                self.metrics.failure(kind);
-                let close = CloseKind::broken(was_open);
-                (close, Some(kind), Some(errno).filter(|e| *e != 0))
             }
             End::Broken {
                 failed,

@@ -1283,7 +1283,7 @@ impl Tunnels {
         let (close, failure, errno) = match end {
             StreamEnd::Clean => (CloseKind::Clean, None, None),
             StreamEnd::Cut(kind) => (kind, None, None),
-            StreamEnd::LocalBroken { kind, errno } | StreamEnd::Failed { kind, errno } => {
+            StreamEnd::LocalBroken { kind, errno } => {
                 io.metrics.failure(kind);
                 (
                     CloseKind::broken(was_open),

@@ -128,7 +128,6 @@ impl Tunnel {
                     Ok(SpliceIn::WouldBlock) => return Ok(None),
                     Ok(SpliceIn::Eof) => return Err(TunnelError::PeerClosedInsideFrame),
                     Ok(SpliceIn::Copy) => {}
-                    Err(SpliceInError::Pipe(e)) => return Err(TunnelError::Pipe(e)),
                     Err(SpliceInError::Source(e)) => return Err(TunnelError::Read(e)),
                 }
             }

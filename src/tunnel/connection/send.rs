@@ -242,16 +242,8 @@ impl Tunnel {
                 let end = s.local_broken(errno);
                 return self.end_stream(id, end, ctx);
             }
-            Err(SendError::Pipe(errno)) => {
-                return self.end_stream(
-                    id,
-                    StreamEnd::Failed {
-                        kind: FailureKind::PipeUnavailable,
-                        errno,
-                    },
-                    ctx,
-                )
-            }
+            // Nothing was read and no frame is open: this wakeup's bytes go copied.
+            Err(SendError::NoPipe) => self.send_copied(id, ctx),
             Err(SendError::Tunnel(errno)) => return self.fail(TunnelError::Write(errno), ctx),
         }
         if !mid_frame && self.close_when_written {

@@ -251,7 +251,7 @@ impl Harness {
             tls,
             Readiness::Level,
             env,
-            PipePool::new(256 << 10, 16),
+            PipePool::new(256 << 10, 16, 64),
             (spare, sock),
         );
         h.client.t = None;
@@ -267,7 +267,7 @@ impl Harness {
             tls,
             readiness,
             env,
-            PipePool::new(256 << 10, 16),
+            PipePool::new(256 << 10, 16, 64),
             tcp_pair(),
         )
     }

@@ -96,7 +96,7 @@ fn one_run(seed: u64) {
     let mut env = env();
     env.max_bytes_per_wakeup = [4096, 65_536, 1 << 20][rng.below(3) as usize];
     let socks = relayed(&mut rng);
-    let mut h = Harness::new(tls, readiness, env, PipePool::new(pipe, 4), socks);
+    let mut h = Harness::new(tls, readiness, env, PipePool::new(pipe, 4, 64), socks);
     h.accept_after = Duration::from_millis(rng.below(20));
     let app_rng = Arc::new(Mutex::new(Rng(rng.next() | 1)));
     h.on_accept = Box::new(move |_, sock| {
