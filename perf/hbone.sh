@@ -22,6 +22,8 @@
 #   PERF_RATE_CONCURRENCY=32   tcp-load rate --concurrency
 #   PERF_MSG_BYTES=1024     bytes per exchange for tcp-load rate and latency
 #   PERF_NO_BUILD=0         1: skip `cargo build --release` (use the existing binaries)
+#   PERF_RINGTUN=           the ringtun binary to measure (default: the release build), to
+#                           compare two builds in alternating runs
 #   PERF_KEEP_LOGS=0        1: keep the scratch directory (logs, configs, certificates, raw JSON)
 set -Eeuo pipefail
 
@@ -133,7 +135,7 @@ if [[ $NO_BUILD != 1 ]]; then
 fi
 TARGET_DIR=$(cd "$REPO" && cargo metadata --format-version 1 --no-deps | jq -r .target_directory) \
     || die "cargo metadata failed"
-RINGTUN="$TARGET_DIR/release/ringtun"
+RINGTUN="${PERF_RINGTUN:-$TARGET_DIR/release/ringtun}"
 H2TUN="$TARGET_DIR/release/h2-tunnel"
 LOAD="$TARGET_DIR/release/tcp-load"
 for b in "$RINGTUN" "$H2TUN" "$LOAD"; do

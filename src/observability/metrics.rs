@@ -275,7 +275,7 @@ pub struct ReactorMetrics {
     pub pipes_refused: AtomicU64,
     /// Entries in the reactor's timer heap (live and stale; compacted when stale ones pile up).
     pub timers_queued: AtomicU64,
-    /// Times the reactor, quiet after connections closed, gave freed memory back to the kernel.
+    /// Times the reactor, quiet after connections opened or closed, gave freed memory back to the kernel.
     pub memory_returns: AtomicU64,
     /// The longest one loop iteration took (events, queued work, timers), nanoseconds: how
     /// long the reactor stalled at worst, reloads included.
@@ -686,7 +686,7 @@ impl Metrics {
             (
                 "ringtun_reactor_memory_returns_total",
                 "counter",
-                "Times a reactor, quiet after connections closed, gave freed memory back to the kernel",
+                "Times a reactor, quiet after connections opened or closed, gave freed memory back to the kernel",
                 |r| r.memory_returns.load(Relaxed),
             ),
             (

@@ -5,7 +5,7 @@
 //! slow path. A reactor that goes quiet after a burst makes no such calls, so without help the
 //! node keeps the burst's peak as its resident memory for as long as it stays quiet (the soak,
 //! `tests/soak.rs`, measured a node at rest 20 MB above its working set). Reactors call
-//! [`return_freed_memory`] once they have been quiet for a moment after connections closed.
+//! [`return_freed_memory`] once they have been quiet for a moment after connections opened or closed.
 
 /// Frees this thread's empty pages and purges every page freed anywhere in the process,
 /// whether or not its purge delay has passed. It walks this thread's heap pages and makes

@@ -40,8 +40,16 @@ use crate::tls::record_layer::{self, Opener, RecordWriter, Sealer};
 pub const OUT_LIMIT: usize = 1024 * 1024;
 /// Plaintext read from the peer per fill in copy mode.
 pub const INPUT_CHUNK: usize = 256 * 1024;
-/// Raw TLS bytes read per `recv` in user-space mode.
+/// Raw TLS bytes read per `recv` in user-space mode, at most.
 const RAW_CHUNK: usize = 256 * 1024;
+/// What the receive buffer starts with beyond one record's worth: it doubles each time a
+/// `recv` fills it, up to [`RAW_CHUNK`], so an idle tunnel never holds the bulk size.
+const RAW_START: usize = 16 * 1024;
+/// A DATA frame read from a stream's socket starts at this many payload bytes; each read that
+/// fills its size doubles the next (up to what the caller allows), and a short one brings it
+/// back to twice what it got. Output buffers then grow only as far as the tunnel's traffic
+/// really fills them: one byte sent no longer sizes (and zero-fills) a megabyte of them.
+const FRAME_READ_START: usize = 16 * 1024;
 
 /// What reading from the peer produced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,6 +124,8 @@ struct UserTls {
     raw_len: usize,
     /// Plaintext of opened records, in place in `raw` (`start..end`), not yet consumed.
     plain: VecDeque<(usize, usize)>,
+    /// How much a `recv` may take now (see [`RAW_START`]).
+    raw_want: usize,
     writer: RecordWriter,
     /// Records sealed and already charged to the budget.
     charged: u64,
@@ -173,6 +183,8 @@ pub struct Transport {
     input: Bytes,
     /// kTLS: plaintext queued for the peer. User-space TLS queues into its records instead.
     out: Bytes,
+    /// Payload bytes the next DATA frame read may take (see [`FRAME_READ_START`]).
+    frame_read: usize,
     budget: RecordBudget,
     /// `None` where no TLS session stands behind the socket (the tests' plaintext tunnels).
     keys: Option<KeyUpdates>,
@@ -195,6 +207,7 @@ impl Transport {
             mode: Mode::Kernel,
             input: Bytes::default(),
             out: Bytes::default(),
+            frame_read: FRAME_READ_START,
             budget,
             keys,
         };
@@ -218,12 +231,14 @@ impl Transport {
                 raw_pos: 0,
                 raw_len: 0,
                 plain: VecDeque::new(),
+                raw_want: RAW_START,
                 writer: RecordWriter::new(sealer),
                 charged: 0,
                 closed: false,
             })),
             input: Bytes::default(),
             out: Bytes::default(),
+            frame_read: FRAME_READ_START,
             budget,
             keys,
         };
@@ -315,21 +330,27 @@ impl Transport {
         max: usize,
         header: impl FnOnce(usize) -> io::Result<[u8; FRAME_HEADER_LEN]>,
     ) -> io::Result<usize> {
-        if let Mode::User(st) = &mut self.mode {
-            return st.writer.read_frame::<FRAME_HEADER_LEN>(
+        let max = max.min(self.frame_read);
+        let n = if let Mode::User(st) = &mut self.mode {
+            st.writer.read_frame::<FRAME_HEADER_LEN>(
                 max,
                 |iov| crate::sys::socket::readv(src, iov),
                 header,
-            );
+            )?
+        } else {
+            let room = self.out.spare(FRAME_HEADER_LEN + max);
+            let n = crate::sys::socket::recv_nonblocking(src, &mut room[FRAME_HEADER_LEN..])?;
+            if n == 0 {
+                return Ok(0);
+            }
+            let h = header(n)?;
+            room[..FRAME_HEADER_LEN].copy_from_slice(&h);
+            self.out.commit(FRAME_HEADER_LEN + n);
+            n
+        };
+        if n > 0 {
+            self.frame_read = (2 * n).max(FRAME_READ_START);
         }
-        let room = self.out.spare(FRAME_HEADER_LEN + max);
-        let n = crate::sys::socket::recv_nonblocking(src, &mut room[FRAME_HEADER_LEN..])?;
-        if n == 0 {
-            return Ok(0);
-        }
-        let h = header(n)?;
-        room[..FRAME_HEADER_LEN].copy_from_slice(&h);
-        self.out.commit(FRAME_HEADER_LEN + n);
         Ok(n)
     }
 
@@ -654,15 +675,22 @@ fn user_fill(
             st.raw_len -= st.raw_pos;
             st.raw_pos = 0;
         }
-        let size = RAW_CHUNK + 2 * (record_layer::MAX_PLAINTEXT + 512);
+        // Room for the rest of a record in progress and another whole one, plus what reads
+        // have shown they fill.
+        let size = st.raw_want + 2 * (record_layer::MAX_PLAINTEXT + 512);
         if st.raw.len() < size {
-            // Allocated once, zeroed once: reads land in it without clearing.
+            // Zeroed once per size: reads land in it without clearing.
             st.raw.resize(size, 0);
         }
         match crate::sys::socket::recv_nonblocking(fd, &mut st.raw[st.raw_len..]) {
             Ok(0) if st.raw_len > 0 => return Err(TunnelError::PeerClosedInsideRecord),
             Ok(0) => return Err(TunnelError::PeerClosedWithoutCloseNotify),
-            Ok(n) => st.raw_len += n,
+            Ok(n) => {
+                if st.raw_len + n == st.raw.len() {
+                    st.raw_want = (2 * st.raw_want).min(RAW_CHUNK);
+                }
+                st.raw_len += n;
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Fill::WouldBlock),
             Err(e) => return Err(TunnelError::Read(errno(&e))),
         }
@@ -672,6 +700,60 @@ fn user_fill(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+
+    /// A stream that sends one byte costs its tunnel's output buffer one small frame, not the
+    /// megabyte its credit would allow; a stream that keeps filling its reads doubles them.
+    #[test]
+    fn frame_reads_grow_with_what_the_socket_really_has() {
+        let (mut app, src) = crate::data_plane::socket::tcp_pair();
+        src.set_nonblocking(true).unwrap();
+        let mut t = Transport::kernel(Vec::new(), RecordBudget::default(), None);
+        let header = |n: usize| Ok([n as u8; FRAME_HEADER_LEN]);
+        app.write_all(b"x").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(
+            t.read_data_frame(src.as_raw_fd(), 1 << 20, header).unwrap(),
+            1
+        );
+        assert!(
+            t.out.buf.len() <= FRAME_HEADER_LEN + FRAME_READ_START,
+            "one byte sized the output to {} bytes",
+            t.out.buf.len()
+        );
+        let writer = std::thread::spawn(move || {
+            app.write_all(&vec![7u8; 4 << 20]).unwrap();
+            app
+        });
+        let mut reads: Vec<usize> = Vec::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while reads.iter().sum::<usize>() < 4 << 20 && std::time::Instant::now() < deadline {
+            match t.read_data_frame(src.as_raw_fd(), 1 << 20, header) {
+                Ok(n) => reads.push(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(std::time::Duration::from_millis(1))
+                }
+                Err(e) => panic!("read failed: {e}"),
+            }
+            // What was framed leaves, as the tunnel's writes would take it.
+            t.out.consume(t.out.len());
+        }
+        let _app = writer.join().unwrap();
+        assert_eq!(reads.iter().sum::<usize>(), 4 << 20, "every byte was read");
+        let mut allowed = FRAME_READ_START;
+        for &n in &reads {
+            assert!(
+                n <= allowed,
+                "a read of {n} where {allowed} was allowed: {reads:?}"
+            );
+            allowed = (2 * n).max(FRAME_READ_START).min(1 << 20);
+        }
+        assert!(
+            reads.iter().any(|&n| n > 64 << 10),
+            "reads never grew past 64 KiB: {reads:?}"
+        );
+    }
 
     #[test]
     fn bytes_keep_order_across_compaction() {

@@ -44,7 +44,8 @@ use crate::redirection::original_dst::original_dst;
 
 /// Ring entries: room for accepts, connects and two polls per busy flow per wakeup.
 const RING_ENTRIES: u32 = 4096;
-/// How long a reactor stays quiet after connections closed before it gives freed memory back.
+/// How long a reactor stays quiet after connections opened or closed before it gives freed
+/// memory back.
 const IDLE_MEMORY_RETURN: Duration = Duration::from_secs(1);
 
 /// The node's reactors, seen together for the drain: how many still serve connections, and
@@ -203,8 +204,9 @@ pub struct Reactor {
     next_generation: u32,
     max_flows: usize,
     drain_deadline: Option<Instant>,
-    /// Flows or tunnels closed, and the reactor has not yet been quiet since: when it has been
-    /// for [`IDLE_MEMORY_RETURN`], freed memory goes back to the kernel (`sys::allocator`).
+    /// Flows or tunnels opened or closed, and the reactor has not yet been quiet since: when it
+    /// has been for [`IDLE_MEMORY_RETURN`], freed memory goes back to the kernel
+    /// (`sys::allocator`).
     return_memory_at: Option<Instant>,
     /// Flows, tunnel streams and tunnels open after the last wakeup, to notice closes.
     open_last: usize,
@@ -414,8 +416,8 @@ impl Reactor {
         }
     }
 
-    /// After connections closed, gives freed memory back once a wakeup finds nothing to do
-    /// [`IDLE_MEMORY_RETURN`] after the last close: under churn the allocator's own paths
+    /// After connections opened or closed, gives freed memory back once a wakeup finds
+    /// nothing to do [`IDLE_MEMORY_RETURN`] after the last change: under churn the allocator's own paths
     /// purge, and a reactor that has gone quiet would otherwise keep its burst's peak.
     fn return_memory_when_quiet(&mut self, quiet: bool, now: Instant) {
         let open = self.flows.len()
@@ -423,7 +425,8 @@ impl Reactor {
                 .hbone
                 .as_ref()
                 .map_or(0, |h| h.flow_count() + h.tunnel_count());
-        if open < self.open_last {
+        // Opening connections frees memory too (resolution, handshakes, first buffers).
+        if open != self.open_last {
             self.return_memory_at = Some(now + IDLE_MEMORY_RETURN);
         }
         self.open_last = open;
