@@ -747,7 +747,7 @@ mod tests {
                 n <= allowed,
                 "a read of {n} where {allowed} was allowed: {reads:?}"
             );
-            allowed = (2 * n).max(FRAME_READ_START).min(1 << 20);
+            allowed = (2 * n).clamp(FRAME_READ_START, 1 << 20);
         }
         assert!(
             reads.iter().any(|&n| n > 64 << 10),
