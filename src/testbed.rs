@@ -652,6 +652,18 @@ impl RingtunProcess {
             .collect()
     }
 
+    /// Resident memory (VmRSS) now, in KiB; 0 once the process is gone.
+    pub fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
     /// Descriptors the process holds now.
     pub fn fd_count(&self) -> usize {
         std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
@@ -813,6 +825,40 @@ pub fn is_reset(e: &io::Error) -> bool {
 /// SO_LINGER 0: closing the socket then sends a RST instead of a FIN.
 pub fn set_linger_zero(s: &TcpStream) {
     let _ = crate::sys::socket::set_linger_zero(std::os::fd::AsRawFd::as_raw_fd(s));
+}
+
+/// `n` exchanges of `bytes` each way at once: clients from `connect` (each on its own thread),
+/// served on `listener`. Asserts every byte arrived intact both ways: every client sends the
+/// same pattern and every server answers with one, so each side's hash of what arrived must be
+/// the other side's hash of what it sent.
+pub fn concurrent_exchanges_intact(
+    listener: TcpListener,
+    n: usize,
+    bytes: u64,
+    connect: impl Fn() -> TcpStream,
+) {
+    let server = serve_exchanges(listener, n, bytes, 2);
+    let clients: Vec<_> = (0..n)
+        .map(|_| {
+            let s = connect();
+            s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+            std::thread::spawn(move || exchange(s, bytes, 1).expect("client exchange"))
+        })
+        .collect();
+    let mine: Vec<Exchange> = clients.into_iter().map(|h| h.join().unwrap()).collect();
+    let theirs = server.join().unwrap().expect("server exchanges");
+    assert_eq!(theirs.len(), n);
+    for (c, s) in mine.iter().zip(&theirs) {
+        assert_eq!((c.received, s.received), (bytes, bytes));
+        assert_eq!(
+            s.received_hash, mine[0].sent_hash,
+            "client → server bytes differ"
+        );
+        assert_eq!(
+            c.received_hash, theirs[0].sent_hash,
+            "server → client bytes differ"
+        );
+    }
 }
 
 /// Accepts `count` connections on `listener`, answering each with [`exchange`] of `bytes`.

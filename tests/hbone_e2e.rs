@@ -472,29 +472,10 @@ fn streams_beyond_the_pipe_budget_copy_every_byte(driver: &str) {
     let m = Mesh::start(Path::new(BIN), driver, "  splice: {pipes_per_reactor: 1}\n");
     const N: usize = 8;
     const BYTES: u64 = 2 << 20;
-    let server = serve_exchanges(m.listen(Pod::Mesh1, MESH_PORT), N, BYTES, 2);
     let ns = m.tb.pod_ns(Pod::Client).unwrap();
-    let clients: Vec<_> = (0..N)
-        .map(|_| {
-            let s = connect_in(&ns, mesh1()).expect("client connects");
-            s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-            std::thread::spawn(move || testbed::exchange(s, BYTES, 1).unwrap())
-        })
-        .collect();
-    let mine: Vec<_> = clients.into_iter().map(|h| h.join().unwrap()).collect();
-    let theirs = server.join().unwrap().unwrap();
-    assert_eq!(theirs.len(), N);
-    for (c, s) in mine.iter().zip(&theirs) {
-        assert_eq!((c.received, s.received), (BYTES, BYTES));
-        assert_eq!(
-            s.received_hash, mine[0].sent_hash,
-            "client → server bytes differ"
-        );
-        assert_eq!(
-            c.received_hash, theirs[0].sent_hash,
-            "server → client bytes differ"
-        );
-    }
+    testbed::concurrent_exchanges_intact(m.listen(Pod::Mesh1, MESH_PORT), N, BYTES, || {
+        connect_in(&ns, mesh1()).expect("client connects")
+    });
     let copied: f64 = [m.a(), m.b()]
         .iter()
         .map(|r| {

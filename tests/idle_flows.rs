@@ -31,18 +31,6 @@ use ringtun::testbed::{connect_in, listen_in, root_or_skip, Pod, RingtunProcess,
 const BIN: &str = env!("CARGO_BIN_EXE_ringtun");
 const EXT_PORT: u16 = 9300;
 
-/// VmRSS of `pid` in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// Memory and descriptors of one node, once its descriptor count stopped changing.
 #[derive(Clone, Copy)]
 struct Reading {
@@ -55,7 +43,7 @@ fn read(r: &RingtunProcess) -> Reading {
     // The reactors return freed memory a second after their last close; let them.
     std::thread::sleep(Duration::from_millis(1500));
     Reading {
-        rss_kib: rss_kib(r.pid()),
+        rss_kib: r.rss_kib(),
         fds,
     }
 }

@@ -204,18 +204,6 @@ fn sleep_unless(stop: &AtomicBool, d: Duration) {
     }
 }
 
-/// VmRSS of `pid` in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// How long the traffic pauses before memory at rest is read.
 const REST: Duration = Duration::from_secs(15);
 
@@ -354,7 +342,7 @@ fn soak() {
             let cpu_pct = [0, 1].map(|i| (cpu_now[i] - cpu_before[i]) * 100.0);
             cpu_before = cpu_now;
             let s = Sample {
-                rss: nodes.map(|n| rss_kib(n.pid())),
+                rss: nodes.map(|n| n.rss_kib()),
                 fds: nodes.map(|n| n.fd_count()),
             };
             row(format!(
