@@ -411,11 +411,11 @@ impl Pump {
     }
 
     /// No pipe to be had: this wakeup's bytes go through user space instead, without being
-    /// held there. Each round peeks at what the source has, sends what
-    /// the destination takes, and only then drops exactly that much from the source, so what
-    /// the destination refused stays in the source's receive queue (and its window) and the
-    /// pump holds no bytes and no buffer between calls. `None` when the source reached EOF
-    /// with everything before it delivered (the caller passes the half-close on).
+    /// held there. Each round peeks at what the source has, sends what the destination takes,
+    /// and only then drops exactly that much from the source, so what the destination refused
+    /// stays in the source's receive queue (and its window) and the pump holds no bytes and no
+    /// buffer between calls. `None` when the source reached EOF with everything before it
+    /// delivered (the caller passes the half-close on).
     fn copy_without_pipe(
         &mut self,
         src: RawFd,

@@ -14,7 +14,7 @@
 //! key update of our own ([`RecordWriter::key_update`]) seals the KeyUpdate under the old key
 //! and every later record under the next.
 
-use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM, AES_256_GCM};
+use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM, AES_256_GCM};
 use rustls::ConnectionTrafficSecrets;
 
 /// Largest plaintext in one record (2^14).
@@ -61,7 +61,7 @@ impl Direction {
     }
 
     fn from_raw(
-        alg: &'static ring::aead::Algorithm,
+        alg: &'static aws_lc_rs::aead::Algorithm,
         key: &[u8],
         iv: &[u8],
         seq: u64,

@@ -208,7 +208,7 @@ pub struct Reactor {
     /// has been for [`IDLE_MEMORY_RETURN`], freed memory goes back to the kernel
     /// (`sys::allocator`).
     return_memory_at: Option<Instant>,
-    /// Flows, tunnel streams and tunnels open after the last wakeup, to notice closes.
+    /// Flows, tunnel streams and tunnels open after the last wakeup, to notice opens and closes.
     open_last: usize,
     /// Draining, and every flow is done: the tunnels were asked to close.
     tunnels_closing: bool,
