@@ -320,14 +320,44 @@ mod tests {
     use crate::data_plane::socket::tcp_pair;
     use crate::data_plane::splice::{Pipe, PipePool};
 
+    /// A sink between a tunnel-side socket pair (`src_w` writes what `src` is spliced from)
+    /// and a local one (`dst` delivers to `peer`), both proxy ends non-blocking.
+    struct Harness {
+        pipes: PipePool,
+        src_w: std::net::TcpStream,
+        src: std::net::TcpStream,
+        dst: std::net::TcpStream,
+        peer: std::net::TcpStream,
+        sink: Sink<Pipe>,
+    }
+
+    impl Harness {
+        fn new() -> Harness {
+            let (src_w, src) = tcp_pair();
+            src.set_nonblocking(true).unwrap();
+            let (dst, peer) = tcp_pair();
+            dst.set_nonblocking(true).unwrap();
+            Harness {
+                pipes: PipePool::new(64 << 10, 4, 64),
+                src_w,
+                src,
+                dst,
+                peer,
+                sink: Sink::new(1 << 20),
+            }
+        }
+    }
+
     #[test]
     fn a_sink_gives_its_pipe_back_once_delivered() {
-        let mut pipes = PipePool::new(64 << 10, 4, 64);
-        let (mut src_w, src) = tcp_pair();
-        src.set_nonblocking(true).unwrap();
-        let (dst, mut peer) = tcp_pair();
-        dst.set_nonblocking(true).unwrap();
-        let mut sink: Sink<Pipe> = Sink::new(1 << 20);
+        let Harness {
+            mut pipes,
+            mut src_w,
+            src,
+            dst,
+            mut peer,
+            mut sink,
+        } = Harness::new();
         std::io::Write::write_all(&mut src_w, b"frame").unwrap();
         std::thread::sleep(std::time::Duration::from_millis(20));
         assert_eq!(
@@ -351,12 +381,14 @@ mod tests {
 
     #[test]
     fn bytes_leave_in_arrival_order_whichever_way_they_came() {
-        let mut pipes = PipePool::new(64 << 10, 4, 64);
-        let (mut src_w, src) = tcp_pair();
-        src.set_nonblocking(true).unwrap();
-        let (dst, mut peer) = tcp_pair();
-        dst.set_nonblocking(true).unwrap();
-        let mut sink: Sink<Pipe> = Sink::new(1 << 20);
+        let Harness {
+            mut pipes,
+            mut src_w,
+            src,
+            dst,
+            mut peer,
+            mut sink,
+        } = Harness::new();
         // 1: spliced; 2: copied (lands behind the pipe); 3: spliced again must wait behind 2.
         std::io::Write::write_all(&mut src_w, b"one,").unwrap();
         std::thread::sleep(std::time::Duration::from_millis(20));
