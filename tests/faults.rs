@@ -376,11 +376,12 @@ fn try_connections(tb: &Testbed, to: SocketAddr, n: usize) -> (Vec<TcpStream>, u
     (served, refused)
 }
 
-/// With 256 descriptors, 2 reactors and 4 handshakes each, the budget is (256 − 128 reserved
-/// − 8) / 6 per flow / 2 = 10 flows per reactor. 60 clients: 20 served, 40 refused with a
-/// reset and counted as `flow_limit` (each with an access record), and no accept ever fails
-/// for want of a descriptor — the budget kept the node inside its limit. When the served
-/// ones close, new clients are served again, and the descriptors return to the baseline.
+/// With 256 descriptors, 2 reactors and 4 handshakes each, each reactor's share is (256 − 128
+/// reserved − 8) / 2 = 60 descriptors: 7 pipes (an eighth of the share: 14 descriptors) and
+/// (60 − 14) / 2 = 23 flows. 100 clients: 46 served, 54 refused with a reset and counted as
+/// `flow_limit` (each with an access record), and no accept ever fails for want of a
+/// descriptor — the budget kept the node inside its limit. When the served ones close, new
+/// clients are served again, and the descriptors return to the baseline.
 #[test]
 fn a_node_short_of_descriptors_refuses_over_its_budget() {
     if !root_or_skip("a_node_short_of_descriptors_refuses_over_its_budget") {
@@ -403,11 +404,15 @@ fn a_node_short_of_descriptors_refuses_over_its_budget() {
     let to = ext(9400);
     serve_one_byte_each(listen_in(&tb.pod_ns(Pod::Ext).unwrap(), to).unwrap());
 
-    let (served, refused) = try_connections(&tb, to, 60);
+    let (served, refused) = try_connections(&tb, to, 100);
     assert_eq!(
         (served.len(), refused),
-        (20, 40),
-        "served and refused with a budget of 10 flows per reactor"
+        (46, 54),
+        "served and refused with a budget of 23 flows per reactor"
+    );
+    assert_eq!(
+        r.metric("ringtun_pipe_budget_per_reactor", &[]).unwrap(),
+        7.0
     );
     let limited = |r: &RingtunProcess| {
         r.metric(
@@ -417,7 +422,7 @@ fn a_node_short_of_descriptors_refuses_over_its_budget() {
         .unwrap()
     };
     assert!(
-        wait_for(|| limited(&r) == 40.0),
+        wait_for(|| limited(&r) == 54.0),
         "flow_limit refusals counted: {}",
         limited(&r)
     );
@@ -426,7 +431,7 @@ fn a_node_short_of_descriptors_refuses_over_its_budget() {
         .iter()
         .filter(|rec| rec["failure_reason"] == "flow_limit")
         .count();
-    assert_eq!(records, 40, "an access record for every refusal");
+    assert_eq!(records, 54, "an access record for every refusal");
     let accept_failures = r
         .metric("ringtun_connection_failures_total", &["reason=\"accept\""])
         .unwrap();
@@ -451,7 +456,7 @@ fn a_node_short_of_descriptors_refuses_over_its_budget() {
         || r.metric("ringtun_flows_open", &[]).unwrap() == 0.0
     ));
     settle_to(&r, baseline);
-    assert_eq!(limited(&r), 40.0);
+    assert_eq!(limited(&r), 54.0);
     let log = r.log_text();
     assert_eq!(
         r.terminate().unwrap(),
