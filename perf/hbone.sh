@@ -22,6 +22,9 @@
 #   PERF_RATE_CONCURRENCY=32   tcp-load rate --concurrency
 #   PERF_MSG_BYTES=1024     bytes per exchange for tcp-load rate and latency
 #   PERF_NO_BUILD=0         1: skip `cargo build --release` (use the existing binaries)
+#   PERF_IPERF_ARGS=        extra iperf3 client arguments for every iperf3 test (e.g. -R: the
+#                           server sends, so tunnels carry bytes the other way); the report
+#                           names them
 #   PERF_RINGTUN=           the ringtun binary to measure (default: the release build), to
 #                           compare two builds in alternating runs
 #   PERF_KEEP_LOGS=0        1: keep the scratch directory (logs, configs, certificates, raw JSON)
@@ -353,7 +356,8 @@ declare -A STATUS # STATUS[row:round] = "ok" or the reason the row failed
 run_iperf() { # run_iperf <row> <round> <streams>
     local row=$1 round=$2 p=$3 json="$TMP/iperf-$1-P$3-$2.json" t0 t1 err
     t0=$(proxy_cpu)
-    if ! timeout $((SECS + 60)) ip netns exec "$CLI" iperf3 -c "$IPERF_HOST" -p "$IPERF_DST" -P "$p" -t "$SECS" -J >"$json" 2>"$json.err"; then
+    # shellcheck disable=SC2086 # PERF_IPERF_ARGS is a list of arguments
+    if ! timeout $((SECS + 60)) ip netns exec "$CLI" iperf3 -c "$IPERF_HOST" -p "$IPERF_DST" -P "$p" -t "$SECS" ${PERF_IPERF_ARGS:-} -J >"$json" 2>"$json.err"; then
         err=$(jq -r '.error // empty' "$json" 2>/dev/null || true)
         fail "iperf3 -P $p: ${err:-$(tail -n 1 "$json.err")}"
         return 1
@@ -543,7 +547,7 @@ REPORT="# HBONE tunnels — $STAMP
 
 - ringtun $GITREV, $(uname -sr), $(nproc) cores, ${SECS}s per test, $ROUNDS round(s) (median shown)
 - ringtun reactors per node / h2-tunnel threads per process: $REACTORS
-- iperf3 client pod → server pod, \`-P 1\` and \`-P 4\`; tcp-load rate (concurrency $RATE_CONC) and latency (1 connection), $MSG_BYTES-byte echo exchanges
+- iperf3 client pod → server pod, \`-P 1\` and \`-P 4\`${PERF_IPERF_ARGS:+, with \`$PERF_IPERF_ARGS\`}; tcp-load rate (concurrency $RATE_CONC) and latency (1 connection), $MSG_BYTES-byte echo exchanges
 - topology: client pod ns → veth → node ns (router) → veth → server pod ns; h2-tunnel client in the client pod (explicit, on 127.0.0.1), h2-tunnel server in the server pod on :$HBONE_PORT; ringtun node A captures the client pod's outbound traffic, node B takes the tunnel on the server pod's :$HBONE_PORT (TPROXY)
 - ringtun tunnel TLS (node A's \`ringtun_hbone_tunnels_total\` tls label): $(ringtun_tunnel_tls | grep . || echo "not reported")
 - tunnel CPU = utime+stime of every tunnel process of the row (both ends) from /proc during each test; CPU-s/GB over both iperf3 tests and all rounds, CPU µs/conn over the rate tests; the other figures are medians
