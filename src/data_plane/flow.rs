@@ -132,8 +132,6 @@ impl Flow {
         let (down, up) = (self.down.as_raw_fd(), self.up.as_raw_fd());
         let mut to_up = Moved::default();
         let mut to_down = Moved::default();
-        let created_before = pool.created;
-        let refused_before = pool.resize_refused;
         // A readiness event concerns one direction; pumping the other would only cost two
         // splice calls that return EAGAIN.
         let a = if which.to_upstream {
@@ -163,16 +161,6 @@ impl Flow {
         }
         if to_up.0 + to_down.0 > 0 {
             self.last_active = now;
-        }
-        if pool.created != created_before {
-            metrics
-                .pipes_created
-                .fetch_add(pool.created - created_before, Relaxed);
-        }
-        if pool.resize_refused != refused_before {
-            metrics
-                .pipe_resize_refused
-                .fetch_add(pool.resize_refused - refused_before, Relaxed);
         }
         let (a, b) = match (a, b) {
             (Ok(a), Ok(b)) => (a, b),

@@ -238,33 +238,25 @@ pub fn send_more(fd: RawFd, buf: &[u8], more: bool) -> io::Result<usize> {
 
 /// One non-blocking `recv`, retrying EINTR; `Ok(0)` is EOF, `WouldBlock` when nothing waits.
 pub fn recv_nonblocking(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
-    loop {
-        match nix_socket::recv(fd, buf, MsgFlags::MSG_DONTWAIT) {
-            Ok(n) => return Ok(n),
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(io_error(e)),
-        }
-    }
+    recv_retrying(fd, buf, MsgFlags::MSG_DONTWAIT)
 }
 
 /// One non-blocking `recv` with `MSG_PEEK`: copies what waits without taking it off the
 /// socket. `Ok(0)` is EOF, `WouldBlock` when nothing waits.
 pub fn peek_nonblocking(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
-    loop {
-        match nix_socket::recv(fd, buf, MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_PEEK) {
-            Ok(n) => return Ok(n),
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(io_error(e)),
-        }
-    }
+    recv_retrying(fd, buf, MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_PEEK)
 }
 
 /// Takes `room.len()` bytes that [`peek_nonblocking`] saw off a TCP socket without copying
 /// them: `MSG_TRUNC`, which TCP implements as discard (tcp(7)); `room` only has to be as long
 /// as what is dropped. Returns how many were dropped.
 pub fn discard(fd: RawFd, room: &mut [u8]) -> io::Result<usize> {
+    recv_retrying(fd, room, MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_TRUNC)
+}
+
+fn recv_retrying(fd: RawFd, buf: &mut [u8], flags: MsgFlags) -> io::Result<usize> {
     loop {
-        match nix_socket::recv(fd, room, MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_TRUNC) {
+        match nix_socket::recv(fd, buf, flags) {
             Ok(n) => return Ok(n),
             Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => return Err(io_error(e)),

@@ -382,11 +382,15 @@ impl Reactor {
         }
     }
 
-    /// Publishes the pipe pool's state; says (rate-limited) when flows found every pipe busy
-    /// and copied instead.
+    /// Publishes the pipe pool's state once per wakeup (the pool is the reactor's alone, so its
+    /// counts are the totals, whether flows or tunnel streams took the pipes); says
+    /// (rate-limited) when flows found every pipe busy and copied instead.
     fn account_pipes(&mut self) {
         let m = &self.metrics;
         m.pipes_pooled.store(self.pool.idle() as u64, Relaxed);
+        m.pipes_created.store(self.pool.created, Relaxed);
+        m.pipe_resize_refused
+            .store(self.pool.resize_refused, Relaxed);
         m.pipes_in_flight
             .store(self.pool.in_flight() as u64, Relaxed);
         let before = m.pipe_budget_exhausted.swap(self.pool.exhausted, Relaxed);
