@@ -117,6 +117,15 @@ pub fn set_transparent(fd: RawFd, ipv6: bool) -> io::Result<()> {
     }
 }
 
+/// `IP_BIND_ADDRESS_NO_PORT`: `bind` to an address with port 0 takes only the address; the
+/// port is chosen at `connect`, where the kernel needs the four-tuple to be unique instead of
+/// the port to be free on that address, and can reuse TIME_WAIT ports. Without it, binding
+/// many connections' source address searches the port range for an unbound port, which grows
+/// slower as TIME_WAIT sockets fill the range.
+pub fn set_bind_address_no_port(fd: RawFd) -> io::Result<()> {
+    set_int(fd, libc::SOL_IP, libc::IP_BIND_ADDRESS_NO_PORT, 1)
+}
+
 /// `SO_LINGER` with a zero timeout: closing the socket then sends a reset (RST), not a FIN.
 pub fn set_linger_zero(fd: RawFd) -> io::Result<()> {
     let linger = libc::linger {
