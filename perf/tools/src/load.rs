@@ -12,11 +12,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
+use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an open-loop run may overrun its duration to send what fell due in it.
+const OPEN_LOOP_GRACE: Duration = Duration::from_secs(1);
 /// Pause after a failed attempt, so a refused target is counted, not hammered.
 const ERROR_PAUSE: Duration = Duration::from_millis(1);
 
@@ -211,6 +214,232 @@ pub fn latency(spec: &LoadSpec) -> Report {
     }
 }
 
+/// Open-loop request/response: `concurrency` persistent connections together start `rate`
+/// exchanges per second on a fixed schedule, whatever the answers do. Exchange `k` of
+/// connection `c` is due at `(k * concurrency + c) / rate` seconds after the start, and its
+/// latency runs from when it was **due** to its last byte read, not from when it was written.
+/// A proxy that stalls therefore cannot hide the stall by slowing the client down (coordinated
+/// omission): every exchange that waited behind the stall counts its wait. Latencies go into
+/// an HDR histogram (1 µs .. 60 s, 3 significant digits) per connection, merged at the end.
+///
+/// Each thread sleeps to its next due time with a 1 ns timer slack, so the client's own wake-up
+/// delay (a few µs, the same for every row measured) stays small against a proxy's.
+pub fn open_loop(spec: &LoadSpec, rate: f64) -> Report {
+    let errors = Arc::new(Errors::default());
+    let start = Instant::now() + Duration::from_millis(20); // every thread is up by then
+    let deadline = start + spec.duration;
+    let interval = Duration::from_secs_f64(spec.concurrency as f64 / rate);
+    let threads: Vec<_> = (0..spec.concurrency)
+        .map(|c| {
+            let (errors, target) = (Arc::clone(&errors), spec.target);
+            let out = payload(spec.bytes);
+            let first = start + Duration::from_secs_f64(c as f64 / rate);
+            std::thread::spawn(move || {
+                let _ = nix::sys::prctl::set_timerslack(1);
+                let mut hist = latency_histogram();
+                let mut back = vec![0u8; out.len()];
+                let mut conn: Option<TcpStream> = None;
+                let mut due = first;
+                let mut late = 0u64; // exchanges written more than one interval after due
+                let mut unsent = 0u64; // due before the deadline, never written (see below)
+                while due < deadline {
+                    let now = Instant::now();
+                    // A target that answers too slowly for the rate would keep the client
+                    // running long past its duration; what is still due a second after the
+                    // end is counted as not sent, and shows as an achieved rate below the rate.
+                    if now > deadline + OPEN_LOOP_GRACE {
+                        unsent = (deadline - due).as_nanos().div_ceil(interval.as_nanos()) as u64;
+                        break;
+                    }
+                    if due > now {
+                        std::thread::sleep(due - now);
+                    } else if now - due > interval {
+                        late += 1;
+                    }
+                    let s = match conn.as_mut() {
+                        Some(s) => s,
+                        None => match connect(target) {
+                            Ok(s) => conn.insert(s),
+                            Err(e) => {
+                                errors.record("connect", e);
+                                due += interval;
+                                continue;
+                            }
+                        },
+                    };
+                    match exchange(s, &out, &mut back) {
+                        Ok(()) => {
+                            let us = due.elapsed().as_micros() as u64;
+                            hist.saturating_record(us.max(1));
+                        }
+                        Err(e) => {
+                            errors.record("exchange", e);
+                            conn = None;
+                        }
+                    }
+                    due += interval;
+                }
+                if let Some(s) = conn {
+                    let _ = s.shutdown(Shutdown::Both);
+                }
+                (hist, late, unsent)
+            })
+        })
+        .collect();
+    let mut hist = latency_histogram();
+    let (mut late, mut unsent) = (0, 0);
+    for t in threads {
+        if let Ok((h, l, u)) = t.join() {
+            let _ = hist.add(&h);
+            late += l;
+            unsent += u;
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let at = |q: f64| (!hist.is_empty()).then(|| hist.value_at_quantile(q));
+    let errs = errors.count.load(Ordering::Relaxed);
+    let exchanges = hist.len();
+    Report {
+        json: json!({
+            "mode": "open-loop",
+            "rate": rate,
+            "achieved_rate": round(exchanges as f64 / secs, 1),
+            "exchanges": exchanges,
+            "late": late,
+            "unsent": unsent,
+            "errors": errs,
+            "secs": round(secs, 3),
+            "connections": spec.concurrency,
+            "bytes": spec.bytes,
+            "p50_us": at(0.50),
+            "p99_us": at(0.99),
+            "p999_us": at(0.999),
+            "max_us": (!hist.is_empty()).then(|| hist.max()),
+            "first_error": errors.first(),
+        }),
+        completed: exchanges,
+        errors: errs,
+        first_error: errors.first(),
+    }
+}
+
+fn latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("constant histogram bounds are valid")
+}
+
+/// Bulk flows for the scaling series: `concurrency` connections each write for the duration,
+/// then half-close and read the 8-byte count of what the sink received ([`sink`]). The
+/// throughput is what arrived at the server, so bytes still queued in a proxy or in socket
+/// buffers when the time ends are not counted as moved. Runs on a small tokio runtime so that
+/// 1,000 flows do not need 1,000 threads.
+pub fn bulk(spec: &LoadSpec, threads: usize) -> Report {
+    let errors = Arc::new(Errors::default());
+    let received = Arc::new(AtomicU64::new(0));
+    let flows_done = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let result = crate::runtime(threads).map(|rt| {
+        rt.block_on(async {
+            let mut tasks = Vec::with_capacity(spec.concurrency);
+            for _ in 0..spec.concurrency {
+                let (errors, received, flows_done) = (
+                    Arc::clone(&errors),
+                    Arc::clone(&received),
+                    Arc::clone(&flows_done),
+                );
+                let (target, duration, bytes) = (spec.target, spec.duration, spec.bytes);
+                tasks.push(tokio::spawn(async move {
+                    match bulk_flow(target, start + duration, bytes).await {
+                        Ok(n) => {
+                            received.fetch_add(n, Ordering::Relaxed);
+                            flows_done.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => errors.record("bulk flow", format!("{e:#}")),
+                    }
+                }));
+            }
+            for t in tasks {
+                let _ = t.await;
+            }
+        })
+    });
+    if let Err(e) = result {
+        errors.record("runtime", format!("{e:#}"));
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let bytes = received.load(Ordering::Relaxed);
+    let errs = errors.count.load(Ordering::Relaxed);
+    Report {
+        json: json!({
+            "mode": "bulk",
+            "flows": spec.concurrency,
+            "flows_done": flows_done.load(Ordering::Relaxed),
+            "bytes_received": bytes,
+            "secs": round(secs, 3),
+            "gbit_per_sec": round(bytes as f64 * 8.0 / secs / 1e9, 3),
+            "errors": errs,
+            "first_error": errors.first(),
+        }),
+        completed: flows_done.load(Ordering::Relaxed),
+        errors: errs,
+        first_error: errors.first(),
+    }
+}
+
+async fn bulk_flow(target: SocketAddr, until: Instant, chunk: usize) -> Result<u64> {
+    let mut s = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(target))
+        .await
+        .map_err(|_| anyhow::anyhow!("connect timed out"))??;
+    let out = payload(chunk);
+    let mut sent = 0u64;
+    let until = tokio::time::Instant::from_std(until);
+    loop {
+        match tokio::time::timeout_at(until, s.write_all(&out)).await {
+            Ok(r) => r?,
+            Err(_) => break, // time is up; a partly written chunk is fine, the sink counts
+        }
+        sent += out.len() as u64;
+    }
+    s.shutdown().await?;
+    let mut count = [0u8; 8];
+    tokio::time::timeout(IO_TIMEOUT, s.read_exact(&mut count))
+        .await
+        .map_err(|_| anyhow::anyhow!("no byte count from the sink within {IO_TIMEOUT:?}"))??;
+    let got = u64::from_be_bytes(count);
+    anyhow::ensure!(
+        got >= sent,
+        "the sink counted {got} bytes, fewer than the {sent} written"
+    );
+    Ok(got)
+}
+
+/// The sink server for [`bulk`]: reads and drops everything; at EOF writes the number of bytes
+/// it received as 8 big-endian bytes and closes.
+pub async fn sink(listener: tokio::net::TcpListener) -> Result<()> {
+    loop {
+        let (mut s, _) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut total = 0u64;
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) => break,
+                    Ok(n) => total += n as u64,
+                    Err(_) => return,
+                }
+            }
+            let _ = s.write_all(&total.to_be_bytes()).await;
+            let _ = s.shutdown().await;
+        });
+    }
+}
+
 /// The nearest-rank percentile of `sorted` (ascending): the smallest value with at least
 /// `p` percent of the samples at or below it. `None` for no samples.
 pub fn percentile(sorted: &[u64], p: f64) -> Option<u64> {
@@ -290,6 +519,141 @@ mod tests {
         assert_eq!(p.len(), 1024);
         assert_ne!(p[0], p[1]);
         assert_eq!(p[251], p[0]);
+    }
+
+    /// Starts `server` on a listener of its own (one runtime thread) and returns its address.
+    fn serve<F, Fut>(server: F) -> SocketAddr
+    where
+        F: FnOnce(tokio::net::TcpListener) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<()>>,
+    {
+        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = std_listener.local_addr().unwrap();
+        std_listener.set_nonblocking(true).unwrap();
+        std::thread::spawn(move || {
+            let rt = crate::runtime(1).unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
+                let _ = server(listener).await;
+            });
+        });
+        addr
+    }
+
+    fn spec(target: SocketAddr, concurrency: usize, millis: u64, bytes: usize) -> LoadSpec {
+        LoadSpec {
+            target,
+            concurrency,
+            duration: Duration::from_millis(millis),
+            bytes,
+        }
+    }
+
+    #[test]
+    fn open_loop_keeps_its_schedule_against_a_fast_target() {
+        let addr = serve(echo);
+        let r = open_loop(&spec(addr, 4, 1000, 1024), 2000.0);
+        assert_eq!(r.errors, 0, "{:?}", r.first_error);
+        // 2,000 due in the second; a loaded test host may miss some at the edges.
+        assert!((1800..=2000).contains(&r.completed), "{}", r.json);
+        assert_eq!(r.json["unsent"], 0);
+        assert!(r.json["p50_us"].as_u64().unwrap() >= 1);
+    }
+
+    /// The property the mode exists for: a target that stalls once for 300 ms delays every
+    /// exchange due during the stall, and those waits are counted. A closed loop would have
+    /// recorded one slow exchange and then simply sent fewer.
+    #[test]
+    fn open_loop_counts_the_wait_of_exchanges_due_during_a_stall() {
+        let addr = serve(|listener: tokio::net::TcpListener| async move {
+            let (mut s, _) = listener.accept().await?;
+            let mut buf = vec![0u8; 64];
+            let mut first = true;
+            loop {
+                let n = s.read(&mut buf).await?;
+                if n == 0 {
+                    return Ok(());
+                }
+                if std::mem::take(&mut first) {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                s.write_all(&buf[..n]).await?;
+            }
+        });
+        let r = open_loop(&spec(addr, 1, 1000, 64), 100.0);
+        assert_eq!(r.errors, 0, "{:?}", r.first_error);
+        assert!(r.completed >= 95, "{}", r.json);
+        // 30 exchanges fell due during the stall: about 30 % of them waited 0..300 ms, so the
+        // median stays low and p99 is near the stall.
+        let p50 = r.json["p50_us"].as_u64().unwrap();
+        let p99 = r.json["p99_us"].as_u64().unwrap();
+        assert!(p50 < 100_000, "{}", r.json);
+        assert!(p99 >= 250_000, "{}", r.json);
+        assert!(r.json["late"].as_u64().unwrap() >= 20, "{}", r.json);
+    }
+
+    #[test]
+    fn open_loop_against_a_target_too_slow_for_the_rate_stops_and_says_so() {
+        let addr = serve(|listener: tokio::net::TcpListener| async move {
+            let (mut s, _) = listener.accept().await?;
+            let mut buf = vec![0u8; 64];
+            loop {
+                let n = s.read(&mut buf).await?;
+                if n == 0 {
+                    return Ok(());
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                s.write_all(&buf[..n]).await?;
+            }
+        });
+        let t0 = Instant::now();
+        let r = open_loop(&spec(addr, 1, 500, 64), 1000.0);
+        assert!(
+            t0.elapsed() < Duration::from_secs(3),
+            "ran {:?}",
+            t0.elapsed()
+        );
+        assert!(r.json["unsent"].as_u64().unwrap() > 400, "{}", r.json);
+        assert!(
+            r.json["achieved_rate"].as_f64().unwrap() < 100.0,
+            "{}",
+            r.json
+        );
+    }
+
+    #[test]
+    fn bulk_flows_report_what_the_sink_received() {
+        let addr = serve(sink);
+        let r = bulk(&spec(addr, 8, 300, 64 * 1024), 1);
+        assert_eq!(r.errors, 0, "{:?}", r.first_error);
+        assert_eq!(r.completed, 8);
+        assert!(
+            r.json["bytes_received"].as_u64().unwrap() >= 8 * 64 * 1024,
+            "{}",
+            r.json
+        );
+    }
+
+    #[test]
+    fn bulk_flow_against_a_sink_that_loses_bytes_is_an_error() {
+        // Counts half of what it reads: a proxy that dropped bytes looks like this.
+        let addr = serve(|listener: tokio::net::TcpListener| async move {
+            let (mut s, _) = listener.accept().await?;
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut total = 0u64;
+            loop {
+                match s.read(&mut buf).await? {
+                    0 => break,
+                    n => total += n as u64,
+                }
+            }
+            s.write_all(&(total / 2).to_be_bytes()).await?;
+            Ok(())
+        });
+        let r = bulk(&spec(addr, 1, 200, 16 * 1024), 1);
+        assert_eq!(r.completed, 0);
+        assert_eq!(r.errors, 1);
+        assert!(r.first_error.unwrap().contains("fewer than"));
     }
 
     #[test]

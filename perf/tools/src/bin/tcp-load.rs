@@ -38,6 +38,38 @@ enum Command {
         #[arg(long, default_value_t = 1, value_parser = parse_concurrency)]
         connections: usize,
     },
+    /// Persistent connections that together start exchanges at a fixed rate (open loop);
+    /// latency counts from when each exchange was due, so a stalled target cannot hide it.
+    OpenLoop {
+        #[command(flatten)]
+        common: Common,
+        /// Exchanges per second, over all connections.
+        #[arg(long, value_parser = parse_rate)]
+        rate: f64,
+        /// Persistent connections (threads); each has at most one exchange outstanding.
+        #[arg(long, default_value_t = 16, value_parser = parse_concurrency)]
+        connections: usize,
+    },
+    /// Bulk flows against `tcp-load sink`: each writes --bytes chunks for the duration, then
+    /// half-closes and reads back how much the sink received.
+    Bulk {
+        #[command(flatten)]
+        common: Common,
+        /// Concurrent flows.
+        #[arg(long, default_value_t = 1, value_parser = parse_concurrency)]
+        flows: usize,
+        /// Tokio worker threads driving the flows.
+        #[arg(long, value_parser = parse_threads)]
+        threads: Option<usize>,
+    },
+    /// Sink server for `bulk`: reads and drops; at EOF answers the byte count (8 bytes, BE).
+    Sink {
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Tokio worker threads (default: one per CPU).
+        #[arg(long, value_parser = parse_threads)]
+        threads: Option<usize>,
+    },
     /// Echo server: sends back what it reads; shuts down its write side at EOF.
     Echo {
         #[arg(long)]
@@ -56,7 +88,7 @@ struct Common {
     /// Seconds to run (decimals allowed).
     #[arg(long, default_value = "10", value_parser = parse_secs)]
     duration: Duration,
-    /// Bytes per exchange.
+    /// Bytes per exchange (bulk: per write).
     #[arg(long, default_value_t = 1024, value_parser = parse_bytes)]
     bytes: usize,
     /// Exit 1 if any connection or exchange failed (by default errors are only counted).
@@ -68,6 +100,13 @@ fn parse_concurrency(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {
         Ok(n) if (1..=10_000).contains(&n) => Ok(n),
         _ => Err(format!("'{s}' is not a count in 1..=10000")),
+    }
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x.is_finite() && (1.0..=1e7).contains(&x) => Ok(x),
+        _ => Err(format!("'{s}' is not a rate in 1..=10000000 per second")),
     }
 }
 
@@ -113,6 +152,32 @@ fn run(cli: Cli) -> Result<()> {
             common,
             connections,
         } => report(load::latency(&spec(&common, connections)), common.strict),
+        Command::OpenLoop {
+            common,
+            rate,
+            connections,
+        } => report(
+            load::open_loop(&spec(&common, connections), rate),
+            common.strict,
+        ),
+        Command::Bulk {
+            common,
+            flows,
+            threads,
+        } => report(
+            load::bulk(
+                &spec(&common, flows),
+                threads.unwrap_or_else(default_threads),
+            ),
+            common.strict,
+        ),
+        Command::Sink {
+            listen: addr,
+            threads,
+        } => runtime(threads.unwrap_or_else(default_threads))?.block_on(async move {
+            let listener = listen(addr, "sink").await?;
+            load::sink(listener).await
+        }),
         Command::Echo {
             listen: addr,
             threads,
@@ -199,6 +264,11 @@ mod tests {
                 "x",
             ],
             &["echo", "--listen", "127.0.0.1"],
+            &["open-loop", "--target", "127.0.0.1:7000"],
+            &["open-loop", "--target", "127.0.0.1:7000", "--rate", "0"],
+            &["open-loop", "--target", "127.0.0.1:7000", "--rate", "inf"],
+            &["bulk", "--target", "127.0.0.1:7000", "--flows", "0"],
+            &["sink"],
             &["rate"],
         ] {
             assert!(parse(args).is_err(), "{args:?} accepted");
