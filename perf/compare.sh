@@ -13,11 +13,15 @@
 #   PERF_REACTORS=<nproc>   ringtun --reactors and HAProxy nbthread
 #   PERF_PIPE_SIZE=         ringtun splice.pipe_size in bytes (empty: ringtun's default)
 #   PERF_REVERSE=1          also run iperf3 -R (server → client)
+#   PERF_IPERF_STREAMS=1    iperf3 -P for each of these stream counts ("1 4"); the table shows -P 1
 #   PERF_WRK_THREADS=2 PERF_WRK_CONNS=50
 #   PERF_HAPROXY_SPLICE=auto   auto (option splice-auto) | always (splice-request+response) | off
 #   PERF_NGINX_WORKERS=auto
 #   PERF_NO_BUILD=0         1: skip `cargo build --release` (use the existing binary)
 #   PERF_KEEP_LOGS=0        1: keep the scratch directory (logs, configs, raw JSON) on success
+#   PERF_CSV=, PERF_RATE_LIST=, PERF_OPEN_RATES=, PERF_BULK_FLOWS=   what perf/run adds: every
+#                           result as CSV and the tcp-load tests (perf/lib/loadtests.sh); not
+#                           run on the socat row
 set -Eeuo pipefail
 
 SECS=${PERF_SECS:-10}
@@ -26,6 +30,7 @@ ROWS=${PERF_ROWS:-"direct ringtun-uring ringtun-epoll socat haproxy"}
 REACTORS=${PERF_REACTORS:-$(nproc)}
 PIPE_SIZE=${PERF_PIPE_SIZE:-}
 REVERSE=${PERF_REVERSE:-1}
+IPERF_STREAMS=${PERF_IPERF_STREAMS:-1}
 WRK_THREADS=${PERF_WRK_THREADS:-2}
 WRK_CONNS=${PERF_WRK_CONNS:-50}
 HAPROXY_SPLICE=${PERF_HAPROXY_SPLICE:-auto}
@@ -47,6 +52,10 @@ IPERF_PORT=5201
 HTTP_PORT=80
 PROXY_IPERF_PORT=25201   # socat / HAProxy listen here on the client's loopback
 PROXY_HTTP_PORT=28080
+ECHO_PORT=7000           # tcp-load echo and sink servers (perf/lib/loadtests.sh)
+SINK_PORT=7001
+PROXY_ECHO_PORT=27000
+PROXY_SINK_PORT=27001
 METRICS=127.0.0.1:15020  # ringtun's endpoints, inside the node namespace
 READY=127.0.0.1:15021
 
@@ -121,6 +130,7 @@ need nginx nginx-light
 for v in SECS ROUNDS REACTORS WRK_THREADS WRK_CONNS; do
     [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "PERF_$v must be a positive integer (got '${!v}')"
 done
+for n in $IPERF_STREAMS; do [[ $n =~ ^[1-9][0-9]*$ ]] || die "PERF_IPERF_STREAMS must list positive integers (got '$n')"; done
 [[ -z $PIPE_SIZE || $PIPE_SIZE =~ ^[1-9][0-9]*$ ]] || die "PERF_PIPE_SIZE must be bytes (got '$PIPE_SIZE')"
 case $HAPROXY_SPLICE in auto | always | off) ;; *) die "PERF_HAPROXY_SPLICE must be auto, always or off" ;; esac
 for row in $ROWS; do
@@ -131,14 +141,20 @@ TMP=$(mktemp -d /tmp/ringtun-perf.XXXXXX)
 
 # ---------------------------------------------------------------- build
 if [[ $NO_BUILD != 1 ]]; then
-    log "cargo build --release"
-    (cd "$REPO" && cargo build --release --bin ringtun) >"$TMP/build.log" 2>&1 \
+    log "cargo build --release (ringtun, tcp-load)"
+    (cd "$REPO" && cargo build --release -p ringtun -p ringtun-perf-tools --bin ringtun --bin tcp-load) >"$TMP/build.log" 2>&1 \
         || { tail -40 "$TMP/build.log" >&2; die "cargo build --release failed"; }
 fi
 TARGET_DIR=$(cd "$REPO" && cargo metadata --format-version 1 --no-deps | jq -r .target_directory) \
     || die "cargo metadata failed"
 RINGTUN="$TARGET_DIR/release/ringtun"
-[[ -x $RINGTUN ]] || die "no ringtun binary at $RINGTUN (build it, or unset PERF_NO_BUILD)"
+LOAD="$TARGET_DIR/release/tcp-load"
+for b in "$RINGTUN" "$LOAD"; do
+    [[ -x $b ]] || die "no binary at $b (build it, or unset PERF_NO_BUILD)"
+done
+# shellcheck source=perf/lib/loadtests.sh
+source "$HERE/lib/loadtests.sh"
+fail() { die "$*"; } # loadtests.sh reports a failed test through fail
 
 # ---------------------------------------------------------------- helpers
 nsx() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
@@ -217,6 +233,16 @@ for pair in "$CLI:1" "$SRV:4"; do
     ip -n "$ns" -6 route add default via "fd77:$i::1"
 done
 
+# The connection-rate tests open tens of thousands of connections to one server port, and a
+# transparent proxy's upstream connections leave the client's own address too: both the
+# client's and the proxy's sockets end in TIME_WAIT on the client's ports. Let connect() reuse
+# those (every row alike, as perf/hbone.sh does) instead of scanning a full range at each
+# connect, from a range above every port this script listens on.
+for ns in "$CLI" "$SRV" "$NODE"; do
+    nsx "$ns" sysctl -qw net.ipv4.tcp_tw_reuse=1
+    nsx "$ns" sysctl -qw net.ipv4.ip_local_port_range="29000 65535"
+done
+
 # ---------------------------------------------------------------- servers (server namespace)
 mkdir -p "$TMP/nginx"
 cat >"$TMP/nginx/nginx.conf" <<EOF
@@ -246,6 +272,10 @@ wait_listen "$SRV" ":$HTTP_PORT" "$NGINX_PID"
 start_bg iperf3-server "$SRV" iperf3 -s -B "$SRV_IP" -p "$IPERF_PORT"
 IPERF_SRV_PID=$LAST_PID
 wait_listen "$SRV" ":$IPERF_PORT" "$IPERF_SRV_PID"
+start_bg echo-server "$SRV" "$LOAD" echo --listen "$SRV_IP:$ECHO_PORT"
+wait_listen "$SRV" ":$ECHO_PORT" "$LAST_PID"
+start_bg sink-server "$SRV" "$LOAD" sink --listen "$SRV_IP:$SINK_PORT"
+wait_listen "$SRV" ":$SINK_PORT" "$LAST_PID"
 code=$(nsx "$CLI" curl -s -o /dev/null -w '%{http_code}' "http://$SRV_IP:$HTTP_PORT/") || die "curl to nginx failed"
 [[ $code == 200 ]] || die "nginx answered $code"
 
@@ -296,6 +326,16 @@ frontend http
     default_backend http
 backend http
     server s1 $SRV_IP:$HTTP_PORT
+frontend echo
+    bind 127.0.0.1:$PROXY_ECHO_PORT
+    default_backend echo
+backend echo
+    server s1 $SRV_IP:$ECHO_PORT
+frontend sink
+    bind 127.0.0.1:$PROXY_SINK_PORT
+    default_backend sink
+backend sink
+    server s1 $SRV_IP:$SINK_PORT
 EOF
 haproxy -c -q -f "$TMP/haproxy.cfg" || die "haproxy rejected $TMP/haproxy.cfg"
 
@@ -304,10 +344,12 @@ metric() { # metric <name> [label text]: sum of a ringtun metric's samples
         awk -v n="$1" -v l="${2:-}" '$0 !~ /^#/ && (index($0, n "{") == 1 || index($0, n " ") == 1) && (l == "" || index($0, l)) { s += $NF } END { printf "%.0f", s }'
 }
 
-# Sets: PROXY_PIDS (CPU is measured on these), IPERF_HOST/PORT, HTTP_URL
+# Sets: PROXY_PIDS (CPU is measured on these), IPERF_HOST/PORT, HTTP_URL, ECHO_ADDR/SINK_ADDR
+# (empty for socat: no tcp-load tests)
 start_row() {
     local row=$1 round=$2 driver
     PROXY_PIDS=()
+    ECHO_ADDR=$SRV_IP:$ECHO_PORT SINK_ADDR=$SRV_IP:$SINK_PORT
     case $row in
         direct)
             IPERF_HOST=$SRV_IP IPERF_DST_PORT=$IPERF_PORT HTTP_URL="http://$SRV_IP:$HTTP_PORT/"
@@ -341,13 +383,17 @@ start_row() {
             PROXY_PIDS+=("$LAST_PID")
             wait_listen "$CLI" ":$PROXY_HTTP_PORT" "$LAST_PID"
             IPERF_HOST=127.0.0.1 IPERF_DST_PORT=$PROXY_IPERF_PORT HTTP_URL="http://127.0.0.1:$PROXY_HTTP_PORT/"
+            ECHO_ADDR="" SINK_ADDR=""
             ;;
         haproxy)
             start_bg "haproxy-$round" "$CLI" haproxy -db -f "$TMP/haproxy.cfg"
             PROXY_PIDS=("$LAST_PID")
             wait_listen "$CLI" ":$PROXY_IPERF_PORT" "$LAST_PID"
             wait_listen "$CLI" ":$PROXY_HTTP_PORT" "$LAST_PID"
+            wait_listen "$CLI" ":$PROXY_ECHO_PORT" "$LAST_PID"
+            wait_listen "$CLI" ":$PROXY_SINK_PORT" "$LAST_PID"
             IPERF_HOST=127.0.0.1 IPERF_DST_PORT=$PROXY_IPERF_PORT HTTP_URL="http://127.0.0.1:$PROXY_HTTP_PORT/"
+            ECHO_ADDR=127.0.0.1:$PROXY_ECHO_PORT SINK_ADDR=127.0.0.1:$PROXY_SINK_PORT
             ;;
     esac
 }
@@ -360,7 +406,7 @@ stop_row() {
             || { cat "$TMP/redirect-remove.log" >&2; die "ringtun redirect remove failed"; }
     fi
     # Nothing of this row may be left listening for the next one.
-    for p in 15001 15006 "$PROXY_IPERF_PORT" "$PROXY_HTTP_PORT"; do
+    for p in 15001 15006 "$PROXY_IPERF_PORT" "$PROXY_HTTP_PORT" "$PROXY_ECHO_PORT" "$PROXY_SINK_PORT"; do
         nsx "$CLI" ss -Hltn "sport = :$p" | grep -q . && die "port $p still listening after stopping $row"
     done
     return 0
@@ -372,9 +418,12 @@ proxy_cpu() { # proxy CPU ticks now (0 for direct)
 
 declare -A R   # R[row:metric:round] = value
 
-run_iperf() { # run_iperf <row> <round> <fwd|rev>
-    local row=$1 round=$2 dir=$3 json="$TMP/iperf-$1-$3-$2.json" t0 t1 flag=() err
-    [[ $dir == rev ]] && flag=(-R)
+run_iperf() { # run_iperf <row> <round> <fwd|rev> [streams]: R keys fwd/rev for 1 stream, fwd-P4 etc.
+    local row=$1 round=$2 dir=$3 p=${4:-1} key=$3 t0 t1 flag=() err json
+    [[ $p == 1 ]] || key=$dir-P$p
+    json="$TMP/iperf-$1-$key-$2.json"
+    flag=(-P "$p")
+    [[ $dir == rev ]] && flag+=(-R)
     [[ ${#PROXY_PIDS[@]} -gt 0 ]] && settle "${PROXY_PIDS[@]}"
     t0=$(proxy_cpu)
     if ! timeout $((SECS + 60)) ip netns exec "$CLI" iperf3 -c "$IPERF_HOST" -p "$IPERF_DST_PORT" -t "$SECS" -J "${flag[@]}" >"$json" 2>"$json.err"; then
@@ -383,11 +432,12 @@ run_iperf() { # run_iperf <row> <round> <fwd|rev>
     fi
     [[ ${#PROXY_PIDS[@]} -gt 0 ]] && settle "${PROXY_PIDS[@]}"
     t1=$(proxy_cpu)
-    R[$row:$dir.gbps:$round]=$(jq -r '.end.sum_received.bits_per_second / 1e9' "$json")
-    R[$row:$dir.bytes:$round]=$(jq -r '.end.sum_received.bytes' "$json")
-    R[$row:$dir.retr:$round]=$(jq -r '.end.sum_sent.retransmits // 0' "$json")
-    R[$row:$dir.cpu:$round]=$(calc "($t1 - $t0) / $HZ")
-    log "  iperf3 $dir: $(printf '%.2f' "${R[$row:$dir.gbps:$round]}") Gbit/s, proxy CPU ${R[$row:$dir.cpu:$round]} s"
+    R[$row:$key.gbps:$round]=$(jq -r '.end.sum_received.bits_per_second / 1e9' "$json")
+    R[$row:$key.bytes:$round]=$(jq -r '.end.sum_received.bytes' "$json")
+    R[$row:$key.retr:$round]=$(jq -r '.end.sum_sent.retransmits // 0' "$json")
+    R[$row:$key.cpu:$round]=$(calc "($t1 - $t0) / $HZ")
+    csv_iperf plain "$row" "$round" "$dir-P$p" "$key"
+    log "  iperf3 $key: $(printf '%.2f' "${R[$row:$key.gbps:$round]}") Gbit/s, proxy CPU ${R[$row:$key.cpu:$round]} s"
 }
 
 run_wrk() { # run_wrk <row> <round>
@@ -413,6 +463,10 @@ run_wrk() { # run_wrk <row> <round>
     R[$row:wrk.p99:$round]=${p99:-?}
     R[$row:wrk.errors:$round]=$((${errs:-0} + ${non2xx:-0}))
     R[$row:wrk.cpu:$round]=$(calc "($t1 - $t0) / $HZ")
+    csv_add plain "$row" "$round" wrk "c$WRK_CONNS" req_per_sec "$rps"
+    csv_add plain "$row" "$round" wrk "c$WRK_CONNS" requests "$reqs"
+    csv_add plain "$row" "$round" wrk "c$WRK_CONNS" errors "${R[$row:wrk.errors:$round]}"
+    csv_add plain "$row" "$round" wrk "c$WRK_CONNS" cpu_s "${R[$row:wrk.cpu:$round]}"
     log "  wrk: $rps req/s (p99 ${p99:-?}), proxy CPU ${R[$row:wrk.cpu:$round]} s, errors ${R[$row:wrk.errors:$round]}"
 }
 
@@ -431,7 +485,17 @@ for round in $(seq "$ROUNDS"); do
                 || die "$row: ringtun spliced only $moved bytes upstream, iperf3 received ${R[$row:fwd.bytes:$round]} — traffic bypassed the proxy?"
         fi
         [[ $REVERSE == 1 ]] && run_iperf "$row" "$round" rev
+        for p in $IPERF_STREAMS; do
+            [[ $p == 1 ]] && continue
+            run_iperf "$row" "$round" fwd "$p"
+            [[ $REVERSE == 1 ]] && run_iperf "$row" "$round" rev "$p"
+        done
         run_wrk "$row" "$round"
+        if [[ -n $ECHO_ADDR ]]; then
+            loadtests plain "$row" "$round"
+        elif [[ -n ${PERF_RATE_LIST:-}${PERF_OPEN_RATES:-}${PERF_BULK_FLOWS:-} ]]; then
+            log "  (no tcp-load tests through $row)"
+        fi
         if [[ $row == ringtun-* ]]; then
             nsx "$NODE" curl -sf "http://$METRICS/metrics" >"$TMP/metrics-$row-$round.txt" || true
         fi

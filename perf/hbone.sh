@@ -28,6 +28,10 @@
 #   PERF_RINGTUN=           the ringtun binary to measure (default: the release build), to
 #                           compare two builds in alternating runs
 #   PERF_KEEP_LOGS=0        1: keep the scratch directory (logs, configs, certificates, raw JSON)
+#   PERF_REVERSE=0          1: also run each iperf3 test with -R (server → client); the table
+#                           shows the forward direction, the CSV both
+#   PERF_CSV=, PERF_RATE_LIST=, PERF_OPEN_RATES=, PERF_BULK_FLOWS=   what perf/run adds: every
+#                           result as CSV and the tcp-load tests (perf/lib/loadtests.sh)
 set -Eeuo pipefail
 
 SECS=${PERF_SECS:-10}
@@ -41,6 +45,7 @@ RATE_CONC=${PERF_RATE_CONCURRENCY:-32}
 MSG_BYTES=${PERF_MSG_BYTES:-1024}
 NO_BUILD=${PERF_NO_BUILD:-0}
 KEEP=${PERF_KEEP_LOGS:-0}
+REVERSE=${PERF_REVERSE:-0}
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
@@ -53,9 +58,11 @@ CLI_IP=10.77.1.2
 SRV_IP=10.77.4.2
 IPERF_PORT=5201
 ECHO_PORT=7000
+SINK_PORT=7001
 HBONE_PORT=15008
 H2_IPERF_PORT=25201 # h2-tunnel client listeners, on the client pod's loopback
 H2_ECHO_PORT=27000
+H2_SINK_PORT=27001
 
 HZ=$(getconf CLK_TCK)
 TMP=""
@@ -144,6 +151,8 @@ LOAD="$TARGET_DIR/release/tcp-load"
 for b in "$RINGTUN" "$H2TUN" "$LOAD"; do
     [[ -x $b ]] || die "no binary at $b (build it, or unset PERF_NO_BUILD)"
 done
+# shellcheck source=perf/lib/loadtests.sh
+source "$HERE/lib/loadtests.sh"
 
 # ---------------------------------------------------------------- helpers
 nsx() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
@@ -228,6 +237,8 @@ start_bg iperf3-server "$SRV" iperf3 -s -B "$SRV_IP" -p "$IPERF_PORT"
 wait_listen "$SRV" "$IPERF_PORT" "$LAST_PID" iperf3-server || die "$ROW_ERR"
 start_bg echo-server "$SRV" "$LOAD" echo --listen "$SRV_IP:$ECHO_PORT"
 wait_listen "$SRV" "$ECHO_PORT" "$LAST_PID" echo-server || die "$ROW_ERR"
+start_bg sink-server "$SRV" "$LOAD" sink --listen "$SRV_IP:$SINK_PORT"
+wait_listen "$SRV" "$SINK_PORT" "$LAST_PID" sink-server || die "$ROW_ERR"
 nsx "$CLI" "$LOAD" latency --target "$SRV_IP:$ECHO_PORT" --duration 0.2 --strict >/dev/null 2>"$TMP/check.err" \
     || die "client pod cannot reach the echo server: $(cat "$TMP/check.err")"
 
@@ -297,7 +308,7 @@ start_row() {
     PROXY_PIDS=()
     case $row in
         direct)
-            IPERF_HOST=$SRV_IP IPERF_DST=$IPERF_PORT ECHO_ADDR=$SRV_IP:$ECHO_PORT
+            IPERF_HOST=$SRV_IP IPERF_DST=$IPERF_PORT ECHO_ADDR=$SRV_IP:$ECHO_PORT SINK_ADDR=$SRV_IP:$SINK_PORT
             ;;
         h2-baseline)
             start_bg "h2-server-$round" "$SRV" "$H2TUN" server --listen "$SRV_IP:$HBONE_PORT" --threads "$REACTORS" "${SRV_TLS[@]}"
@@ -311,7 +322,11 @@ start_row() {
                 --peer "$SRV_IP:$HBONE_PORT" --target "$SRV_IP:$ECHO_PORT" --threads "$REACTORS" "${CLI_TLS[@]}"
             PROXY_PIDS+=("$LAST_PID")
             wait_listen "$CLI" "$H2_ECHO_PORT" "$LAST_PID" "h2-client-echo-$round" || return 1
-            IPERF_HOST=127.0.0.1 IPERF_DST=$H2_IPERF_PORT ECHO_ADDR=127.0.0.1:$H2_ECHO_PORT
+            start_bg "h2-client-sink-$round" "$CLI" "$H2TUN" client --listen "127.0.0.1:$H2_SINK_PORT" \
+                --peer "$SRV_IP:$HBONE_PORT" --target "$SRV_IP:$SINK_PORT" --threads "$REACTORS" "${CLI_TLS[@]}"
+            PROXY_PIDS+=("$LAST_PID")
+            wait_listen "$CLI" "$H2_SINK_PORT" "$LAST_PID" "h2-client-sink-$round" || return 1
+            IPERF_HOST=127.0.0.1 IPERF_DST=$H2_IPERF_PORT ECHO_ADDR=127.0.0.1:$H2_ECHO_PORT SINK_ADDR=127.0.0.1:$H2_SINK_PORT
             ;;
         ringtun-hbone)
             for ns in "$CLI:$CFG_A" "$SRV:$CFG_B"; do
@@ -323,7 +338,7 @@ start_row() {
             start_ringtun node-b "$CFG_B" 16000 "$round" || return 1
             wait_listen "$CLI" 15001 "${PROXY_PIDS[0]}" "ringtun-node-a-$round" || return 1
             wait_listen "$SRV" "$HBONE_PORT" "${PROXY_PIDS[1]}" "ringtun-node-b-$round" || return 1
-            IPERF_HOST=$SRV_IP IPERF_DST=$IPERF_PORT ECHO_ADDR=$SRV_IP:$ECHO_PORT
+            IPERF_HOST=$SRV_IP IPERF_DST=$IPERF_PORT ECHO_ADDR=$SRV_IP:$ECHO_PORT SINK_ADDR=$SRV_IP:$SINK_PORT
             ;;
     esac
     # One short exchange through the path before measuring: a broken path fails here, with the
@@ -342,7 +357,7 @@ stop_row() { # stops the row's processes and rules; anything left behind would s
         done
         REDIRECTED=()
     fi
-    for p in 15001 15006 "$HBONE_PORT" "$H2_IPERF_PORT" "$H2_ECHO_PORT"; do
+    for p in 15001 15006 "$HBONE_PORT" "$H2_IPERF_PORT" "$H2_ECHO_PORT" "$H2_SINK_PORT"; do
         for ns in "$CLI" "$SRV"; do
             nsx "$ns" ss -Hltn "sport = :$p" | grep -q . && die "port $p still listening in $ns after stopping $row"
         done
@@ -353,21 +368,24 @@ stop_row() { # stops the row's processes and rules; anything left behind would s
 declare -A R   # R[row:metric:round] = value
 declare -A STATUS # STATUS[row:round] = "ok" or the reason the row failed
 
-run_iperf() { # run_iperf <row> <round> <streams>
-    local row=$1 round=$2 p=$3 json="$TMP/iperf-$1-P$3-$2.json" t0 t1 err
+run_iperf() { # run_iperf <row> <round> <streams> [rev]: R keys p1, p4 (forward), p1r, p4r (-R)
+    local row=$1 round=$2 p=$3 dir=${4:-fwd} key=p$3 flag=() json t0 t1 err
+    [[ $dir == rev ]] && key=p${p}r flag=(-R)
+    json="$TMP/iperf-$1-$key-$2.json"
     t0=$(proxy_cpu)
     # shellcheck disable=SC2086 # PERF_IPERF_ARGS is a list of arguments
-    if ! timeout $((SECS + 60)) ip netns exec "$CLI" iperf3 -c "$IPERF_HOST" -p "$IPERF_DST" -P "$p" -t "$SECS" ${PERF_IPERF_ARGS:-} -J >"$json" 2>"$json.err"; then
+    if ! timeout $((SECS + 60)) ip netns exec "$CLI" iperf3 -c "$IPERF_HOST" -p "$IPERF_DST" -P "$p" -t "$SECS" "${flag[@]}" ${PERF_IPERF_ARGS:-} -J >"$json" 2>"$json.err"; then
         err=$(jq -r '.error // empty' "$json" 2>/dev/null || true)
         fail "iperf3 -P $p: ${err:-$(tail -n 1 "$json.err")}"
         return 1
     fi
     t1=$(proxy_cpu)
-    R[$row:p$p.gbps:$round]=$(jq -r '.end.sum_received.bits_per_second / 1e9' "$json")
-    R[$row:p$p.bytes:$round]=$(jq -r '.end.sum_received.bytes' "$json")
-    R[$row:p$p.retr:$round]=$(jq -r '.end.sum_sent.retransmits // 0' "$json")
-    R[$row:p$p.cpu:$round]=$(calc "($t1 - $t0) / $HZ")
-    log "  iperf3 -P $p: $(printf '%.2f' "${R[$row:p$p.gbps:$round]}") Gbit/s, tunnel CPU ${R[$row:p$p.cpu:$round]} s"
+    R[$row:$key.gbps:$round]=$(jq -r '.end.sum_received.bits_per_second / 1e9' "$json")
+    R[$row:$key.bytes:$round]=$(jq -r '.end.sum_received.bytes' "$json")
+    R[$row:$key.retr:$round]=$(jq -r '.end.sum_sent.retransmits // 0' "$json")
+    R[$row:$key.cpu:$round]=$(calc "($t1 - $t0) / $HZ")
+    csv_iperf hbone "$row" "$round" "$dir-P$p" "$key"
+    log "  iperf3 -P $p${flag[*]:+ -R}: $(printf '%.2f' "${R[$row:$key.gbps:$round]}") Gbit/s, tunnel CPU ${R[$row:$key.cpu:$round]} s"
 }
 
 run_load() { # run_load <row> <round> <rate|latency>
@@ -386,12 +404,19 @@ run_load() { # run_load <row> <round> <rate|latency>
     if [[ $mode == rate ]]; then
         R[$row:rate.cps:$round]=$(jq -r .conns_per_sec "$json")
         R[$row:rate.conns:$round]=$(jq -r .conns "$json")
+        csv_add hbone "$row" "$round" rate "$RATE_CONC" conns_per_sec "${R[$row:rate.cps:$round]}"
+        csv_add hbone "$row" "$round" rate "$RATE_CONC" conns "${R[$row:rate.conns:$round]}"
+        csv_add hbone "$row" "$round" rate "$RATE_CONC" errors "${R[$row:rate.errors:$round]}"
+        csv_add hbone "$row" "$round" rate "$RATE_CONC" cpu_s "${R[$row:rate.cpu:$round]}"
         log "  tcp-load rate: ${R[$row:rate.cps:$round]} conns/s, errors ${R[$row:rate.errors:$round]}, tunnel CPU ${R[$row:rate.cpu:$round]} s"
     else
         R[$row:lat.p50:$round]=$(jq -r .p50_us "$json")
         R[$row:lat.p99:$round]=$(jq -r .p99_us "$json")
         R[$row:lat.p999:$round]=$(jq -r .p999_us "$json")
         R[$row:lat.n:$round]=$(jq -r .exchanges "$json")
+        csv_add hbone "$row" "$round" latency 1 p50_us "${R[$row:lat.p50:$round]}"
+        csv_add hbone "$row" "$round" latency 1 p99_us "${R[$row:lat.p99:$round]}"
+        csv_add hbone "$row" "$round" latency 1 p999_us "${R[$row:lat.p999:$round]}"
         log "  tcp-load latency: p50 ${R[$row:lat.p50:$round]} µs, p99 ${R[$row:lat.p99:$round]} µs"
     fi
 }
@@ -424,8 +449,13 @@ measure_row() { # measure_row <row> <round>: every test of the row, stopping at 
     run_iperf "$row" "$round" 1 || return 1
     if [[ $row == ringtun-hbone ]]; then check_ringtun_path "$acc0" "$sa0" "$sb0" || return 1; fi
     run_iperf "$row" "$round" 4 || return 1
+    if [[ $REVERSE == 1 ]]; then
+        run_iperf "$row" "$round" 1 rev || return 1
+        run_iperf "$row" "$round" 4 rev || return 1
+    fi
     run_load "$row" "$round" rate || return 1
     run_load "$row" "$round" latency || return 1
+    loadtests hbone "$row" "$round" || return 1
     if [[ $row == ringtun-hbone ]]; then
         nsx "$NODE" curl -sf "http://$NODE_A_METRICS/metrics" >"$TMP/metrics-node-a-$round.txt" || true
         nsx "$NODE" curl -sf "http://$NODE_B_METRICS/metrics" >"$TMP/metrics-node-b-$round.txt" || true

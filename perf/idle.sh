@@ -15,6 +15,7 @@ fi
 stamp=$(date -u +%Y-%m-%dT%H%M%S)
 mkdir -p "$root/perf/results"
 cd "$root"
-# One access record per connection would be 18,000 lines per count: warnings only.
-RINGTUN_LOG=warn IDLE_CSV="$root/perf/results/idle-$stamp.csv" \
+# One access record per connection would be 18,000 lines per count: warnings only. perf/run
+# passes IDLE_CSV to collect the CSV into its own results.
+RINGTUN_LOG=warn IDLE_CSV="${IDLE_CSV:-$root/perf/results/idle-$stamp.csv}" \
     cargo test --release --test idle_flows -- --ignored --nocapture idle_flow_cost
