@@ -19,6 +19,8 @@
 #   PERF_NGINX_WORKERS=auto
 #   PERF_NO_BUILD=0         1: skip `cargo build --release` (use the existing binary)
 #   PERF_KEEP_LOGS=0        1: keep the scratch directory (logs, configs, raw JSON) on success
+#   PERF_RINGTUN=           the ringtun binary to measure (default: the release build), to
+#                           compare two builds in alternating runs
 #   PERF_CSV=, PERF_RATE_LIST=, PERF_OPEN_RATES=, PERF_BULK_FLOWS=   what perf/run adds: every
 #                           result as CSV and the tcp-load tests (perf/lib/loadtests.sh); not
 #                           run on the socat row
@@ -147,7 +149,7 @@ if [[ $NO_BUILD != 1 ]]; then
 fi
 TARGET_DIR=$(cd "$REPO" && cargo metadata --format-version 1 --no-deps | jq -r .target_directory) \
     || die "cargo metadata failed"
-RINGTUN="$TARGET_DIR/release/ringtun"
+RINGTUN="${PERF_RINGTUN:-$TARGET_DIR/release/ringtun}"
 LOAD="$TARGET_DIR/release/tcp-load"
 for b in "$RINGTUN" "$LOAD"; do
     [[ -x $b ]] || die "no binary at $b (build it, or unset PERF_NO_BUILD)"

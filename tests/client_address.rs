@@ -96,12 +96,36 @@ fn cases() -> Vec<(&'static str, Pod, SocketAddr)> {
     ]
 }
 
+/// Packets the mangle OUTPUT rule gave a connection's mark back to in `pod`'s namespace
+/// (both families): the replies of connections ringtun delivered there.
+fn marks_restored_in(m: &Mesh, pod: Pod) -> u64 {
+    ["iptables", "ip6tables"]
+        .iter()
+        .map(|family| {
+            let out = std::process::Command::new("ip")
+                .args(["netns", "exec", &m.tb.pod_name(pod)])
+                .args([&format!("{family}-nft"), "-w", "10", "-t", "mangle"])
+                .args(["-L", "RINGTUN_OUTPUT", "-v", "-x", "-n"])
+                .output()
+                .expect("run iptables");
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success(), "{family} in {pod:?}: {text}");
+            text.lines()
+                .filter(|l| l.contains("CONNMARK restore"))
+                .map(|l| l.split_whitespace().next().unwrap().parse::<u64>().unwrap())
+                .sum::<u64>()
+        })
+        .sum()
+}
+
 #[test]
 fn the_application_sees_the_clients_own_address() {
     if !root_or_skip("the_application_sees_the_clients_own_address") {
         return;
     }
     let m = Mesh::start(Path::new(BIN), "io-uring", "");
+    // The start-up check of the client pod's return path is a delivery of its own.
+    let client_pod_restores = marks_restored_in(&m, Pod::Client);
     for (what, from, to) in cases() {
         let client = if to.is_ipv4() { from.v4() } else { from.v6() };
         // Several connections, so a kernel-chosen port is exercised more than once.
@@ -120,6 +144,15 @@ fn the_application_sees_the_clients_own_address() {
             .contains("workload default/mesh-1: inbound connections reach the application from the client's address"),
         "{}",
         m.b().log_text()
+    );
+    // Only the deliveries' replies have their mark restored (and are routed again for it):
+    // the client pod's captured outbound connections come over lo with ringtun's mark too,
+    // and were once marked as deliveries, re-routing every one of their packets.
+    assert!(marks_restored_in(&m, Pod::Mesh1) > 100);
+    assert_eq!(
+        marks_restored_in(&m, Pod::Client),
+        client_pod_restores,
+        "the client pod's outbound connections were marked as deliveries"
     );
     m.finish();
 }

@@ -541,10 +541,14 @@ pub fn plan(settings: &RedirectSettings) -> RulePlan {
         let inbound: Vec<Vec<String>> = vec![
             // A connection ringtun delivers to the pod (its first packet arrives over lo with
             // ringtun's mark) is marked, so the replies find their way back to it even when it
-            // delivers from the client's address (see the mangle OUTPUT chain).
+            // delivers from the client's address (see the mangle OUTPUT chain). Only a
+            // connection ringtun opens (its SYN: state NEW): ringtun's answers on a captured
+            // outbound connection also come over lo with its mark, and marking that connection
+            // would re-route every one of its packets (see the OUTPUT rule).
             [
                 to_strings(&["-i", "lo", "-p", "tcp"]),
                 to_strings(&["-m", "mark", "--mark", &mark(s.socket_mark)]),
+                to_strings(&["-m", "conntrack", "--ctstate", "NEW"]),
                 to_strings(&["-j", "CONNMARK", "--set-xmark", &mark(s.tproxy_mark)]),
             ]
             .concat(),
@@ -597,7 +601,9 @@ pub fn plan(settings: &RedirectSettings) -> RulePlan {
 
         // Replies of a connection ringtun delivered carry the connection's mark again, and
         // the policy rule routes them to the local table: back to ringtun's socket, whatever
-        // address (the client's) it was bound to.
+        // address (the client's) it was bound to. Only the replies: a packet whose mark
+        // changes here is routed again (`ip_route_me_harder`), and ringtun's own packets on
+        // the connection already leave by the right route.
         let (table, chain) = ("mangle", OUTPUT_CHAIN);
         objects.push(Object::Chain {
             family,
@@ -615,6 +621,10 @@ pub fn plan(settings: &RedirectSettings) -> RulePlan {
                 "connmark",
                 "--mark",
                 &mark(s.tproxy_mark),
+                "-m",
+                "conntrack",
+                "--ctdir",
+                "REPLY",
                 "-j",
                 "CONNMARK",
                 "--restore-mark",
