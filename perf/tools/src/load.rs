@@ -423,28 +423,39 @@ async fn bulk_flow(target: SocketAddr, until: Instant, chunk: usize) -> Result<u
 /// The sink server for [`bulk`]: reads and drops everything; at EOF writes the number of bytes
 /// it received as 8 big-endian bytes and closes.
 pub async fn sink(listener: tokio::net::TcpListener) -> Result<()> {
+    serve_each(listener, |mut s| async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut total = 0u64;
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) => break,
+                Ok(n) => total += n as u64,
+                Err(_) => return,
+            }
+        }
+        let _ = s.write_all(&total.to_be_bytes()).await;
+        let _ = s.shutdown().await;
+    })
+    .await
+}
+
+/// Accepts connections for ever, each served by its own task; a failed accept (out of
+/// descriptors, say) is reported and retried after a pause instead of ending the server.
+async fn serve_each<F, Fut>(listener: tokio::net::TcpListener, serve: F) -> Result<()>
+where
+    F: Fn(tokio::net::TcpStream) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     loop {
-        let (mut s, _) = match listener.accept().await {
-            Ok(a) => a,
+        match listener.accept().await {
+            Ok((s, _)) => {
+                tokio::spawn(serve(s));
+            }
             Err(e) => {
                 eprintln!("accept: {e}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
             }
-        };
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 64 * 1024];
-            let mut total = 0u64;
-            loop {
-                match s.read(&mut buf).await {
-                    Ok(0) => break,
-                    Ok(n) => total += n as u64,
-                    Err(_) => return,
-                }
-            }
-            let _ = s.write_all(&total.to_be_bytes()).await;
-            let _ = s.shutdown().await;
-        });
+        }
     }
 }
 
@@ -467,34 +478,25 @@ fn round(x: f64, decimals: i32) -> f64 {
 /// The echo server: every connection gets back what it sends; at EOF the write side is shut
 /// down too (half-close: a client that shut down its writing still reads the tail).
 pub async fn echo(listener: tokio::net::TcpListener) -> Result<()> {
-    loop {
-        let (mut s, _) = match listener.accept().await {
-            Ok(a) => a,
-            Err(e) => {
-                eprintln!("accept: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        tokio::spawn(async move {
-            let _ = s.set_nodelay(true);
-            let mut buf = vec![0u8; 64 * 1024];
-            loop {
-                match s.read(&mut buf).await {
-                    Ok(0) => {
-                        let _ = s.shutdown().await;
+    serve_each(listener, |mut s| async move {
+        let _ = s.set_nodelay(true);
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) => {
+                    let _ = s.shutdown().await;
+                    return;
+                }
+                Ok(n) => {
+                    if s.write_all(&buf[..n]).await.is_err() {
                         return;
                     }
-                    Ok(n) => {
-                        if s.write_all(&buf[..n]).await.is_err() {
-                            return;
-                        }
-                    }
-                    Err(_) => return,
                 }
+                Err(_) => return,
             }
-        });
-    }
+        }
+    })
+    .await
 }
 
 #[cfg(test)]
