@@ -434,11 +434,7 @@ run_iperf() { # run_iperf <row> <round> <fwd|rev> [streams]: R keys fwd/rev for 
     fi
     [[ ${#PROXY_PIDS[@]} -gt 0 ]] && settle "${PROXY_PIDS[@]}"
     t1=$(proxy_cpu)
-    R[$row:$key.gbps:$round]=$(jq -r '.end.sum_received.bits_per_second / 1e9' "$json")
-    R[$row:$key.bytes:$round]=$(jq -r '.end.sum_received.bytes' "$json")
-    R[$row:$key.retr:$round]=$(jq -r '.end.sum_sent.retransmits // 0' "$json")
-    R[$row:$key.cpu:$round]=$(calc "($t1 - $t0) / $HZ")
-    csv_iperf plain "$row" "$round" "$dir-P$p" "$key"
+    iperf_record plain "$row" "$round" "$key" "$dir-P$p" "$json" "$t0" "$t1"
     log "  iperf3 $key: $(printf '%.2f' "${R[$row:$key.gbps:$round]}") Gbit/s, proxy CPU ${R[$row:$key.cpu:$round]} s"
 }
 

@@ -380,11 +380,7 @@ run_iperf() { # run_iperf <row> <round> <streams> [rev]: R keys p1, p4 (forward)
         return 1
     fi
     t1=$(proxy_cpu)
-    R[$row:$key.gbps:$round]=$(jq -r '.end.sum_received.bits_per_second / 1e9' "$json")
-    R[$row:$key.bytes:$round]=$(jq -r '.end.sum_received.bytes' "$json")
-    R[$row:$key.retr:$round]=$(jq -r '.end.sum_sent.retransmits // 0' "$json")
-    R[$row:$key.cpu:$round]=$(calc "($t1 - $t0) / $HZ")
-    csv_iperf hbone "$row" "$round" "$dir-P$p" "$key"
+    iperf_record hbone "$row" "$round" "$key" "$dir-P$p" "$json" "$t0" "$t1"
     log "  iperf3 -P $p${flag[*]:+ -R}: $(printf '%.2f' "${R[$row:$key.gbps:$round]}") Gbit/s, tunnel CPU ${R[$row:$key.cpu:$round]} s"
 }
 

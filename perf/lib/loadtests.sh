@@ -1,6 +1,7 @@
 # shellcheck shell=bash
-# perf/lib/loadtests.sh — the tests perf/run adds to a suite's rows, shared by perf/compare.sh
-# (plain TCP) and perf/hbone.sh (HBONE). Sourced, not run. Every result is one CSV line:
+# perf/lib/loadtests.sh — the tests perf/run adds to a suite's rows, and the result recording
+# shared by perf/compare.sh (plain TCP) and perf/hbone.sh (HBONE). Sourced, not run. Every
+# result is one CSV line:
 #
 #   suite,row,round,test,param,metric,value
 #
@@ -55,10 +56,16 @@ loadtests() {
     done
 }
 
-# csv_iperf <suite> <row> <round> <param> <key>: the iperf3 results the caller keeps in
-# R[row:key.{gbps,bytes,retr,cpu}:round] (param names the test: fwd-P1, rev-P4, ...).
-csv_iperf() {
-    local suite=$1 row=$2 round=$3 param=$4 key=$5 m
+# iperf_record <suite> <row> <round> <key> <param> <json> <cpu ticks before> <after>: an
+# iperf3 run's results into the caller's R[row:key.{gbps,bytes,retr,cpu}:round] and the CSV
+# (param names the test: fwd-P1, rev-P4, ...).
+# shellcheck disable=SC2004 # R is the caller's associative array: its keys are strings
+iperf_record() {
+    local suite=$1 row=$2 round=$3 key=$4 param=$5 json=$6 m
+    R[$row:$key.gbps:$round]=$(jq -r '.end.sum_received.bits_per_second / 1e9' "$json")
+    R[$row:$key.bytes:$round]=$(jq -r '.end.sum_received.bytes' "$json")
+    R[$row:$key.retr:$round]=$(jq -r '.end.sum_sent.retransmits // 0' "$json")
+    R[$row:$key.cpu:$round]=$(calc "($8 - $7) / $HZ")
     for m in gbps bytes retr; do csv_add "$suite" "$row" "$round" iperf3 "$param" "$m" "${R[$row:$key.$m:$round]}"; done
     csv_add "$suite" "$row" "$round" iperf3 "$param" cpu_s "${R[$row:$key.cpu:$round]}"
 }
