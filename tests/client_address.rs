@@ -222,3 +222,48 @@ fn probe_says_whether_a_namespace_routes_replies_to_client_addresses_back() {
     let verdict = probe_in(&tb, pod);
     assert_unavailable(&verdict, "not marked");
 }
+
+/// A tunnel stream's delivery leaves its port to `connect` (`IP_BIND_ADDRESS_NO_PORT`: no
+/// search of the port range at `bind`); a plaintext client's gets one at `bind`, never the
+/// client's own.
+#[test]
+fn a_delivery_binds_the_client_address_and_the_port_when_it_must() {
+    use std::os::fd::AsRawFd;
+
+    use ringtun::data_plane::socket::{delivery_socket, local_addr};
+    if !root_or_skip("a_delivery_binds_the_client_address_and_the_port_when_it_must") {
+        return;
+    }
+    let app = TcpListener::bind("127.0.0.1:0").unwrap();
+    let to = app.local_addr().unwrap();
+    let tunnel_client: SocketAddr = "127.0.0.2:0".parse().unwrap();
+    let fd = delivery_socket(&to, 0, Some(tunnel_client)).unwrap();
+    assert_eq!(
+        local_addr(fd.as_raw_fd()).unwrap(),
+        tunnel_client,
+        "no port before connect"
+    );
+    match ringtun::sys::socket::connect(fd.as_raw_fd(), to) {
+        Err(e) if e.raw_os_error() != Some(libc::EINPROGRESS) => panic!("connect: {e}"),
+        _ => {}
+    }
+    let (_accepted, from) = app.accept().unwrap();
+    assert_eq!(from.ip(), tunnel_client.ip());
+    assert_ne!(from.port(), 0);
+
+    // A plaintext client: the delivery's port is known before connect, and is not the
+    // client's (the port just freed is the one the client is given here).
+    let plaintext_client: SocketAddr = "127.0.0.2:40000".parse().unwrap();
+    let fd = delivery_socket(&to, 0, Some(plaintext_client)).unwrap();
+    let port = local_addr(fd.as_raw_fd()).unwrap().port();
+    assert_ne!(port, 0, "the port is chosen at bind");
+    assert_ne!(port, plaintext_client.port());
+    let client = SocketAddr::new(plaintext_client.ip(), port);
+    drop(fd);
+    for _ in 0..20 {
+        let fd = delivery_socket(&to, 0, Some(client)).unwrap();
+        let port = local_addr(fd.as_raw_fd()).unwrap().port();
+        assert_ne!(port, 0);
+        assert_ne!(port, client.port(), "a delivery took the client's own port");
+    }
+}
