@@ -624,6 +624,7 @@ mod tests {
             max_handshakes_per_reactor: 256,
             max_handshakes_per_source: 16,
             max_tunnels_per_peer: 256,
+            flow_receive_buffer: 128 * 1024,
         };
         let splice = config::SpliceSettings {
             pipe_size: 1 << 18,

@@ -237,7 +237,7 @@ fn a_delivery_binds_the_client_address_and_the_port_when_it_must() {
     let app = TcpListener::bind("127.0.0.1:0").unwrap();
     let to = app.local_addr().unwrap();
     let tunnel_client: SocketAddr = "127.0.0.2:0".parse().unwrap();
-    let fd = delivery_socket(&to, 0, Some(tunnel_client)).unwrap();
+    let fd = delivery_socket(&to, 0, Some(tunnel_client), 0).unwrap();
     assert_eq!(
         local_addr(fd.as_raw_fd()).unwrap(),
         tunnel_client,
@@ -254,14 +254,14 @@ fn a_delivery_binds_the_client_address_and_the_port_when_it_must() {
     // A plaintext client: the delivery's port is known before connect, and is not the
     // client's (the port just freed is the one the client is given here).
     let plaintext_client: SocketAddr = "127.0.0.2:40000".parse().unwrap();
-    let fd = delivery_socket(&to, 0, Some(plaintext_client)).unwrap();
+    let fd = delivery_socket(&to, 0, Some(plaintext_client), 0).unwrap();
     let port = local_addr(fd.as_raw_fd()).unwrap().port();
     assert_ne!(port, 0, "the port is chosen at bind");
     assert_ne!(port, plaintext_client.port());
     let client = SocketAddr::new(plaintext_client.ip(), port);
     drop(fd);
     for _ in 0..20 {
-        let fd = delivery_socket(&to, 0, Some(client)).unwrap();
+        let fd = delivery_socket(&to, 0, Some(client), 0).unwrap();
         let port = local_addr(fd.as_raw_fd()).unwrap().port();
         assert_ne!(port, 0);
         assert_ne!(port, client.port(), "a delivery took the client's own port");

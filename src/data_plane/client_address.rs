@@ -87,6 +87,7 @@ pub fn check_return_path(local: IpAddr, socket_mark: u32) -> Result<(), ReturnPa
         &to,
         socket_mark,
         Some(SocketAddr::new(client, 0)),
+        0,
     )
     .map_err(|e| match e.kind() {
         std::io::ErrorKind::PermissionDenied => ReturnPathError::Transparent(e.to_string()),

@@ -248,6 +248,7 @@ pub(crate) mod tests {
                 max_handshakes_per_reactor: 256,
                 max_handshakes_per_source: 16,
                 max_tunnels_per_peer: 256,
+                flow_receive_buffer: 128 * 1024,
             },
             splice: SpliceSettings {
                 pipe_size: 1 << 18,

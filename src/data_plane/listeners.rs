@@ -145,6 +145,7 @@ pub fn create_for(
     let ports = state.config.node.ports;
     let mark = state.config.node.socket_mark;
     let choice = state.config.node.deliver_client_address;
+    let receive_buffer = state.config.node.limits.flow_receive_buffer;
     for &id in ids {
         let entry = state.registry.workload(id);
         let w = &entry.workload;
@@ -224,11 +225,13 @@ pub fn create_for(
             for _ in 0..reactors {
                 let mut set = Vec::new();
                 for (dir, addr, transparent, hbone) in &addrs {
+                    // Port 15008's connections are tunnels: many flows, autotuned.
+                    let buffer = if *hbone { 0 } else { receive_buffer };
                     set.push((
                         *dir,
                         *addr,
                         *hbone,
-                        socket::listener(*addr, *transparent, mark, BACKLOG),
+                        socket::listener(*addr, *transparent, mark, BACKLOG, buffer),
                     ));
                 }
                 out.push(set);

@@ -87,6 +87,36 @@ pub fn set_mark(fd: RawFd, mark: u32) -> io::Result<()> {
     set_int(fd, libc::SOL_SOCKET, libc::SO_MARK, mark as libc::c_int)
 }
 
+/// `SO_RCVBUF`: the socket's receive buffer, fixed at `bytes` (the kernel doubles it for its
+/// bookkeeping and no longer autotunes it).
+pub fn set_receive_buffer(fd: RawFd, bytes: u32) -> io::Result<()> {
+    set_int(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_RCVBUF,
+        bytes.min(i32::MAX as u32) as libc::c_int,
+    )
+}
+
+/// `SO_RCVBUF` as the kernel reports it: twice what was set (its bookkeeping share), or the
+/// autotuned size.
+pub fn receive_buffer(fd: RawFd) -> io::Result<usize> {
+    let mut value: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `value` and `len` live on this stack frame for the call; `len` tells the kernel
+    // it may write at most one int into `value`.
+    check(unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    })?;
+    Ok(usize::try_from(value).unwrap_or(0))
+}
+
 /// `TCP_NODELAY`: Nagle off.
 pub fn set_nodelay(fd: RawFd) -> io::Result<()> {
     set_int(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1)

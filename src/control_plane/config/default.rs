@@ -35,6 +35,7 @@ node:
     max_handshakes_per_reactor: 256  # connections to 15008 still in their TLS handshake
     max_handshakes_per_source: 16    # of those, from one client address (IPv6: one /64)
     max_tunnels_per_peer: 256     # server tunnels per peer identity and per peer address
+    flow_receive_buffer: 131072   # SO_RCVBUF of a flow's sockets (not tunnels); 0: kernel autotuning
   splice:                         # the zero-copy fast path (pipes between sockets)
     pipe_size: 262144             # bytes per pipe (F_SETPIPE_SZ), 4096..=16 MiB
     max_bytes_per_wakeup: 1048576 # per flow direction before yielding to other flows
@@ -253,6 +254,7 @@ mod tests {
             "max_handshakes_per_reactor:",
             "max_handshakes_per_source:",
             "max_tunnels_per_peer:",
+            "flow_receive_buffer:",
             "splice:",
             "pipe_size:",
             "max_bytes_per_wakeup:",

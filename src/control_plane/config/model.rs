@@ -262,6 +262,11 @@ pub struct Limits {
     /// Established server tunnels per reactor from one peer identity, and from one peer
     /// address (idle ones are closed first to make room).
     pub max_tunnels_per_peer: usize,
+    /// Receive buffer (`SO_RCVBUF`, bytes) of the sockets a flow's bytes arrive on: captured
+    /// connections and deliveries, not tunnels. What one flow can make the kernel hold for
+    /// ringtun while it cannot forward; 0 leaves it to the kernel's autotuning (up to
+    /// `net.ipv4.tcp_rmem`'s maximum, 32 MiB on recent kernels).
+    pub flow_receive_buffer: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]

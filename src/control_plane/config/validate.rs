@@ -54,6 +54,7 @@ const LIMITS_KEYS: &[&str] = &[
     "max_handshakes_per_reactor",
     "max_handshakes_per_source",
     "max_tunnels_per_peer",
+    "flow_receive_buffer",
 ];
 const SPLICE_KEYS: &[&str] = &[
     "pipe_size",
@@ -116,7 +117,11 @@ pub(super) const DEFAULT_LIMITS: Limits = Limits {
     max_handshakes_per_reactor: 256,
     max_handshakes_per_source: 16,
     max_tunnels_per_peer: 256,
+    flow_receive_buffer: 128 * 1024,
 };
+/// Bounds of `limits.flow_receive_buffer` (besides 0).
+const MIN_FLOW_RECEIVE_BUFFER: usize = 4096;
+const MAX_FLOW_RECEIVE_BUFFER: usize = 64 * 1024 * 1024;
 pub(super) const DEFAULT_SPLICE: SpliceSettings = SpliceSettings {
     pipe_size: 256 * 1024,
     max_bytes_per_wakeup: 1024 * 1024,
@@ -494,11 +499,32 @@ fn check_node(c: &mut Checker, n: &Node) -> (Option<String>, Option<NodeConfig>)
             "max_tunnels_per_peer",
             DEFAULT_LIMITS.max_tunnels_per_peer,
         );
+        let receive_buffer = l.or_default(
+            c,
+            "flow_receive_buffer",
+            DEFAULT_LIMITS.flow_receive_buffer,
+            |c, v, p| {
+                let n = usize_in(c, v, p, 0, MAX_FLOW_RECEIVE_BUFFER)?;
+                if (1..MIN_FLOW_RECEIVE_BUFFER).contains(&n) {
+                    c.error(
+                        v.pos,
+                        p,
+                        format!(
+                            "{n} bytes is too small to carry a flow: 0 (the kernel's \
+                             autotuning) or {MIN_FLOW_RECEIVE_BUFFER}..={MAX_FLOW_RECEIVE_BUFFER}"
+                        ),
+                    );
+                    return None;
+                }
+                Some(n)
+            },
+        );
         Some(Limits {
             max_flows_per_reactor: max?,
             max_handshakes_per_reactor: handshakes?,
             max_handshakes_per_source: per_source?,
             max_tunnels_per_peer: per_peer?,
+            flow_receive_buffer: receive_buffer?,
         })
     });
     let splice = f.or_default(c, "splice", DEFAULT_SPLICE, |c, v, path| {
@@ -1566,6 +1592,30 @@ policies:
             found[0].1
         );
         assert_eq!(found[1].0, "node.limits.max_handshakes_per_source");
+    }
+
+    #[test]
+    fn flow_receive_buffer_is_zero_or_a_size_a_flow_can_use() {
+        assert_eq!(ok(HEAD).node.limits.flow_receive_buffer, 128 * 1024);
+        for (value, want) in [(0, 0), (4096, 4096), (1 << 20, 1 << 20)] {
+            let cfg = ok(&format!(
+                "{HEAD}  limits: {{flow_receive_buffer: {value}}}\n"
+            ));
+            assert_eq!(cfg.node.limits.flow_receive_buffer, want);
+        }
+        for value in ["100", "4095", "67108865", "-1"] {
+            let errs = errors(&format!(
+                "{HEAD}  limits: {{flow_receive_buffer: {value}}}\n"
+            ));
+            assert_eq!(errs.len(), 1, "{value}: {}", ConfigErrors(errs.clone()));
+            assert_eq!(errs[0].path, "node.limits.flow_receive_buffer");
+        }
+        let errs = errors(&format!("{HEAD}  limits: {{flow_receive_buffer: 100}}\n"));
+        assert!(
+            errs[0].message.contains("too small to carry a flow"),
+            "{}",
+            errs[0].message
+        );
     }
 
     #[test]

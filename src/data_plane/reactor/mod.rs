@@ -870,8 +870,9 @@ impl Reactor {
             }
             Direction::Outbound => None,
         };
+        let buffer = self.state.config.node.limits.flow_receive_buffer;
         let up = match in_netns(netns.as_ref(), || {
-            socket::delivery_socket(&res.upstream, mark, source)
+            socket::delivery_socket(&res.upstream, mark, source, buffer)
         }) {
             Ok(Ok(s)) => s,
             Ok(Err(e)) | Err(e) => {

@@ -741,9 +741,10 @@ impl Tunnels {
             return io.refused(FailureKind::PolicyDenied, record, now);
         }
         let mark = io.state.config.node.socket_mark;
+        let buffer = io.state.config.node.limits.flow_receive_buffer;
         let source = delivery_source(deliver_client, SocketAddr::new(client, 0), upstream);
         let fd = match in_netns(netns.as_ref(), || {
-            socket::delivery_socket(&upstream, mark, source)
+            socket::delivery_socket(&upstream, mark, source, buffer)
         }) {
             Ok(Ok(fd)) => fd,
             Ok(Err(e)) | Err(e) => {
