@@ -10,3 +10,4 @@ pub mod node_ca;
 pub mod policy;
 pub mod state;
 pub mod workload_registry;
+pub mod xds;
