@@ -82,6 +82,24 @@ fn set_int(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int)
     .map(drop)
 }
 
+/// `getsockopt` of an `int` option.
+fn get_int(fd: RawFd, level: libc::c_int, name: libc::c_int) -> io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `value` and `len` live on this stack frame for the call; `len` tells the kernel
+    // it may write at most one int into `value`.
+    check(unsafe {
+        libc::getsockopt(
+            fd,
+            level,
+            name,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    })?;
+    Ok(value)
+}
+
 /// `SO_MARK`: the firewall mark every packet of the socket carries (needs CAP_NET_ADMIN).
 pub fn set_mark(fd: RawFd, mark: u32) -> io::Result<()> {
     set_int(fd, libc::SOL_SOCKET, libc::SO_MARK, mark as libc::c_int)
@@ -101,20 +119,7 @@ pub fn set_receive_buffer(fd: RawFd, bytes: u32) -> io::Result<()> {
 /// `SO_RCVBUF` as the kernel reports it: twice what was set (its bookkeeping share), or the
 /// autotuned size.
 pub fn receive_buffer(fd: RawFd) -> io::Result<usize> {
-    let mut value: libc::c_int = 0;
-    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `value` and `len` live on this stack frame for the call; `len` tells the kernel
-    // it may write at most one int into `value`.
-    check(unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            (&mut value as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    })?;
-    Ok(usize::try_from(value).unwrap_or(0))
+    get_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUF).map(|v| usize::try_from(v).unwrap_or(0))
 }
 
 /// `TCP_NODELAY`: Nagle off.
@@ -230,20 +235,7 @@ fn to_socket_addr(addr: &SockaddrStorage) -> io::Result<SocketAddr> {
 
 /// `SO_ERROR`, which reading clears: 0 when a non-blocking connect succeeded, else its errno.
 pub fn take_error(fd: RawFd) -> io::Result<i32> {
-    let mut err: libc::c_int = 0;
-    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `err` and `len` live on this stack frame for the call; `len` tells the kernel it
-    // may write at most one int into `err`.
-    check(unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_ERROR,
-            (&mut err as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    })?;
-    Ok(err)
+    get_int(fd, libc::SOL_SOCKET, libc::SO_ERROR)
 }
 
 /// One non-blocking `send` (no SIGPIPE), retrying EINTR; `WouldBlock` when the socket is full.
