@@ -8,6 +8,10 @@
 //! `build.rs` compiles them with protox and prost-build, so building needs no system `protoc`.
 //! This crate holds types and wire facts only: no IO, no conversion into ringtun's model.
 
+// The generated types' own crates, so users name the same versions.
+pub use prost;
+pub use prost_types;
+
 // The module tree mirrors the protobuf packages: generated code names other packages' types
 // by relative paths (`super::super::...`).
 

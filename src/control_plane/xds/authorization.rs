@@ -13,11 +13,10 @@
 //! ALLOW that matches none (so it still makes its scope allow-listed). An action ringtun does
 //! not know has no fail-closed form: it is rejected alone.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-
 use istio_api::istio::security as xds;
 use istio_api::istio::security::string_match::MatchType;
 
+use super::ip_from_bytes;
 use crate::control_plane::policy::{
     Action, Authorization, Clause, IpBlock, Match, Rule, Scope, ServiceAccountMatch, StringMatch,
 };
@@ -162,19 +161,6 @@ fn ports(field: &str, list: &[u32]) -> Result<Vec<u16>, String> {
             u16::try_from(p).map_err(|_| format!("{field}[{i}]: port {p} is above 65535"))
         })
         .collect()
-}
-
-/// An address as xDS carries it: 4 bytes (IPv4) or 16 (IPv6).
-pub fn ip_from_bytes(bytes: &[u8]) -> Result<IpAddr, String> {
-    match bytes.len() {
-        4 => Ok(IpAddr::V4(Ipv4Addr::from(
-            <[u8; 4]>::try_from(bytes).expect("4 bytes"),
-        ))),
-        16 => Ok(IpAddr::V6(Ipv6Addr::from(
-            <[u8; 16]>::try_from(bytes).expect("16 bytes"),
-        ))),
-        n => Err(format!("an address of {n} bytes (IPv4 has 4, IPv6 16)")),
-    }
 }
 
 #[cfg(test)]

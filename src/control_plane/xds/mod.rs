@@ -6,4 +6,20 @@
 //! or silently narrowed. The messages come from the `istio-api` crate (generated at build time
 //! from its own `.proto` files, without `protoc`).
 
+pub mod address;
 pub mod authorization;
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// An address as xDS carries it: 4 bytes (IPv4) or 16 (IPv6).
+pub fn ip_from_bytes(bytes: &[u8]) -> Result<IpAddr, String> {
+    match bytes.len() {
+        4 => Ok(IpAddr::V4(Ipv4Addr::from(
+            <[u8; 4]>::try_from(bytes).expect("4 bytes"),
+        ))),
+        16 => Ok(IpAddr::V6(Ipv6Addr::from(
+            <[u8; 16]>::try_from(bytes).expect("16 bytes"),
+        ))),
+        n => Err(format!("an address of {n} bytes (IPv4 has 4, IPv6 16)")),
+    }
+}
