@@ -8,6 +8,7 @@
 
 pub mod address;
 pub mod authorization;
+pub mod delta;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
