@@ -9,6 +9,7 @@
 pub mod address;
 pub mod authorization;
 pub mod delta;
+pub mod store;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
