@@ -454,25 +454,51 @@ impl DevCa {
         validity: Duration,
     ) -> Result<IssuedCert, CertError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::OrganizationName, id.trust_domain());
-        params.distinguished_name = dn;
-        params.subject_alt_names = vec![SanType::URI(id.to_uri().try_into()?)];
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.use_authority_key_identifier_extension = true;
-        params.not_before = offset_time(now - CLOCK_SKEW);
-        params.not_after = offset_time(now + validity);
-        self.sign(&params, key)
+        self.sign(&workload_params(id, now, validity)?, key)
     }
+
+    /// A workload certificate for `id` on the key of a PEM certificate signing request, as an
+    /// Istio CA answers one: the request's signature is checked, its names are ignored (the
+    /// certificate carries `id`). Returns the certificate's PEM (the key stays with the
+    /// requester).
+    pub fn sign_request(
+        &self,
+        csr_pem: &str,
+        id: &SpiffeId,
+        now: SystemTime,
+        validity: Duration,
+    ) -> Result<String, CertError> {
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)?;
+        let cert = workload_params(id, now, validity)?.signed_by(&csr.public_key, &self.issuer)?;
+        Ok(cert.pem())
+    }
+}
+
+/// What a workload certificate for `id` says: exactly one URI SAN (the SPIFFE ID), usable as
+/// TLS client and server, valid from a little before `now` for `validity`.
+fn workload_params(
+    id: &SpiffeId,
+    now: SystemTime,
+    validity: Duration,
+) -> Result<CertificateParams, CertError> {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, id.trust_domain());
+    params.distinguished_name = dn;
+    params.subject_alt_names = vec![SanType::URI(id.to_uri().try_into()?)];
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    params.not_before = offset_time(now - CLOCK_SKEW);
+    params.not_after = offset_time(now + validity);
+    Ok(params)
 }
 
 /// Every distinct workload identity of a config, in config order.

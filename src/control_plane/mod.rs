@@ -6,6 +6,7 @@
 pub mod certs;
 pub mod config;
 pub mod identity;
+pub mod istio_ca;
 pub mod node_ca;
 pub mod policy;
 pub mod state;
