@@ -93,9 +93,9 @@ impl Store {
 
     fn insert_workload(&mut self, uid: String, w: Arc<Workload>) {
         self.remove_workload(&uid);
-        for key in w.services.keys() {
+        for s in &w.services {
             self.endpoints
-                .entry(key.clone())
+                .entry(s.service.clone())
                 .or_default()
                 .insert(uid.clone());
         }
@@ -109,11 +109,11 @@ impl Store {
         let Some(old) = self.workloads.remove(uid) else {
             return false;
         };
-        for key in old.services.keys() {
-            if let Some(set) = self.endpoints.get_mut(key) {
+        for s in &old.services {
+            if let Some(set) = self.endpoints.get_mut(&s.service) {
                 set.remove(uid);
                 if set.is_empty() {
-                    self.endpoints.remove(key);
+                    self.endpoints.remove(&s.service);
                 }
             }
         }
@@ -161,7 +161,9 @@ impl Store {
 mod tests {
     use super::*;
     use crate::control_plane::config::Protocol;
-    use crate::control_plane::xds::address::{LoadBalancing, PortMap, ServicePort, TunnelProtocol};
+    use crate::control_plane::xds::address::{
+        LoadBalancing, PortMap, ServicePort, ServicePorts, TunnelProtocol,
+    };
 
     fn workload(uid: &str, node: &str, services: &[&str]) -> Address {
         Address::Workload(Arc::new(Workload {
@@ -179,14 +181,12 @@ mod tests {
             host_network: false,
             services: services
                 .iter()
-                .map(|s| {
-                    (
-                        s.to_string(),
-                        vec![PortMap {
-                            service_port: 80,
-                            target_port: 8080,
-                        }],
-                    )
+                .map(|s| ServicePorts {
+                    service: s.to_string(),
+                    ports: vec![PortMap {
+                        service_port: 80,
+                        target_port: 8080,
+                    }],
                 })
                 .collect(),
             policies: vec![],
