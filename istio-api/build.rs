@@ -1,4 +1,5 @@
-//! Generates the message types from `proto/` with protox (no system `protoc`) and prost-build.
+//! Generates the message types and gRPC stubs from `proto/` with protox (no system `protoc`),
+//! prost-build and tonic-prost-build.
 
 use std::error::Error;
 
@@ -15,12 +16,19 @@ fn main() -> Result<(), Box<dyn Error>> {
         println!("cargo:rerun-if-changed={proto}");
     }
     let descriptors = protox::compile(PROTOS, ["proto"])?;
-    prost_build::Config::new()
+    let mut messages = prost_build::Config::new();
+    messages
         .disable_comments(["."])
         // A push holds up to 100,000 addresses: each is as large as its own variant, not as
         // the largest (a workload is over 600 bytes unboxed).
         .boxed(".istio.workload.Address.type.workload")
-        .boxed(".istio.workload.Address.type.service")
-        .compile_fds(descriptors)?;
+        .boxed(".istio.workload.Address.type.service");
+    // Messages as prost-build makes them, plus a client and a server stub per service (the
+    // server for the in-process fake istiod of the tests).
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .build_transport(false)
+        .compile_fds_with_config(descriptors, messages)?;
     Ok(())
 }

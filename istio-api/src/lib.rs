@@ -5,8 +5,10 @@
 //!
 //! The `.proto` files in `proto/` are ringtun's own, written from the field numbers of Istio's
 //! definitions; they keep only what a node proxy acts on (decoding skips every other field).
-//! `build.rs` compiles them with protox and prost-build, so building needs no system `protoc`.
-//! This crate holds types and wire facts only: no IO, no conversion into ringtun's model.
+//! `build.rs` compiles them with protox and tonic-prost-build (prost's messages plus a gRPC
+//! client and server stub per service, generic over tonic's transport traits), so building
+//! needs no system `protoc`. This crate holds types and wire facts only: no IO, no
+//! conversion into ringtun's model.
 
 // The generated types' own crates, so users name the same versions.
 pub use prost;

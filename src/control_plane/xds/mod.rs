@@ -8,6 +8,7 @@
 
 pub mod address;
 pub mod authorization;
+pub mod client;
 pub mod delta;
 pub mod store;
 
