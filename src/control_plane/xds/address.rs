@@ -22,10 +22,9 @@ use std::sync::Arc;
 
 use istio_api::istio::workload as xds;
 use istio_api::istio::workload::{address, gateway_address, load_balancing};
-use istio_api::prost::Message;
 use istio_api::prost_types::Any;
 
-use super::ip_from_bytes;
+use super::{check_name, decode_resource, ip_from_bytes};
 use crate::control_plane::config::Protocol;
 use crate::control_plane::policy::IpBlock;
 
@@ -319,22 +318,10 @@ impl Service {
 /// not the resource's key, or [`from_xds`] rejects it.
 pub fn from_resource(name: &str, any: &Any) -> Result<Address, Rejected> {
     let reject = |reason: String| Rejected { reason };
-    if any.type_url != istio_api::ADDRESS_TYPE_URL {
-        return Err(reject(format!(
-            "resource: type {:?}, not {}",
-            any.type_url,
-            istio_api::ADDRESS_TYPE_URL
-        )));
-    }
-    let decoded = xds::Address::decode(any.value.as_slice())
-        .map_err(|e| reject(format!("resource: does not decode: {e}")))?;
+    let decoded: xds::Address =
+        decode_resource(istio_api::ADDRESS_TYPE_URL, any).map_err(reject)?;
     let address = from_xds(&decoded)?;
-    if address.key() != name {
-        return Err(reject(format!(
-            "name: {name:?} is not the resource's key {:?}",
-            address.key()
-        )));
-    }
+    check_name(name, address.key()).map_err(reject)?;
     Ok(address)
 }
 
@@ -608,6 +595,7 @@ fn or_default(value: &str, default: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use istio_api::prost::Message;
 
     /// A way to break a valid message, and how the rejection's reason starts.
     type Breakage<T> = (fn(&mut T), &'static str);

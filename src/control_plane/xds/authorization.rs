@@ -16,7 +16,9 @@
 use istio_api::istio::security as xds;
 use istio_api::istio::security::string_match::MatchType;
 
-use super::ip_from_bytes;
+use istio_api::prost_types::Any;
+
+use super::{check_name, decode_resource, ip_from_bytes};
 use crate::control_plane::policy::{
     Action, Authorization, Clause, IpBlock, Match, Rule, Scope, ServiceAccountMatch, StringMatch,
 };
@@ -28,6 +30,24 @@ pub struct Rejected {
     pub reason: String,
     /// What to enforce instead, when the policy's name, scope and action are known.
     pub fail_closed: Option<Authorization>,
+}
+
+/// Decodes and converts one resource of a push, checking it is what its name says
+/// (`namespace/name`).
+///
+/// # Errors
+/// [`Rejected`] when the bytes do not decode, the type URL is not the Authorization type, the
+/// name is not the policy's key (all without a stand-in: nothing trustworthy names the policy),
+/// or [`from_xds`] rejects it.
+pub fn from_resource(name: &str, any: &Any) -> Result<Authorization, Rejected> {
+    let reject = |reason: String| Rejected {
+        reason,
+        fail_closed: None,
+    };
+    let p: xds::Authorization =
+        decode_resource(istio_api::AUTHORIZATION_TYPE_URL, any).map_err(reject)?;
+    check_name(name, &format!("{}/{}", p.namespace, p.name)).map_err(reject)?;
+    from_xds(&p)
 }
 
 /// Converts one pushed policy.

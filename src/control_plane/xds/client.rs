@@ -49,16 +49,9 @@ pub enum StreamError {
     Status { code: tonic::Code, message: String },
 }
 
-/// How a stream that ran ended.
-#[derive(Debug, PartialEq, Eq)]
-pub enum StreamEnd {
-    /// istiod closed it cleanly (or the caller's `updates` side went away).
-    Closed,
-}
-
 /// One stream: connect, send the opening requests, then answer pushes until it ends. Each
 /// update goes to `apply` before its ACK or NACK is sent (istiod may rely on an ACKed state
-/// being in force). Returns how many pushes it answered along with the end.
+/// being in force). Returns how many pushes it answered before istiod closed it cleanly.
 ///
 /// # Errors
 /// [`StreamError`] when the connection, the token or the stream fails.
@@ -66,7 +59,7 @@ pub async fn run_stream<F: FnMut(Update)>(
     server: &XdsServer,
     delta: &mut DeltaClient,
     apply: &mut F,
-) -> Result<(StreamEnd, u64), (StreamError, u64)> {
+) -> Result<u64, (StreamError, u64)> {
     let channel = connect(&server.address).await.map_err(|e| (e, 0))?;
     let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(16);
     for r in delta.initial_requests() {
@@ -121,10 +114,11 @@ pub async fn run_stream<F: FnMut(Update)>(
                 apply(push.update);
                 answered += 1;
                 if tx.send(push.reply).await.is_err() {
-                    return Ok((StreamEnd::Closed, answered));
+                    // tonic dropped the request side: the stream is over.
+                    return Ok(answered);
                 }
             }
-            Ok(None) => return Ok((StreamEnd::Closed, answered)),
+            Ok(None) => return Ok(answered),
             Err(s) => return Err((status(s), answered)),
         }
     }
@@ -141,18 +135,18 @@ async fn connect(address: &str) -> Result<Channel, StreamError> {
         .http2_keep_alive_interval(Duration::from_secs(30))
         .connect()
         .await
-        .map_err(|e| error(format!("{e}: {:?}", std::error::Error::source(&e))))
+        .map_err(|e| match std::error::Error::source(&e) {
+            Some(cause) => error(format!("{e}: {cause}")),
+            None => error(e.to_string()),
+        })
 }
 
 /// The wait before the next stream: none after istiod ended a stream that worked, the first
 /// wait after one that failed having worked, else doubling from [`FIRST_BACKOFF`] to
 /// [`MAX_BACKOFF`] (a server that closes every stream at once is not asked in a loop).
-pub fn next_backoff(
-    previous: Duration,
-    ended: &Result<(StreamEnd, u64), (StreamError, u64)>,
-) -> Duration {
+pub fn next_backoff(previous: Duration, ended: &Result<u64, (StreamError, u64)>) -> Duration {
     match ended {
-        Ok((_, answered)) if *answered > 0 => Duration::ZERO,
+        Ok(answered) if *answered > 0 => Duration::ZERO,
         Err((_, answered)) if *answered > 0 => FIRST_BACKOFF,
         _ => (previous * 2).clamp(FIRST_BACKOFF, MAX_BACKOFF),
     }
@@ -172,7 +166,7 @@ pub async fn run<F: FnMut(Update)>(
             _ = stop.changed() => return,
         };
         match &ended {
-            Ok((StreamEnd::Closed, n)) => {
+            Ok(n) => {
                 log::info!("xds: istiod ended the stream after {n} pushes; reconnecting")
             }
             Err((e, n)) => log::warn!("xds: stream failed after {n} pushes: {e}"),
@@ -220,12 +214,9 @@ mod tests {
             FIRST_BACKOFF,
             "a stream that worked resets it"
         );
+        assert_eq!(next_backoff(wait, &Ok(1)), Duration::ZERO);
         assert_eq!(
-            next_backoff(wait, &Ok((StreamEnd::Closed, 1))),
-            Duration::ZERO
-        );
-        assert_eq!(
-            next_backoff(Duration::from_millis(40), &Ok((StreamEnd::Closed, 0))),
+            next_backoff(Duration::from_millis(40), &Ok(0)),
             Duration::from_millis(80),
             "closed before any push: backs off"
         );

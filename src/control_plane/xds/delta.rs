@@ -194,7 +194,9 @@ impl DeltaClient {
                 (Update::Addresses(changes), rejected)
             }
             AUTHORIZATION_TYPE_URL => {
-                let changes = apply(&mut self.policies, response, policy_from_resource);
+                let changes = apply(&mut self.policies, response, |name, any| {
+                    authorization::from_resource(name, any).map_err(|r| (r.reason, r.fail_closed))
+                });
                 let rejected = changes.rejected.clone();
                 (Update::Policies(changes), rejected)
             }
@@ -254,30 +256,6 @@ fn apply<T>(
     }
     sub.answered = true;
     changes
-}
-
-fn policy_from_resource(name: &str, any: &Any) -> Result<Authorization, Rejection<Authorization>> {
-    use istio_api::istio::security as xds;
-    use istio_api::prost::Message;
-    if any.type_url != AUTHORIZATION_TYPE_URL {
-        return Err((
-            format!(
-                "resource: type {:?}, not {AUTHORIZATION_TYPE_URL}",
-                any.type_url
-            ),
-            None,
-        ));
-    }
-    let p = xds::Authorization::decode(any.value.as_slice())
-        .map_err(|e| (format!("resource: does not decode: {e}"), None))?;
-    let key = format!("{}/{}", p.namespace, p.name);
-    if key != name {
-        return Err((
-            format!("name: {name:?} is not the resource's key {key:?}"),
-            None,
-        ));
-    }
-    authorization::from_xds(&p).map_err(|r| (r.reason, r.fail_closed))
 }
 
 /// `name: reason; name: reason`, cut at [`MAX_NACK_MESSAGE`] with a count of what was left.

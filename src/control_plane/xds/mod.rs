@@ -14,6 +14,27 @@ pub mod store;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use istio_api::prost::Message;
+use istio_api::prost_types::Any;
+
+/// The message inside one pushed resource, which must be of `type_url`.
+pub fn decode_resource<M: Message + Default>(type_url: &str, any: &Any) -> Result<M, String> {
+    if any.type_url != type_url {
+        return Err(format!("resource: type {:?}, not {type_url}", any.type_url));
+    }
+    M::decode(any.value.as_slice()).map_err(|e| format!("resource: does not decode: {e}"))
+}
+
+/// A resource's name must be its key: a resource named otherwise would be applied, removed
+/// and versioned under one name while meaning another.
+pub fn check_name(name: &str, key: &str) -> Result<(), String> {
+    if name == key {
+        Ok(())
+    } else {
+        Err(format!("name: {name:?} is not the resource's key {key:?}"))
+    }
+}
+
 /// An address as xDS carries it: 4 bytes (IPv4) or 16 (IPv6).
 pub fn ip_from_bytes(bytes: &[u8]) -> Result<IpAddr, String> {
     match bytes.len() {
