@@ -16,6 +16,13 @@ fn main() -> Result<(), Box<dyn Error>> {
         println!("cargo:rerun-if-changed={proto}");
     }
     let descriptors = protox::compile(PROTOS, ["proto"])?;
+    // The schema as a FileDescriptorSet (imports included), for peers that build their
+    // messages at run time from it: the Python fake istiod of the tests.
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(
+        out.join("descriptors.bin"),
+        prost::Message::encode_to_vec(&descriptors),
+    )?;
     let mut messages = prost_build::Config::new();
     messages
         .disable_comments(["."])

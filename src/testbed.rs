@@ -124,6 +124,47 @@ pub fn root_or_skip(name: &str) -> bool {
     false
 }
 
+/// A `python3` that can import `modules` (e.g. `"h2, ssl"`), as an absolute path (so `ip netns
+/// exec` runs the same interpreter): `$RINGTUN_INTEROP_PYTHON`, then the one on `PATH`, then
+/// Debian's (a pyenv or venv `python3` first on `PATH` does not see Debian's packages).
+pub fn python_with(modules: &str) -> Option<String> {
+    let mut candidates: Vec<String> = Vec::new();
+    if let Some(p) = std::env::var_os("RINGTUN_INTEROP_PYTHON") {
+        candidates.push(p.to_string_lossy().into_owned());
+    }
+    candidates.push("python3".into());
+    candidates.push("/usr/bin/python3".into());
+    candidates.into_iter().find_map(|p| {
+        let out = Command::new(&p)
+            .args([
+                "-c",
+                &format!("import {modules}, sys; print(sys.executable)"),
+            ])
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    })
+}
+
+/// [`python_with`], or `None` after printing `SKIPPED` — a panic when `CI` is set, where the
+/// Debian `packages` must have been installed.
+pub fn python_or_skip(name: &str, modules: &str, packages: &str) -> Option<String> {
+    match python_with(modules) {
+        Some(p) => Some(p),
+        None if std::env::var_os("CI").is_some() => {
+            panic!(
+                "{name}: no python3 that imports {modules} (Debian {packages}); CI must install it"
+            )
+        }
+        None => {
+            eprintln!("SKIPPED (python3 without {modules}; apt-get install {packages}): {name}");
+            None
+        }
+    }
+}
+
 fn run(cmd: &[&str]) -> io::Result<()> {
     let out = Command::new(cmd[0]).args(&cmd[1..]).output()?;
     if !out.status.success() {

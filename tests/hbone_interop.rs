@@ -66,43 +66,17 @@ fn root_or_skip(name: &str) -> bool {
     false
 }
 
-/// A `python3` that can `import h2`: `$RINGTUN_INTEROP_PYTHON`, then the one on `PATH`, then
-/// Debian's (a pyenv or venv `python3` first on `PATH` does not see `python3-h2`).
-fn python() -> Option<&'static str> {
-    static FOUND: OnceLock<Option<String>> = OnceLock::new();
-    FOUND
-        .get_or_init(|| {
-            let mut candidates: Vec<String> = Vec::new();
-            if let Some(p) = std::env::var_os("RINGTUN_INTEROP_PYTHON") {
-                candidates.push(p.to_string_lossy().into_owned());
-            }
-            candidates.push("python3".into());
-            candidates.push("/usr/bin/python3".into());
-            candidates.into_iter().find_map(|p| {
-                let out = Command::new(&p)
-                    .args(["-c", "import h2, ssl, sys; print(sys.executable)"])
-                    .output()
-                    .ok()?;
-                // An absolute path, so `ip netns exec` runs the same interpreter.
-                out.status
-                    .success()
-                    .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
-            })
-        })
-        .as_deref()
-}
-
+/// A `python3` that can `import h2` (Debian's `python3-h2`), looked for once.
 fn python_or_skip(name: &str) -> Option<&'static str> {
-    match python() {
-        Some(p) => Some(p),
-        None if std::env::var_os("CI").is_some() => {
-            panic!("{name}: no python3 with the h2 package (Debian python3-h2); CI must install it")
-        }
-        None => {
-            eprintln!("SKIPPED (python3 h2 missing; apt-get install python3-h2): {name}");
-            None
-        }
+    static FOUND: OnceLock<Option<String>> = OnceLock::new();
+    let found = FOUND
+        .get_or_init(|| testbed::python_with("h2, ssl"))
+        .as_deref();
+    if found.is_none() {
+        // Says SKIPPED, or fails under CI.
+        testbed::python_or_skip(name, "h2, ssl", "python3-h2");
     }
+    found
 }
 
 fn spiffe(sa: &str) -> String {

@@ -2,7 +2,10 @@
 //! gRPC server on loopback), scripted push by push: the opening requests (wildcard, Node,
 //! token and cluster headers), an initial push ACKed, a bad resource NACKed while the rest
 //! applies, removals, istiod ending the stream and the reconnect declaring the versions held,
-//! a removal made while disconnected arriving on the new stream.
+//! a removal made while disconnected arriving on the new stream. And the same conversation
+//! with an independent fake istiod in Python (`tests/interop/fake_istiod.py`: Debian's grpcio
+//! and protobuf, messages built at run time from the schema), so the client is not only
+//! tested against tonic's server.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -22,6 +25,7 @@ use istio_api::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
 use ringtun::control_plane::xds::client::{run, XdsServer};
 use ringtun::control_plane::xds::delta::{DeltaClient, NodeInfo, Update};
 use ringtun::control_plane::xds::store::Store;
+use tokio::io::AsyncBufReadExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_stream::{Stream, StreamExt};
@@ -284,6 +288,88 @@ async fn pushes_are_acked_nacked_removed_and_survive_a_reconnect() {
     next(&mut updates, "the apply").await;
     assert_eq!(store.lock().unwrap().counts(), (0, 0, 0));
 
+    stop_tx.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), client)
+        .await
+        .expect("the client stops")
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_independent_python_istiod_drives_the_same_conversation() {
+    let name = "an_independent_python_istiod_drives_the_same_conversation";
+    let Some(python) = ringtun::testbed::python_or_skip(
+        name,
+        "grpc, google.protobuf",
+        "python3-grpcio python3-protobuf",
+    ) else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("ringtun-xds-python-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let descriptors = dir.join("descriptors.bin");
+    std::fs::write(&descriptors, istio_api::FILE_DESCRIPTOR_SET).unwrap();
+    let token = dir.join("istio-token");
+    std::fs::write(&token, "py-token").unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/fake_istiod.py");
+    let mut istiod = tokio::process::Command::new(python)
+        .arg(script)
+        .arg(&descriptors)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("starts the Python fake istiod");
+    let mut lines = tokio::io::BufReader::new(istiod.stdout.take().unwrap()).lines();
+    let port_line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+        .await
+        .expect("the fake istiod says its port")
+        .unwrap()
+        .expect("a port line");
+    let port: u16 = port_line
+        .strip_prefix("port ")
+        .expect(&port_line)
+        .parse()
+        .unwrap();
+
+    let server = XdsServer {
+        address: format!("http://127.0.0.1:{port}"),
+        token_path: Some(token),
+        cluster_id: "Kubernetes".into(),
+    };
+    let store = Arc::new(Mutex::new(Store::new("node-a")));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let client_store = store.clone();
+    let client = tokio::spawn(async move {
+        let mut delta = DeltaClient::new(&NodeInfo {
+            node_name: "node-a".into(),
+            ..NodeInfo::default()
+        });
+        let mut apply = |u: Update| {
+            let mut store = client_store.lock().unwrap();
+            match u {
+                Update::Addresses(c) => {
+                    store.apply_addresses(c);
+                }
+                Update::Policies(c) => {
+                    store.apply_policies(c);
+                }
+                Update::UnknownType(_) => {}
+            }
+        };
+        run(server, &mut delta, &mut apply, stop_rx).await;
+    });
+
+    let verdict = tokio::time::timeout(Duration::from_secs(40), lines.next_line())
+        .await
+        .expect("the fake istiod gives its verdict")
+        .unwrap()
+        .unwrap_or_default();
+    assert!(verdict.starts_with("PASS"), "{verdict}");
+    eprintln!("fake istiod: {verdict}");
+    // Every workload was removed by the end; the policy stays.
+    assert_eq!(store.lock().unwrap().counts(), (0, 0, 1));
+    assert!(istiod.wait().await.unwrap().success());
     stop_tx.send(true).unwrap();
     tokio::time::timeout(Duration::from_secs(10), client)
         .await

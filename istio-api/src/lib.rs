@@ -47,6 +47,10 @@ pub mod istio {
     }
 }
 
+/// Every message above as a serialized `google.protobuf.FileDescriptorSet`, imports included:
+/// what a peer needs to build the same messages at run time (the tests' Python fake istiod).
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptors.bin"));
+
 /// Type URL of workload and service resources (wildcard-subscribed).
 pub const ADDRESS_TYPE_URL: &str = "type.googleapis.com/istio.workload.Address";
 /// Type URL of authorization policy resources (wildcard-subscribed).
