@@ -22,7 +22,8 @@ use istio_api::istio::workload as wl;
 use istio_api::prost::Message;
 use istio_api::prost_types::Any;
 use istio_api::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
-use ringtun::control_plane::xds::client::{run, XdsServer};
+use ringtun::control_plane::istiod::IstiodEndpoint;
+use ringtun::control_plane::xds::client::run;
 use ringtun::control_plane::xds::delta::{DeltaClient, NodeInfo, Update};
 use ringtun::control_plane::xds::store::Store;
 use tokio::io::AsyncBufReadExt;
@@ -147,7 +148,7 @@ async fn pushes_are_acked_nacked_removed_and_survive_a_reconnect() {
     std::fs::create_dir_all(&dir).unwrap();
     let token = dir.join("istio-token");
     std::fs::write(&token, "first-token\n").unwrap();
-    let server = XdsServer {
+    let server = IstiodEndpoint {
         address: format!("http://{addr}"),
         token_path: Some(token.clone()),
         cluster_id: "Kubernetes".into(),
@@ -332,7 +333,7 @@ async fn an_independent_python_istiod_drives_the_same_conversation() {
         .parse()
         .unwrap();
 
-    let server = XdsServer {
+    let server = IstiodEndpoint {
         address: format!("http://127.0.0.1:{port}"),
         token_path: Some(token),
         cluster_id: "Kubernetes".into(),

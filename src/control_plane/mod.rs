@@ -7,6 +7,7 @@ pub mod certs;
 pub mod config;
 pub mod identity;
 pub mod istio_ca;
+pub mod istiod;
 pub mod node_ca;
 pub mod policy;
 pub mod state;
