@@ -10,6 +10,7 @@
 //! roots (possibly several, concatenated) last; the roots become what peers are verified
 //! against. A leaf for another identity or another key, or already expired, is refused.
 
+pub mod client;
 pub mod schedule;
 
 use std::time::{Duration, SystemTime};
