@@ -32,8 +32,8 @@
 #   RINGTUN_VM_SMALL_PLAN  suites that run the smaller plan (default "trixie-backports", the
 #                        slowest; "" for none): see write_plan below
 #   RINGTUN_VM_TIMEOUT   seconds one VM may run (default 720)
-#   RINGTUN_VM_BUDGET    seconds the whole run may take, build included (default 1140: inside
-#                        CI's 20 minutes); a VM is cut off when it would overrun
+#   RINGTUN_VM_BUDGET    seconds the whole run may take, build included (default 1380: inside
+#                        CI's 24 minutes); a VM is cut off when it would overrun
 #   RINGTUN_VM_CPUS      vCPUs per VM (default 2; TCG runs one host thread per vCPU)
 #   RINGTUN_VM_REFRESH   1: refresh the private apt lists now (otherwise at most every 6 h)
 #   RINGTUN_VM_CACHE     cache and output directory (default target/kernels)
@@ -52,7 +52,7 @@ fi
 
 suites=${RINGTUN_VM_SUITES:-bullseye bookworm trixie trixie-backports}
 timeout_s=${RINGTUN_VM_TIMEOUT:-720}
-budget_s=${RINGTUN_VM_BUDGET:-1140}
+budget_s=${RINGTUN_VM_BUDGET:-1380}
 cpus=${RINGTUN_VM_CPUS:-2}
 parallel=${RINGTUN_VM_PARALLEL:-$(nproc)}
 small_plan=${RINGTUN_VM_SMALL_PLAN-trixie-backports}
