@@ -293,6 +293,12 @@ pub fn spiffe_uri_san(cert: &CertificateDer<'_>) -> Result<String, String> {
     }
 }
 
+/// A certificate time (notBefore, notAfter) as a `SystemTime`; a time before 1970 is as
+/// unusable as 1970 itself, so it is clamped rather than wrapped.
+pub fn asn1_time(t: x509_parser::time::ASN1Time) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(t.timestamp()).unwrap_or(0))
+}
+
 /// A certificate and key as issued, DER and PEM.
 pub struct IssuedCert {
     pub cert_der: CertificateDer<'static>,

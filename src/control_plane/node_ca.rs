@@ -21,7 +21,9 @@ use rustls::pki_types::UnixTime;
 use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
 use rustls_pki_types::CertificateDer;
 
-use super::certs::{read_certificates, CertError, DevCa, TrustBundle, WorkloadCredentials};
+use super::certs::{
+    asn1_time, read_certificates, CertError, DevCa, TrustBundle, WorkloadCredentials,
+};
 use super::config::NodeCaSettings;
 use super::identity::SpiffeId;
 use crate::observability::logging::rfc3339;
@@ -272,11 +274,8 @@ fn check_ca_certificate(
         Ok(_) => return Err(not_ca("its keyUsage does not include keyCertSign")),
         Err(e) => return Err(not_ca(&format!("bad keyUsage: {e}"))),
     }
-    let time = |t: x509_parser::time::ASN1Time| {
-        SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(t.timestamp()).unwrap_or(0))
-    };
-    let not_before = time(parsed.validity().not_before);
-    let not_after = time(parsed.validity().not_after);
+    let not_before = asn1_time(parsed.validity().not_before);
+    let not_after = asn1_time(parsed.validity().not_after);
     let why = if now < not_before {
         Some("not valid yet")
     } else if now >= not_after {

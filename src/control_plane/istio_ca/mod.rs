@@ -23,7 +23,7 @@ use rcgen::{
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
-use super::certs::{spiffe_uri_san, WorkloadCredentials};
+use super::certs::{asn1_time, spiffe_uri_san, WorkloadCredentials};
 use super::identity::SpiffeId;
 
 /// The metadata key that names the identity a node proxy asks for.
@@ -157,16 +157,8 @@ pub fn accept(
     if parsed.public_key().raw != request.key.subject_public_key_info().as_slice() {
         return Err(Refused::WrongKey);
     }
-    let time = |t: x509_parser::time::ASN1Time| {
-        let secs = t.timestamp();
-        if secs >= 0 {
-            SystemTime::UNIX_EPOCH + Duration::from_secs(secs as u64)
-        } else {
-            SystemTime::UNIX_EPOCH
-        }
-    };
-    let not_before = time(parsed.validity().not_before);
-    let not_after = time(parsed.validity().not_after);
+    let not_before = asn1_time(parsed.validity().not_before);
+    let not_after = asn1_time(parsed.validity().not_after);
     if not_after <= now {
         return Err(Refused::Expired(not_after));
     }
